@@ -1,0 +1,198 @@
+//! The access log and request metrics: one JSON line and one `gateway_requests_total` count per
+//! request, written when the response leaves (or, with status 499, when the client hangs up
+//! first). Inner layers add what they learn through the request's [`Annotations`].
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use http::Request;
+use tower::{Layer, Service};
+
+use crate::balance::cache::CacheStatus;
+use crate::correlation::{RequestId, TraceContext};
+use crate::error::Response;
+use crate::metrics::Metrics;
+use crate::telemetry::ACCESS_TARGET;
+
+/// Status logged for a request whose client went away before the answer.
+const CLIENT_CLOSED: u16 = 499;
+
+/// What the layers below learned about a request, for its log line.
+#[derive(Clone, Default)]
+pub struct Annotations(Arc<Mutex<Notes>>);
+
+#[derive(Default)]
+struct Notes {
+    caller: Option<Arc<str>>,
+    customer_sync_code: Option<Arc<str>>,
+    cache: Option<CacheStatus>,
+    bill24_code: Option<Arc<str>>,
+    upstream_status: Option<u16>,
+    upstream_ms: Option<f64>,
+}
+
+impl Annotations {
+    fn with(&self, f: impl FnOnce(&mut Notes)) {
+        if let Ok(mut notes) = self.0.lock() {
+            f(&mut notes);
+        }
+    }
+
+    pub fn caller(&self, name: &Arc<str>) {
+        self.with(|n| n.caller = Some(name.clone()));
+    }
+
+    pub fn customer_sync_code(&self, code: &Arc<str>) {
+        self.with(|n| n.customer_sync_code = Some(code.clone()));
+    }
+
+    pub fn cache(&self, status: CacheStatus) {
+        self.with(|n| n.cache = Some(status));
+    }
+
+    pub fn bill24_code(&self, code: Option<&Arc<str>>) {
+        self.with(|n| n.bill24_code = code.cloned());
+    }
+
+    pub fn upstream(&self, status: Option<u16>, elapsed: Option<Duration>) {
+        self.with(|n| {
+            n.upstream_status = status;
+            n.upstream_ms = elapsed.map(millis);
+        });
+    }
+
+    fn take(&self) -> Notes {
+        self.0
+            .lock()
+            .map(|mut n| std::mem::take(&mut *n))
+            .unwrap_or_default()
+    }
+}
+
+fn millis(d: Duration) -> f64 {
+    (d.as_secs_f64() * 1_000_000.0).round() / 1_000.0
+}
+
+/// Requests in flight on the main listener (for the shutdown report).
+#[derive(Clone, Default, Debug)]
+pub struct InFlight(Arc<AtomicUsize>);
+
+impl InFlight {
+    pub fn get(&self) -> usize {
+        self.0.load(Ordering::Acquire)
+    }
+}
+
+#[derive(Clone)]
+pub struct AccessLogLayer {
+    metrics: Arc<Metrics>,
+    in_flight: InFlight,
+}
+
+impl AccessLogLayer {
+    pub fn new(metrics: Arc<Metrics>, in_flight: InFlight) -> Self {
+        AccessLogLayer { metrics, in_flight }
+    }
+}
+
+impl<S> Layer<S> for AccessLogLayer {
+    type Service = AccessLog<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        AccessLog {
+            inner,
+            metrics: self.metrics.clone(),
+            in_flight: self.in_flight.clone(),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct AccessLog<S> {
+    inner: S,
+    metrics: Arc<Metrics>,
+    in_flight: InFlight,
+}
+
+impl<S, B> Service<Request<B>> for AccessLog<S>
+where
+    S: Service<Request<B>, Response = Response>,
+    S::Future: Send + 'static,
+{
+    type Response = Response;
+    type Error = S::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<Response, S::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: Request<B>) -> Self::Future {
+        let notes = Annotations::default();
+        req.extensions_mut().insert(notes.clone());
+        self.in_flight.0.fetch_add(1, Ordering::AcqRel);
+        let record = Record {
+            start: Instant::now(),
+            request_id: req.extensions().get::<RequestId>().cloned(),
+            trace: req.extensions().get::<TraceContext>().copied(),
+            notes,
+            status: None,
+            metrics: self.metrics.clone(),
+            in_flight: self.in_flight.clone(),
+        };
+        let fut = self.inner.call(req);
+        Box::pin(async move {
+            // Move the whole record in (not just the field written below), so its drop
+            // happens when this future ends.
+            let mut record = record;
+            let response = fut.await?;
+            record.status = Some(response.status().as_u16());
+            Ok(response)
+        })
+    }
+}
+
+/// Writes the line when dropped: after the response, or when the client hung up.
+struct Record {
+    start: Instant,
+    request_id: Option<RequestId>,
+    trace: Option<TraceContext>,
+    notes: Annotations,
+    status: Option<u16>,
+    metrics: Arc<Metrics>,
+    in_flight: InFlight,
+}
+
+impl Drop for Record {
+    fn drop(&mut self) {
+        self.in_flight.0.fetch_sub(1, Ordering::AcqRel);
+        let elapsed = self.start.elapsed();
+        let status = self.status.unwrap_or(CLIENT_CLOSED);
+        let notes = self.notes.take();
+        let cache = notes.cache.map(CacheStatus::label);
+        self.metrics.request(
+            notes.caller.as_deref().unwrap_or("-"),
+            itoa::Buffer::new().format(status),
+            cache.unwrap_or("-"),
+            elapsed,
+        );
+        tracing::info!(
+            target: ACCESS_TARGET,
+            request_id = self.request_id.as_ref().map(RequestId::as_str),
+            trace_id = self.trace.map(|t| t.trace_id()),
+            caller = notes.caller.as_deref(),
+            customer_sync_code = notes.customer_sync_code.as_deref(),
+            status,
+            bill24_code = notes.bill24_code.as_deref(),
+            cache,
+            upstream_status = notes.upstream_status,
+            upstream_ms = notes.upstream_ms,
+            latency_ms = millis(elapsed),
+            "request"
+        );
+    }
+}

@@ -1,0 +1,152 @@
+//! The admin listener: liveness, readiness, Prometheus metrics and cache purge.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use arc_swap::ArcSwap;
+use bytes::Bytes;
+use http::header::{ALLOW, CONTENT_TYPE};
+use http::{HeaderValue, Method, Request, StatusCode};
+use http_body_util::Full;
+use percent_encoding::percent_decode_str;
+use subtle::ConstantTimeEq;
+
+use crate::auth::{bearer_key, hash_key};
+use crate::balance::request::validate_sync_code;
+use crate::balance::service::Balances;
+use crate::config::KeyHash;
+use crate::correlation::RequestId;
+use crate::error::{GatewayError, Response, render_body};
+use crate::metrics::Metrics;
+
+/// What the admin endpoints read and act on.
+pub struct Admin {
+    /// True from start until shutdown begins.
+    pub ready: Arc<AtomicBool>,
+    pub metrics: Arc<Metrics>,
+    pub balances: Arc<Balances>,
+    /// `server.admin_key_sha256`: when set, purges need `Bearer <admin key>`.
+    pub admin_key: Arc<ArcSwap<Option<KeyHash>>>,
+}
+
+impl Admin {
+    pub async fn handle<B>(self: Arc<Self>, req: Request<B>) -> Result<Response, Infallible> {
+        let path = req.uri().path();
+        let method = req.method();
+        let response = match path {
+            "/healthz" => only_get(method).unwrap_or_else(|| text(StatusCode::OK, "ok\n")),
+            "/readyz" => only_get(method).unwrap_or_else(|| {
+                if self.ready.load(Ordering::Acquire) {
+                    text(StatusCode::OK, "ready\n")
+                } else {
+                    text(StatusCode::SERVICE_UNAVAILABLE, "shutting down\n")
+                }
+            }),
+            "/metrics" => match only_get(method) {
+                Some(r) => r,
+                None => self.metrics_page().await,
+            },
+            "/cache" => {
+                if method != Method::DELETE {
+                    not_allowed("DELETE")
+                } else if let Some(denied) = self.check_admin_key(&req) {
+                    denied
+                } else {
+                    self.balances.cache().purge_all();
+                    tracing::info!("cache purged");
+                    no_content()
+                }
+            }
+            _ => match path.strip_prefix("/cache/") {
+                Some(encoded) => {
+                    if method != Method::DELETE {
+                        not_allowed("DELETE")
+                    } else if let Some(denied) = self.check_admin_key(&req) {
+                        denied
+                    } else {
+                        self.purge_one(encoded).await
+                    }
+                }
+                None => error(GatewayError::NotFound),
+            },
+        };
+        Ok(response)
+    }
+
+    async fn metrics_page(&self) -> Response {
+        self.metrics
+            .set_cache_entries(self.balances.cache().len().await);
+        let tokens = self.balances.bill24().tokens();
+        self.metrics
+            .set_token_expires_in(match tokens.expires_in() {
+                Some(left) => left.as_secs_f64(),
+                // A token whose expiry Bill24 did not say: unknown.
+                None if tokens.has_valid_token() => f64::NAN,
+                None => 0.0,
+            });
+        let mut r = http::Response::new(Full::new(Bytes::from(self.metrics.render())));
+        r.headers_mut().insert(
+            CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+        );
+        r
+    }
+
+    async fn purge_one(&self, encoded: &str) -> Response {
+        let Ok(code) = percent_decode_str(encoded).decode_utf8() else {
+            return error(GatewayError::InvalidRequest(
+                crate::balance::request::InvalidRequest::SyncCodeNotString,
+            ));
+        };
+        if let Err(e) = validate_sync_code(&code) {
+            return error(GatewayError::InvalidRequest(e));
+        }
+        self.balances.cache().purge(&code).await;
+        tracing::info!(customer_sync_code = %code, "cache entry purged");
+        no_content()
+    }
+
+    /// None when allowed; the 401 answer otherwise.
+    fn check_admin_key<B>(&self, req: &Request<B>) -> Option<Response> {
+        let expected = (**self.admin_key.load())?;
+        let presented = bearer_key(req.headers()).map(hash_key);
+        match presented {
+            Some(hash) if bool::from(hash.ct_eq(&expected)) => None,
+            _ => Some(error(GatewayError::Unauthorized)),
+        }
+    }
+}
+
+fn only_get(method: &Method) -> Option<Response> {
+    (method != Method::GET && method != Method::HEAD).then(|| not_allowed("GET, HEAD"))
+}
+
+fn not_allowed(allow: &'static str) -> Response {
+    let mut r = error(GatewayError::MethodNotAllowed);
+    r.headers_mut()
+        .insert(ALLOW, HeaderValue::from_static(allow));
+    r
+}
+
+fn error(e: GatewayError) -> Response {
+    let mut r = e.into_response();
+    render_body(&mut r, RequestId::generate().as_str());
+    r
+}
+
+fn text(status: StatusCode, body: &'static str) -> Response {
+    let mut r = http::Response::new(Full::new(Bytes::from_static(body.as_bytes())));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    r
+}
+
+fn no_content() -> Response {
+    let mut r = http::Response::new(Full::new(Bytes::new()));
+    *r.status_mut() = StatusCode::NO_CONTENT;
+    r
+}

@@ -1,0 +1,204 @@
+//! Caller authentication: `Authorization: Bearer <caller key>`, whose SHA-256 must equal one of
+//! the configured `[[callers]]` hashes (compared in constant time). The key is used for nothing
+//! else: it is never logged and never forwarded.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use arc_swap::ArcSwap;
+use http::header::AUTHORIZATION;
+use http::{HeaderMap, Request};
+use sha2::{Digest, Sha256};
+use subtle::{ConditionallySelectable, ConstantTimeEq};
+use tower::{Layer, Service};
+
+use crate::access_log::Annotations;
+use crate::config::{CallerConfig, KeyHash};
+use crate::error::{GatewayError, Response};
+
+/// SHA-256 of a caller (or admin) key.
+pub fn hash_key(key: &[u8]) -> KeyHash {
+    Sha256::digest(key).into()
+}
+
+/// An authenticated caller.
+#[derive(Clone, Debug)]
+pub struct Caller {
+    pub name: Arc<str>,
+    /// Position in `[[callers]]` (for per-caller limits).
+    pub index: usize,
+}
+
+/// The configured callers' key hashes.
+#[derive(Debug, Default)]
+pub struct CallerKeys {
+    keys: Vec<(KeyHash, usize)>,
+    callers: Vec<Caller>,
+}
+
+impl CallerKeys {
+    pub fn new(callers: &[CallerConfig]) -> Self {
+        let mut out = CallerKeys::default();
+        for (index, c) in callers.iter().enumerate() {
+            out.callers.push(Caller {
+                name: c.name.clone(),
+                index,
+            });
+            for hash in &c.key_sha256 {
+                out.keys.push((*hash, index));
+            }
+        }
+        out
+    }
+
+    /// The caller whose key hash matches. Every configured hash is compared, in constant time,
+    /// whichever matches.
+    pub fn identify(&self, key: &[u8]) -> Option<&Caller> {
+        let hash = hash_key(key);
+        let mut found = u64::MAX;
+        for (candidate, index) in &self.keys {
+            found = u64::conditional_select(&found, &(*index as u64), candidate.ct_eq(&hash));
+        }
+        self.callers.get(usize::try_from(found).ok()?)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.callers.is_empty()
+    }
+}
+
+/// The key of `Authorization: Bearer <key>` (scheme in any case).
+pub fn bearer_key(headers: &HeaderMap) -> Option<&[u8]> {
+    let value = headers.get(AUTHORIZATION)?.as_bytes();
+    let split = value.iter().position(|b| *b == b' ')?;
+    let (scheme, rest) = value.split_at(split);
+    if !scheme.eq_ignore_ascii_case(b"bearer") {
+        return None;
+    }
+    let key = rest.trim_ascii();
+    (!key.is_empty()).then_some(key)
+}
+
+/// Answers 401 unless the request carries a known caller key; puts [`Caller`] into the
+/// request's extensions.
+#[derive(Clone)]
+pub struct AuthLayer {
+    keys: Arc<ArcSwap<CallerKeys>>,
+}
+
+impl AuthLayer {
+    /// `keys` may be swapped at run time (config reload).
+    pub fn new(keys: Arc<ArcSwap<CallerKeys>>) -> Self {
+        AuthLayer { keys }
+    }
+}
+
+impl<S> Layer<S> for AuthLayer {
+    type Service = Auth<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        Auth {
+            inner,
+            keys: self.keys.clone(),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct Auth<S> {
+    inner: S,
+    keys: Arc<ArcSwap<CallerKeys>>,
+}
+
+impl<S, B> Service<Request<B>> for Auth<S>
+where
+    S: Service<Request<B>, Response = Response>,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+{
+    type Response = Response;
+    type Error = S::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<Response, S::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: Request<B>) -> Self::Future {
+        let caller =
+            bearer_key(req.headers()).and_then(|key| self.keys.load().identify(key).cloned());
+        let Some(caller) = caller else {
+            return Box::pin(std::future::ready(Ok(
+                GatewayError::Unauthorized.into_response()
+            )));
+        };
+        if let Some(notes) = req.extensions().get::<Annotations>() {
+            notes.caller(&caller.name);
+        }
+        req.extensions_mut().insert(caller);
+        Box::pin(self.inner.call(req))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::HeaderValue;
+
+    fn keys() -> CallerKeys {
+        CallerKeys::new(&[
+            CallerConfig {
+                name: Arc::from("orders"),
+                key_sha256: vec![hash_key(b"orders-key")],
+                rate_limit_rps: 0.0,
+                burst: 0,
+                max_concurrent: 0,
+            },
+            CallerConfig {
+                name: Arc::from("billing"),
+                key_sha256: vec![hash_key(b"old-key"), hash_key(b"new-key")],
+                rate_limit_rps: 0.0,
+                burst: 0,
+                max_concurrent: 0,
+            },
+        ])
+    }
+
+    #[test]
+    fn hash_matches_sha256_hex() {
+        assert_eq!(
+            hex::encode(hash_key(b"foo")),
+            "2c26b46b68ffc68ff99b453c1d30413413422d706483bfa0f98a5e886266e7ae"
+        );
+    }
+
+    #[test]
+    fn identifies_callers_and_rotated_keys() {
+        let k = keys();
+        assert_eq!(k.identify(b"orders-key").map(|c| &*c.name), Some("orders"));
+        assert_eq!(k.identify(b"old-key").map(|c| c.index), Some(1));
+        assert_eq!(k.identify(b"new-key").map(|c| c.index), Some(1));
+        assert!(k.identify(b"orders-key ").is_none());
+        assert!(k.identify(b"").is_none());
+        assert!(CallerKeys::default().identify(b"x").is_none());
+    }
+
+    #[test]
+    fn bearer_parsing() {
+        let h = |v: &'static str| {
+            let mut m = HeaderMap::new();
+            m.insert(AUTHORIZATION, HeaderValue::from_static(v));
+            m
+        };
+        assert_eq!(bearer_key(&h("Bearer abc")), Some(&b"abc"[..]));
+        assert_eq!(bearer_key(&h("bearer   abc  ")), Some(&b"abc"[..]));
+        assert_eq!(bearer_key(&h("BEARER abc")), Some(&b"abc"[..]));
+        assert_eq!(bearer_key(&h("Basic abc")), None);
+        assert_eq!(bearer_key(&h("Bearer")), None);
+        assert_eq!(bearer_key(&h("Bearer ")), None);
+        assert_eq!(bearer_key(&h("abc")), None);
+        assert_eq!(bearer_key(&HeaderMap::new()), None);
+    }
+}

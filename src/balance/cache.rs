@@ -1,0 +1,263 @@
+//! The balance cache: Bill24 answers per `customer_sync_code`, kept as bytes plus their body
+//! code, and freshness as pure functions of `now` (moka only evicts, on the entry's own clock).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::HeaderValue;
+use moka::Expiry;
+
+use crate::config::CacheConfig;
+
+/// What `X-Cache` says, and the `cache` label/log field.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CacheStatus {
+    /// A fresh entry answered.
+    Hit,
+    /// No usable entry: fetched, or joined another request's fetch.
+    Miss,
+    /// An expired entry served because Bill24 failed (`stale_if_error`).
+    Stale,
+    /// The caller's `Cache-Control` skipped a usable entry.
+    Bypass,
+}
+
+impl CacheStatus {
+    pub fn header_value(self) -> HeaderValue {
+        HeaderValue::from_static(match self {
+            CacheStatus::Hit => "HIT",
+            CacheStatus::Miss => "MISS",
+            CacheStatus::Stale => "STALE",
+            CacheStatus::Bypass => "BYPASS",
+        })
+    }
+
+    pub fn label(self) -> &'static str {
+        match self {
+            CacheStatus::Hit => "hit",
+            CacheStatus::Miss => "miss",
+            CacheStatus::Stale => "stale",
+            CacheStatus::Bypass => "bypass",
+        }
+    }
+}
+
+/// One cached Bill24 answer (always an HTTP 200 with a JSON object body).
+#[derive(Debug)]
+pub struct Entry {
+    pub body: Bytes,
+    pub content_type: HeaderValue,
+    pub bill24_code: Arc<str>,
+    pub stored_at: Instant,
+    /// Served as a HIT while younger than this.
+    pub fresh_for: Duration,
+    /// After `fresh_for`, kept this much longer for `stale_if_error`.
+    pub stale_for: Duration,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Freshness {
+    Fresh,
+    /// Past its TTL, still within `stale_if_error`.
+    Stale,
+    Expired,
+}
+
+impl Entry {
+    /// Exact age at `now` (zero if `now` is before the entry was stored).
+    pub fn age(&self, now: Instant) -> Duration {
+        now.saturating_duration_since(self.stored_at)
+    }
+
+    pub fn freshness(&self, now: Instant) -> Freshness {
+        let age = self.age(now);
+        if age < self.fresh_for {
+            Freshness::Fresh
+        } else if age < self.fresh_for + self.stale_for {
+            Freshness::Stale
+        } else {
+            Freshness::Expired
+        }
+    }
+
+    /// Whole seconds, rounded down, for the `Age` header.
+    pub fn age_header(&self, now: Instant) -> HeaderValue {
+        HeaderValue::from(self.age(now).as_secs())
+    }
+}
+
+/// How long an answer with this body code may be served fresh, or `None` when it must not be
+/// cached: `"000"` for `cache.ttl` (shortened by up to `ttl_jitter`), `"311"` for
+/// `cache.negative_ttl`, nothing else ever. `jitter_draw` is uniform in `[0, 1)`.
+pub fn fresh_for(cfg: &CacheConfig, bill24_code: &str, jitter_draw: f64) -> Option<Duration> {
+    let ttl = match bill24_code {
+        "000" => cfg.ttl,
+        "311" => cfg.negative_ttl,
+        _ => return None,
+    };
+    let ttl = ttl.mul_f64(1.0 - cfg.ttl_jitter * jitter_draw.clamp(0.0, 1.0));
+    (!ttl.is_zero()).then_some(ttl)
+}
+
+/// Evicts each entry once it is neither fresh nor servable as stale.
+struct EntryLifetime;
+
+impl Expiry<Arc<str>, Arc<Entry>> for EntryLifetime {
+    fn expire_after_create(
+        &self,
+        _key: &Arc<str>,
+        value: &Arc<Entry>,
+        _created_at: Instant,
+    ) -> Option<Duration> {
+        Some(value.fresh_for + value.stale_for)
+    }
+}
+
+/// The moka cache plus a purge generation: a fetch that started before a purge does not store
+/// its (possibly pre-purge) answer.
+pub struct BalanceCache {
+    entries: moka::future::Cache<Arc<str>, Arc<Entry>>,
+    generation: AtomicU64,
+}
+
+impl BalanceCache {
+    pub fn new(max_entries: u64) -> Self {
+        let entries = moka::future::Cache::builder()
+            .max_capacity(max_entries)
+            .expire_after(EntryLifetime)
+            .build();
+        BalanceCache {
+            entries,
+            generation: AtomicU64::new(0),
+        }
+    }
+
+    pub async fn get(&self, code: &str) -> Option<Arc<Entry>> {
+        self.entries.get(code).await
+    }
+
+    /// The purge generation now; pass it back to [`BalanceCache::insert_if_current`].
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
+    /// Stores `entry` unless the cache was purged since `generation` was read.
+    pub async fn insert_if_current(&self, code: Arc<str>, entry: Arc<Entry>, generation: u64) {
+        if self.generation() == generation {
+            self.entries.insert(code, entry).await;
+        }
+    }
+
+    pub async fn purge(&self, code: &str) {
+        self.generation.fetch_add(1, Ordering::AcqRel);
+        self.entries.invalidate(code).await;
+    }
+
+    pub fn purge_all(&self) {
+        self.generation.fetch_add(1, Ordering::AcqRel);
+        self.entries.invalidate_all();
+    }
+
+    /// Entry count after pending maintenance (for the gauge).
+    pub async fn len(&self) -> u64 {
+        self.entries.run_pending_tasks().await;
+        self.entries.entry_count()
+    }
+
+    pub async fn is_empty(&self) -> bool {
+        self.len().await == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg() -> CacheConfig {
+        CacheConfig {
+            ttl: Duration::from_secs(10),
+            max_entries: 10,
+            negative_ttl: Duration::ZERO,
+            stale_if_error: Duration::from_secs(30),
+            refresh_ahead: Duration::ZERO,
+            ttl_jitter: 0.0,
+        }
+    }
+
+    fn entry(stored_at: Instant) -> Entry {
+        Entry {
+            body: Bytes::from_static(b"{}"),
+            content_type: HeaderValue::from_static("application/json"),
+            bill24_code: Arc::from("000"),
+            stored_at,
+            fresh_for: Duration::from_secs(10),
+            stale_for: Duration::from_secs(30),
+        }
+    }
+
+    #[test]
+    fn freshness_is_a_function_of_now() {
+        let t0 = Instant::now();
+        let e = entry(t0);
+        assert_eq!(e.freshness(t0), Freshness::Fresh);
+        assert_eq!(
+            e.freshness(t0 + Duration::from_millis(9_999)),
+            Freshness::Fresh
+        );
+        assert_eq!(e.freshness(t0 + Duration::from_secs(10)), Freshness::Stale);
+        assert_eq!(
+            e.freshness(t0 + Duration::from_millis(39_999)),
+            Freshness::Stale
+        );
+        assert_eq!(
+            e.freshness(t0 + Duration::from_secs(40)),
+            Freshness::Expired
+        );
+        assert_eq!(e.age_header(t0 + Duration::from_millis(2_999)), "2");
+        let later = entry(t0 + Duration::from_secs(1));
+        assert_eq!(later.age(t0), Duration::ZERO, "clock never runs backwards");
+    }
+
+    #[test]
+    fn only_success_and_opted_in_not_found_are_cached() {
+        let mut c = cfg();
+        assert_eq!(fresh_for(&c, "000", 0.0), Some(Duration::from_secs(10)));
+        assert_eq!(fresh_for(&c, "311", 0.0), None, "negative_ttl 0 = never");
+        c.negative_ttl = Duration::from_secs(3);
+        assert_eq!(fresh_for(&c, "311", 0.5), Some(Duration::from_secs(3)));
+        for code in ["ERR_MISSED_FIELD", "401", "", "00", "0000", "000 "] {
+            assert_eq!(fresh_for(&c, code, 0.0), None, "{code:?}");
+        }
+        c.ttl = Duration::ZERO;
+        assert_eq!(fresh_for(&c, "000", 0.0), None, "ttl 0 disables caching");
+    }
+
+    #[test]
+    fn ttl_jitter_only_shortens() {
+        let mut c = cfg();
+        c.ttl_jitter = 0.2;
+        assert_eq!(fresh_for(&c, "000", 0.0), Some(Duration::from_secs(10)));
+        assert_eq!(fresh_for(&c, "000", 1.0), Some(Duration::from_secs(8)));
+        assert_eq!(fresh_for(&c, "000", 0.5), Some(Duration::from_secs(9)));
+    }
+
+    #[tokio::test]
+    async fn purge_discards_inserts_from_before_it() {
+        let cache = BalanceCache::new(10);
+        let generation = cache.generation();
+        cache.purge("other").await;
+        cache
+            .insert_if_current(Arc::from("a"), Arc::new(entry(Instant::now())), generation)
+            .await;
+        assert!(cache.get("a").await.is_none());
+        let generation = cache.generation();
+        cache
+            .insert_if_current(Arc::from("a"), Arc::new(entry(Instant::now())), generation)
+            .await;
+        assert!(cache.get("a").await.is_some());
+        cache.purge_all();
+        assert!(cache.get("a").await.is_none());
+    }
+}

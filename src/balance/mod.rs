@@ -1,0 +1,6 @@
+//! The domain: a wallet-balance request read and validated (`request`), the cache and its
+//! freshness rules (`cache`), and the service that answers from one or the other (`service`).
+
+pub mod cache;
+pub mod request;
+pub mod service;

@@ -1,0 +1,569 @@
+//! Reading a balance request: Content-Type (415), size (413), the JSON body and its
+//! `customer_sync_code` (400), and the caller's `Cache-Control` directives.
+
+use std::borrow::Cow;
+use std::convert::Infallible;
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{CACHE_CONTROL, CONTENT_LENGTH, CONTENT_TYPE};
+use http::{HeaderMap, Request};
+use http_body_util::{BodyExt, LengthLimitError, Limited};
+use serde::Deserialize;
+use serde::de::{self, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
+use tower::{BoxError, Layer, Service, ServiceExt};
+
+use crate::access_log::Annotations;
+use crate::correlation::{RequestId, TraceContext};
+use crate::error::{GatewayError, Response};
+
+/// `customer_sync_code` is at most this many characters (Bill24's own limit).
+pub const MAX_SYNC_CODE_CHARS: usize = 50;
+
+/// Why a body was refused (all 400).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum InvalidRequest {
+    #[error("request body is not valid JSON")]
+    NotJson,
+    #[error("request body must be a JSON object")]
+    NotObject,
+    #[error("request body has customer_sync_code more than once")]
+    DuplicateField,
+    #[error("request body could not be read")]
+    Unreadable,
+    #[error("customer_sync_code is missing")]
+    MissingSyncCode,
+    #[error("customer_sync_code must be a string")]
+    SyncCodeNotString,
+    #[error("customer_sync_code must not be empty")]
+    SyncCodeEmpty,
+    #[error("customer_sync_code is longer than 50 characters")]
+    SyncCodeTooLong,
+    #[error("customer_sync_code must not contain control characters")]
+    SyncCodeControlChar,
+}
+
+impl InvalidRequest {
+    pub fn code(&self) -> &'static str {
+        match self {
+            InvalidRequest::NotJson => "invalid_json",
+            InvalidRequest::NotObject
+            | InvalidRequest::DuplicateField
+            | InvalidRequest::Unreadable => "invalid_body",
+            InvalidRequest::MissingSyncCode => "missing_customer_sync_code",
+            InvalidRequest::SyncCodeNotString
+            | InvalidRequest::SyncCodeEmpty
+            | InvalidRequest::SyncCodeTooLong
+            | InvalidRequest::SyncCodeControlChar => "invalid_customer_sync_code",
+        }
+    }
+}
+
+/// `application/json` or `application/*+json`, any parameters; no header at all reads as JSON.
+pub fn is_json_content_type(headers: &HeaderMap) -> bool {
+    let mut values = headers.get_all(CONTENT_TYPE).iter().peekable();
+    if values.peek().is_none() {
+        return true;
+    }
+    values.all(|v| {
+        let Ok(text) = v.to_str() else { return false };
+        let media = text.split(';').next().unwrap_or("").trim();
+        let Some((kind, subtype)) = media.split_once('/') else {
+            return false;
+        };
+        if !kind.trim_end().eq_ignore_ascii_case("application") {
+            return false;
+        }
+        let subtype = subtype.trim_start();
+        subtype.eq_ignore_ascii_case("json")
+            || (subtype.len() > 5
+                && subtype.is_char_boundary(subtype.len() - 5)
+                && subtype[subtype.len() - 5..].eq_ignore_ascii_case("+json")
+                && !subtype.contains(char::is_whitespace))
+    })
+}
+
+/// A declared `Content-Length` above the limit (so the body need not be read to refuse it).
+fn declared_too_large(headers: &HeaderMap, limit: usize) -> bool {
+    headers
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .is_some_and(|len| len > limit as u64)
+}
+
+/// Parses and validates the body; returns the `customer_sync_code`.
+pub fn parse_body(body: &[u8]) -> Result<Arc<str>, InvalidRequest> {
+    match body.iter().find(|b| !b.is_ascii_whitespace()) {
+        Some(b'{') => {}
+        Some(_) => {
+            // Valid JSON that is not an object, or not JSON at all.
+            return Err(match serde_json::from_slice::<IgnoredAny>(body) {
+                Ok(_) => InvalidRequest::NotObject,
+                Err(_) => InvalidRequest::NotJson,
+            });
+        }
+        None => return Err(InvalidRequest::NotJson),
+    }
+    let parsed: BalanceBody<'_> = serde_json::from_slice(body).map_err(|e| match e.classify() {
+        serde_json::error::Category::Data if e.to_string().starts_with("duplicate field") => {
+            InvalidRequest::DuplicateField
+        }
+        serde_json::error::Category::Data => InvalidRequest::NotObject,
+        _ => InvalidRequest::NotJson,
+    })?;
+    let code = match parsed.customer_sync_code {
+        SyncCodeField::Missing => return Err(InvalidRequest::MissingSyncCode),
+        SyncCodeField::NotString => return Err(InvalidRequest::SyncCodeNotString),
+        SyncCodeField::Text(text) => text,
+    };
+    validate_sync_code(&code)?;
+    Ok(Arc::from(code.as_ref()))
+}
+
+/// 1 to 50 Unicode scalar values, none of them a control character (category Cc).
+pub fn validate_sync_code(code: &str) -> Result<(), InvalidRequest> {
+    if code.is_empty() {
+        return Err(InvalidRequest::SyncCodeEmpty);
+    }
+    if code.chars().any(char::is_control) {
+        return Err(InvalidRequest::SyncCodeControlChar);
+    }
+    if code.chars().count() > MAX_SYNC_CODE_CHARS {
+        return Err(InvalidRequest::SyncCodeTooLong);
+    }
+    Ok(())
+}
+
+#[derive(Deserialize)]
+struct BalanceBody<'a> {
+    #[serde(borrow, default)]
+    customer_sync_code: SyncCodeField<'a>,
+}
+
+/// The field as found: a string (borrowed when it has no escapes), something else, or absent.
+#[derive(Default)]
+enum SyncCodeField<'a> {
+    #[default]
+    Missing,
+    NotString,
+    Text(Cow<'a, str>),
+}
+
+impl<'de: 'a, 'a> Deserialize<'de> for SyncCodeField<'a> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct FieldVisitor;
+
+        impl<'de> Visitor<'de> for FieldVisitor {
+            type Value = SyncCodeField<'de>;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("any JSON value")
+            }
+
+            fn visit_borrowed_str<E: de::Error>(self, v: &'de str) -> Result<Self::Value, E> {
+                Ok(SyncCodeField::Text(Cow::Borrowed(v)))
+            }
+
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
+                Ok(SyncCodeField::Text(Cow::Owned(v.to_owned())))
+            }
+
+            fn visit_string<E: de::Error>(self, v: String) -> Result<Self::Value, E> {
+                Ok(SyncCodeField::Text(Cow::Owned(v)))
+            }
+
+            fn visit_bool<E: de::Error>(self, _: bool) -> Result<Self::Value, E> {
+                Ok(SyncCodeField::NotString)
+            }
+
+            fn visit_i64<E: de::Error>(self, _: i64) -> Result<Self::Value, E> {
+                Ok(SyncCodeField::NotString)
+            }
+
+            fn visit_u64<E: de::Error>(self, _: u64) -> Result<Self::Value, E> {
+                Ok(SyncCodeField::NotString)
+            }
+
+            fn visit_f64<E: de::Error>(self, _: f64) -> Result<Self::Value, E> {
+                Ok(SyncCodeField::NotString)
+            }
+
+            fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
+                Ok(SyncCodeField::NotString)
+            }
+
+            fn visit_none<E: de::Error>(self) -> Result<Self::Value, E> {
+                Ok(SyncCodeField::NotString)
+            }
+
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+                while seq.next_element::<IgnoredAny>()?.is_some() {}
+                Ok(SyncCodeField::NotString)
+            }
+
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+                while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+                Ok(SyncCodeField::NotString)
+            }
+        }
+
+        deserializer.deserialize_any(FieldVisitor)
+    }
+}
+
+/// The caller's `Cache-Control` request directives (RFC 9111 §5.2.1) that the gateway honours.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CacheDirectives {
+    /// `no-cache`: do not answer from cache; fetch fresh and store it.
+    pub no_cache: bool,
+    /// `no-store`: fetch fresh and do not store.
+    pub no_store: bool,
+    /// `max-age=N`: answer from cache only if the entry is at most this old.
+    pub max_age: Option<Duration>,
+}
+
+/// RFC 9111 §1.2.2: delta-seconds too large to represent are taken as 2^31.
+const MAX_DELTA_SECONDS: u64 = 2_147_483_648;
+
+impl CacheDirectives {
+    pub fn from_headers(headers: &HeaderMap) -> Self {
+        let mut out = CacheDirectives::default();
+        for value in headers.get_all(CACHE_CONTROL) {
+            let Ok(text) = value.to_str() else { continue };
+            for directive in text.split(',') {
+                let (name, arg) = match directive.split_once('=') {
+                    Some((n, a)) => (n.trim(), Some(a.trim().trim_matches('"'))),
+                    None => (directive.trim(), None),
+                };
+                if name.eq_ignore_ascii_case("no-cache") {
+                    out.no_cache = true;
+                } else if name.eq_ignore_ascii_case("no-store") {
+                    out.no_store = true;
+                } else if name.eq_ignore_ascii_case("max-age") {
+                    // An unreadable max-age is taken as 0: fetch fresh rather than guess.
+                    let secs = arg.and_then(delta_seconds).unwrap_or(0);
+                    let age = Duration::from_secs(secs);
+                    out.max_age = Some(out.max_age.map_or(age, |m| m.min(age)));
+                }
+            }
+        }
+        out
+    }
+
+    /// Whether an entry of this age may answer the request (`max-age=0` never does).
+    pub fn accepts(&self, age: Duration) -> bool {
+        !self.no_cache
+            && !self.no_store
+            && self.max_age.is_none_or(|max| !max.is_zero() && age <= max)
+    }
+}
+
+fn delta_seconds(text: &str) -> Option<u64> {
+    if text.is_empty() || !text.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    Some(
+        text.parse::<u64>()
+            .unwrap_or(MAX_DELTA_SECONDS)
+            .min(MAX_DELTA_SECONDS),
+    )
+}
+
+/// A validated balance request, as the cache and upstream see it.
+#[derive(Clone)]
+pub struct BalanceQuery {
+    pub customer_sync_code: Arc<str>,
+    pub directives: CacheDirectives,
+    pub request_id: RequestId,
+    pub trace: TraceContext,
+    pub notes: Annotations,
+}
+
+/// Turns an HTTP request into a [`BalanceQuery`]: 415, 413 and 400 in that order.
+#[derive(Clone, Copy, Debug)]
+pub struct ParseLayer {
+    max_body_bytes: usize,
+}
+
+impl ParseLayer {
+    pub fn new(max_body_bytes: usize) -> Self {
+        ParseLayer { max_body_bytes }
+    }
+}
+
+impl<S> Layer<S> for ParseLayer {
+    type Service = Parse<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        Parse {
+            inner,
+            max_body_bytes: self.max_body_bytes,
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct Parse<S> {
+    inner: S,
+    max_body_bytes: usize,
+}
+
+impl<S, B> Service<Request<B>> for Parse<S>
+where
+    S: Service<BalanceQuery, Response = Response, Error = Infallible> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    type Response = Response;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Response, Infallible>> + Send>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        // The inner service is driven with `oneshot`, which waits for its readiness.
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request<B>) -> Self::Future {
+        let limit = self.max_body_bytes;
+        if !is_json_content_type(req.headers()) {
+            return reject(GatewayError::UnsupportedMediaType);
+        }
+        if declared_too_large(req.headers(), limit) {
+            return reject(GatewayError::PayloadTooLarge { limit });
+        }
+        let directives = CacheDirectives::from_headers(req.headers());
+        let request_id = req
+            .extensions()
+            .get::<RequestId>()
+            .cloned()
+            .unwrap_or_else(RequestId::generate);
+        let trace = req
+            .extensions()
+            .get::<TraceContext>()
+            .copied()
+            .unwrap_or_else(|| TraceContext::from_headers(&HeaderMap::new()));
+        let notes = req
+            .extensions()
+            .get::<Annotations>()
+            .cloned()
+            .unwrap_or_default();
+        let inner = self.inner.clone();
+        Box::pin(async move {
+            let bytes = match Limited::new(req.into_body(), limit).collect().await {
+                Ok(collected) => collected.to_bytes(),
+                Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => {
+                    return Ok(GatewayError::PayloadTooLarge { limit }.into_response());
+                }
+                Err(_) => return Ok(GatewayError::from(InvalidRequest::Unreadable).into_response()),
+            };
+            let customer_sync_code = match parse_body(&bytes) {
+                Ok(code) => code,
+                Err(e) => return Ok(GatewayError::from(e).into_response()),
+            };
+            notes.customer_sync_code(&customer_sync_code);
+            inner
+                .oneshot(BalanceQuery {
+                    customer_sync_code,
+                    directives,
+                    request_id,
+                    trace,
+                    notes,
+                })
+                .await
+        })
+    }
+}
+
+fn reject(
+    error: GatewayError,
+) -> Pin<Box<dyn Future<Output = Result<Response, Infallible>> + Send>> {
+    Box::pin(std::future::ready(Ok(error.into_response())))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::HeaderValue;
+
+    #[test]
+    fn valid_bodies() {
+        assert_eq!(
+            &*parse_body(br#"{"customer_sync_code":"M005T"}"#).expect("ok"),
+            "M005T"
+        );
+        assert_eq!(
+            &*parse_body(br#" {"other": [1, {"x": null}], "customer_sync_code": "a\"b"} "#)
+                .expect("ok"),
+            "a\"b"
+        );
+        let fifty = "ក".repeat(50);
+        let body = format!(r#"{{"customer_sync_code":"{fifty}"}}"#);
+        assert_eq!(&*parse_body(body.as_bytes()).expect("50 chars"), fifty);
+        assert_eq!(
+            &*parse_body(br#"{"customer_sync_code":"\u00e9t\u00e9"}"#).expect("escapes"),
+            "été"
+        );
+    }
+
+    #[test]
+    fn invalid_bodies() {
+        use InvalidRequest::*;
+        let cases: &[(&[u8], InvalidRequest)] = &[
+            (b"", NotJson),
+            (b"   ", NotJson),
+            (b"{", NotJson),
+            (b"not json", NotJson),
+            (br#"{"customer_sync_code":"a"} trailing"#, NotJson),
+            (br#"{"customer_sync_code":"\ud800"}"#, NotJson),
+            (b"[\"M005T\"]", NotObject),
+            (b"\"M005T\"", NotObject),
+            (b"42", NotObject),
+            (b"null", NotObject),
+            (b"{}", MissingSyncCode),
+            (br#"{"customer_sync_code":null}"#, SyncCodeNotString),
+            (br#"{"customer_sync_code":5}"#, SyncCodeNotString),
+            (br#"{"customer_sync_code":["a"]}"#, SyncCodeNotString),
+            (br#"{"customer_sync_code":{"a":1}}"#, SyncCodeNotString),
+            (br#"{"customer_sync_code":true}"#, SyncCodeNotString),
+            (br#"{"customer_sync_code":""}"#, SyncCodeEmpty),
+            (br#"{"customer_sync_code":"a\u0000b"}"#, SyncCodeControlChar),
+            (br#"{"customer_sync_code":"a\nb"}"#, SyncCodeControlChar),
+            (br#"{"customer_sync_code":"a\u007fb"}"#, SyncCodeControlChar),
+            (br#"{"customer_sync_code":"a\u0085b"}"#, SyncCodeControlChar),
+            (
+                br#"{"customer_sync_code":"a","customer_sync_code":"b"}"#,
+                DuplicateField,
+            ),
+        ];
+        for (body, expected) in cases {
+            assert_eq!(
+                parse_body(body).as_ref().map(|s| &**s),
+                Err(expected),
+                "{}",
+                String::from_utf8_lossy(body)
+            );
+        }
+        let long = format!(r#"{{"customer_sync_code":"{}"}}"#, "x".repeat(51));
+        assert_eq!(parse_body(long.as_bytes()), Err(SyncCodeTooLong));
+        let deep = format!("{{\"x\":{}{}}}", "[".repeat(10_000), "]".repeat(10_000));
+        assert!(
+            parse_body(deep.as_bytes()).is_err(),
+            "deep nesting is refused, not a crash"
+        );
+    }
+
+    fn headers(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(*k, HeaderValue::from_static(v));
+        }
+        h
+    }
+
+    #[test]
+    fn content_types() {
+        assert!(
+            is_json_content_type(&HeaderMap::new()),
+            "absent reads as JSON"
+        );
+        for ok in [
+            "application/json",
+            "Application/JSON",
+            "application/json; charset=utf-8",
+            "application/json;charset=UTF-8",
+            "application/vnd.bill24+json",
+            "application/problem+json; q=1",
+        ] {
+            assert!(
+                is_json_content_type(&headers(&[("content-type", ok)])),
+                "{ok}"
+            );
+        }
+        for bad in [
+            "",
+            "text/plain",
+            "application/xml",
+            "application/x-www-form-urlencoded",
+            "multipart/form-data; boundary=x",
+            "application/+json",
+            "application/jsonx",
+            "json",
+            "text/json",
+        ] {
+            assert!(
+                !is_json_content_type(&headers(&[("content-type", bad)])),
+                "{bad}"
+            );
+        }
+        assert!(!is_json_content_type(&headers(&[
+            ("content-type", "application/json"),
+            ("content-type", "text/plain")
+        ])));
+    }
+
+    #[test]
+    fn cache_control_directives() {
+        let d = |v: &'static str| CacheDirectives::from_headers(&headers(&[("cache-control", v)]));
+        assert_eq!(
+            d("no-cache"),
+            CacheDirectives {
+                no_cache: true,
+                ..Default::default()
+            }
+        );
+        assert_eq!(
+            d("No-Store"),
+            CacheDirectives {
+                no_store: true,
+                ..Default::default()
+            }
+        );
+        assert_eq!(d("max-age=5").max_age, Some(Duration::from_secs(5)));
+        assert_eq!(d("max-age=\"7\"").max_age, Some(Duration::from_secs(7)));
+        assert_eq!(
+            d("max-age=0, no-cache"),
+            CacheDirectives {
+                no_cache: true,
+                no_store: false,
+                max_age: Some(Duration::ZERO)
+            }
+        );
+        assert_eq!(
+            d("max-age=abc").max_age,
+            Some(Duration::ZERO),
+            "unreadable = 0"
+        );
+        assert_eq!(d("max-age=-1").max_age, Some(Duration::ZERO));
+        assert_eq!(
+            d("max-age=99999999999999999999999").max_age,
+            Some(Duration::from_secs(MAX_DELTA_SECONDS))
+        );
+        assert_eq!(
+            d("max-age=10, max-age=3").max_age,
+            Some(Duration::from_secs(3))
+        );
+        assert_eq!(d("private, only-if-cached"), CacheDirectives::default());
+
+        let max5 = d("max-age=5");
+        assert!(max5.accepts(Duration::from_secs(5)));
+        assert!(
+            !max5.accepts(Duration::from_millis(5_001)),
+            "sub-second exact"
+        );
+        assert!(!d("max-age=0").accepts(Duration::from_nanos(1)));
+        assert!(
+            !d("max-age=0").accepts(Duration::ZERO),
+            "max-age=0 always fetches"
+        );
+        assert!(!d("no-cache").accepts(Duration::ZERO));
+        assert!(!d("no-store").accepts(Duration::ZERO));
+        assert!(CacheDirectives::default().accepts(Duration::from_secs(3600)));
+    }
+}

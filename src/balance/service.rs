@@ -1,0 +1,287 @@
+//! The balance service: answers a [`BalanceQuery`] from the cache when the entry is fresh and
+//! the caller's `Cache-Control` allows it, otherwise from one shared Bill24 call per key
+//! (request coalescing), storing what may be stored and falling back to a stale entry when
+//! Bill24 fails.
+//!
+//! A fetch runs in its own task, so a caller that hangs up does not cancel the call the others
+//! wait on. Fetches in flight live in a sharded map; a miss re-checks the cache under its
+//! shard's lock, and a finished fetch stores its answer before leaving the map, so a request
+//! sees either the fetch or its stored answer — never neither, which would cost a second call.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::future::Future;
+use std::hash::{BuildHasher, RandomState};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use arc_swap::ArcSwap;
+use http::header::CONTENT_TYPE;
+use http::{HeaderValue, StatusCode};
+use http_body_util::Full;
+use tokio::sync::{Mutex, watch};
+use tower::Service;
+
+use super::cache::{BalanceCache, CacheStatus, Entry, Freshness, fresh_for};
+use super::request::BalanceQuery;
+use crate::bill24::{Answer, BalanceCall, Bill24, Failure};
+use crate::config::CacheConfig;
+use crate::error::{GatewayError, Response};
+use crate::metrics::Metrics;
+
+const X_CACHE: &str = "x-cache";
+const SHARDS: usize = 64;
+
+type FetchResult = Arc<Result<Answer, Failure>>;
+type FlightMap = HashMap<Arc<str>, Arc<Flight>>;
+
+struct Flight {
+    result: watch::Receiver<Option<FetchResult>>,
+    /// Whether the answer may be stored: false only while every waiter said `no-store`.
+    store: AtomicBool,
+}
+
+/// Everything the balance path shares: cache, upstream, fetches in flight.
+pub struct Balances {
+    cache: BalanceCache,
+    bill24: Arc<Bill24>,
+    cache_config: ArcSwap<CacheConfig>,
+    flights: Box<[Mutex<FlightMap>]>,
+    hasher: RandomState,
+    metrics: Arc<Metrics>,
+}
+
+enum Lookup {
+    /// Found fresh in the cache after all (re-checked under the shard lock).
+    Hit(Arc<Entry>),
+    /// The shared fetch's result.
+    Fetched(FetchResult),
+}
+
+impl Balances {
+    pub fn new(cache_config: CacheConfig, bill24: Arc<Bill24>, metrics: Arc<Metrics>) -> Arc<Self> {
+        Arc::new(Balances {
+            cache: BalanceCache::new(cache_config.max_entries),
+            bill24,
+            cache_config: ArcSwap::from_pointee(cache_config),
+            flights: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+            hasher: RandomState::new(),
+            metrics,
+        })
+    }
+
+    pub fn cache(&self) -> &BalanceCache {
+        &self.cache
+    }
+
+    pub fn bill24(&self) -> &Arc<Bill24> {
+        &self.bill24
+    }
+
+    /// Applies new cache durations to entries stored from now on.
+    pub fn set_cache_config(&self, cfg: CacheConfig) {
+        self.cache_config.store(Arc::new(cfg));
+    }
+
+    fn shard(&self, code: &str) -> &Mutex<FlightMap> {
+        &self.flights[(self.hasher.hash_one(code) as usize) % self.flights.len()]
+    }
+
+    /// Answers one query.
+    pub async fn answer(self: Arc<Self>, q: BalanceQuery) -> Response {
+        let entry = self.cache.get(&q.customer_sync_code).await;
+        let now = Instant::now();
+        let fresh = entry
+            .as_ref()
+            .filter(|e| e.freshness(now) == Freshness::Fresh);
+        if let Some(e) = fresh
+            && q.directives.accepts(e.age(now))
+        {
+            return cached(e, CacheStatus::Hit, now, &q);
+        }
+        // The caller's Cache-Control skipped a usable entry: BYPASS; no usable entry: MISS.
+        let status = if fresh.is_some() {
+            CacheStatus::Bypass
+        } else {
+            CacheStatus::Miss
+        };
+        let result = match self.clone().lookup(&q, fresh.is_none()).await {
+            Lookup::Hit(e) => return cached(&e, CacheStatus::Hit, Instant::now(), &q),
+            Lookup::Fetched(result) => result,
+        };
+        match &*result {
+            Ok(answer) => fetched(answer, status, &q),
+            Err(failure) => self.failed(failure, status, &q).await,
+        }
+    }
+
+    /// Joins the fetch in flight for this key, or starts one. When `recheck`, a fresh entry
+    /// that appeared meanwhile answers instead.
+    async fn lookup(self: Arc<Self>, q: &BalanceQuery, recheck: bool) -> Lookup {
+        let store = !q.directives.no_store;
+        let mut flights = self.shard(&q.customer_sync_code).lock().await;
+        let mut result = if let Some(flight) = flights.get(&q.customer_sync_code) {
+            if store {
+                flight.store.store(true, Ordering::Release);
+            }
+            self.metrics.coalesced();
+            flight.result.clone()
+        } else {
+            if recheck && let Some(e) = self.cache.get(&q.customer_sync_code).await {
+                let now = Instant::now();
+                if e.freshness(now) == Freshness::Fresh && q.directives.accepts(e.age(now)) {
+                    return Lookup::Hit(e);
+                }
+            }
+            let (tx, rx) = watch::channel(None);
+            let flight = Arc::new(Flight {
+                result: rx.clone(),
+                store: AtomicBool::new(store),
+            });
+            flights.insert(q.customer_sync_code.clone(), flight.clone());
+            tokio::spawn(self.clone().fetch(q.clone(), flight, tx));
+            rx
+        };
+        drop(flights);
+        match result.wait_for(Option::is_some).await {
+            Ok(r) => Lookup::Fetched(r.clone().unwrap_or_else(abandoned)),
+            Err(_) => Lookup::Fetched(abandoned()),
+        }
+    }
+
+    /// One Bill24 call on behalf of every request waiting on `flight`.
+    async fn fetch(
+        self: Arc<Self>,
+        q: BalanceQuery,
+        flight: Arc<Flight>,
+        tx: watch::Sender<Option<FetchResult>>,
+    ) {
+        let generation = self.cache.generation();
+        let call = BalanceCall {
+            customer_sync_code: &q.customer_sync_code,
+            request_id: q.request_id.header_value(),
+            traceparent: q.trace.child_header(),
+        };
+        let result = self.bill24.balance(&call).await;
+        if let Ok(answer) = &result
+            && flight.store.load(Ordering::Acquire)
+            && let Some(entry) = self.entry_for(answer)
+        {
+            self.cache
+                .insert_if_current(q.customer_sync_code.clone(), Arc::new(entry), generation)
+                .await;
+        }
+        let _ = tx.send(Some(Arc::new(result)));
+        let mut flights = self.shard(&q.customer_sync_code).lock().await;
+        if flights
+            .get(&q.customer_sync_code)
+            .is_some_and(|f| Arc::ptr_eq(f, &flight))
+        {
+            flights.remove(&q.customer_sync_code);
+        }
+    }
+
+    /// The cache entry for an answer, when it may be cached at all.
+    fn entry_for(&self, answer: &Answer) -> Option<Entry> {
+        if answer.status != StatusCode::OK {
+            return None;
+        }
+        let code = answer.bill24_code.as_ref()?;
+        let cfg = self.cache_config.load();
+        let fresh_for = fresh_for(&cfg, code, rand::random::<f64>())?;
+        Some(Entry {
+            body: answer.body.clone(),
+            content_type: answer
+                .content_type
+                .clone()
+                .unwrap_or(HeaderValue::from_static("application/json")),
+            bill24_code: code.clone(),
+            stored_at: Instant::now(),
+            fresh_for,
+            stale_for: cfg.stale_if_error,
+        })
+    }
+
+    /// Bill24 failed: an entry still within `stale_if_error` answers (STALE), else the error.
+    async fn failed(&self, failure: &Failure, status: CacheStatus, q: &BalanceQuery) -> Response {
+        q.notes.upstream(failure.upstream_status, failure.elapsed);
+        if let Some(e) = self.cache.get(&q.customer_sync_code).await {
+            let now = Instant::now();
+            if !e.stale_for.is_zero() && e.freshness(now) != Freshness::Expired {
+                return cached(&e, CacheStatus::Stale, now, q);
+            }
+        }
+        q.notes.cache(status);
+        GatewayError::Upstream(failure.error.clone()).into_response()
+    }
+}
+
+fn abandoned() -> FetchResult {
+    Arc::new(Err(Failure {
+        error: crate::bill24::UpstreamError::Unreachable,
+        upstream_status: None,
+        elapsed: None,
+    }))
+}
+
+/// An answer from the cache (HIT or STALE), with `Age`.
+fn cached(entry: &Entry, status: CacheStatus, now: Instant, q: &BalanceQuery) -> Response {
+    q.notes.cache(status);
+    q.notes.bill24_code(Some(&entry.bill24_code));
+    let mut response = http::Response::new(Full::new(entry.body.clone()));
+    let headers = response.headers_mut();
+    headers.insert(CONTENT_TYPE, entry.content_type.clone());
+    headers.insert(X_CACHE, status.header_value());
+    headers.insert(http::header::AGE, entry.age_header(now));
+    response
+}
+
+/// Bill24's answer, passed through byte for byte (MISS or BYPASS).
+fn fetched(answer: &Answer, status: CacheStatus, q: &BalanceQuery) -> Response {
+    q.notes.cache(status);
+    q.notes.bill24_code(answer.bill24_code.as_ref());
+    q.notes
+        .upstream(Some(answer.status.as_u16()), Some(answer.elapsed));
+    let mut response = http::Response::new(Full::new(answer.body.clone()));
+    *response.status_mut() = answer.status;
+    let headers = response.headers_mut();
+    headers.insert(
+        CONTENT_TYPE,
+        answer
+            .content_type
+            .clone()
+            .unwrap_or(HeaderValue::from_static("application/json")),
+    );
+    headers.insert(X_CACHE, status.header_value());
+    response
+}
+
+/// The innermost service of the stack.
+#[derive(Clone)]
+pub struct BalanceService {
+    balances: Arc<Balances>,
+}
+
+impl BalanceService {
+    pub fn new(balances: Arc<Balances>) -> Self {
+        BalanceService { balances }
+    }
+}
+
+impl Service<BalanceQuery> for BalanceService {
+    type Response = Response;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Response, Infallible>> + Send>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, q: BalanceQuery) -> Self::Future {
+        let balances = self.balances.clone();
+        Box::pin(async move { Ok(balances.answer(q).await) })
+    }
+}

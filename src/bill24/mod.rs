@@ -1,0 +1,286 @@
+//! Bill24, the upstream: balance calls with the merchant access token, at most
+//! `upstream.max_in_flight` at once, one shared token refresh and one retry on HTTP 401, and
+//! each answer classified for the caller. Knows nothing of callers, the cache or serving.
+
+pub mod client;
+pub mod token;
+pub mod wire;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::header::{AUTHORIZATION, CONTENT_TYPE};
+use http::{HeaderMap, HeaderValue, StatusCode};
+use tokio::sync::Semaphore;
+
+use crate::config::UpstreamConfig;
+use crate::metrics::{Endpoint, Metrics};
+use client::{Reply, Transport, TransportError};
+use token::{AccessToken, Credentials, TokenError, TokenManager};
+
+/// Why Bill24 gave no usable answer; each maps to 502, 503 or 504.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum UpstreamError {
+    #[error("Bill24 did not answer in time")]
+    Timeout,
+    #[error("Bill24 could not be reached")]
+    Unreachable,
+    #[error("Bill24 answered with an error (HTTP {0})")]
+    Status(u16),
+    #[error("Bill24's answer was not valid JSON")]
+    InvalidAnswer,
+    #[error("Bill24 refused the gateway's access token")]
+    Unauthorized,
+    #[error("the gateway has no valid Bill24 access token")]
+    Token(TokenError),
+    #[error("too many requests to Bill24 in flight; try again shortly")]
+    Busy,
+    #[error("Bill24 is failing; requests are paused for a moment")]
+    CircuitOpen { retry_after_secs: u64 },
+}
+
+impl UpstreamError {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            UpstreamError::Timeout => StatusCode::GATEWAY_TIMEOUT,
+            UpstreamError::Busy | UpstreamError::CircuitOpen { .. } => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+            _ => StatusCode::BAD_GATEWAY,
+        }
+    }
+
+    pub fn code(&self) -> &'static str {
+        match self {
+            UpstreamError::Timeout => "upstream_timeout",
+            UpstreamError::Unreachable => "upstream_unreachable",
+            UpstreamError::Status(_) => "upstream_error",
+            UpstreamError::InvalidAnswer => "upstream_invalid_answer",
+            UpstreamError::Unauthorized => "upstream_unauthorized",
+            UpstreamError::Token(_) => "token_unavailable",
+            UpstreamError::Busy => "upstream_busy",
+            UpstreamError::CircuitOpen { .. } => "circuit_open",
+        }
+    }
+
+    pub fn retry_after_secs(&self) -> Option<u64> {
+        match self {
+            UpstreamError::Busy => Some(1),
+            UpstreamError::CircuitOpen { retry_after_secs } => Some(*retry_after_secs),
+            _ => None,
+        }
+    }
+
+    fn from_transport(e: &TransportError) -> Self {
+        match e {
+            TransportError::Timeout(_) => UpstreamError::Timeout,
+            TransportError::Connect(_) => UpstreamError::Unreachable,
+            TransportError::Io(_) | TransportError::TooLarge => UpstreamError::Unreachable,
+        }
+    }
+}
+
+/// A failed balance call, with what is known of Bill24's side for the access log.
+#[derive(Debug, Clone)]
+pub struct Failure {
+    pub error: UpstreamError,
+    pub upstream_status: Option<u16>,
+    pub elapsed: Option<Duration>,
+}
+
+impl Failure {
+    fn new(error: UpstreamError, upstream_status: Option<u16>, elapsed: Option<Duration>) -> Self {
+        Failure {
+            error,
+            upstream_status,
+            elapsed,
+        }
+    }
+}
+
+/// Bill24's answer as the caller gets it: HTTP 200 (any body code) or a 4xx other than 401.
+#[derive(Debug, Clone)]
+pub struct Answer {
+    pub status: StatusCode,
+    pub content_type: Option<HeaderValue>,
+    pub body: Bytes,
+    /// The body's `code` (`"000"`, `"311"`, …) when the body is a JSON object that has one.
+    pub bill24_code: Option<Arc<str>>,
+    pub elapsed: Duration,
+}
+
+/// What a balance call forwards: the code, and the caller's correlation headers.
+pub struct BalanceCall<'a> {
+    pub customer_sync_code: &'a str,
+    pub request_id: &'a HeaderValue,
+    pub traceparent: HeaderValue,
+}
+
+pub struct Bill24 {
+    transport: Arc<Transport>,
+    tokens: TokenManager,
+    slots: Semaphore,
+    queue_timeout: Duration,
+    metrics: Arc<Metrics>,
+}
+
+impl Bill24 {
+    /// Builds the client and starts the token manager (which asks for a token at once).
+    pub fn start(cfg: &UpstreamConfig, metrics: Arc<Metrics>) -> Result<Self, String> {
+        let transport = Arc::new(Transport::new(cfg)?);
+        let tokens = TokenManager::start(
+            transport.clone(),
+            Credentials {
+                merchant_token: cfg.merchant_token.clone(),
+                client_id: cfg.client_id.clone(),
+                client_secret: cfg.client_secret.clone(),
+            },
+            cfg.token_refresh_margin,
+            metrics.clone(),
+        );
+        Ok(Bill24 {
+            transport,
+            tokens,
+            slots: Semaphore::new(cfg.max_in_flight),
+            queue_timeout: cfg.queue_timeout,
+            metrics,
+        })
+    }
+
+    pub fn tokens(&self) -> &TokenManager {
+        &self.tokens
+    }
+
+    /// Asks Bill24 for a balance.
+    pub async fn balance(&self, call: &BalanceCall<'_>) -> Result<Answer, Failure> {
+        let start = Instant::now();
+        let token = self
+            .tokens
+            .token()
+            .await
+            .map_err(|e| Failure::new(UpstreamError::Token(e), None, None))?;
+        let mut attempt = self.send(&token, call).await?;
+        if attempt.reply.status == StatusCode::UNAUTHORIZED {
+            let token = self.tokens.refused(&token).await.map_err(|e| {
+                Failure::new(UpstreamError::Token(e), Some(401), Some(start.elapsed()))
+            })?;
+            attempt = self.send(&token, call).await?;
+            if attempt.reply.status == StatusCode::UNAUTHORIZED {
+                return Err(Failure::new(
+                    UpstreamError::Unauthorized,
+                    Some(401),
+                    Some(start.elapsed()),
+                ));
+            }
+        }
+        classify(attempt, start.elapsed())
+    }
+
+    /// One POST, holding an upstream slot for its duration.
+    async fn send(&self, token: &AccessToken, call: &BalanceCall<'_>) -> Result<Attempt, Failure> {
+        let _slot = match tokio::time::timeout(self.queue_timeout, self.slots.acquire()).await {
+            Ok(Ok(permit)) => permit,
+            _ => return Err(Failure::new(UpstreamError::Busy, None, None)),
+        };
+        let mut headers = HeaderMap::with_capacity(4);
+        headers.insert(AUTHORIZATION, token.authorization().clone());
+        headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        headers.insert(crate::correlation::X_REQUEST_ID, call.request_id.clone());
+        headers.insert(crate::correlation::TRACEPARENT, call.traceparent.clone());
+        let body = serde_json::to_vec(&wire::BalanceRequest {
+            customer_sync_code: call.customer_sync_code,
+        })
+        .unwrap_or_default();
+        let start = Instant::now();
+        match self
+            .transport
+            .post(Endpoint::Balance, headers, Bytes::from(body))
+            .await
+        {
+            Ok(reply) => {
+                let code = read_code(&reply);
+                let label = match &code {
+                    Ok(Some(c)) => c.as_ref(),
+                    _ => "-",
+                };
+                self.metrics.upstream(
+                    Endpoint::Balance,
+                    reply.status.as_str(),
+                    label,
+                    reply.elapsed,
+                );
+                Ok(Attempt { reply, code })
+            }
+            Err(e) => {
+                let elapsed = start.elapsed();
+                self.metrics
+                    .upstream(Endpoint::Balance, e.label(), "-", elapsed);
+                tracing::warn!(
+                    request_id = call.request_id.to_str().unwrap_or("-"),
+                    error = %e,
+                    "Bill24 balance call failed"
+                );
+                Err(Failure::new(
+                    UpstreamError::from_transport(&e),
+                    None,
+                    Some(match e {
+                        TransportError::Timeout(t) => t,
+                        _ => elapsed,
+                    }),
+                ))
+            }
+        }
+    }
+
+    pub fn timeout(&self) -> Duration {
+        self.transport.timeout()
+    }
+
+    pub fn stop(&self) {
+        self.tokens.stop();
+    }
+}
+
+struct Attempt {
+    reply: Reply,
+    code: Result<Option<Arc<str>>, wire::NotJson>,
+}
+
+/// The body code of a 2xx/4xx JSON answer (other answers are not read).
+fn read_code(reply: &Reply) -> Result<Option<Arc<str>>, wire::NotJson> {
+    if reply.status.is_success() || reply.status.is_client_error() {
+        wire::balance_code(&reply.body)
+    } else {
+        Ok(None)
+    }
+}
+
+/// 200 (JSON) and 4xx pass through; everything else is a failure.
+fn classify(attempt: Attempt, elapsed: Duration) -> Result<Answer, Failure> {
+    let Attempt { reply, code } = attempt;
+    let status = reply.status;
+    let fail = |error| Err(Failure::new(error, Some(status.as_u16()), Some(elapsed)));
+    if status == StatusCode::OK {
+        match code {
+            Ok(bill24_code) => Ok(Answer {
+                status,
+                content_type: reply.content_type,
+                body: reply.body,
+                bill24_code,
+                elapsed,
+            }),
+            Err(_) => fail(UpstreamError::InvalidAnswer),
+        }
+    } else if status.is_client_error() {
+        Ok(Answer {
+            status,
+            content_type: reply.content_type,
+            body: reply.body,
+            bill24_code: code.ok().flatten(),
+            elapsed,
+        })
+    } else {
+        fail(UpstreamError::Status(status.as_u16()))
+    }
+}

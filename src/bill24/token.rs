@@ -1,0 +1,474 @@
+//! The merchant access token: obtained at start, refreshed in the background before it expires
+//! (with `refreshToken` first, a full authorize as fallback), replaced when Bill24 refuses it,
+//! and never asked for by more than one authorize call at a time.
+//!
+//! All token requests go through one *attempt* at a time: a spawned task (so a caller that
+//! hangs up cannot cancel it) whose result every waiter shares. After a failed attempt the next
+//! one waits for an exponential backoff (capped at 30 s); a request that needs a token during
+//! the backoff is refused at once rather than triggering an authorize of its own.
+
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::header::{ACCEPT, CONTENT_TYPE};
+use http::{HeaderMap, HeaderValue};
+use time::OffsetDateTime;
+use tokio::sync::{Notify, watch};
+use tokio::task::JoinHandle;
+
+use super::client::{Transport, TransportError};
+use super::wire::{self, AuthorizeRefused, AuthorizeRequest};
+use crate::metrics::{Endpoint, Metrics};
+use crate::secret::Secret;
+
+const FIRST_BACKOFF: Duration = Duration::from_millis(250);
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+
+/// The merchant credentials that buy an access token.
+#[derive(Clone, Debug)]
+pub struct Credentials {
+    pub merchant_token: Secret,
+    pub client_id: String,
+    pub client_secret: Secret,
+}
+
+/// A usable access token. `Debug` shows no secret.
+pub struct AccessToken {
+    /// `Bearer <token>`, marked sensitive.
+    authorization: HeaderValue,
+    refresh_token: Option<Secret>,
+    /// None when Bill24 gave no readable `tokenExpireTime`: used until refused.
+    expires_at: Option<Instant>,
+    refresh_at: Option<Instant>,
+}
+
+impl std::fmt::Debug for AccessToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AccessToken")
+            .field("expires_at", &self.expires_at)
+            .field("refresh_at", &self.refresh_at)
+            .finish_non_exhaustive()
+    }
+}
+
+impl AccessToken {
+    pub fn authorization(&self) -> &HeaderValue {
+        &self.authorization
+    }
+
+    fn is_valid(&self, now: Instant) -> bool {
+        self.expires_at.is_none_or(|at| now < at)
+    }
+}
+
+/// When to refresh a token that lives `lifetime` from now: `margin` before it expires, but
+/// never sooner than half its lifetime.
+pub fn refresh_after(lifetime: Duration, margin: Duration) -> Duration {
+    lifetime.saturating_sub(margin).max(lifetime / 2)
+}
+
+/// Backoff before the attempt that follows `failures` consecutive failures.
+pub fn backoff(failures: u32) -> Duration {
+    let exp = failures.saturating_sub(1).min(16);
+    FIRST_BACKOFF.saturating_mul(1 << exp).min(MAX_BACKOFF)
+}
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum TokenError {
+    #[error("Bill24 refused to issue an access token: {0}")]
+    Refused(AuthorizeRefused),
+    #[error("authorize answered HTTP {0}")]
+    Status(u16),
+    #[error("authorize call failed: {0}")]
+    Transport(TransportError),
+    #[error("the last token request failed; next one in {0:?}")]
+    BackingOff(Duration),
+    #[error("the token request was abandoned")]
+    Abandoned,
+}
+
+type AttemptResult = Result<Arc<AccessToken>, TokenError>;
+
+struct State {
+    token: Option<Arc<AccessToken>>,
+    /// The refresh token of a token that was dropped because Bill24 refused it.
+    orphan_refresh: Option<Secret>,
+    attempt: Option<watch::Receiver<Option<AttemptResult>>>,
+    failures: u32,
+    retry_at: Option<Instant>,
+}
+
+struct Inner {
+    transport: Arc<Transport>,
+    credentials: Credentials,
+    margin: Duration,
+    metrics: Arc<Metrics>,
+    state: Mutex<State>,
+    /// Wakes the background refresher when the token or an attempt changes.
+    changed: Notify,
+}
+
+/// Hands out the current access token; see the module docs.
+#[derive(Clone)]
+pub struct TokenManager {
+    inner: Arc<Inner>,
+    refresher: Arc<Mutex<Option<JoinHandle<()>>>>,
+}
+
+impl TokenManager {
+    /// Creates the manager and starts its background refresher, which asks for the first
+    /// token at once. Must be called within a tokio runtime.
+    pub fn start(
+        transport: Arc<Transport>,
+        credentials: Credentials,
+        margin: Duration,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        let inner = Arc::new(Inner {
+            transport,
+            credentials,
+            margin,
+            metrics,
+            state: Mutex::new(State {
+                token: None,
+                orphan_refresh: None,
+                attempt: None,
+                failures: 0,
+                retry_at: None,
+            }),
+            changed: Notify::new(),
+        });
+        let refresher = tokio::spawn(refresher(inner.clone()));
+        TokenManager {
+            inner,
+            refresher: Arc::new(Mutex::new(Some(refresher))),
+        }
+    }
+
+    /// A valid token: the current one, the result of the attempt in flight, or of a new
+    /// attempt when the backoff allows one.
+    pub async fn token(&self) -> Result<Arc<AccessToken>, TokenError> {
+        let rx = {
+            let mut st = self.inner.lock();
+            let now = Instant::now();
+            if let Some(token) = st.token.as_ref().filter(|t| t.is_valid(now)) {
+                return Ok(token.clone());
+            }
+            self.inner.join_or_start(&mut st, now)?
+        };
+        wait(rx).await
+    }
+
+    /// Bill24 answered 401 to `refused`: drop it (once, however many requests saw the 401)
+    /// and get a new token through the shared attempt.
+    pub async fn refused(
+        &self,
+        refused: &Arc<AccessToken>,
+    ) -> Result<Arc<AccessToken>, TokenError> {
+        let rx = {
+            let mut st = self.inner.lock();
+            let now = Instant::now();
+            match &st.token {
+                Some(current) if Arc::ptr_eq(current, refused) => {
+                    tracing::warn!("Bill24 refused the access token; requesting a new one");
+                    st.orphan_refresh = current.refresh_token.clone();
+                    st.token = None;
+                }
+                Some(current) if current.is_valid(now) => return Ok(current.clone()),
+                _ => {}
+            }
+            self.inner.join_or_start(&mut st, now)?
+        };
+        wait(rx).await
+    }
+
+    /// Time left on the current token; `None` when there is none or its expiry is unknown.
+    pub fn expires_in(&self) -> Option<Duration> {
+        let st = self.inner.lock();
+        let token = st.token.as_ref()?;
+        token
+            .expires_at
+            .map(|at| at.saturating_duration_since(Instant::now()))
+    }
+
+    /// Whether a token is held and, as far as is known, still valid.
+    pub fn has_valid_token(&self) -> bool {
+        let st = self.inner.lock();
+        st.token
+            .as_ref()
+            .is_some_and(|t| t.is_valid(Instant::now()))
+    }
+
+    /// Stops the background refresher.
+    pub fn stop(&self) {
+        if let Ok(mut slot) = self.refresher.lock()
+            && let Some(handle) = slot.take()
+        {
+            handle.abort();
+        }
+    }
+}
+
+async fn wait(
+    mut rx: watch::Receiver<Option<AttemptResult>>,
+) -> Result<Arc<AccessToken>, TokenError> {
+    match rx.wait_for(Option::is_some).await {
+        Ok(result) => result.clone().unwrap_or(Err(TokenError::Abandoned)),
+        Err(_) => Err(TokenError::Abandoned),
+    }
+}
+
+impl Inner {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // The state is plain data updated in short critical sections; a poisoned lock still
+        // holds a consistent value.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Joins the attempt in flight, or starts one unless backing off.
+    fn join_or_start(
+        self: &Arc<Self>,
+        st: &mut State,
+        now: Instant,
+    ) -> Result<watch::Receiver<Option<AttemptResult>>, TokenError> {
+        if let Some(rx) = &st.attempt {
+            return Ok(rx.clone());
+        }
+        if let Some(at) = st.retry_at.filter(|at| now < *at) {
+            return Err(TokenError::BackingOff(at - now));
+        }
+        Ok(self.start_attempt(st))
+    }
+
+    fn start_attempt(self: &Arc<Self>, st: &mut State) -> watch::Receiver<Option<AttemptResult>> {
+        let (tx, rx) = watch::channel(None);
+        st.attempt = Some(rx.clone());
+        let refresh = st
+            .token
+            .as_ref()
+            .and_then(|t| t.refresh_token.clone())
+            .or_else(|| st.orphan_refresh.take());
+        let inner = self.clone();
+        tokio::spawn(async move {
+            let result = inner.attempt(refresh).await;
+            {
+                let mut st = inner.lock();
+                st.attempt = None;
+                match &result {
+                    Ok(token) => {
+                        st.token = Some(token.clone());
+                        st.orphan_refresh = None;
+                        st.failures = 0;
+                        st.retry_at = None;
+                    }
+                    Err(_) => {
+                        st.failures = st.failures.saturating_add(1);
+                        let wait = backoff(st.failures);
+                        st.retry_at = Some(Instant::now() + wait);
+                        tracing::warn!(
+                            failures = st.failures,
+                            retry_in_ms = wait.as_millis() as u64,
+                            "no Bill24 access token; will try again"
+                        );
+                    }
+                }
+            }
+            inner.changed.notify_one();
+            let _ = tx.send(Some(result));
+        });
+        rx
+    }
+
+    /// One attempt: the refresh token first when there is one, then a full authorize.
+    async fn attempt(&self, refresh: Option<Secret>) -> AttemptResult {
+        if let Some(refresh) = refresh {
+            match self.authorize(Some(&refresh)).await {
+                Ok(token) => return Ok(token),
+                Err(e) => tracing::warn!(
+                    error = %e,
+                    "refreshing the access token failed; trying a full authorize"
+                ),
+            }
+        }
+        self.authorize(None).await
+    }
+
+    async fn authorize(&self, refresh: Option<&Secret>) -> AttemptResult {
+        let via = if refresh.is_some() {
+            "refresh_token"
+        } else {
+            "authorize"
+        };
+        let body = serde_json::to_vec(&AuthorizeRequest {
+            token: self.credentials.merchant_token.expose(),
+            client_id: &self.credentials.client_id,
+            secret: self.credentials.client_secret.expose(),
+            refresh_token: refresh.map(Secret::expose),
+        })
+        .unwrap_or_default();
+        let mut headers = HeaderMap::new();
+        headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        headers.insert(ACCEPT, HeaderValue::from_static("application/json"));
+        let start = Instant::now();
+        let reply = self
+            .transport
+            .post(Endpoint::Authorize, headers, Bytes::from(body))
+            .await;
+        let (status_label, code_label, result) = match reply {
+            Err(e) => (
+                e.label().to_string(),
+                "-".to_string(),
+                Err(TokenError::Transport(e)),
+            ),
+            Ok(reply) => {
+                let status = reply.status.as_str().to_string();
+                if reply.status != http::StatusCode::OK {
+                    (
+                        status,
+                        "-".into(),
+                        Err(TokenError::Status(reply.status.as_u16())),
+                    )
+                } else {
+                    match wire::parse_authorize(&reply.body) {
+                        Ok(issued) => (status, "200".into(), Ok(self.accept(issued))),
+                        Err(refused) => {
+                            let code = match &refused {
+                                AuthorizeRefused::Refused { code, .. } => code.clone(),
+                                _ => "-".into(),
+                            };
+                            (status, code, Err(TokenError::Refused(refused)))
+                        }
+                    }
+                }
+            }
+        };
+        self.metrics.upstream(
+            Endpoint::Authorize,
+            &status_label,
+            &code_label,
+            start.elapsed(),
+        );
+        self.metrics.token_refresh(result.is_ok());
+        match &result {
+            Ok(token) => tracing::info!(
+                via,
+                expires_in_s = token
+                    .expires_at
+                    .map(|at| at.saturating_duration_since(Instant::now()).as_secs()),
+                refresh_in_s = token
+                    .refresh_at
+                    .map(|at| at.saturating_duration_since(Instant::now()).as_secs()),
+                "Bill24 access token obtained"
+            ),
+            Err(e) => tracing::warn!(via, error = %e, "Bill24 access token request failed"),
+        }
+        result
+    }
+
+    fn accept(&self, issued: wire::IssuedToken) -> Arc<AccessToken> {
+        let now = Instant::now();
+        let lifetime = match issued.expires_at {
+            Some(at) => {
+                let left = at - OffsetDateTime::now_utc();
+                if left.is_positive() {
+                    Duration::try_from(left).ok()
+                } else {
+                    tracing::warn!(
+                        "Bill24's tokenExpireTime is already past (clock skew?); using the \
+                         token until Bill24 refuses it"
+                    );
+                    None
+                }
+            }
+            None => {
+                tracing::warn!(
+                    token_expire_time = issued.unreadable_expiry.as_deref(),
+                    "Bill24's tokenExpireTime is missing or unreadable; using the token until \
+                     Bill24 refuses it"
+                );
+                None
+            }
+        };
+        let mut authorization = HeaderValue::from_str(&format!("Bearer {}", issued.token.expose()))
+            .unwrap_or_else(|_| {
+                tracing::warn!("Bill24 issued a token that is not a valid header value");
+                HeaderValue::from_static("Bearer invalid")
+            });
+        authorization.set_sensitive(true);
+        Arc::new(AccessToken {
+            authorization,
+            refresh_token: issued.refresh_token,
+            expires_at: lifetime.map(|l| now + l),
+            refresh_at: lifetime.map(|l| now + refresh_after(l, self.margin)),
+        })
+    }
+
+    /// When the refresher should next act, or None to wait for a change.
+    fn next_due(&self) -> Option<Instant> {
+        let st = self.lock();
+        if st.attempt.is_some() {
+            return None;
+        }
+        let due = match &st.token {
+            None => Some(Instant::now()),
+            Some(token) => token.refresh_at,
+        }?;
+        Some(st.retry_at.map_or(due, |retry| due.max(retry)))
+    }
+}
+
+/// Keeps a token: the first at start, then each refresh on time, retrying with backoff.
+async fn refresher(inner: Arc<Inner>) {
+    loop {
+        let changed = inner.changed.notified();
+        match inner.next_due() {
+            Some(due) if due <= Instant::now() => {
+                {
+                    let mut st = inner.lock();
+                    if st.attempt.is_none() {
+                        inner.start_attempt(&mut st);
+                    }
+                }
+                changed.await;
+            }
+            Some(due) => {
+                tokio::select! {
+                    _ = tokio::time::sleep_until(due.into()) => {}
+                    _ = changed => {}
+                }
+            }
+            None => changed.await,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refresh_time_is_margin_before_expiry_but_not_before_half_life() {
+        let h = Duration::from_secs(3600);
+        let m5 = Duration::from_secs(300);
+        assert_eq!(refresh_after(h, m5), Duration::from_secs(3300));
+        assert_eq!(
+            refresh_after(Duration::from_secs(4), m5),
+            Duration::from_secs(2)
+        );
+        assert_eq!(
+            refresh_after(Duration::from_secs(600), m5),
+            Duration::from_secs(300)
+        );
+        assert_eq!(refresh_after(Duration::ZERO, m5), Duration::ZERO);
+    }
+
+    #[test]
+    fn backoff_doubles_and_caps_at_30s() {
+        assert_eq!(backoff(1), Duration::from_millis(250));
+        assert_eq!(backoff(2), Duration::from_millis(500));
+        assert_eq!(backoff(3), Duration::from_secs(1));
+        assert_eq!(backoff(8), Duration::from_secs(30));
+        assert_eq!(backoff(u32::MAX), Duration::from_secs(30));
+    }
+}

@@ -1,0 +1,1092 @@
+//! Configuration: the raw shape figment layers (built-in defaults < TOML file < `GATEWAY_*`
+//! environment), and [`RawConfig::validate`], which turns it into the runtime [`Config`] with
+//! errors that name the offending key.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use figment::providers::{Env, Format, Serialized, Toml};
+use figment::value::{Dict, Map, Value};
+use figment::{Figment, Metadata, Profile, Provider};
+use serde::{Deserialize, Serialize};
+
+use crate::secret::Secret;
+
+/// Read when neither `--config` nor `$GATEWAY_CONFIG` names a file, if it exists.
+pub const DEFAULT_CONFIG_PATH: &str = "config/default.toml";
+/// Names the config file; it is not a config key.
+pub const CONFIG_PATH_ENV: &str = "GATEWAY_CONFIG";
+/// Environment variables `GATEWAY_<SECTION>__<KEY>` override the file.
+pub const ENV_PREFIX: &str = "GATEWAY_";
+
+/// The hex SHA-256 of a key, decoded.
+pub type KeyHash = [u8; 32];
+
+// ---------------------------------------------------------------------------------------------
+// The raw, serde-facing shape. `Default` equals config/default.toml.
+// ---------------------------------------------------------------------------------------------
+
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RawConfig {
+    pub server: RawServer,
+    pub upstream: RawUpstream,
+    pub cache: RawCache,
+    pub log: RawLog,
+    pub callers: Vec<RawCaller>,
+}
+
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RawServer {
+    pub listen: String,
+    pub admin_listen: String,
+    pub max_body_bytes: u64,
+    #[serde(with = "humantime_serde")]
+    pub request_timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    pub shutdown_grace: Duration,
+    #[serde(with = "humantime_serde")]
+    pub drain_delay: Duration,
+    #[serde(with = "humantime_serde")]
+    pub header_read_timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    pub max_connections: u64,
+    pub admin_key_sha256: String,
+}
+
+impl Default for RawServer {
+    fn default() -> Self {
+        Self {
+            listen: "0.0.0.0:8080".into(),
+            admin_listen: "127.0.0.1:9090".into(),
+            max_body_bytes: 8192,
+            request_timeout: Duration::from_secs(10),
+            shutdown_grace: Duration::from_secs(20),
+            drain_delay: Duration::ZERO,
+            header_read_timeout: Duration::from_secs(5),
+            idle_timeout: Duration::from_secs(60),
+            max_connections: 10_000,
+            admin_key_sha256: String::new(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RawUpstream {
+    pub base_url: String,
+    pub merchant_token: Secret,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub merchant_token_file: Option<PathBuf>,
+    pub client_id: String,
+    pub client_secret: Secret,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub client_secret_file: Option<PathBuf>,
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    pub max_in_flight: u64,
+    #[serde(with = "humantime_serde")]
+    pub queue_timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    pub token_refresh_margin: Duration,
+    pub retries: u32,
+    pub retry_budget: f64,
+    pub circuit_failures: u32,
+    #[serde(with = "humantime_serde")]
+    pub circuit_cooldown: Duration,
+}
+
+impl Default for RawUpstream {
+    fn default() -> Self {
+        Self {
+            base_url: "https://merchantapi-demo.bill24.io".into(),
+            merchant_token: Secret::default(),
+            merchant_token_file: None,
+            client_id: String::new(),
+            client_secret: Secret::default(),
+            client_secret_file: None,
+            timeout: Duration::from_secs(5),
+            connect_timeout: Duration::from_secs(1),
+            max_in_flight: 64,
+            queue_timeout: Duration::from_secs(1),
+            token_refresh_margin: Duration::from_secs(300),
+            retries: 2,
+            retry_budget: 0.2,
+            circuit_failures: 5,
+            circuit_cooldown: Duration::from_secs(5),
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RawCache {
+    #[serde(with = "humantime_serde")]
+    pub ttl: Duration,
+    pub max_entries: u64,
+    #[serde(with = "humantime_serde")]
+    pub negative_ttl: Duration,
+    #[serde(with = "humantime_serde")]
+    pub stale_if_error: Duration,
+    #[serde(with = "humantime_serde")]
+    pub refresh_ahead: Duration,
+    pub ttl_jitter: f64,
+}
+
+impl Default for RawCache {
+    fn default() -> Self {
+        Self {
+            ttl: Duration::from_secs(10),
+            max_entries: 100_000,
+            negative_ttl: Duration::ZERO,
+            stale_if_error: Duration::ZERO,
+            refresh_ahead: Duration::ZERO,
+            ttl_jitter: 0.0,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Json,
+    Text,
+}
+
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RawLog {
+    pub format: LogFormat,
+    pub level: String,
+}
+
+impl Default for RawLog {
+    fn default() -> Self {
+        Self {
+            format: LogFormat::Json,
+            level: "info".into(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawCaller {
+    pub name: String,
+    pub key_sha256: KeyHashes,
+    #[serde(default)]
+    pub rate_limit_rps: f64,
+    #[serde(default)]
+    pub burst: u32,
+    #[serde(default)]
+    pub max_concurrent: u32,
+}
+
+/// One key hash, or several while a key is being rotated.
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
+#[serde(untagged)]
+pub enum KeyHashes {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl KeyHashes {
+    fn as_slice(&self) -> &[String] {
+        match self {
+            KeyHashes::One(one) => std::slice::from_ref(one),
+            KeyHashes::Many(many) => many,
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The runtime configuration: validated, typed, secrets resolved.
+// ---------------------------------------------------------------------------------------------
+
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub upstream: UpstreamConfig,
+    pub cache: CacheConfig,
+    pub log: LogConfig,
+    pub callers: Vec<CallerConfig>,
+}
+
+#[derive(Clone, Debug)]
+pub struct ServerConfig {
+    pub listen: SocketAddr,
+    pub admin_listen: SocketAddr,
+    pub max_body_bytes: usize,
+    pub request_timeout: Duration,
+    pub shutdown_grace: Duration,
+    pub drain_delay: Duration,
+    pub header_read_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub max_connections: usize,
+    pub admin_key_sha256: Option<KeyHash>,
+}
+
+#[derive(Clone, Debug)]
+pub struct UpstreamConfig {
+    /// `http://` or `https://` origin (plus optional path prefix), without a trailing `/`.
+    pub base_url: String,
+    pub merchant_token: Secret,
+    pub client_id: String,
+    pub client_secret: Secret,
+    pub timeout: Duration,
+    pub connect_timeout: Duration,
+    pub max_in_flight: usize,
+    pub queue_timeout: Duration,
+    pub token_refresh_margin: Duration,
+    pub retries: u32,
+    pub retry_budget: f64,
+    pub circuit_failures: u32,
+    pub circuit_cooldown: Duration,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct CacheConfig {
+    pub ttl: Duration,
+    pub max_entries: u64,
+    pub negative_ttl: Duration,
+    pub stale_if_error: Duration,
+    pub refresh_ahead: Duration,
+    pub ttl_jitter: f64,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct LogConfig {
+    pub format: LogFormat,
+    pub level: String,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct CallerConfig {
+    pub name: Arc<str>,
+    pub key_sha256: Vec<KeyHash>,
+    pub rate_limit_rps: f64,
+    pub burst: u32,
+    pub max_concurrent: u32,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Errors
+// ---------------------------------------------------------------------------------------------
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("config file {} (named by {origin}) does not exist", path.display())]
+    FileMissing { path: PathBuf, origin: &'static str },
+    #[error("cannot read config file {}: {source}", path.display())]
+    FileUnreadable {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("unknown config key `{key}`{source_note} (expected one of: {expected})")]
+    UnknownKey {
+        key: String,
+        expected: String,
+        source_note: String,
+    },
+    #[error("invalid config key `{key}`: {message}")]
+    Invalid { key: String, message: String },
+}
+
+impl ConfigError {
+    fn invalid(key: impl Into<String>, message: impl Into<String>) -> Self {
+        ConfigError::Invalid {
+            key: key.into(),
+            message: message.into(),
+        }
+    }
+
+    fn from_figment(err: figment::Error) -> Self {
+        let key = err.path.join(".");
+        let source_note = match &err.metadata {
+            Some(md) => match &md.source {
+                Some(src) => format!(" in {src}"),
+                None => format!(" in {}", md.name),
+            },
+            None => String::new(),
+        };
+        match &err.kind {
+            figment::error::Kind::UnknownField(_, expected) => ConfigError::UnknownKey {
+                key,
+                expected: expected.join(", "),
+                source_note,
+            },
+            kind => ConfigError::invalid(
+                if key.is_empty() { "<root>".into() } else { key },
+                format!("{kind}{source_note}"),
+            ),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Loading
+// ---------------------------------------------------------------------------------------------
+
+/// The outcome of loading: the merged raw config (for `--check-config`), the validated config,
+/// and the unknown `GATEWAY_*` variables to warn about once logging is up.
+#[derive(Debug)]
+pub struct Loaded {
+    pub raw: RawConfig,
+    pub config: Config,
+    pub file: Option<PathBuf>,
+    pub warnings: Vec<String>,
+}
+
+/// Loads the layered configuration: defaults < file < environment.
+///
+/// The file is `cli_path`, else `$GATEWAY_CONFIG`, else `config/default.toml` when present.
+pub fn load(cli_path: Option<&Path>) -> Result<Loaded, ConfigError> {
+    let file = resolve_file(cli_path)?;
+    let mut figment = Figment::from(Serialized::defaults(RawConfig::default()));
+    if let Some(path) = &file {
+        std::fs::read_to_string(path).map_err(|source| ConfigError::FileUnreadable {
+            path: path.clone(),
+            source,
+        })?;
+        figment = figment.merge(Toml::file_exact(path));
+    }
+    let env = EnvLayer::from_process();
+    let warnings: Vec<String> = env
+        .ignored
+        .iter()
+        .map(|var| format!("ignoring unknown environment variable {var}"))
+        .collect();
+    figment = figment.merge(env);
+    let raw: RawConfig = figment.extract().map_err(ConfigError::from_figment)?;
+    let config = raw.validate()?;
+    Ok(Loaded {
+        raw,
+        config,
+        file,
+        warnings,
+    })
+}
+
+fn resolve_file(cli_path: Option<&Path>) -> Result<Option<PathBuf>, ConfigError> {
+    let (path, origin) = match cli_path {
+        Some(p) => (p.to_path_buf(), "--config"),
+        None => match std::env::var_os(CONFIG_PATH_ENV) {
+            Some(p) if !p.is_empty() => (PathBuf::from(p), CONFIG_PATH_ENV),
+            _ => {
+                let default = Path::new(DEFAULT_CONFIG_PATH);
+                return Ok(default.is_file().then(|| default.to_path_buf()));
+            }
+        },
+    };
+    if !path.exists() {
+        return Err(ConfigError::FileMissing { path, origin });
+    }
+    Ok(Some(path))
+}
+
+/// The `GATEWAY_<SECTION>__<KEY>` variables that name a config key, as a figment provider.
+///
+/// Unknown variables are set aside (to be warned about), never an error: Kubernetes injects
+/// `GATEWAY_PORT` and friends when a Service is named `gateway`. Keys whose default is a string
+/// keep the variable's text as it is, so `GATEWAY_UPSTREAM__CLIENT_ID=007` stays `"007"`; the
+/// others are parsed (numbers, booleans, `[{name="orders",…}]` lists).
+struct EnvLayer {
+    values: Vec<(String, Value)>,
+    ignored: Vec<String>,
+}
+
+impl EnvLayer {
+    fn from_process() -> Self {
+        let keys = known_keys();
+        let mut values = Vec::new();
+        let mut ignored = Vec::new();
+        for (key, raw) in Env::prefixed(ENV_PREFIX).split("__").iter() {
+            let key = key.as_str().to_ascii_lowercase();
+            if key == "config" {
+                continue;
+            }
+            match keys.get(&key) {
+                Some(KeyKind::Text) => values.push((key, Value::from(raw))),
+                Some(KeyKind::Parsed) => {
+                    let value = raw.parse::<Value>().unwrap_or_else(|_| Value::from(raw));
+                    values.push((key, value));
+                }
+                None => ignored.push(format!(
+                    "{ENV_PREFIX}{}",
+                    key.replace('.', "__").to_ascii_uppercase()
+                )),
+            }
+        }
+        Self { values, ignored }
+    }
+}
+
+impl Provider for EnvLayer {
+    fn metadata(&self) -> Metadata {
+        Metadata::named(format!("environment variables {ENV_PREFIX}*"))
+    }
+
+    fn data(&self) -> Result<Map<Profile, Dict>, figment::Error> {
+        let mut dict = Dict::new();
+        for (key, value) in &self.values {
+            if let Some(nested) = figment::util::nest(key, value.clone()).into_dict() {
+                for (k, v) in nested {
+                    match (dict.remove(&k), v) {
+                        (Some(Value::Dict(_, mut existing)), Value::Dict(_, new)) => {
+                            existing.extend(new);
+                            dict.insert(k, Value::from(existing));
+                        }
+                        (_, v) => {
+                            dict.insert(k, v);
+                        }
+                    }
+                }
+            }
+        }
+        Ok(Profile::Default.collect(dict))
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum KeyKind {
+    Text,
+    Parsed,
+}
+
+/// Every settable key (`section.key`, or `callers`), derived from the defaults' own shape.
+fn known_keys() -> BTreeMap<String, KeyKind> {
+    let mut keys = BTreeMap::new();
+    let kind_of = |v: &toml::Value| match v {
+        toml::Value::String(_) => KeyKind::Text,
+        _ => KeyKind::Parsed,
+    };
+    if let Ok(toml::Value::Table(top)) = toml::Value::try_from(RawConfig::default()) {
+        for (section, value) in top {
+            match value {
+                toml::Value::Table(table) => {
+                    for (key, v) in table {
+                        keys.insert(format!("{section}.{key}"), kind_of(&v));
+                    }
+                }
+                other => {
+                    keys.insert(section, kind_of(&other));
+                }
+            }
+        }
+    }
+    // Optional keys have no default, so they are absent from the serialized defaults.
+    for optional in [
+        "upstream.merchant_token_file",
+        "upstream.client_secret_file",
+    ] {
+        keys.insert(optional.into(), KeyKind::Text);
+    }
+    keys
+}
+
+// ---------------------------------------------------------------------------------------------
+// Validation
+// ---------------------------------------------------------------------------------------------
+
+impl RawConfig {
+    /// Checks every key and builds the runtime config; reads `*_file` secrets.
+    pub fn validate(&self) -> Result<Config, ConfigError> {
+        let s = &self.server;
+        let server = ServerConfig {
+            listen: socket_addr("server.listen", &s.listen)?,
+            admin_listen: socket_addr("server.admin_listen", &s.admin_listen)?,
+            max_body_bytes: positive("server.max_body_bytes", s.max_body_bytes)?,
+            request_timeout: nonzero("server.request_timeout", s.request_timeout)?,
+            shutdown_grace: s.shutdown_grace,
+            drain_delay: s.drain_delay,
+            header_read_timeout: nonzero("server.header_read_timeout", s.header_read_timeout)?,
+            idle_timeout: nonzero("server.idle_timeout", s.idle_timeout)?,
+            max_connections: positive("server.max_connections", s.max_connections)?,
+            admin_key_sha256: match s.admin_key_sha256.trim() {
+                "" => None,
+                hex => Some(key_hash("server.admin_key_sha256", hex)?),
+            },
+        };
+
+        let u = &self.upstream;
+        let upstream = UpstreamConfig {
+            base_url: base_url("upstream.base_url", &u.base_url)?,
+            merchant_token: secret(
+                "upstream.merchant_token",
+                &u.merchant_token,
+                u.merchant_token_file.as_deref(),
+            )?,
+            client_id: u.client_id.clone(),
+            client_secret: secret(
+                "upstream.client_secret",
+                &u.client_secret,
+                u.client_secret_file.as_deref(),
+            )?,
+            timeout: nonzero("upstream.timeout", u.timeout)?,
+            connect_timeout: nonzero("upstream.connect_timeout", u.connect_timeout)?,
+            max_in_flight: positive("upstream.max_in_flight", u.max_in_flight)?,
+            queue_timeout: u.queue_timeout,
+            token_refresh_margin: u.token_refresh_margin,
+            retries: u.retries,
+            retry_budget: fraction("upstream.retry_budget", u.retry_budget, f64::MAX)?,
+            circuit_failures: u.circuit_failures,
+            circuit_cooldown: nonzero("upstream.circuit_cooldown", u.circuit_cooldown)?,
+        };
+
+        let c = &self.cache;
+        let cache = CacheConfig {
+            ttl: c.ttl,
+            max_entries: c.max_entries,
+            negative_ttl: c.negative_ttl,
+            stale_if_error: c.stale_if_error,
+            refresh_ahead: c.refresh_ahead,
+            ttl_jitter: fraction("cache.ttl_jitter", c.ttl_jitter, 1.0)?,
+        };
+        if cache.ttl_jitter >= 1.0 {
+            return Err(ConfigError::invalid(
+                "cache.ttl_jitter",
+                "must be below 1.0 (a fraction of cache.ttl)",
+            ));
+        }
+
+        if let Err(err) = tracing_subscriber::EnvFilter::builder().parse(&self.log.level) {
+            return Err(ConfigError::invalid(
+                "log.level",
+                format!("not a valid level or filter directive: {err}"),
+            ));
+        }
+        let log = LogConfig {
+            format: self.log.format,
+            level: self.log.level.clone(),
+        };
+
+        Ok(Config {
+            server,
+            upstream,
+            cache,
+            log,
+            callers: callers(&self.callers)?,
+        })
+    }
+}
+
+impl Config {
+    /// Things that are allowed but almost certainly not meant.
+    pub fn warnings(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        if self.callers.is_empty() {
+            out.push("no [[callers]] configured: every request will be answered 401".into());
+        }
+        let u = &self.upstream;
+        for (key, missing) in [
+            ("upstream.merchant_token", u.merchant_token.is_empty()),
+            ("upstream.client_id", u.client_id.is_empty()),
+            ("upstream.client_secret", u.client_secret.is_empty()),
+        ] {
+            if missing {
+                out.push(format!(
+                    "{key} is not set: Bill24 will refuse to issue an access token"
+                ));
+            }
+        }
+        out
+    }
+}
+
+fn socket_addr(key: &str, value: &str) -> Result<SocketAddr, ConfigError> {
+    value.trim().parse().map_err(|_| {
+        ConfigError::invalid(
+            key,
+            format!("{value:?} is not an IP:port socket address (e.g. \"0.0.0.0:8080\")"),
+        )
+    })
+}
+
+fn positive(key: &str, value: u64) -> Result<usize, ConfigError> {
+    if value == 0 {
+        return Err(ConfigError::invalid(key, "must be at least 1"));
+    }
+    usize::try_from(value).map_err(|_| ConfigError::invalid(key, "is too large"))
+}
+
+fn nonzero(key: &str, value: Duration) -> Result<Duration, ConfigError> {
+    if value.is_zero() {
+        return Err(ConfigError::invalid(key, "must be above 0s"));
+    }
+    Ok(value)
+}
+
+fn fraction(key: &str, value: f64, max: f64) -> Result<f64, ConfigError> {
+    if !value.is_finite() || value < 0.0 || value > max {
+        return Err(ConfigError::invalid(
+            key,
+            format!("{value} is out of range (0 to {max})"),
+        ));
+    }
+    Ok(value)
+}
+
+fn base_url(key: &str, value: &str) -> Result<String, ConfigError> {
+    let trimmed = value.trim().trim_end_matches('/');
+    let uri: http::Uri = trimmed
+        .parse()
+        .map_err(|e| ConfigError::invalid(key, format!("{value:?} is not a URL: {e}")))?;
+    match uri.scheme_str() {
+        Some("http") | Some("https") => {}
+        _ => {
+            return Err(ConfigError::invalid(
+                key,
+                format!("{value:?} must start with https:// or http://"),
+            ));
+        }
+    }
+    if uri.authority().is_none() {
+        return Err(ConfigError::invalid(key, format!("{value:?} has no host")));
+    }
+    if uri.query().is_some() {
+        return Err(ConfigError::invalid(
+            key,
+            format!("{value:?} must not have a query string"),
+        ));
+    }
+    Ok(trimmed.to_string())
+}
+
+/// A secret given inline or as `<key>_file` (one trailing newline trimmed), never both.
+fn secret(key: &str, inline: &Secret, file: Option<&Path>) -> Result<Secret, ConfigError> {
+    match file {
+        None => Ok(inline.clone()),
+        Some(_) if !inline.is_empty() => Err(ConfigError::invalid(
+            format!("{key}` and `{key}_file"),
+            "both are set; set only one of them",
+        )),
+        Some(path) => {
+            let text = std::fs::read_to_string(path).map_err(|e| {
+                ConfigError::invalid(
+                    format!("{key}_file"),
+                    format!("cannot read {}: {e}", path.display()),
+                )
+            })?;
+            Ok(Secret::new(trim_one_newline(&text)))
+        }
+    }
+}
+
+/// `value` without one trailing `\n` (or `\r\n`), as `echo` and most secret stores write it.
+pub fn trim_one_newline(value: &str) -> &str {
+    let value = value.strip_suffix('\n').unwrap_or(value);
+    value.strip_suffix('\r').unwrap_or(value)
+}
+
+/// Decodes a 64-digit hex SHA-256.
+pub fn key_hash(key: &str, hex_digest: &str) -> Result<KeyHash, ConfigError> {
+    let mut out = [0u8; 32];
+    hex::decode_to_slice(hex_digest.trim(), &mut out).map_err(|_| {
+        ConfigError::invalid(
+            key,
+            "must be the 64-digit hex SHA-256 of the key (see `bill24-gateway hash-key`)",
+        )
+    })?;
+    Ok(out)
+}
+
+fn callers(raw: &[RawCaller]) -> Result<Vec<CallerConfig>, ConfigError> {
+    let mut names = BTreeSet::new();
+    let mut hashes: BTreeMap<KeyHash, String> = BTreeMap::new();
+    let mut out = Vec::with_capacity(raw.len());
+    for (i, c) in raw.iter().enumerate() {
+        let name = c.name.trim();
+        if name.is_empty() {
+            return Err(ConfigError::invalid(
+                format!("callers[{i}].name"),
+                "must not be empty",
+            ));
+        }
+        if !names.insert(name.to_string()) {
+            return Err(ConfigError::invalid(
+                format!("callers[{i}].name"),
+                format!("{name:?} is used by another caller"),
+            ));
+        }
+        let listed = c.key_sha256.as_slice();
+        if listed.is_empty() {
+            return Err(ConfigError::invalid(
+                format!("callers[{i}].key_sha256"),
+                "needs at least one key hash",
+            ));
+        }
+        let mut keys = Vec::with_capacity(listed.len());
+        for (j, hex_digest) in listed.iter().enumerate() {
+            let key = if matches!(c.key_sha256, KeyHashes::One(_)) {
+                format!("callers[{i}].key_sha256")
+            } else {
+                format!("callers[{i}].key_sha256[{j}]")
+            };
+            let hash = key_hash(&key, hex_digest)?;
+            if let Some(other) = hashes.insert(hash, name.to_string())
+                && other != name
+            {
+                return Err(ConfigError::invalid(
+                    key,
+                    format!("the same key is also configured for caller {other:?}"),
+                ));
+            }
+            keys.push(hash);
+        }
+        if !c.rate_limit_rps.is_finite() || c.rate_limit_rps < 0.0 {
+            return Err(ConfigError::invalid(
+                format!("callers[{i}].rate_limit_rps"),
+                "must be 0 (unlimited) or a positive rate",
+            ));
+        }
+        out.push(CallerConfig {
+            name: Arc::from(name),
+            key_sha256: keys,
+            rate_limit_rps: c.rate_limit_rps,
+            burst: c.burst,
+            max_concurrent: c.max_concurrent,
+        });
+    }
+    Ok(out)
+}
+
+/// The effective configuration as TOML, every secret shown as `[redacted]`.
+pub fn to_redacted_toml(raw: &RawConfig) -> Result<String, toml::ser::Error> {
+    toml::to_string_pretty(raw)
+}
+
+#[cfg(test)]
+// figment's `Jail` closures return its (large) error type.
+#[allow(clippy::result_large_err)]
+mod tests {
+    use super::*;
+    use figment::Jail;
+
+    const HASH_A: &str = "2c26b46b68ffc68ff99b453c1d30413413422d706483bfa0f98a5e886266e7ae";
+    const HASH_B: &str = "fcde2b2edba56bf408601fb721fe9b5c338d10ee429ea04fae5511b68fbf8fb9";
+
+    fn load_in_jail(path: Option<&str>) -> Result<Loaded, String> {
+        load(path.map(Path::new)).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn defaults_equal_config_default_toml() {
+        let text = include_str!("../config/default.toml");
+        let parsed: RawConfig = Figment::from(Toml::string(text))
+            .extract()
+            .expect("config/default.toml parses");
+        assert_eq!(parsed, RawConfig::default());
+    }
+
+    #[test]
+    fn built_in_defaults_validate() {
+        Jail::expect_with(|_| {
+            let loaded = load_in_jail(None)?;
+            let c = &loaded.config;
+            assert_eq!(c.server.listen, "0.0.0.0:8080".parse().expect("addr"));
+            assert_eq!(
+                c.server.admin_listen,
+                "127.0.0.1:9090".parse().expect("addr")
+            );
+            assert_eq!(c.server.max_body_bytes, 8192);
+            assert_eq!(c.server.request_timeout, Duration::from_secs(10));
+            assert_eq!(c.upstream.base_url, "https://merchantapi-demo.bill24.io");
+            assert_eq!(c.upstream.token_refresh_margin, Duration::from_secs(300));
+            assert_eq!(c.cache.ttl, Duration::from_secs(10));
+            assert_eq!(c.log.format, LogFormat::Json);
+            assert!(loaded.file.is_none());
+            assert!(c.warnings().iter().any(|w| w.contains("no [[callers]]")));
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn layers_defaults_then_file_then_env() {
+        Jail::expect_with(|jail| {
+            jail.create_file(
+                "gw.toml",
+                r#"
+                [server]
+                listen = "127.0.0.1:1234"
+                request_timeout = "500ms"
+                [cache]
+                ttl = "5m"
+                negative_ttl = "2s"
+                [upstream]
+                client_id = "from-file"
+                "#,
+            )?;
+            jail.set_env("GATEWAY_CACHE__TTL", "1s");
+            jail.set_env("GATEWAY_UPSTREAM__CLIENT_SECRET", "s3cr3t");
+            jail.set_env("GATEWAY_UPSTREAM__MAX_IN_FLIGHT", "7");
+            let loaded = load_in_jail(Some("gw.toml"))?;
+            let c = loaded.config;
+            assert_eq!(c.server.listen.port(), 1234);
+            assert_eq!(c.server.request_timeout, Duration::from_millis(500));
+            assert_eq!(c.cache.ttl, Duration::from_secs(1), "env wins over file");
+            assert_eq!(c.cache.negative_ttl, Duration::from_secs(2));
+            assert_eq!(c.upstream.client_id, "from-file");
+            assert_eq!(c.upstream.client_secret.expose(), "s3cr3t");
+            assert_eq!(c.upstream.max_in_flight, 7);
+            assert_eq!(
+                c.server.max_body_bytes, 8192,
+                "untouched keys keep defaults"
+            );
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn gateway_config_env_names_the_file_and_default_toml_is_read_when_present() {
+        Jail::expect_with(|jail| {
+            jail.create_dir("config")?;
+            jail.create_file("config/default.toml", "[cache]\nttl = \"3s\"\n")?;
+            assert_eq!(load_in_jail(None)?.config.cache.ttl, Duration::from_secs(3));
+
+            jail.create_file("other.toml", "[cache]\nttl = \"4s\"\n")?;
+            jail.set_env("GATEWAY_CONFIG", "other.toml");
+            assert_eq!(load_in_jail(None)?.config.cache.ttl, Duration::from_secs(4));
+
+            jail.create_file("cli.toml", "[cache]\nttl = \"6s\"\n")?;
+            let loaded = load_in_jail(Some("cli.toml"))?;
+            assert_eq!(
+                loaded.config.cache.ttl,
+                Duration::from_secs(6),
+                "--config wins"
+            );
+            assert!(
+                loaded
+                    .warnings
+                    .iter()
+                    .all(|w| !w.contains("GATEWAY_CONFIG")),
+                "GATEWAY_CONFIG is not an unknown variable: {:?}",
+                loaded.warnings
+            );
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn missing_named_file_is_an_error_but_missing_default_is_not() {
+        Jail::expect_with(|jail| {
+            let err = load_in_jail(Some("nope.toml")).expect_err("missing --config file");
+            assert!(
+                err.contains("nope.toml") && err.contains("does not exist"),
+                "{err}"
+            );
+            jail.set_env("GATEWAY_CONFIG", "gone.toml");
+            let err = load_in_jail(None).expect_err("missing $GATEWAY_CONFIG file");
+            assert!(
+                err.contains("gone.toml") && err.contains("GATEWAY_CONFIG"),
+                "{err}"
+            );
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn unknown_file_keys_are_errors_naming_the_key() {
+        Jail::expect_with(|jail| {
+            jail.create_file("a.toml", "[server]\nlisten_addr = \"x\"\n")?;
+            let err = load_in_jail(Some("a.toml")).expect_err("unknown key");
+            assert!(err.contains("`server.listen_addr`"), "{err}");
+            jail.create_file("b.toml", "[serverz]\n")?;
+            let err = load_in_jail(Some("b.toml")).expect_err("unknown section");
+            assert!(err.contains("`serverz`"), "{err}");
+            jail.create_file(
+                "c.toml",
+                &format!("[[callers]]\nname = \"a\"\nkey_sha256 = \"{HASH_A}\"\nrole = \"x\"\n"),
+            )?;
+            let err = load_in_jail(Some("c.toml")).expect_err("unknown caller key");
+            assert!(err.contains("callers.0.role"), "{err}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn unknown_env_vars_are_warnings_not_errors() {
+        Jail::expect_with(|jail| {
+            jail.set_env("GATEWAY_PORT", "tcp://10.0.0.1:8080");
+            jail.set_env("GATEWAY_SERVICE_HOST", "10.0.0.1");
+            jail.set_env("GATEWAY_SERVER__NOPE", "1");
+            let loaded = load_in_jail(None)?;
+            for var in [
+                "GATEWAY_PORT",
+                "GATEWAY_SERVICE_HOST",
+                "GATEWAY_SERVER__NOPE",
+            ] {
+                assert!(
+                    loaded.warnings.iter().any(|w| w.contains(var)),
+                    "{var} warned: {:?}",
+                    loaded.warnings
+                );
+            }
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn env_text_keys_stay_text_and_callers_parse_from_env() {
+        Jail::expect_with(|jail| {
+            jail.set_env("GATEWAY_UPSTREAM__CLIENT_ID", "007");
+            jail.set_env("GATEWAY_UPSTREAM__MERCHANT_TOKEN", "12345");
+            jail.set_env(
+                "GATEWAY_CALLERS",
+                format!(
+                    "[{{name=\"orders\",key_sha256=\"{HASH_A}\"}},{{name=\"billing\",key_sha256=[\"{HASH_B}\"],rate_limit_rps=5}}]"
+                ),
+            );
+            jail.create_file(
+                "gw.toml",
+                &format!("[[callers]]\nname = \"file-caller\"\nkey_sha256 = \"{HASH_B}\"\n"),
+            )?;
+            let c = load_in_jail(Some("gw.toml"))?.config;
+            assert_eq!(c.upstream.client_id, "007");
+            assert_eq!(c.upstream.merchant_token.expose(), "12345");
+            let names: Vec<&str> = c.callers.iter().map(|c| &*c.name).collect();
+            assert_eq!(names, ["orders", "billing"], "env list replaces the file's");
+            assert_eq!(c.callers[1].rate_limit_rps, 5.0);
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn durations_are_humantime_strings() {
+        Jail::expect_with(|jail| {
+            jail.create_file("a.toml", "[upstream]\ntimeout = 5\n")?;
+            let err = load_in_jail(Some("a.toml")).expect_err("bare number");
+            assert!(err.contains("upstream.timeout"), "{err}");
+            jail.set_env("GATEWAY_UPSTREAM__TIMEOUT", "soon");
+            let err = load_in_jail(None).expect_err("not a duration");
+            assert!(err.contains("upstream.timeout"), "{err}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn validation_names_the_key() {
+        let cases: &[(&str, &str)] = &[
+            ("[server]\nlisten = \"nope\"\n", "server.listen"),
+            ("[server]\nmax_body_bytes = 0\n", "server.max_body_bytes"),
+            (
+                "[server]\nrequest_timeout = \"0s\"\n",
+                "server.request_timeout",
+            ),
+            (
+                "[server]\nadmin_key_sha256 = \"abc\"\n",
+                "server.admin_key_sha256",
+            ),
+            ("[upstream]\nbase_url = \"ftp://x\"\n", "upstream.base_url"),
+            (
+                "[upstream]\nbase_url = \"not a url\"\n",
+                "upstream.base_url",
+            ),
+            ("[upstream]\nmax_in_flight = 0\n", "upstream.max_in_flight"),
+            ("[upstream]\nretry_budget = -1.0\n", "upstream.retry_budget"),
+            ("[cache]\nttl_jitter = 1.0\n", "cache.ttl_jitter"),
+            ("[log]\nformat = \"xml\"\n", "log.format"),
+            ("[log]\nlevel = \"info,[\"\n", "log.level"),
+            (
+                "[[callers]]\nname = \"a\"\nkey_sha256 = \"zz\"\n",
+                "callers[0].key_sha256",
+            ),
+            ("[[callers]]\nkey_sha256 = \"zz\"\n", "callers.0"),
+            (
+                &format!(
+                    "[[callers]]\nname = \"a\"\nkey_sha256 = \"{HASH_A}\"\n[[callers]]\nname = \"a\"\nkey_sha256 = \"{HASH_B}\"\n"
+                ),
+                "callers[1].name",
+            ),
+            (
+                &format!(
+                    "[[callers]]\nname = \"a\"\nkey_sha256 = \"{HASH_A}\"\n[[callers]]\nname = \"b\"\nkey_sha256 = [\"{HASH_B}\", \"{HASH_A}\"]\n"
+                ),
+                "callers[1].key_sha256[1]",
+            ),
+        ];
+        for (toml, key) in cases {
+            Jail::expect_with(|jail| {
+                jail.create_file("c.toml", toml)?;
+                let err = load_in_jail(Some("c.toml")).expect_err(toml);
+                assert!(err.contains(key), "{toml:?}: {err:?} should name {key}");
+                Ok(())
+            });
+        }
+    }
+
+    #[test]
+    fn secrets_from_files_trim_one_newline_and_both_forms_is_an_error() {
+        Jail::expect_with(|jail| {
+            jail.create_file("token", "tok-en\n\n")?;
+            jail.create_file("secret", "s3cr3t\r\n")?;
+            jail.create_file(
+                "gw.toml",
+                "[upstream]\nmerchant_token_file = \"token\"\nclient_secret_file = \"secret\"\n",
+            )?;
+            let c = load_in_jail(Some("gw.toml"))?.config;
+            assert_eq!(c.upstream.merchant_token.expose(), "tok-en\n");
+            assert_eq!(c.upstream.client_secret.expose(), "s3cr3t");
+
+            jail.set_env("GATEWAY_UPSTREAM__MERCHANT_TOKEN", "inline");
+            let err = load_in_jail(Some("gw.toml")).expect_err("both forms");
+            assert!(
+                err.contains("upstream.merchant_token`")
+                    && err.contains("upstream.merchant_token_file"),
+                "{err}"
+            );
+
+            jail.create_file("g2.toml", "[upstream]\nclient_secret_file = \"missing\"\n")?;
+            let err = load_in_jail(Some("g2.toml")).expect_err("unreadable");
+            assert!(err.contains("upstream.client_secret_file"), "{err}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn redacted_toml_hides_every_secret() {
+        Jail::expect_with(|jail| {
+            jail.create_file("tok", "file-token-value")?;
+            jail.set_env("GATEWAY_UPSTREAM__CLIENT_SECRET", "very-secret-value");
+            jail.set_env("GATEWAY_UPSTREAM__MERCHANT_TOKEN_FILE", "tok");
+            let loaded = load_in_jail(None)?;
+            let text = to_redacted_toml(&loaded.raw).map_err(|e| e.to_string())?;
+            assert!(!text.contains("very-secret-value"), "{text}");
+            assert!(!text.contains("file-token-value"), "{text}");
+            assert!(text.contains("client_secret = \"[redacted]\""), "{text}");
+            // The printed TOML is itself a valid config.
+            let again: RawConfig = Figment::from(Toml::string(&text))
+                .extract()
+                .map_err(|e| e.to_string())?;
+            assert_eq!(again.server, loaded.raw.server);
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn known_keys_cover_every_field() {
+        let keys = known_keys();
+        for key in [
+            "server.listen",
+            "server.admin_key_sha256",
+            "upstream.client_secret",
+            "upstream.client_secret_file",
+            "upstream.retry_budget",
+            "cache.ttl_jitter",
+            "log.level",
+            "callers",
+        ] {
+            assert!(keys.contains_key(key), "{key}");
+        }
+        assert_eq!(keys["upstream.client_id"], KeyKind::Text);
+        assert_eq!(keys["upstream.max_in_flight"], KeyKind::Parsed);
+        assert_eq!(keys["callers"], KeyKind::Parsed);
+    }
+}

@@ -1,0 +1,224 @@
+//! Correlation: the `X-Request-Id` and W3C `traceparent` of a request, taken from the caller when
+//! valid and started here otherwise, and the outermost layer that stamps the id on every
+//! response (errors included, whose JSON body it renders).
+
+use std::fmt::Write as _;
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use http::{HeaderMap, HeaderValue, Request};
+use tower::{Layer, Service};
+
+use crate::error::{Response, render_body};
+
+pub const X_REQUEST_ID: &str = "x-request-id";
+pub const TRACEPARENT: &str = "traceparent";
+
+/// 1–128 visible ASCII characters, from the caller or generated.
+#[derive(Clone, Debug)]
+pub struct RequestId(HeaderValue);
+
+impl RequestId {
+    /// The caller's id when it is 1–128 visible ASCII characters (`!`..`~`), else a new one.
+    pub fn from_headers(headers: &HeaderMap) -> Self {
+        match headers.get(X_REQUEST_ID) {
+            Some(v) if is_valid_request_id(v.as_bytes()) => RequestId(v.clone()),
+            _ => Self::generate(),
+        }
+    }
+
+    pub fn generate() -> Self {
+        let mut buf = uuid::Uuid::encode_buffer();
+        let id = uuid::Uuid::new_v4().hyphenated().encode_lower(&mut buf);
+        RequestId(HeaderValue::from_str(id).unwrap_or(HeaderValue::from_static("-")))
+    }
+
+    pub fn as_str(&self) -> &str {
+        // Only visible ASCII is ever stored, so this never falls back.
+        self.0.to_str().unwrap_or("-")
+    }
+
+    pub fn header_value(&self) -> &HeaderValue {
+        &self.0
+    }
+}
+
+pub fn is_valid_request_id(bytes: &[u8]) -> bool {
+    (1..=128).contains(&bytes.len()) && bytes.iter().all(|b| (0x21..=0x7e).contains(b))
+}
+
+/// A W3C trace context: the caller's trace when it sent a valid `traceparent`, else a new one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TraceContext {
+    trace_id: u128,
+    flags: u8,
+}
+
+impl TraceContext {
+    pub fn from_headers(headers: &HeaderMap) -> Self {
+        headers
+            .get(TRACEPARENT)
+            .and_then(|v| Self::parse(v.as_bytes()))
+            .unwrap_or_else(Self::generate)
+    }
+
+    fn generate() -> Self {
+        TraceContext {
+            trace_id: rand::random::<u128>().max(1),
+            flags: 0x01,
+        }
+    }
+
+    /// `version-traceid-parentid-flags`; version `ff`, all-zero ids and bad hex are invalid.
+    /// Versions above `00` may append fields, which are ignored.
+    pub fn parse(bytes: &[u8]) -> Option<Self> {
+        if bytes.len() < 55 {
+            return None;
+        }
+        let text = std::str::from_utf8(bytes).ok()?;
+        let version = u8::from_str_radix(hex_field(text, 0, 2)?, 16).ok()?;
+        if version == 0xff || (version == 0 && bytes.len() != 55) {
+            return None;
+        }
+        if bytes.len() > 55 && bytes[55] != b'-' {
+            return None;
+        }
+        if bytes[2] != b'-' || bytes[35] != b'-' || bytes[52] != b'-' {
+            return None;
+        }
+        let trace_id = u128::from_str_radix(hex_field(text, 3, 32)?, 16).ok()?;
+        let parent_id = u64::from_str_radix(hex_field(text, 36, 16)?, 16).ok()?;
+        let flags = u8::from_str_radix(hex_field(text, 53, 2)?, 16).ok()?;
+        if trace_id == 0 || parent_id == 0 {
+            return None;
+        }
+        Some(TraceContext { trace_id, flags })
+    }
+
+    pub fn trace_id(&self) -> String {
+        format!("{:032x}", self.trace_id)
+    }
+
+    /// The `traceparent` for a call made on this trace's behalf: same trace, a new span id.
+    pub fn child_header(&self) -> HeaderValue {
+        let span_id = rand::random::<u64>().max(1);
+        let mut s = String::with_capacity(55);
+        let _ = write!(
+            s,
+            "00-{:032x}-{:016x}-{:02x}",
+            self.trace_id, span_id, self.flags
+        );
+        HeaderValue::from_str(&s).unwrap_or(HeaderValue::from_static(
+            "00-00000000000000000000000000000001-0000000000000001-01",
+        ))
+    }
+}
+
+/// Lowercase hex only, as the W3C spec requires.
+fn hex_field(text: &str, start: usize, len: usize) -> Option<&str> {
+    let field = text.get(start..start + len)?;
+    field
+        .bytes()
+        .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        .then_some(field)
+}
+
+/// Outermost layer: puts [`RequestId`] and [`TraceContext`] into the request's extensions, and
+/// on the way out sets `X-Request-Id` and renders any pending error body.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct CorrelationLayer;
+
+impl<S> Layer<S> for CorrelationLayer {
+    type Service = Correlation<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        Correlation { inner }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct Correlation<S> {
+    inner: S,
+}
+
+impl<S, B> Service<Request<B>> for Correlation<S>
+where
+    S: Service<Request<B>, Response = Response>,
+    S::Future: Send + 'static,
+{
+    type Response = Response;
+    type Error = S::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<Response, S::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: Request<B>) -> Self::Future {
+        let id = RequestId::from_headers(req.headers());
+        let trace = TraceContext::from_headers(req.headers());
+        req.extensions_mut().insert(id.clone());
+        req.extensions_mut().insert(trace);
+        let fut = self.inner.call(req);
+        Box::pin(async move {
+            let mut response = fut.await?;
+            render_body(&mut response, id.as_str());
+            response
+                .headers_mut()
+                .insert(X_REQUEST_ID, id.header_value().clone());
+            Ok(response)
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_ids_are_kept_only_when_visible_ascii_and_short() {
+        for ok in ["a", "abc-123_XYZ", &"x".repeat(128), "!~"] {
+            assert!(is_valid_request_id(ok.as_bytes()), "{ok}");
+        }
+        for bad in ["", " ", "a b", &"x".repeat(129), "é", "a\tb", "a\u{7f}"] {
+            assert!(!is_valid_request_id(bad.as_bytes()), "{bad:?}");
+        }
+        let mut headers = HeaderMap::new();
+        headers.insert(X_REQUEST_ID, HeaderValue::from_static("has space"));
+        let generated = RequestId::from_headers(&headers);
+        assert_ne!(generated.as_str(), "has space");
+        assert!(is_valid_request_id(generated.as_str().as_bytes()));
+    }
+
+    #[test]
+    fn traceparent_parsing() {
+        let good = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let tc = TraceContext::parse(good.as_bytes()).expect("valid");
+        assert_eq!(tc.trace_id(), "4bf92f3577b34da6a3ce929d0e0e4736");
+        let child = tc.child_header();
+        let child = child.to_str().expect("ascii");
+        assert!(child.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-"));
+        assert!(child.ends_with("-01"));
+        assert_ne!(child, good, "a new span id for the upstream hop");
+        assert!(TraceContext::parse(child.as_bytes()).is_some());
+
+        for bad in [
+            "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",
+            "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-extra",
+            "00_4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "garbage",
+            "",
+        ] {
+            assert!(TraceContext::parse(bad.as_bytes()).is_none(), "{bad}");
+        }
+        // A future version may carry more fields.
+        assert!(
+            TraceContext::parse(b"01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-future")
+                .is_some()
+        );
+    }
+}

@@ -1,0 +1,230 @@
+//! bill24-gateway: one in-house endpoint for Bill24 wallet balances, with caller keys, a short
+//! cache, shared upstream calls and a merchant token the gateway manages itself.
+//!
+//! # Layout
+//!
+//! A request on the main listener ([`server`]) goes down the tower stack that [`stack`] builds,
+//! in this order: [`correlation`] (request id, trace context, error bodies) → [`access_log`]
+//! (one line and the request metrics) → route → [`auth`] (caller key) → deadline →
+//! [`balance::request`] (Content-Type, size, body) → [`balance::service`], which answers from
+//! [`balance::cache`] or through one shared call to [`bill24`]. The `bill24` module holds the
+//! pooled client ([`bill24::client`]), the merchant token ([`bill24::token`]) and Bill24's JSON
+//! shapes ([`bill24::wire`]); it knows nothing of callers, the cache or serving.
+//!
+//! Errors from every layer become one JSON shape in [`error`]. [`config`] loads and validates
+//! the layered configuration and depends on nothing else here; [`telemetry`] sets up logging,
+//! [`metrics`] the Prometheus registry that [`admin`] serves next to health, readiness and
+//! purge. [`sim`] is the Bill24 simulator for the demo, the tests and load tests; [`demo`]
+//! wires it to a gateway.
+//!
+//! [`Gateway::bind`] binds the sockets (port 0 works, for tests) and [`Gateway::run`] serves
+//! until the shutdown future resolves.
+
+#![forbid(unsafe_code)]
+
+pub mod access_log;
+pub mod admin;
+pub mod auth;
+pub mod balance;
+pub mod bill24;
+pub mod config;
+pub mod correlation;
+pub mod demo;
+pub mod error;
+pub mod metrics;
+pub mod secret;
+pub mod server;
+pub mod sim;
+pub mod stack;
+pub mod telemetry;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::access_log::InFlight;
+use crate::admin::Admin;
+use crate::auth::CallerKeys;
+use crate::balance::service::Balances;
+use crate::bill24::Bill24;
+use crate::config::Config;
+use crate::metrics::Metrics;
+
+/// Why the gateway could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot listen on {addr} ({key}): {source}")]
+    Bind {
+        addr: SocketAddr,
+        key: &'static str,
+        source: std::io::Error,
+    },
+    #[error("cannot set up the Bill24 client: {0}")]
+    Upstream(String),
+}
+
+/// How often histogram samples are folded into their buckets.
+const METRICS_UPKEEP_EVERY: Duration = Duration::from_secs(5);
+/// How long admin connections may finish once the main listener is done.
+const ADMIN_GRACE: Duration = Duration::from_secs(1);
+
+/// A gateway with its sockets bound, ready to [`run`](Gateway::run).
+pub struct Gateway {
+    config: Config,
+    main: TcpListener,
+    admin: TcpListener,
+}
+
+impl Gateway {
+    /// Binds `server.listen` and `server.admin_listen`.
+    pub async fn bind(config: Config) -> Result<Self, StartError> {
+        let main = bind(config.server.listen, "server.listen").await?;
+        let admin = bind(config.server.admin_listen, "server.admin_listen").await?;
+        Ok(Gateway {
+            config,
+            main,
+            admin,
+        })
+    }
+
+    /// Uses listeners bound by the caller (the config's addresses are ignored).
+    pub fn from_listeners(config: Config, main: TcpListener, admin: TcpListener) -> Self {
+        Gateway {
+            config,
+            main,
+            admin,
+        }
+    }
+
+    pub fn main_addr(&self) -> SocketAddr {
+        self.main.local_addr().unwrap_or(self.config.server.listen)
+    }
+
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin
+            .local_addr()
+            .unwrap_or(self.config.server.admin_listen)
+    }
+
+    /// Serves until `shutdown` resolves, then drains (CONTRACT §7): `/readyz` turns 503 at
+    /// once, connections are still accepted for `server.drain_delay`, then in-flight requests
+    /// get up to `server.shutdown_grace` to finish.
+    pub async fn run(self, shutdown: impl Future<Output = ()> + Send) -> Result<(), StartError> {
+        let Gateway {
+            config,
+            main,
+            admin,
+        } = self;
+        let main_addr = main.local_addr().ok();
+        let admin_addr = admin.local_addr().ok();
+        let metrics = Arc::new(Metrics::new());
+        let upkeep = tokio::spawn({
+            let metrics = metrics.clone();
+            async move {
+                let mut tick = tokio::time::interval(METRICS_UPKEEP_EVERY);
+                loop {
+                    tick.tick().await;
+                    metrics.upkeep();
+                }
+            }
+        });
+        let bill24 = Arc::new(
+            Bill24::start(&config.upstream, metrics.clone()).map_err(StartError::Upstream)?,
+        );
+        let balances = Balances::new(config.cache.clone(), bill24.clone(), metrics.clone());
+        let in_flight = InFlight::default();
+        let ready = Arc::new(AtomicBool::new(true));
+        let parts = stack::StackParts {
+            metrics: metrics.clone(),
+            in_flight: in_flight.clone(),
+            callers: Arc::new(ArcSwap::from_pointee(CallerKeys::new(&config.callers))),
+            balances: balances.clone(),
+            request_timeout: config.server.request_timeout,
+            max_body_bytes: config.server.max_body_bytes,
+        };
+        let admin_state = Arc::new(Admin {
+            ready: ready.clone(),
+            metrics: metrics.clone(),
+            balances: balances.clone(),
+            admin_key: Arc::new(ArcSwap::from_pointee(config.server.admin_key_sha256)),
+        });
+        let admin_service = tower::service_fn(move |req| admin_state.clone().handle(req));
+
+        let builder = server::connection_builder(&config.server);
+        let main_graceful = GracefulShutdown::new();
+        let admin_graceful = GracefulShutdown::new();
+        let (stop_main, main_stopped) = watch::channel(false);
+        let (stop_admin, admin_stopped) = watch::channel(false);
+
+        tracing::info!(
+            listen = main_addr.map(|a| a.to_string()),
+            admin_listen = admin_addr.map(|a| a.to_string()),
+            upstream = %config.upstream.base_url,
+            callers = config.callers.len(),
+            "gateway started"
+        );
+
+        let sequence = async {
+            shutdown.await;
+            ready.store(false, Ordering::Release);
+            tracing::info!(
+                drain_delay_ms = config.server.drain_delay.as_millis() as u64,
+                "shutdown started: /readyz now answers 503"
+            );
+            tokio::time::sleep(config.server.drain_delay).await;
+            let _ = stop_main.send(true);
+        };
+        let admin_loop = server::accept_loop(
+            admin,
+            admin_service,
+            &builder,
+            &admin_graceful,
+            usize::MAX >> 3,
+            admin_stopped,
+        );
+        let finish = async {
+            tokio::join!(
+                server::accept_loop(
+                    main,
+                    stack::build(&parts),
+                    &builder,
+                    &main_graceful,
+                    config.server.max_connections,
+                    main_stopped,
+                ),
+                sequence
+            );
+            let grace = config.server.shutdown_grace;
+            if tokio::time::timeout(grace, main_graceful.shutdown())
+                .await
+                .is_err()
+            {
+                tracing::warn!(
+                    requests_cut = in_flight.get(),
+                    shutdown_grace_ms = grace.as_millis() as u64,
+                    "shutdown grace ran out; cutting the requests still in flight"
+                );
+            }
+            let _ = stop_admin.send(true);
+        };
+        tokio::join!(admin_loop, finish);
+        let _ = tokio::time::timeout(ADMIN_GRACE, admin_graceful.shutdown()).await;
+        bill24.stop();
+        upkeep.abort();
+        tracing::info!("gateway stopped");
+        Ok(())
+    }
+}
+
+async fn bind(addr: SocketAddr, key: &'static str) -> Result<TcpListener, StartError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| StartError::Bind { addr, key, source })
+}

@@ -1,0 +1,181 @@
+//! The `bill24-gateway` binary: parses the command line, loads the config, starts logging and
+//! runs the gateway (or one of the helper commands).
+
+#![forbid(unsafe_code)]
+
+use std::io::Read;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+
+use bill24_gateway::config::{self, Loaded};
+use bill24_gateway::sim::{self, SimConfig, Simulator};
+use bill24_gateway::{Gateway, auth, demo, telemetry};
+
+/// A caching gateway in front of Bill24's wallet-balance API.
+#[derive(Parser)]
+#[command(name = "bill24-gateway", version, about)]
+struct Cli {
+    /// Config file (TOML). Default: $GATEWAY_CONFIG, else config/default.toml when present.
+    #[arg(long, value_name = "PATH", global = true)]
+    config: Option<PathBuf>,
+
+    /// Load and validate the config, print it as TOML (secrets redacted) and exit.
+    #[arg(long)]
+    check_config: bool,
+
+    /// Run against an embedded Bill24 simulator with a demo caller key.
+    #[arg(long, conflicts_with = "check_config")]
+    demo: bool,
+
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Read a caller key on stdin, print its hex SHA-256 for [[callers]] key_sha256.
+    HashKey,
+    /// Run the Bill24 simulator on its own (for load tests and local work).
+    Simulate(SimulateArgs),
+}
+
+#[derive(clap::Args)]
+struct SimulateArgs {
+    #[arg(long, default_value = "127.0.0.1:9999")]
+    listen: SocketAddr,
+    /// Lifetime of the access tokens it issues.
+    #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+    token_lifetime: Duration,
+    /// Delay before each balance answer.
+    #[arg(long, default_value = "0ms", value_parser = humantime::parse_duration)]
+    latency: Duration,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Some(Command::HashKey) => hash_key(),
+        Some(Command::Simulate(args)) => simulate(args),
+        None if cli.check_config => check_config(cli.config),
+        None => serve(cli.config, cli.demo),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => {
+            eprintln!("bill24-gateway: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn load(path: Option<PathBuf>) -> Result<Loaded, String> {
+    config::load(path.as_deref()).map_err(|e| format!("config: {e}"))
+}
+
+fn check_config(path: Option<PathBuf>) -> Result<(), String> {
+    let loaded = load(path)?;
+    for warning in loaded.warnings.iter().chain(&loaded.config.warnings()) {
+        eprintln!("warning: {warning}");
+    }
+    let text = config::to_redacted_toml(&loaded.raw).map_err(|e| format!("config: {e}"))?;
+    print!("{text}");
+    Ok(())
+}
+
+fn hash_key() -> Result<(), String> {
+    const MAX_KEY_BYTES: u64 = 64 * 1024;
+    let mut input = Vec::new();
+    std::io::stdin()
+        .take(MAX_KEY_BYTES + 1)
+        .read_to_end(&mut input)
+        .map_err(|e| format!("cannot read the key from stdin: {e}"))?;
+    if input.len() as u64 > MAX_KEY_BYTES {
+        return Err(format!("the key is longer than {MAX_KEY_BYTES} bytes"));
+    }
+    let text = String::from_utf8(input).map_err(|_| "the key is not UTF-8 text".to_string())?;
+    let key = config::trim_one_newline(&text);
+    if key.is_empty() {
+        return Err("no key on stdin (try: echo my-key | bill24-gateway hash-key)".into());
+    }
+    println!("{}", hex::encode(auth::hash_key(key.as_bytes())));
+    Ok(())
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime, String> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start the runtime: {e}"))
+}
+
+fn serve(path: Option<PathBuf>, demo: bool) -> Result<(), String> {
+    let loaded = load(path)?;
+    let _log = telemetry::init(&loaded.config.log)?;
+    for warning in &loaded.warnings {
+        tracing::warn!("{warning}");
+    }
+    if !demo {
+        // The demo brings its own credentials and caller.
+        for warning in loaded.config.warnings() {
+            tracing::warn!("{warning}");
+        }
+    }
+    if let Some(file) = &loaded.file {
+        tracing::info!(file = %file.display(), "config loaded");
+    }
+    runtime()?.block_on(async move {
+        let shutdown = shutdown_signal()?;
+        if demo {
+            return demo::run(loaded.config, shutdown)
+                .await
+                .map_err(|e| e.to_string());
+        }
+        let gateway = Gateway::bind(loaded.config)
+            .await
+            .map_err(|e| e.to_string())?;
+        gateway.run(shutdown).await.map_err(|e| e.to_string())
+    })
+}
+
+/// Resolves on SIGTERM or SIGINT.
+fn shutdown_signal() -> Result<impl std::future::Future<Output = ()> + Send, String> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).map_err(|e| format!("SIGTERM handler: {e}"))?;
+    let mut int = signal(SignalKind::interrupt()).map_err(|e| format!("SIGINT handler: {e}"))?;
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => tracing::info!(signal = "SIGTERM", "shutdown requested"),
+            _ = int.recv() => tracing::info!(signal = "SIGINT", "shutdown requested"),
+        }
+    })
+}
+
+fn simulate(args: SimulateArgs) -> Result<(), String> {
+    runtime()?.block_on(async move {
+        let simulator = Simulator::bind(
+            args.listen,
+            SimConfig {
+                token_lifetime: args.token_lifetime,
+                ..SimConfig::default()
+            },
+        )
+        .await
+        .map_err(|e| format!("cannot listen on {}: {e}", args.listen))?;
+        simulator.handle().set_latency(args.latency);
+        println!(
+            "Bill24 simulator on http://{}\n  merchant_token = \"{}\"\n  client_id = \"{}\"\n  \
+             client_secret = \"{}\"\n  control: GET /_sim/stats, POST /_sim/control",
+            simulator.addr(),
+            sim::DEMO_MERCHANT_TOKEN,
+            sim::DEMO_CLIENT_ID,
+            sim::DEMO_CLIENT_SECRET
+        );
+        let shutdown = shutdown_signal()?;
+        shutdown.await;
+        Ok(())
+    })
+}

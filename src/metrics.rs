@@ -1,0 +1,264 @@
+//! Prometheus metrics (CONTRACT §6): one registry per gateway instance, rendered by the admin
+//! listener. Names and labels are listed in README.md.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use metrics::{Counter, Gauge, Key, KeyName, Label, Metadata, Recorder, SharedString};
+use metrics_exporter_prometheus::{
+    Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder,
+};
+
+pub const REQUESTS_TOTAL: &str = "gateway_requests_total";
+pub const REQUEST_DURATION: &str = "gateway_request_duration_seconds";
+pub const UPSTREAM_REQUESTS_TOTAL: &str = "gateway_upstream_requests_total";
+pub const UPSTREAM_DURATION: &str = "gateway_upstream_duration_seconds";
+pub const CACHE_ENTRIES: &str = "gateway_cache_entries";
+pub const COALESCED_TOTAL: &str = "gateway_coalesced_requests_total";
+pub const TOKEN_REFRESHES_TOTAL: &str = "gateway_token_refreshes_total";
+pub const TOKEN_EXPIRES_IN: &str = "gateway_token_expires_in_seconds";
+pub const BUILD_INFO: &str = "gateway_build_info";
+
+/// Resolves cache hits (tens of µs) as well as slow Bill24 calls (seconds).
+const REQUEST_BUCKETS: &[f64] = &[
+    0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+    1.0, 2.5, 5.0, 10.0, 30.0,
+];
+const UPSTREAM_BUCKETS: &[f64] = &[
+    0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
+
+/// Which Bill24 endpoint an upstream metric is about.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Endpoint {
+    Balance,
+    Authorize,
+}
+
+impl Endpoint {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Endpoint::Balance => "balance",
+            Endpoint::Authorize => "authorize",
+        }
+    }
+}
+
+pub struct Metrics {
+    recorder: PrometheusRecorder,
+    handle: PrometheusHandle,
+    coalesced: Counter,
+    cache_entries: Gauge,
+    token_expires_in: Gauge,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metrics").finish_non_exhaustive()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let builder = PrometheusBuilder::new()
+            .set_buckets_for_metric(Matcher::Full(REQUEST_DURATION.into()), REQUEST_BUCKETS)
+            .and_then(|b| {
+                b.set_buckets_for_metric(Matcher::Full(UPSTREAM_DURATION.into()), UPSTREAM_BUCKETS)
+            });
+        // Only fails on an empty bucket list, which the constants above are not.
+        let recorder = builder.unwrap_or_default().build_recorder();
+        let handle = recorder.handle();
+        let describe = |name: &'static str, help: &'static str| {
+            recorder.describe_counter(KeyName::from(name), None, SharedString::from(help));
+        };
+        describe(
+            REQUESTS_TOTAL,
+            "Requests answered on the in-house endpoint.",
+        );
+        describe(
+            REQUEST_DURATION,
+            "Time to answer a request, by cache outcome.",
+        );
+        describe(UPSTREAM_REQUESTS_TOTAL, "Requests sent to Bill24.");
+        describe(UPSTREAM_DURATION, "Time Bill24 took to answer.");
+        describe(CACHE_ENTRIES, "Entries in the balance cache.");
+        describe(
+            COALESCED_TOTAL,
+            "Requests that joined another request's Bill24 call.",
+        );
+        describe(
+            TOKEN_REFRESHES_TOTAL,
+            "Access token requests to Bill24, by result.",
+        );
+        describe(
+            TOKEN_EXPIRES_IN,
+            "Seconds until the current access token expires.",
+        );
+        describe(BUILD_INFO, "The running build.");
+
+        let coalesced = register_counter(&recorder, COALESCED_TOTAL, vec![]);
+        let cache_entries = recorder.register_gauge(&Key::from_name(CACHE_ENTRIES), &metadata());
+        let token_expires_in =
+            recorder.register_gauge(&Key::from_name(TOKEN_EXPIRES_IN), &metadata());
+        token_expires_in.set(0.0);
+        recorder
+            .register_gauge(
+                &Key::from_parts(
+                    BUILD_INFO,
+                    vec![Label::new("version", env!("CARGO_PKG_VERSION"))],
+                ),
+                &metadata(),
+            )
+            .set(1.0);
+        // Counters with no traffic yet still show up as 0, so dashboards see the series.
+        for result in ["success", "failure"] {
+            register_counter(
+                &recorder,
+                TOKEN_REFRESHES_TOTAL,
+                vec![Label::new("result", result)],
+            )
+            .absolute(0);
+        }
+        coalesced.absolute(0);
+
+        Metrics {
+            recorder,
+            handle,
+            coalesced,
+            cache_entries,
+            token_expires_in,
+        }
+    }
+
+    /// One answered request on the in-house endpoint.
+    pub fn request(&self, caller: &str, status: &str, cache: &'static str, elapsed: Duration) {
+        let labels = vec![
+            Label::new("caller", caller.to_string()),
+            Label::new("status", status.to_string()),
+            Label::new("cache", cache),
+        ];
+        register_counter(&self.recorder, REQUESTS_TOTAL, labels).increment(1);
+        self.recorder
+            .register_histogram(
+                &Key::from_parts(REQUEST_DURATION, vec![Label::new("cache", cache)]),
+                &metadata(),
+            )
+            .record(elapsed.as_secs_f64());
+    }
+
+    /// One request sent to Bill24; `status` is the HTTP status, or `error` / `timeout`.
+    pub fn upstream(&self, endpoint: Endpoint, status: &str, bill24_code: &str, elapsed: Duration) {
+        let labels = vec![
+            Label::new("endpoint", endpoint.as_str()),
+            Label::new("status", status.to_string()),
+            Label::new("bill24_code", bill24_code.to_string()),
+        ];
+        register_counter(&self.recorder, UPSTREAM_REQUESTS_TOTAL, labels).increment(1);
+        self.recorder
+            .register_histogram(
+                &Key::from_parts(
+                    UPSTREAM_DURATION,
+                    vec![Label::new("endpoint", endpoint.as_str())],
+                ),
+                &metadata(),
+            )
+            .record(elapsed.as_secs_f64());
+    }
+
+    pub fn coalesced(&self) {
+        self.coalesced.increment(1);
+    }
+
+    pub fn token_refresh(&self, success: bool) {
+        let result = if success { "success" } else { "failure" };
+        register_counter(
+            &self.recorder,
+            TOKEN_REFRESHES_TOTAL,
+            vec![Label::new("result", result)],
+        )
+        .increment(1);
+    }
+
+    pub fn set_cache_entries(&self, entries: u64) {
+        self.cache_entries.set(entries as f64);
+    }
+
+    pub fn set_token_expires_in(&self, seconds: f64) {
+        self.token_expires_in.set(seconds);
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        self.handle.render()
+    }
+
+    /// Folds recorded histogram samples into their buckets; run periodically so memory stays
+    /// bounded between scrapes.
+    pub fn upkeep(&self) {
+        self.handle.run_upkeep();
+    }
+}
+
+fn metadata() -> Metadata<'static> {
+    Metadata::new(module_path!(), metrics::Level::INFO, Some(module_path!()))
+}
+
+fn register_counter(
+    recorder: &PrometheusRecorder,
+    name: &'static str,
+    labels: Vec<Label>,
+) -> Counter {
+    recorder.register_counter(&Key::from_parts(name, labels), &metadata())
+}
+
+/// Shared handle, as the request path holds it.
+pub type SharedMetrics = Arc<Metrics>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_contract_names_and_labels() {
+        let m = Metrics::new();
+        m.request("orders", "200", "hit", Duration::from_micros(40));
+        m.request("-", "401", "-", Duration::from_micros(10));
+        m.upstream(Endpoint::Balance, "200", "000", Duration::from_millis(12));
+        m.upstream(Endpoint::Authorize, "200", "200", Duration::from_millis(3));
+        m.coalesced();
+        m.token_refresh(true);
+        m.set_cache_entries(3);
+        let text = m.render();
+        for needle in [
+            r#"gateway_requests_total{caller="orders",status="200",cache="hit"} 1"#,
+            r#"gateway_requests_total{caller="-",status="401",cache="-"} 1"#,
+            r#"gateway_request_duration_seconds_bucket{cache="hit",le="0.00005"} 1"#,
+            r#"gateway_upstream_requests_total{endpoint="balance",status="200",bill24_code="000"} 1"#,
+            r#"gateway_upstream_duration_seconds_count{endpoint="authorize"} 1"#,
+            "gateway_coalesced_requests_total 1",
+            r#"gateway_token_refreshes_total{result="success"} 1"#,
+            r#"gateway_token_refreshes_total{result="failure"} 0"#,
+            "gateway_cache_entries 3",
+            "gateway_token_expires_in_seconds 0",
+            "gateway_build_info{version=",
+            "# HELP gateway_requests_total",
+        ] {
+            assert!(text.contains(needle), "missing {needle} in\n{text}");
+        }
+    }
+
+    #[test]
+    fn instances_do_not_share_counts() {
+        let a = Metrics::new();
+        let b = Metrics::new();
+        a.coalesced();
+        assert!(a.render().contains("gateway_coalesced_requests_total 1"));
+        assert!(b.render().contains("gateway_coalesced_requests_total 0"));
+    }
+}

@@ -1,0 +1,831 @@
+//! A Bill24 simulator that speaks BILL24.md: `/merchantsecurity/authorize` (numeric `code`,
+//! .NET-style `tokenExpireTime`, refresh tokens) and `/instant_payment/get_wallet_balance`
+//! (HTTP 200 with `"000"`, `"311"` or `"ERR_MISSED_FIELD"`, HTTP 401 for a bad or expired
+//! token), with faults to inject and counters to read. Used by `--demo`, the tests and the
+//! load tests (`bill24-gateway simulate`), never by the request path.
+//!
+//! Control it in-process through [`SimHandle`], or over HTTP: `GET /_sim/stats` and
+//! `POST /_sim/control` (see [`Control`]).
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::header::{AUTHORIZATION, CONTENT_TYPE};
+use http::{HeaderValue, Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+/// Credentials the simulator accepts unless told otherwise (the demo uses them).
+pub const DEMO_MERCHANT_TOKEN: &str = "demo-merchant-token";
+pub const DEMO_CLIENT_ID: &str = "demo-client";
+pub const DEMO_CLIENT_SECRET: &str = "demo-client-secret";
+
+/// Codes starting with this (any case) are unknown customers (`"311"`).
+pub const UNKNOWN_PREFIX: &str = "UNKNOWN";
+
+const MESSAGE_KH_SUCCESS: &str = "ជោគជ័យ";
+const MESSAGE_KH_NOT_FOUND: &str = "រកមិនឃើញអតិថិជន";
+
+/// A fault the simulator applies to the answers of one endpoint.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Fault {
+    /// This HTTP status with an HTML body.
+    Status(u16),
+    /// Close the connection without answering.
+    Reset,
+    /// HTTP 200 with an HTML (non-JSON) body.
+    Html,
+    /// Answer HTTP 401 as if the token were bad.
+    Unauthorized,
+}
+
+/// How `tokenExpireTime` is written.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ExpireFormat {
+    /// `2025-03-03T16:58:46.9386571+07:00` (what Bill24 sends).
+    #[default]
+    Dotnet,
+    /// `2025-03-03T09:58:46.938Z`.
+    Utc,
+    /// No `tokenExpireTime` at all.
+    Missing,
+    /// `tokenExpireTime: "soon"`.
+    Garbage,
+}
+
+/// How the authorize endpoint refuses bad credentials (BILL24.md: either happens).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RefusalStyle {
+    /// HTTP 200 with body `code` 401.
+    #[default]
+    BodyCode,
+    /// HTTP 401.
+    HttpStatus,
+}
+
+#[derive(Clone, Debug)]
+pub struct SimConfig {
+    pub merchant_token: String,
+    pub client_id: String,
+    pub client_secret: String,
+    pub token_lifetime: Duration,
+}
+
+impl Default for SimConfig {
+    fn default() -> Self {
+        SimConfig {
+            merchant_token: DEMO_MERCHANT_TOKEN.into(),
+            client_id: DEMO_CLIENT_ID.into(),
+            client_secret: DEMO_CLIENT_SECRET.into(),
+            token_lifetime: Duration::from_secs(3600),
+        }
+    }
+}
+
+/// A request as the simulator received it.
+#[derive(Clone, Debug, Default)]
+pub struct Recorded {
+    /// Header names lowercase, in arrival order.
+    pub headers: Vec<(String, String)>,
+    pub body: Bytes,
+}
+
+impl Recorded {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// Settings that can change while running (HTTP: `POST /_sim/control`, all fields optional).
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Control {
+    /// Delay before each balance answer.
+    pub latency_ms: Option<u64>,
+    /// Delay before each authorize answer.
+    pub authorize_latency_ms: Option<u64>,
+    /// A fault on every balance call (`null` clears it).
+    pub balance_fault: Option<Option<Fault>>,
+    /// A fault on the next N balance calls: `[N, fault]`.
+    pub fail_next: Option<(u64, Fault)>,
+    /// A fault on every authorize call (`null` clears it).
+    pub authorize_fault: Option<Option<Fault>>,
+    pub token_lifetime_ms: Option<u64>,
+    pub expire_format: Option<ExpireFormat>,
+    pub refusal_style: Option<RefusalStyle>,
+    /// Invalidate every access token (`"access"`) or access and refresh tokens (`"all"`).
+    pub revoke: Option<Revoke>,
+    /// Zero every counter.
+    pub reset_counters: Option<bool>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Revoke {
+    Access,
+    All,
+}
+
+/// Counter snapshot (HTTP: `GET /_sim/stats`).
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Stats {
+    pub authorize_calls: u64,
+    pub refresh_calls: u64,
+    pub balance_calls: u64,
+    pub unauthorized_balance_calls: u64,
+    pub in_flight: u64,
+    pub max_in_flight: u64,
+}
+
+struct Settings {
+    latency: Duration,
+    authorize_latency: Duration,
+    balance_fault: Option<Fault>,
+    fail_next: (u64, Option<Fault>),
+    authorize_fault: Option<Fault>,
+    token_lifetime: Duration,
+    expire_format: ExpireFormat,
+    refusal_style: RefusalStyle,
+}
+
+struct Tokens {
+    access: HashMap<String, Instant>,
+    refresh: HashSet<String>,
+}
+
+struct State {
+    credentials: SimConfig,
+    settings: Mutex<Settings>,
+    tokens: Mutex<Tokens>,
+    balances: Mutex<HashMap<String, Vec<Wallet>>>,
+    per_customer: Mutex<HashMap<String, u64>>,
+    last_balance: Mutex<Option<Recorded>>,
+    last_authorize: Mutex<Option<Recorded>>,
+    authorize_calls: AtomicU64,
+    refresh_calls: AtomicU64,
+    balance_calls: AtomicU64,
+    unauthorized_balance_calls: AtomicU64,
+    in_flight: AtomicU64,
+    max_in_flight: AtomicU64,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Wallet {
+    pub id: String,
+    pub name: String,
+    pub balance: serde_json::Number,
+    pub currency: String,
+}
+
+/// A running simulator.
+pub struct Simulator {
+    addr: SocketAddr,
+    handle: SimHandle,
+    stop: watch::Sender<bool>,
+}
+
+impl Simulator {
+    /// Serves on `listener` until dropped.
+    pub fn start(listener: TcpListener, config: SimConfig) -> std::io::Result<Self> {
+        let addr = listener.local_addr()?;
+        let state = Arc::new(State {
+            settings: Mutex::new(Settings {
+                latency: Duration::ZERO,
+                authorize_latency: Duration::ZERO,
+                balance_fault: None,
+                fail_next: (0, None),
+                authorize_fault: None,
+                token_lifetime: config.token_lifetime,
+                expire_format: ExpireFormat::default(),
+                refusal_style: RefusalStyle::default(),
+            }),
+            credentials: config,
+            tokens: Mutex::new(Tokens {
+                access: HashMap::new(),
+                refresh: HashSet::new(),
+            }),
+            balances: Mutex::new(HashMap::new()),
+            per_customer: Mutex::new(HashMap::new()),
+            last_balance: Mutex::new(None),
+            last_authorize: Mutex::new(None),
+            authorize_calls: AtomicU64::new(0),
+            refresh_calls: AtomicU64::new(0),
+            balance_calls: AtomicU64::new(0),
+            unauthorized_balance_calls: AtomicU64::new(0),
+            in_flight: AtomicU64::new(0),
+            max_in_flight: AtomicU64::new(0),
+        });
+        let (stop, stopped) = watch::channel(false);
+        tokio::spawn(serve(listener, state.clone(), stopped));
+        Ok(Simulator {
+            addr,
+            handle: SimHandle(state),
+            stop,
+        })
+    }
+
+    /// Binds `addr` and serves.
+    pub async fn bind(addr: SocketAddr, config: SimConfig) -> std::io::Result<Self> {
+        Self::start(TcpListener::bind(addr).await?, config)
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    pub fn base_url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn handle(&self) -> SimHandle {
+        self.handle.clone()
+    }
+}
+
+impl Drop for Simulator {
+    fn drop(&mut self) {
+        let _ = self.stop.send(true);
+    }
+}
+
+/// Controls and counters of a running simulator.
+#[derive(Clone)]
+pub struct SimHandle(Arc<State>);
+
+impl SimHandle {
+    pub fn apply(&self, control: &Control) {
+        let s = &self.0;
+        {
+            let mut set = lock(&s.settings);
+            if let Some(ms) = control.latency_ms {
+                set.latency = Duration::from_millis(ms);
+            }
+            if let Some(ms) = control.authorize_latency_ms {
+                set.authorize_latency = Duration::from_millis(ms);
+            }
+            if let Some(fault) = control.balance_fault {
+                set.balance_fault = fault;
+            }
+            if let Some((n, fault)) = control.fail_next {
+                set.fail_next = (n, Some(fault));
+            }
+            if let Some(fault) = control.authorize_fault {
+                set.authorize_fault = fault;
+            }
+            if let Some(ms) = control.token_lifetime_ms {
+                set.token_lifetime = Duration::from_millis(ms);
+            }
+            if let Some(f) = control.expire_format {
+                set.expire_format = f;
+            }
+            if let Some(r) = control.refusal_style {
+                set.refusal_style = r;
+            }
+        }
+        if let Some(revoke) = control.revoke {
+            let mut tokens = lock(&s.tokens);
+            tokens.access.clear();
+            if revoke == Revoke::All {
+                tokens.refresh.clear();
+            }
+        }
+        if control.reset_counters == Some(true) {
+            for c in [
+                &s.authorize_calls,
+                &s.refresh_calls,
+                &s.balance_calls,
+                &s.unauthorized_balance_calls,
+                &s.max_in_flight,
+            ] {
+                c.store(0, Ordering::SeqCst);
+            }
+            lock(&s.per_customer).clear();
+        }
+    }
+
+    pub fn set_latency(&self, latency: Duration) {
+        lock(&self.0.settings).latency = latency;
+    }
+
+    pub fn set_authorize_latency(&self, latency: Duration) {
+        lock(&self.0.settings).authorize_latency = latency;
+    }
+
+    /// A fault on every balance call until cleared with `None`.
+    pub fn set_balance_fault(&self, fault: Option<Fault>) {
+        lock(&self.0.settings).balance_fault = fault;
+    }
+
+    /// A fault on the next `n` balance calls only.
+    pub fn fail_next(&self, n: u64, fault: Fault) {
+        lock(&self.0.settings).fail_next = (n, Some(fault));
+    }
+
+    pub fn set_authorize_fault(&self, fault: Option<Fault>) {
+        lock(&self.0.settings).authorize_fault = fault;
+    }
+
+    pub fn set_token_lifetime(&self, lifetime: Duration) {
+        lock(&self.0.settings).token_lifetime = lifetime;
+    }
+
+    pub fn set_expire_format(&self, format: ExpireFormat) {
+        lock(&self.0.settings).expire_format = format;
+    }
+
+    pub fn set_refusal_style(&self, style: RefusalStyle) {
+        lock(&self.0.settings).refusal_style = style;
+    }
+
+    /// Invalidates every access token issued so far (refresh tokens keep working).
+    pub fn revoke_access_tokens(&self) {
+        lock(&self.0.tokens).access.clear();
+    }
+
+    /// Invalidates every access and refresh token issued so far.
+    pub fn revoke_all_tokens(&self) {
+        let mut tokens = lock(&self.0.tokens);
+        tokens.access.clear();
+        tokens.refresh.clear();
+    }
+
+    /// Sets the wallets a customer has (1 or 2 in real life).
+    pub fn set_wallets(&self, customer_sync_code: &str, wallets: Vec<Wallet>) {
+        lock(&self.0.balances).insert(customer_sync_code.to_string(), wallets);
+    }
+
+    /// Sets the KHR balance of a customer's single wallet.
+    pub fn set_balance(&self, customer_sync_code: &str, balance: i64) {
+        self.set_wallets(
+            customer_sync_code,
+            vec![Wallet {
+                id: wallet_id(customer_sync_code, "KHR"),
+                name: format!("{customer_sync_code}'s Wallet(KHR)"),
+                balance: balance.into(),
+                currency: "KHR".into(),
+            }],
+        );
+    }
+
+    pub fn stats(&self) -> Stats {
+        let s = &self.0;
+        Stats {
+            authorize_calls: s.authorize_calls.load(Ordering::SeqCst),
+            refresh_calls: s.refresh_calls.load(Ordering::SeqCst),
+            balance_calls: s.balance_calls.load(Ordering::SeqCst),
+            unauthorized_balance_calls: s.unauthorized_balance_calls.load(Ordering::SeqCst),
+            in_flight: s.in_flight.load(Ordering::SeqCst),
+            max_in_flight: s.max_in_flight.load(Ordering::SeqCst),
+        }
+    }
+
+    /// Every call to the authorize endpoint (refreshes included).
+    pub fn authorize_calls(&self) -> u64 {
+        self.0.authorize_calls.load(Ordering::SeqCst)
+    }
+
+    /// Authorize calls that carried a `refreshToken`.
+    pub fn refresh_calls(&self) -> u64 {
+        self.0.refresh_calls.load(Ordering::SeqCst)
+    }
+
+    /// Every call to the balance endpoint (401s and faults included).
+    pub fn balance_calls(&self) -> u64 {
+        self.0.balance_calls.load(Ordering::SeqCst)
+    }
+
+    /// Balance calls that named this customer.
+    pub fn balance_calls_for(&self, customer_sync_code: &str) -> u64 {
+        lock(&self.0.per_customer)
+            .get(customer_sync_code)
+            .copied()
+            .unwrap_or(0)
+    }
+
+    pub fn last_balance_request(&self) -> Option<Recorded> {
+        lock(&self.0.last_balance).clone()
+    }
+
+    pub fn last_authorize_request(&self) -> Option<Recorded> {
+        lock(&self.0.last_authorize).clone()
+    }
+}
+
+type SimResponse = Response<Full<Bytes>>;
+
+async fn serve(listener: TcpListener, state: Arc<State>, mut stop: watch::Receiver<bool>) {
+    loop {
+        let stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(_) => continue,
+            },
+            _ = stop.changed() => return,
+        };
+        let _ = stream.set_nodelay(true);
+        let state = state.clone();
+        let mut stop = stop.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |req| {
+                let state = state.clone();
+                async move { handle(state, req).await }
+            });
+            let builder = auto::Builder::new(TokioExecutor::new());
+            let conn = builder.serve_connection(TokioIo::new(stream), service);
+            tokio::select! {
+                _ = conn => {}
+                _ = stop.changed() => {}
+            }
+        });
+    }
+}
+
+/// Errors close the connection without an answer (the `reset` fault).
+async fn handle(state: Arc<State>, req: Request<Incoming>) -> Result<SimResponse, std::io::Error> {
+    let path = req.uri().path().to_string();
+    let method = req.method().clone();
+    let headers: Vec<(String, String)> = req
+        .headers()
+        .iter()
+        .map(|(n, v)| {
+            (
+                n.as_str().to_string(),
+                String::from_utf8_lossy(v.as_bytes()).into_owned(),
+            )
+        })
+        .collect();
+    let authorization = req
+        .headers()
+        .get(AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    let body = match Limited::new(req.into_body(), 1 << 20).collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(_) => return Ok(plain(StatusCode::BAD_REQUEST, "unreadable body")),
+    };
+    let recorded = Recorded { headers, body };
+    match (method, path.as_str()) {
+        (Method::POST, "/merchantsecurity/authorize") => authorize(&state, recorded).await,
+        (Method::POST, "/instant_payment/get_wallet_balance") => {
+            let _guard = InFlightGuard::enter(&state);
+            balance(&state, recorded, authorization.as_deref()).await
+        }
+        (Method::GET, "/_sim/stats") => Ok(json(StatusCode::OK, &SimHandle(state).stats())),
+        (Method::POST, "/_sim/control") => {
+            match serde_json::from_slice::<Control>(&recorded.body) {
+                Ok(control) => {
+                    SimHandle(state.clone()).apply(&control);
+                    Ok(json(StatusCode::OK, &SimHandle(state).stats()))
+                }
+                Err(e) => Ok(plain(StatusCode::BAD_REQUEST, &e.to_string())),
+            }
+        }
+        _ => Ok(plain(StatusCode::NOT_FOUND, "not found")),
+    }
+}
+
+struct InFlightGuard<'a>(&'a State);
+
+impl<'a> InFlightGuard<'a> {
+    fn enter(state: &'a State) -> Self {
+        let now = state.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+        state.max_in_flight.fetch_max(now, Ordering::SeqCst);
+        InFlightGuard(state)
+    }
+}
+
+impl Drop for InFlightGuard<'_> {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+#[derive(Deserialize)]
+struct AuthorizeBody {
+    #[serde(default)]
+    token: String,
+    #[serde(default, rename = "clientId")]
+    client_id: String,
+    #[serde(default)]
+    secret: String,
+    #[serde(default, rename = "refreshToken")]
+    refresh_token: Option<String>,
+}
+
+async fn authorize(state: &State, recorded: Recorded) -> Result<SimResponse, std::io::Error> {
+    state.authorize_calls.fetch_add(1, Ordering::SeqCst);
+    let parsed = serde_json::from_slice::<AuthorizeBody>(&recorded.body);
+    if parsed.as_ref().is_ok_and(|b| b.refresh_token.is_some()) {
+        state.refresh_calls.fetch_add(1, Ordering::SeqCst);
+    }
+    *lock(&state.last_authorize) = Some(recorded);
+    let (latency, fault, lifetime, format, style) = {
+        let s = lock(&state.settings);
+        (
+            s.authorize_latency,
+            s.authorize_fault,
+            s.token_lifetime,
+            s.expire_format,
+            s.refusal_style,
+        )
+    };
+    if !latency.is_zero() {
+        tokio::time::sleep(latency).await;
+    }
+    if let Some(fault) = fault {
+        return apply_fault(fault);
+    }
+    let refuse = |message: &str| {
+        let body = serde_json::json!({"code": 401, "message": message, "data": null});
+        Ok(match style {
+            RefusalStyle::BodyCode => json(StatusCode::OK, &body),
+            RefusalStyle::HttpStatus => json(StatusCode::UNAUTHORIZED, &body),
+        })
+    };
+    let Ok(body) = parsed else {
+        return Ok(json(
+            StatusCode::BAD_REQUEST,
+            &serde_json::json!({"code": 400, "message": "Invalid input", "data": null}),
+        ));
+    };
+    let c = &state.credentials;
+    if body.token != c.merchant_token
+        || body.client_id != c.client_id
+        || body.secret != c.client_secret
+    {
+        return refuse("Invalid merchant credentials");
+    }
+    let mut tokens = lock(&state.tokens);
+    if let Some(refresh) = &body.refresh_token
+        && !tokens.refresh.remove(refresh)
+    {
+        return refuse("Invalid refresh token");
+    }
+    let access = format!("eyJhbGciOiJIUzI1NiJ9.{}.sim", random_hex(24));
+    let refresh = random_hex(32);
+    tokens
+        .access
+        .insert(access.clone(), Instant::now() + lifetime);
+    tokens.refresh.insert(refresh.clone());
+    drop(tokens);
+
+    let expires = OffsetDateTime::now_utc() + lifetime;
+    let mut data = serde_json::json!({
+        "issuer": "http://bill24-simulator",
+        "token": access,
+        "refreshToken": refresh,
+    });
+    match format {
+        ExpireFormat::Dotnet => data["tokenExpireTime"] = dotnet_time(expires).into(),
+        ExpireFormat::Utc => {
+            data["tokenExpireTime"] = expires
+                .format(&time::format_description::well_known::Rfc3339)
+                .unwrap_or_default()
+                .into()
+        }
+        ExpireFormat::Garbage => data["tokenExpireTime"] = "soon".into(),
+        ExpireFormat::Missing => {}
+    }
+    Ok(json(
+        StatusCode::OK,
+        &serde_json::json!({"code": 200, "message": "", "data": data}),
+    ))
+}
+
+/// `2025-03-03T16:58:46.9386571+07:00`: Phnom Penh time, 7 fractional digits.
+fn dotnet_time(t: OffsetDateTime) -> String {
+    let local = t.to_offset(time::macros::offset!(+7));
+    format!(
+        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:07}+07:00",
+        local.year(),
+        u8::from(local.month()),
+        local.day(),
+        local.hour(),
+        local.minute(),
+        local.second(),
+        local.nanosecond() / 100
+    )
+}
+
+#[derive(Deserialize)]
+struct BalanceBody {
+    #[serde(default)]
+    customer_sync_code: Option<String>,
+}
+
+async fn balance(
+    state: &State,
+    recorded: Recorded,
+    authorization: Option<&str>,
+) -> Result<SimResponse, std::io::Error> {
+    state.balance_calls.fetch_add(1, Ordering::SeqCst);
+    let code = serde_json::from_slice::<BalanceBody>(&recorded.body)
+        .ok()
+        .and_then(|b| b.customer_sync_code);
+    if let Some(code) = &code {
+        *lock(&state.per_customer).entry(code.clone()).or_default() += 1;
+    }
+    *lock(&state.last_balance) = Some(recorded);
+    let (latency, fault) = {
+        let mut s = lock(&state.settings);
+        let fault = match s.fail_next {
+            (n, Some(f)) if n > 0 => {
+                s.fail_next = (n - 1, Some(f));
+                Some(f)
+            }
+            _ => s.balance_fault,
+        };
+        (s.latency, fault)
+    };
+    if !latency.is_zero() {
+        tokio::time::sleep(latency).await;
+    }
+    let token_ok = authorization
+        .and_then(|a| a.strip_prefix("Bearer "))
+        .is_some_and(|t| {
+            lock(&state.tokens)
+                .access
+                .get(t)
+                .is_some_and(|exp| Instant::now() < *exp)
+        });
+    if let Some(fault) = fault {
+        return apply_fault(fault);
+    }
+    if !token_ok {
+        state
+            .unauthorized_balance_calls
+            .fetch_add(1, Ordering::SeqCst);
+        return Ok(unauthorized());
+    }
+    let Some(code) = code.filter(|c| !c.is_empty()) else {
+        return Ok(json(
+            StatusCode::OK,
+            &BalanceAnswer {
+                code: "ERR_MISSED_FIELD",
+                message: "Please provide [customer_sync_code].",
+                message_kh: "សូមផ្តល់ [customer_sync_code]។",
+                data: None,
+            },
+        ));
+    };
+    if code.to_ascii_uppercase().starts_with(UNKNOWN_PREFIX) {
+        return Ok(json(
+            StatusCode::OK,
+            &BalanceAnswer {
+                code: "311",
+                message: "Customer not found",
+                message_kh: MESSAGE_KH_NOT_FOUND,
+                data: None,
+            },
+        ));
+    }
+    let wallets = lock(&state.balances)
+        .get(&code)
+        .cloned()
+        .unwrap_or_else(|| default_wallets(&code));
+    Ok(json(
+        StatusCode::OK,
+        &BalanceAnswer {
+            code: "000",
+            message: "Success",
+            message_kh: MESSAGE_KH_SUCCESS,
+            data: Some(wallets),
+        },
+    ))
+}
+
+/// A balance answer, fields in Bill24's order.
+#[derive(Serialize)]
+struct BalanceAnswer {
+    code: &'static str,
+    message: &'static str,
+    message_kh: &'static str,
+    data: Option<Vec<Wallet>>,
+}
+
+fn apply_fault(fault: Fault) -> Result<SimResponse, std::io::Error> {
+    match fault {
+        Fault::Reset => Err(std::io::Error::new(
+            std::io::ErrorKind::ConnectionReset,
+            "simulated reset",
+        )),
+        Fault::Html => Ok(html(StatusCode::OK)),
+        Fault::Unauthorized => Ok(unauthorized()),
+        Fault::Status(code) => Ok(html(
+            StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+        )),
+    }
+}
+
+/// One or two wallets, balances derived from the code so they are stable across calls.
+fn default_wallets(code: &str) -> Vec<Wallet> {
+    let h = code.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
+    });
+    let mut wallets = vec![Wallet {
+        id: wallet_id(code, "KHR"),
+        name: format!("{code}'s Wallet(KHR)"),
+        balance: ((h % 10_000) * 100).into(),
+        currency: "KHR".into(),
+    }];
+    if h % 2 == 0 {
+        wallets.push(Wallet {
+            id: wallet_id(code, "USD"),
+            name: format!("{code}'s Wallet(USD)"),
+            balance: ((h >> 20) % 5_000).into(),
+            currency: "USD".into(),
+        });
+    }
+    wallets
+}
+
+fn wallet_id(code: &str, currency: &str) -> String {
+    format!("w-{}-{}", code.len(), currency.to_ascii_lowercase())
+}
+
+fn random_hex(bytes: usize) -> String {
+    (0..bytes)
+        .map(|_| format!("{:02x}", rand::random::<u8>()))
+        .collect()
+}
+
+fn json<T: Serialize>(status: StatusCode, body: &T) -> SimResponse {
+    let bytes = serde_json::to_vec(body).unwrap_or_default();
+    let mut r = Response::new(Full::new(Bytes::from(bytes)));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("application/json; charset=utf-8"),
+    );
+    r
+}
+
+fn plain(status: StatusCode, text: &str) -> SimResponse {
+    let mut r = Response::new(Full::new(Bytes::from(text.to_string())));
+    *r.status_mut() = status;
+    r.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+    r
+}
+
+fn html(status: StatusCode) -> SimResponse {
+    let mut r = Response::new(Full::new(Bytes::from_static(
+        b"<html><body><h1>Service Unavailable</h1></body></html>",
+    )));
+    *r.status_mut() = status;
+    r.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("text/html"));
+    r
+}
+
+fn unauthorized() -> SimResponse {
+    json(
+        StatusCode::UNAUTHORIZED,
+        &serde_json::json!({"message": "Authorization has been denied for this request."}),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dotnet_time_has_seven_digits_and_parses_back() {
+        let t =
+            OffsetDateTime::from_unix_timestamp_nanos(1_740_995_926_938_657_100).expect("valid");
+        let text = dotnet_time(t);
+        assert_eq!(text, "2025-03-03T16:58:46.9386571+07:00");
+        assert_eq!(crate::bill24::wire::parse_expire_time(&text), Some(t));
+    }
+
+    #[test]
+    fn wallets_are_stable_and_one_or_two() {
+        let a = default_wallets("M005T");
+        assert_eq!(a, default_wallets("M005T"));
+        assert!((1..=2).contains(&a.len()));
+        let counts: HashSet<usize> = (0..20)
+            .map(|i| default_wallets(&format!("C{i}")).len())
+            .collect();
+        assert_eq!(counts.len(), 2, "both one- and two-wallet customers exist");
+    }
+}

@@ -1,0 +1,171 @@
+//! The request path of the in-house endpoint, top to bottom, in one place.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use bytes::Bytes;
+use http::{Method, Request};
+use tower::{BoxError, Layer, Service, ServiceBuilder};
+
+use crate::access_log::{AccessLogLayer, InFlight};
+use crate::auth::{AuthLayer, CallerKeys};
+use crate::balance::request::ParseLayer;
+use crate::balance::service::{BalanceService, Balances};
+use crate::correlation::CorrelationLayer;
+use crate::error::{GatewayError, Response};
+use crate::metrics::Metrics;
+
+/// The one endpoint: the same path as Bill24's, so a service switches by its base URL.
+pub const BALANCE_PATH: &str = "/instant_payment/get_wallet_balance";
+
+/// What the stack is built from.
+#[derive(Clone)]
+pub struct StackParts {
+    pub metrics: Arc<Metrics>,
+    pub in_flight: InFlight,
+    pub callers: Arc<ArcSwap<CallerKeys>>,
+    pub balances: Arc<Balances>,
+    pub request_timeout: Duration,
+    pub max_body_bytes: usize,
+}
+
+/// Builds the service the main listener serves. Checks run in the contract's order: route
+/// (404/405), caller key (401), Content-Type (415), size (413), body (400); the deadline (504)
+/// covers reading the body and everything after.
+pub fn build<B>(
+    parts: &StackParts,
+) -> impl Service<
+    Request<B>,
+    Response = Response,
+    Error = Infallible,
+    Future = impl Future<Output = Result<Response, Infallible>> + Send + 'static,
+> + Clone
++ Send
++ 'static
+where
+    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    ServiceBuilder::new()
+        // X-Request-Id and traceparent in, X-Request-Id and error bodies out.
+        .layer(CorrelationLayer)
+        // One access log line and request metrics per request.
+        .layer(AccessLogLayer::new(
+            parts.metrics.clone(),
+            parts.in_flight.clone(),
+        ))
+        // 404 / 405.
+        .layer(RouteLayer)
+        // 401; the caller's identity for everything below.
+        .layer(AuthLayer::new(parts.callers.clone()))
+        // 504 once `server.request_timeout` has passed.
+        .layer(DeadlineLayer::new(parts.request_timeout))
+        // 415, 413, 400; the validated query.
+        .layer(ParseLayer::new(parts.max_body_bytes))
+        // Cache, coalescing, Bill24.
+        .service(BalanceService::new(parts.balances.clone()))
+}
+
+/// Answers 504 when the inner service has not answered within the deadline. (tower's
+/// `Timeout` reports an error instead, which this stack, whose services never fail, would
+/// have to turn back into a response without the request at hand.)
+#[derive(Clone, Copy, Debug)]
+pub struct DeadlineLayer {
+    deadline: Duration,
+}
+
+impl DeadlineLayer {
+    pub fn new(deadline: Duration) -> Self {
+        DeadlineLayer { deadline }
+    }
+}
+
+impl<S> Layer<S> for DeadlineLayer {
+    type Service = Deadline<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        Deadline {
+            inner,
+            deadline: self.deadline,
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct Deadline<S> {
+    inner: S,
+    deadline: Duration,
+}
+
+impl<S, R> Service<R> for Deadline<S>
+where
+    S: Service<R, Response = Response, Error = Infallible>,
+    S::Future: Send + 'static,
+{
+    type Response = Response;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Response, Infallible>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: R) -> Self::Future {
+        let fut = tokio::time::timeout(self.deadline, self.inner.call(req));
+        Box::pin(async move {
+            fut.await
+                .unwrap_or_else(|_| Ok(GatewayError::DeadlineExceeded.into_response()))
+        })
+    }
+}
+
+/// 404 for any path but [`BALANCE_PATH`], 405 (with `Allow: POST`) for any method but POST.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct RouteLayer;
+
+impl<S> Layer<S> for RouteLayer {
+    type Service = Route<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        Route { inner }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct Route<S> {
+    inner: S,
+}
+
+impl<S, B> Service<Request<B>> for Route<S>
+where
+    S: Service<Request<B>, Response = Response>,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+{
+    type Response = Response;
+    type Error = S::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<Response, S::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<B>) -> Self::Future {
+        let rejection = if req.uri().path() != BALANCE_PATH {
+            Some(GatewayError::NotFound)
+        } else if req.method() != Method::POST {
+            Some(GatewayError::MethodNotAllowed)
+        } else {
+            None
+        };
+        match rejection {
+            Some(e) => Box::pin(std::future::ready(Ok(e.into_response()))),
+            None => Box::pin(self.inner.call(req)),
+        }
+    }
+}
