@@ -48,6 +48,8 @@ pub enum Fault {
     Html,
     /// Answer HTTP 401 as if the token were bad.
     Unauthorized,
+    /// HTTP 200 with `"code":"ERR_MISSED_FIELD"`, as if the field were missing.
+    MissedField,
 }
 
 /// How `tokenExpireTime` is written.
@@ -678,15 +680,7 @@ async fn balance(
         return Ok(unauthorized());
     }
     let Some(code) = code.filter(|c| !c.is_empty()) else {
-        return Ok(json(
-            StatusCode::OK,
-            &BalanceAnswer {
-                code: "ERR_MISSED_FIELD",
-                message: "Please provide [customer_sync_code].",
-                message_kh: "សូមផ្តល់ [customer_sync_code]។",
-                data: None,
-            },
-        ));
+        return Ok(missed_field());
     };
     if code.to_ascii_uppercase().starts_with(UNKNOWN_PREFIX) {
         return Ok(json(
@@ -723,8 +717,21 @@ struct BalanceAnswer {
     data: Option<Vec<Wallet>>,
 }
 
+fn missed_field() -> SimResponse {
+    json(
+        StatusCode::OK,
+        &BalanceAnswer {
+            code: "ERR_MISSED_FIELD",
+            message: "Please provide [customer_sync_code].",
+            message_kh: "សូមផ្តល់ [customer_sync_code]។",
+            data: None,
+        },
+    )
+}
+
 fn apply_fault(fault: Fault) -> Result<SimResponse, std::io::Error> {
     match fault {
+        Fault::MissedField => Ok(missed_field()),
         Fault::Reset => Err(std::io::Error::new(
             std::io::ErrorKind::ConnectionReset,
             "simulated reset",

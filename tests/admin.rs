@@ -1,0 +1,241 @@
+//! The admin listener (CONTRACT §5) and the metrics it serves (§6).
+
+mod common;
+
+use std::time::Duration;
+
+use bill24_gateway::sim::Fault;
+use common::*;
+use http::{Method, StatusCode};
+
+#[tokio::test]
+async fn health_and_readiness() {
+    let app = spawn_app().await;
+    let r = app.admin(Method::GET, "/healthz", &[]).await;
+    assert_eq!(r.status, StatusCode::OK);
+    let r = app.admin(Method::GET, "/readyz", &[]).await;
+    assert_eq!(r.status, StatusCode::OK);
+    let r = app.admin(Method::POST, "/healthz", &[]).await;
+    assert_eq!(r.status, StatusCode::METHOD_NOT_ALLOWED);
+    let r = app.admin(Method::GET, "/cache", &[]).await;
+    assert_eq!(r.status, StatusCode::METHOD_NOT_ALLOWED);
+    assert_eq!(r.header("allow"), Some("DELETE"));
+    let r = app.admin(Method::GET, "/nope", &[]).await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND);
+}
+
+/// Readiness does not follow Bill24: an outage must not pull every pod out of service.
+#[tokio::test]
+async fn readiness_ignores_bill24_outages() {
+    let app = spawn_app().await;
+    app.sim.set_balance_fault(Some(Fault::Status(500)));
+    app.sim.set_authorize_fault(Some(Fault::Status(500)));
+    app.sim.revoke_all_tokens();
+    assert_eq!(app.balance("C1").await.status, StatusCode::BAD_GATEWAY);
+    assert_eq!(
+        app.admin(Method::GET, "/readyz", &[]).await.status,
+        StatusCode::OK
+    );
+}
+
+/// Every metric of §6 with its labels, lowercase label values, `caller="-"` for unauthenticated.
+#[tokio::test]
+async fn metrics_cover_the_contract() {
+    let app = spawn_app().await;
+    app.balance("M1").await; // miss
+    app.balance("M1").await; // hit
+    app.post(None, body_for("M1"), &[]).await; // 401
+    app.post(Some(ORDERS_KEY), "nope", &[]).await; // 400
+    app.sim.fail_next(1, Fault::Status(500));
+    app.balance("M2").await; // 502
+    app.balance("UNKNOWN-7").await; // 311
+
+    let r = app.admin(Method::GET, "/metrics", &[]).await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert!(
+        r.header("content-type")
+            .is_some_and(|c| c.starts_with("text/plain"))
+    );
+    let text = String::from_utf8(r.body.to_vec()).expect("utf-8");
+    for (series, value) in [
+        (
+            r#"gateway_requests_total{caller="orders",status="200",cache="miss"}"#,
+            2.0,
+        ),
+        (
+            r#"gateway_requests_total{caller="orders",status="200",cache="hit"}"#,
+            1.0,
+        ),
+        (
+            r#"gateway_requests_total{caller="-",status="401",cache="-"}"#,
+            1.0,
+        ),
+        (
+            r#"gateway_requests_total{caller="orders",status="400",cache="-"}"#,
+            1.0,
+        ),
+        (
+            r#"gateway_requests_total{caller="orders",status="502",cache="miss"}"#,
+            1.0,
+        ),
+        (
+            r#"gateway_upstream_requests_total{endpoint="balance",status="200",bill24_code="000"}"#,
+            1.0,
+        ),
+        (
+            r#"gateway_upstream_requests_total{endpoint="balance",status="200",bill24_code="311"}"#,
+            1.0,
+        ),
+        (
+            r#"gateway_upstream_requests_total{endpoint="balance",status="500",bill24_code="-"}"#,
+            1.0,
+        ),
+        (
+            r#"gateway_upstream_requests_total{endpoint="authorize",status="200",bill24_code="200"}"#,
+            1.0,
+        ),
+        (
+            r#"gateway_request_duration_seconds_count{cache="hit"}"#,
+            1.0,
+        ),
+        (
+            r#"gateway_upstream_duration_seconds_count{endpoint="balance"}"#,
+            3.0,
+        ),
+        (
+            r#"gateway_upstream_duration_seconds_count{endpoint="authorize"}"#,
+            1.0,
+        ),
+        ("gateway_cache_entries", 1.0),
+        ("gateway_coalesced_requests_total", 0.0),
+        (r#"gateway_token_refreshes_total{result="success"}"#, 1.0),
+        (r#"gateway_build_info{version=""#, 0.0),
+    ] {
+        assert!(text.contains(series), "missing {series} in\n{text}");
+        if value > 0.0 {
+            assert_eq!(metric_value(&text, series), value, "{series}");
+        }
+    }
+    let expires = metric_value(&text, "gateway_token_expires_in_seconds");
+    assert!(expires > 3500.0 && expires <= 3600.0, "{expires}");
+    // Histograms resolve sub-millisecond hits.
+    assert!(text.contains(r#"gateway_request_duration_seconds_bucket{cache="hit",le="0.0001"}"#));
+    assert!(
+        text.contains(r#"gateway_upstream_duration_seconds_bucket{endpoint="balance",le="10"}"#)
+    );
+    for line in text
+        .lines()
+        .filter(|l| !l.starts_with('#') && l.contains('{'))
+    {
+        let labels = &line[line.find('{').unwrap_or(0)..line.rfind('}').unwrap_or(0)];
+        // `le="+Inf"` is Prometheus' own spelling.
+        let labels = labels.replace("+Inf", "+inf");
+        assert_eq!(
+            labels,
+            labels.to_lowercase(),
+            "lowercase label values: {line}"
+        );
+    }
+}
+
+/// `/readyz` turns 503 as soon as shutdown starts, while in-flight requests finish.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readyz_is_503_once_shutdown_starts() {
+    let app = spawn_app_with(|c| c.server.drain_delay = Duration::from_millis(600)).await;
+    app.balance("warm-up").await;
+    app.sim.set_latency(Duration::from_millis(800));
+    let (admin_addr, main_addr, sim) = (app.admin_addr, app.addr, app.sim.clone());
+    let post = move |code: &str| {
+        http::Request::post(format!("http://{main_addr}{PATH}"))
+            .header("authorization", format!("Bearer {ORDERS_KEY}"))
+            .body(body_for(code).into())
+            .expect("request")
+    };
+    let slow = tokio::spawn(send_owned(post("SLOW")));
+    assert!(
+        eventually(Duration::from_secs(2), || sim.balance_calls_for("SLOW")
+            == 1)
+        .await
+    );
+    let stopping = tokio::spawn(app.stop());
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let ready = send(
+        &client(),
+        http::Request::get(format!("http://{admin_addr}/readyz"))
+            .body(Default::default())
+            .expect("request"),
+    )
+    .await;
+    assert_eq!(ready.status, StatusCode::SERVICE_UNAVAILABLE);
+    // During drain_delay new connections are still served.
+    let during = send(&client(), post("warm-up")).await;
+    assert_eq!(during.status, StatusCode::OK);
+    let slow = slow.await.expect("slow request ran");
+    assert_eq!(
+        slow.status,
+        StatusCode::OK,
+        "the in-flight request finished"
+    );
+    stopping.await.expect("stopped");
+    assert!(
+        tokio::net::TcpStream::connect(main_addr).await.is_err(),
+        "no more connections after the drain"
+    );
+}
+
+async fn send_owned(req: http::Request<http_body_util::Full<bytes::Bytes>>) -> Reply {
+    send(&client(), req).await
+}
+
+/// With `server.admin_key_sha256` set, purges need the admin key; the rest stays open.
+#[tokio::test]
+async fn admin_key_guards_purges_only() {
+    let admin_key = "admin-key-xyz";
+    let app = spawn_app_with(|c| {
+        c.server.admin_key_sha256 = Some(bill24_gateway::auth::hash_key(admin_key.as_bytes()));
+    })
+    .await;
+    app.balance("A").await;
+    for headers in [vec![], vec![("authorization", "Bearer wrong")]] {
+        let r = app.admin(Method::DELETE, "/cache/A", &headers).await;
+        assert_eq!(r.status, StatusCode::UNAUTHORIZED);
+        assert_eq!(r.header("www-authenticate"), Some("Bearer"));
+        let r = app.admin(Method::DELETE, "/cache", &headers).await;
+        assert_eq!(r.status, StatusCode::UNAUTHORIZED);
+    }
+    assert_eq!(
+        app.balance("A").await.x_cache(),
+        "HIT",
+        "nothing was purged"
+    );
+    let bearer = format!("Bearer {admin_key}");
+    let r = app
+        .admin(Method::DELETE, "/cache/A", &[("authorization", &bearer)])
+        .await;
+    assert_eq!(r.status, StatusCode::NO_CONTENT);
+    assert_eq!(app.balance("A").await.x_cache(), "MISS");
+    for path in ["/healthz", "/readyz", "/metrics"] {
+        assert_eq!(
+            app.admin(Method::GET, path, &[]).await.status,
+            StatusCode::OK,
+            "{path}"
+        );
+    }
+}
+
+/// Malformed purge paths are refused clearly.
+#[tokio::test]
+async fn purge_paths_are_validated() {
+    let app = spawn_app().await;
+    let r = app.admin(Method::DELETE, "/cache/%FF%FE", &[]).await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+    let r = app.admin(Method::DELETE, "/cache/", &[]).await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+    let long = "a".repeat(51);
+    let r = app
+        .admin(Method::DELETE, &format!("/cache/{long}"), &[])
+        .await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+    let r = app.admin(Method::DELETE, "/cache/a%00b", &[]).await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+}

@@ -1,0 +1,610 @@
+//! The binary itself (CONTRACT §1, §6, §7): its commands, its start-up failures, the access
+//! log it writes, that no secret reaches its output, and signals.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bill24_gateway::sim::{SimConfig, Simulator};
+use common::*;
+use http::StatusCode;
+
+const BIN: &str = env!("CARGO_BIN_EXE_bill24-gateway");
+const CLIENT_SECRET: &str = "client-secret-5f1e0c";
+
+fn run(args: &[&str], envs: &[(&str, &str)], dir: &Path) -> Output {
+    let mut cmd = Command::new(BIN);
+    cmd.args(args).current_dir(dir).env_remove("RUST_LOG");
+    for (k, v) in envs {
+        cmd.env(k, v);
+    }
+    cmd.output().expect("binary runs")
+}
+
+fn stderr_of(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// One clear line on stderr, and no panic.
+fn assert_one_line_failure(out: &Output, mentions: &str) {
+    assert!(!out.status.success(), "should fail");
+    let err = stderr_of(out);
+    assert_eq!(err.trim_end().lines().count(), 1, "one line: {err}");
+    assert!(err.contains(mentions), "{err} should mention {mentions}");
+    assert!(
+        !err.contains("panicked") && !err.contains("RUST_BACKTRACE"),
+        "{err}"
+    );
+}
+
+fn caller_block(name: &str, key: &str) -> String {
+    format!(
+        "[[callers]]\nname = \"{name}\"\nkey_sha256 = \"{}\"\n",
+        hex::encode(bill24_gateway::auth::hash_key(key.as_bytes()))
+    )
+}
+
+#[test]
+fn hash_key_prints_the_sha256_of_stdin_minus_one_newline() {
+    for (input, expected) in [
+        (
+            "foo\n",
+            "2c26b46b68ffc68ff99b453c1d30413413422d706483bfa0f98a5e886266e7ae",
+        ),
+        (
+            "foo",
+            "2c26b46b68ffc68ff99b453c1d30413413422d706483bfa0f98a5e886266e7ae",
+        ),
+        (
+            "foo\r\n",
+            "2c26b46b68ffc68ff99b453c1d30413413422d706483bfa0f98a5e886266e7ae",
+        ),
+    ] {
+        let mut child = Command::new(BIN)
+            .arg("hash-key")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("spawn");
+        child
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(input.as_bytes())
+            .expect("write");
+        let out = child.wait_with_output().expect("runs");
+        assert!(out.status.success());
+        assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), expected);
+    }
+    let out = Command::new(BIN)
+        .arg("hash-key")
+        .stdin(Stdio::null())
+        .output()
+        .expect("runs");
+    assert_one_line_failure(&out, "no key");
+}
+
+#[test]
+fn check_config_prints_effective_toml_with_secrets_redacted() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(dir.path().join("token"), "merchant-token-from-file\n").expect("write");
+    std::fs::write(
+        dir.path().join("gw.toml"),
+        format!(
+            "[upstream]\nmerchant_token_file = \"token\"\nclient_id = \"c-1\"\n[cache]\nttl = \"3s\"\n{}",
+            caller_block("orders", "k")
+        ),
+    )
+    .expect("write");
+    let out = run(
+        &["--check-config", "--config", "gw.toml"],
+        &[
+            ("GATEWAY_UPSTREAM__CLIENT_SECRET", CLIENT_SECRET),
+            ("GATEWAY_SERVICE_HOST", "10.0.0.1"),
+        ],
+        dir.path(),
+    );
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(!stdout.contains(CLIENT_SECRET) && !stdout.contains("merchant-token-from-file"));
+    assert!(
+        stdout.contains("client_secret = \"[redacted]\""),
+        "{stdout}"
+    );
+    let parsed: toml::Table = toml::from_str(&stdout).expect("valid TOML");
+    assert_eq!(parsed["cache"]["ttl"].as_str(), Some("3s"));
+    assert_eq!(parsed["upstream"]["client_id"].as_str(), Some("c-1"));
+    assert_eq!(parsed["server"]["listen"].as_str(), Some("0.0.0.0:8080"));
+    assert_eq!(parsed["callers"][0]["name"].as_str(), Some("orders"));
+    assert!(
+        stderr_of(&out).contains("GATEWAY_SERVICE_HOST"),
+        "unknown variables are warned"
+    );
+}
+
+#[test]
+fn check_config_errors_name_the_key() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    for (toml, key) in [
+        ("[server]\nlistn = \"0.0.0.0:1\"\n", "server.listn"),
+        ("[cache]\nttl = \"ten seconds\"\n", "cache.ttl"),
+        ("[upstream]\nmax_in_flight = 0\n", "upstream.max_in_flight"),
+    ] {
+        std::fs::write(dir.path().join("bad.toml"), toml).expect("write");
+        let out = run(&["--check-config", "--config", "bad.toml"], &[], dir.path());
+        assert_one_line_failure(&out, key);
+        // Serving with it fails the same way.
+        let out = run(&["--config", "bad.toml"], &[], dir.path());
+        assert_one_line_failure(&out, key);
+    }
+    let out = run(
+        &["--check-config"],
+        &[("GATEWAY_CACHE__TTL", "1")],
+        dir.path(),
+    );
+    assert_one_line_failure(&out, "cache.ttl");
+}
+
+#[test]
+fn missing_config_file_and_unreadable_secret_file_fail_clearly() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = run(&["--config", "missing.toml"], &[], dir.path());
+    assert_one_line_failure(&out, "missing.toml");
+    let out = run(&[], &[("GATEWAY_CONFIG", "also-missing.toml")], dir.path());
+    assert_one_line_failure(&out, "also-missing.toml");
+    std::fs::write(
+        dir.path().join("gw.toml"),
+        "[upstream]\nclient_secret_file = \"/nonexistent/s\"\n",
+    )
+    .expect("write");
+    let out = run(&["--config", "gw.toml"], &[], dir.path());
+    assert_one_line_failure(&out, "upstream.client_secret_file");
+    std::fs::write(
+        dir.path().join("both.toml"),
+        "[upstream]\nclient_secret = \"x\"\nclient_secret_file = \"s\"\n",
+    )
+    .expect("write");
+    let out = run(&["--config", "both.toml"], &[], dir.path());
+    assert_one_line_failure(&out, "upstream.client_secret_file");
+}
+
+#[test]
+fn a_port_in_use_fails_with_one_line() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = taken.local_addr().expect("addr");
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(
+        dir.path().join("gw.toml"),
+        format!("[server]\nlisten = \"{addr}\"\nadmin_listen = \"127.0.0.1:0\"\n"),
+    )
+    .expect("write");
+    let out = run(&["--config", "gw.toml"], &[], dir.path());
+    assert_one_line_failure(&out, "server.listen");
+}
+
+/// A running binary with its output captured line by line.
+struct Running {
+    child: Child,
+    lines: Arc<Mutex<Vec<String>>>,
+}
+
+impl Running {
+    fn start(args: &[&str], config: &str, envs: &[(&str, &str)]) -> (Self, tempfile::TempDir) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join("gw.toml"), config).expect("write config");
+        let mut cmd = Command::new(BIN);
+        cmd.args(args)
+            .arg("--config")
+            .arg("gw.toml")
+            .current_dir(dir.path())
+            .env_remove("RUST_LOG")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        for (k, v) in envs {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("spawn");
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        for stream in [
+            Box::new(child.stdout.take().expect("stdout")) as Box<dyn std::io::Read + Send>,
+            Box::new(child.stderr.take().expect("stderr")),
+        ] {
+            let lines = lines.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(stream).lines().map_while(Result::ok) {
+                    if let Ok(mut l) = lines.lock() {
+                        l.push(line);
+                    }
+                }
+            });
+        }
+        (Running { child, lines }, dir)
+    }
+
+    fn output(&self) -> Vec<String> {
+        self.lines.lock().map(|l| l.clone()).unwrap_or_default()
+    }
+
+    async fn wait_for_line(&self, needle: &str) -> String {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if let Some(line) = self.output().into_iter().find(|l| l.contains(needle)) {
+                return line;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("no line with {needle:?} in:\n{}", self.output().join("\n"));
+    }
+
+    /// The addresses from the "gateway started" line.
+    async fn addresses(&self) -> (SocketAddr, SocketAddr) {
+        let line = self.wait_for_line("gateway started").await;
+        let json: serde_json::Value = serde_json::from_str(&line).expect("json log line");
+        let main = json["listen"]
+            .as_str()
+            .expect("listen")
+            .parse()
+            .expect("addr");
+        let admin = json["admin_listen"]
+            .as_str()
+            .expect("admin")
+            .parse()
+            .expect("addr");
+        (main, admin)
+    }
+
+    fn signal(&self, signal: &str) {
+        let status = Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(self.child.id().to_string())
+            .status()
+            .expect("kill runs");
+        assert!(status.success());
+    }
+
+    async fn wait_exit(&mut self, within: Duration) -> std::process::ExitStatus {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("wait") {
+                // Let the reader threads drain the pipes.
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                return status;
+            }
+            assert!(Instant::now() < deadline, "exited within {within:?}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn gateway_toml(sim: &Simulator, extra: &str) -> String {
+    format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n{extra}\n\
+         [upstream]\nbase_url = \"{}\"\nmerchant_token = \"{}\"\nclient_id = \"{}\"\n\n{}{}",
+        sim.base_url(),
+        bill24_gateway::sim::DEMO_MERCHANT_TOKEN,
+        bill24_gateway::sim::DEMO_CLIENT_ID,
+        caller_block("orders", ORDERS_KEY),
+        caller_block("billing", BILLING_KEY),
+    )
+}
+
+async fn post(
+    main: SocketAddr,
+    key: Option<&str>,
+    body: String,
+    headers: &[(&str, &str)],
+) -> Reply {
+    let mut req = http::Request::post(format!("http://{main}{PATH}"))
+        .header("content-type", "application/json");
+    if let Some(key) = key {
+        req = req.header("authorization", format!("Bearer {key}"));
+    }
+    for (n, v) in headers {
+        req = req.header(*n, *v);
+    }
+    send(&client(), req.body(body.into()).expect("request")).await
+}
+
+/// One JSON line per request with every field (null where it does not apply); no secret and
+/// no balance anywhere in the output.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn access_log_lines_are_complete_and_output_has_no_secrets() {
+    let sim = Simulator::bind("127.0.0.1:0".parse().expect("addr"), SimConfig::default())
+        .await
+        .expect("sim");
+    sim.handle().set_balance("LOGGED", 987_654_321);
+    let (mut gw, _dir) = Running::start(
+        &[],
+        &gateway_toml(&sim, ""),
+        &[(
+            "GATEWAY_UPSTREAM__CLIENT_SECRET",
+            bill24_gateway::sim::DEMO_CLIENT_SECRET,
+        )],
+    );
+    let (main, _) = gw.addresses().await;
+    let ok = post(
+        main,
+        Some(ORDERS_KEY),
+        body_for("LOGGED"),
+        &[("x-request-id", "rid-miss")],
+    )
+    .await;
+    assert_eq!(ok.status, StatusCode::OK);
+    let hit = post(
+        main,
+        Some(BILLING_KEY),
+        body_for("LOGGED"),
+        &[("x-request-id", "rid-hit")],
+    )
+    .await;
+    assert_eq!(hit.x_cache(), "HIT");
+    let wrong_key = "wrong-caller-key-7d3a";
+    let denied = post(
+        main,
+        Some(wrong_key),
+        body_for("LOGGED"),
+        &[("x-request-id", "rid-401")],
+    )
+    .await;
+    assert_eq!(denied.status, StatusCode::UNAUTHORIZED);
+    let bad = post(
+        main,
+        Some(ORDERS_KEY),
+        "{".into(),
+        &[("x-request-id", "rid-400")],
+    )
+    .await;
+    assert_eq!(bad.status, StatusCode::BAD_REQUEST);
+    sim.handle().revoke_access_tokens();
+    let refreshed = post(main, Some(ORDERS_KEY), body_for("OTHER"), &[]).await;
+    assert_eq!(refreshed.status, StatusCode::OK);
+    let access_token = sim
+        .handle()
+        .last_balance_request()
+        .and_then(|r| {
+            r.header("authorization")
+                .map(|a| a.trim_start_matches("Bearer ").to_string())
+        })
+        .expect("access token seen by Bill24");
+    let refresh_token = serde_json::from_slice::<serde_json::Value>(
+        &sim.handle()
+            .last_authorize_request()
+            .expect("authorize")
+            .body,
+    )
+    .ok()
+    .and_then(|b| b["refreshToken"].as_str().map(str::to_string))
+    .expect("a refresh happened");
+
+    gw.signal("TERM");
+    assert!(gw.wait_exit(Duration::from_secs(10)).await.success());
+    let output = gw.output();
+
+    let access: Vec<serde_json::Value> = output
+        .iter()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|j| j["target"] == "access")
+        .collect();
+    assert_eq!(
+        access.len(),
+        5,
+        "one line per request:\n{}",
+        output.join("\n")
+    );
+    for line in &access {
+        for field in [
+            "request_id",
+            "caller",
+            "customer_sync_code",
+            "status",
+            "bill24_code",
+            "cache",
+            "upstream_status",
+            "upstream_ms",
+            "latency_ms",
+            "trace_id",
+        ] {
+            assert!(line.get(field).is_some(), "{field} missing in {line}");
+        }
+    }
+    let by_id = |id: &str| {
+        access
+            .iter()
+            .find(|l| l["request_id"] == id)
+            .unwrap_or_else(|| panic!("no line for {id}"))
+            .clone()
+    };
+    let miss = by_id("rid-miss");
+    assert_eq!(miss["caller"], "orders");
+    assert_eq!(miss["customer_sync_code"], "LOGGED");
+    assert_eq!(miss["status"], 200);
+    assert_eq!(miss["bill24_code"], "000");
+    assert_eq!(miss["cache"], "miss");
+    assert_eq!(miss["upstream_status"], 200);
+    assert!(miss["upstream_ms"].as_f64().is_some());
+    let hit = by_id("rid-hit");
+    assert_eq!(
+        (hit["caller"].as_str(), hit["cache"].as_str()),
+        (Some("billing"), Some("hit"))
+    );
+    assert!(hit["upstream_status"].is_null() && hit["upstream_ms"].is_null());
+    let denied = by_id("rid-401");
+    assert!(denied["caller"].is_null());
+    assert_eq!(denied["status"], 401);
+    assert!(denied["cache"].is_null());
+    let bad = by_id("rid-400");
+    assert_eq!(bad["status"], 400);
+    assert!(bad["customer_sync_code"].is_null());
+
+    assert!(
+        output
+            .iter()
+            .any(|l| l.contains("Bill24 access token obtained")),
+        "token events logged"
+    );
+    let all = output.join("\n");
+    for secret in [
+        bill24_gateway::sim::DEMO_MERCHANT_TOKEN,
+        bill24_gateway::sim::DEMO_CLIENT_SECRET,
+        ORDERS_KEY,
+        BILLING_KEY,
+        wrong_key,
+        access_token.as_str(),
+        refresh_token.as_str(),
+    ] {
+        assert!(!all.contains(secret), "{secret} leaked into the output");
+    }
+    assert!(!all.contains("987654321"), "balances are not logged");
+}
+
+/// SIGTERM with a slow request in flight: /readyz turns 503, the request completes, exit 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_lets_the_request_in_flight_finish_and_exits_zero() {
+    let sim = Simulator::bind("127.0.0.1:0".parse().expect("addr"), SimConfig::default())
+        .await
+        .expect("sim");
+    let (mut gw, _dir) = Running::start(
+        &[],
+        &gateway_toml(&sim, "drain_delay = \"300ms\""),
+        &[(
+            "GATEWAY_UPSTREAM__CLIENT_SECRET",
+            bill24_gateway::sim::DEMO_CLIENT_SECRET,
+        )],
+    );
+    let (main, admin) = gw.addresses().await;
+    assert_eq!(
+        post(main, Some(ORDERS_KEY), body_for("W"), &[])
+            .await
+            .status,
+        StatusCode::OK
+    );
+    sim.handle().set_latency(Duration::from_millis(1500));
+    let slow = tokio::spawn(post(main, Some(ORDERS_KEY), body_for("SLOW"), &[]));
+    let handle = sim.handle();
+    assert!(
+        eventually(Duration::from_secs(3), || handle.balance_calls_for("SLOW")
+            == 1)
+        .await
+    );
+    gw.signal("TERM");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let ready = send(
+        &client(),
+        http::Request::get(format!("http://{admin}/readyz"))
+            .body(Default::default())
+            .expect("req"),
+    )
+    .await;
+    assert_eq!(ready.status, StatusCode::SERVICE_UNAVAILABLE);
+    let slow = slow.await.expect("ran");
+    assert_eq!(slow.status, StatusCode::OK);
+    let status = gw.wait_exit(Duration::from_secs(10)).await;
+    assert!(status.success(), "exit 0: {status:?}");
+    assert!(gw.output().iter().any(|l| l.contains("shutdown started")));
+}
+
+/// When the grace runs out, the gateway exits 0 anyway and says how many requests were cut.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grace_running_out_still_exits_zero_and_counts_cut_requests() {
+    let sim = Simulator::bind("127.0.0.1:0".parse().expect("addr"), SimConfig::default())
+        .await
+        .expect("sim");
+    let (mut gw, _dir) = Running::start(
+        &[],
+        &gateway_toml(
+            &sim,
+            "shutdown_grace = \"200ms\"\nrequest_timeout = \"30s\"",
+        ),
+        &[
+            (
+                "GATEWAY_UPSTREAM__CLIENT_SECRET",
+                bill24_gateway::sim::DEMO_CLIENT_SECRET,
+            ),
+            ("GATEWAY_UPSTREAM__TIMEOUT", "30s"),
+        ],
+    );
+    let (main, _) = gw.addresses().await;
+    post(main, Some(ORDERS_KEY), body_for("W"), &[]).await;
+    sim.handle().set_latency(Duration::from_secs(10));
+    let _slow = tokio::spawn(post(main, Some(ORDERS_KEY), body_for("SLOW"), &[]));
+    let handle = sim.handle();
+    assert!(
+        eventually(Duration::from_secs(3), || handle.balance_calls_for("SLOW")
+            == 1)
+        .await
+    );
+    let start = Instant::now();
+    gw.signal("INT");
+    let status = gw.wait_exit(Duration::from_secs(5)).await;
+    assert!(status.success());
+    assert!(start.elapsed() < Duration::from_secs(3));
+    let line = gw.wait_for_line("shutdown grace ran out").await;
+    let json: serde_json::Value = serde_json::from_str(&line).expect("json");
+    assert_eq!(json["requests_cut"], 1);
+}
+
+/// `--demo` runs with no config: the printed curl answers MISS then HIT.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn demo_answers_miss_then_hit() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut child = Command::new(BIN)
+        .arg("--demo")
+        .current_dir(dir.path())
+        .env_remove("RUST_LOG")
+        .env("GATEWAY_SERVER__LISTEN", "127.0.0.1:0")
+        .env("GATEWAY_SERVER__ADMIN_LISTEN", "127.0.0.1:0")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let lines = Arc::new(Mutex::new(Vec::<String>::new()));
+    let stdout = child.stdout.take().expect("stdout");
+    {
+        let lines = lines.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Ok(mut l) = lines.lock() {
+                    l.push(line);
+                }
+            }
+        });
+    }
+    let mut running = Running {
+        child,
+        lines: lines.clone(),
+    };
+    let curl = running.wait_for_line("curl -i -X POST").await;
+    let url = curl
+        .split_whitespace()
+        .find(|w| w.starts_with("http://"))
+        .expect("url in the curl")
+        .to_string();
+    let key = bill24_gateway::demo::DEMO_CALLER_KEY;
+    assert!(curl.contains(key));
+    let ask = || {
+        http::Request::post(url.as_str())
+            .header("authorization", format!("Bearer {key}"))
+            .header("content-type", "application/json")
+            .body(body_for(bill24_gateway::demo::DEMO_CUSTOMER).into())
+            .expect("request")
+    };
+    let first = send(&client(), ask()).await;
+    assert_eq!((first.status, first.x_cache()), (StatusCode::OK, "MISS"));
+    assert_eq!(first.json()["code"], "000");
+    let second = send(&client(), ask()).await;
+    assert_eq!(second.x_cache(), "HIT");
+    running.signal("TERM");
+    assert!(running.wait_exit(Duration::from_secs(10)).await.success());
+}

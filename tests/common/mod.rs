@@ -1,0 +1,309 @@
+//! Test harness: the real gateway on port 0 in front of the Bill24 simulator on port 0, and an
+//! HTTP client to talk to both. Set `TEST_LOG=1` to see the gateway's logs.
+
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::sync::Once;
+use std::time::Duration;
+
+use bill24_gateway::config::{Config, KeyHashes, RawCaller, RawConfig};
+use bill24_gateway::sim::{SimConfig, SimHandle, Simulator};
+use bill24_gateway::{Gateway, StartError, auth};
+use bytes::Bytes;
+use http::{HeaderMap, Method, Request, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+pub const ORDERS_KEY: &str = "orders-key-0123456789";
+pub const BILLING_KEY: &str = "billing-key-9876543210";
+pub const PATH: &str = "/instant_payment/get_wallet_balance";
+
+pub fn init_test_log() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        if std::env::var_os("TEST_LOG").is_some() {
+            let _ = bill24_gateway::telemetry::init(&bill24_gateway::config::LogConfig {
+                format: bill24_gateway::config::LogFormat::Text,
+                level: "debug,hyper=info,h2=info".into(),
+            });
+        }
+    });
+}
+
+/// A raw config for a gateway on loopback port 0 in front of `base_url`, with two callers.
+pub fn raw_config(base_url: &str) -> RawConfig {
+    let mut raw = RawConfig::default();
+    raw.server.listen = "127.0.0.1:0".into();
+    raw.server.admin_listen = "127.0.0.1:0".into();
+    raw.upstream.base_url = base_url.into();
+    raw.upstream.merchant_token =
+        bill24_gateway::secret::Secret::new(bill24_gateway::sim::DEMO_MERCHANT_TOKEN);
+    raw.upstream.client_id = bill24_gateway::sim::DEMO_CLIENT_ID.into();
+    raw.upstream.client_secret =
+        bill24_gateway::secret::Secret::new(bill24_gateway::sim::DEMO_CLIENT_SECRET);
+    raw.callers = vec![
+        RawCaller {
+            name: "orders".into(),
+            key_sha256: KeyHashes::One(hex::encode(auth::hash_key(ORDERS_KEY.as_bytes()))),
+            rate_limit_rps: 0.0,
+            burst: 0,
+            max_concurrent: 0,
+        },
+        RawCaller {
+            name: "billing".into(),
+            key_sha256: KeyHashes::One(hex::encode(auth::hash_key(BILLING_KEY.as_bytes()))),
+            rate_limit_rps: 0.0,
+            burst: 0,
+            max_concurrent: 0,
+        },
+    ];
+    raw
+}
+
+pub fn config(base_url: &str) -> Config {
+    raw_config(base_url)
+        .validate()
+        .expect("test config is valid")
+}
+
+/// A response, read in full.
+#[derive(Debug)]
+pub struct Reply {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+impl Reply {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+
+    pub fn x_cache(&self) -> &str {
+        self.header("x-cache").unwrap_or("<none>")
+    }
+
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body).unwrap_or_else(|e| {
+            panic!(
+                "body is not JSON ({e}): {}",
+                String::from_utf8_lossy(&self.body)
+            )
+        })
+    }
+
+    /// `code` of a gateway error body.
+    pub fn error_code(&self) -> String {
+        self.json()["code"].as_str().unwrap_or_default().to_string()
+    }
+}
+
+pub type HttpClient = Client<HttpConnector, Full<Bytes>>;
+
+pub fn client() -> HttpClient {
+    Client::builder(TokioExecutor::new()).build_http()
+}
+
+pub fn h2_client() -> HttpClient {
+    Client::builder(TokioExecutor::new())
+        .http2_only(true)
+        .build_http()
+}
+
+pub async fn send(client: &HttpClient, req: Request<Full<Bytes>>) -> Reply {
+    let response = tokio::time::timeout(Duration::from_secs(30), client.request(req))
+        .await
+        .expect("answered within 30s")
+        .expect("request sent");
+    let (parts, body) = response.into_parts();
+    let body = body.collect().await.expect("body read").to_bytes();
+    Reply {
+        status: parts.status,
+        headers: parts.headers,
+        body,
+    }
+}
+
+pub fn body_for(code: &str) -> String {
+    serde_json::json!({ "customer_sync_code": code }).to_string()
+}
+
+pub struct TestApp {
+    pub addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+    pub sim: SimHandle,
+    simulator: Simulator,
+    shutdown: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<Result<(), StartError>>>,
+    pub client: HttpClient,
+}
+
+pub async fn spawn_app() -> TestApp {
+    spawn_app_with(|_| {}).await
+}
+
+pub async fn spawn_app_with(configure: impl FnOnce(&mut Config)) -> TestApp {
+    spawn_app_full(SimConfig::default(), |_| {}, configure).await
+}
+
+/// The simulator with `sim_config` (and `prepare` run on it before the gateway starts), and a
+/// gateway whose config `configure` adjusts.
+pub async fn spawn_app_full(
+    sim_config: SimConfig,
+    prepare: impl FnOnce(&SimHandle),
+    configure: impl FnOnce(&mut Config),
+) -> TestApp {
+    init_test_log();
+    let simulator = Simulator::bind("127.0.0.1:0".parse().expect("addr"), sim_config)
+        .await
+        .expect("simulator binds");
+    prepare(&simulator.handle());
+    let mut config = config(&simulator.base_url());
+    configure(&mut config);
+    let gateway = Gateway::bind(config).await.expect("gateway binds");
+    let addr = gateway.main_addr();
+    let admin_addr = gateway.admin_addr();
+    let (tx, rx) = oneshot::channel::<()>();
+    let task = tokio::spawn(gateway.run(async move {
+        let _ = rx.await;
+    }));
+    TestApp {
+        addr,
+        admin_addr,
+        sim: simulator.handle(),
+        simulator,
+        shutdown: Some(tx),
+        task: Some(task),
+        client: client(),
+    }
+}
+
+impl TestApp {
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    pub fn sim_url(&self) -> String {
+        self.simulator.base_url()
+    }
+
+    /// POST a balance request for `code` as caller `orders`.
+    pub async fn balance(&self, code: &str) -> Reply {
+        self.post(Some(ORDERS_KEY), body_for(code), &[]).await
+    }
+
+    /// POST a balance request for `code` with extra headers.
+    pub async fn balance_with(&self, code: &str, headers: &[(&str, &str)]) -> Reply {
+        self.post(Some(ORDERS_KEY), body_for(code), headers).await
+    }
+
+    /// POST `body` to the endpoint, with `Content-Type: application/json` unless `headers`
+    /// set one.
+    pub async fn post(
+        &self,
+        key: Option<&str>,
+        body: impl Into<Bytes>,
+        headers: &[(&str, &str)],
+    ) -> Reply {
+        let mut req = Request::builder().method(Method::POST).uri(self.url(PATH));
+        if let Some(key) = key {
+            req = req.header("authorization", format!("Bearer {key}"));
+        }
+        if !headers
+            .iter()
+            .any(|(n, _)| n.eq_ignore_ascii_case("content-type"))
+        {
+            req = req.header("content-type", "application/json");
+        }
+        for (name, value) in headers {
+            req = req.header(*name, *value);
+        }
+        let req = req.body(Full::new(body.into())).expect("request");
+        send(&self.client, req).await
+    }
+
+    pub async fn request(&self, req: Request<Full<Bytes>>) -> Reply {
+        send(&self.client, req).await
+    }
+
+    pub async fn admin(&self, method: Method, path: &str, headers: &[(&str, &str)]) -> Reply {
+        let mut req = Request::builder()
+            .method(method)
+            .uri(format!("http://{}{}", self.admin_addr, path));
+        for (name, value) in headers {
+            req = req.header(*name, *value);
+        }
+        send(&self.client, req.body(Full::default()).expect("request")).await
+    }
+
+    pub async fn metrics(&self) -> String {
+        let reply = self.admin(Method::GET, "/metrics", &[]).await;
+        assert_eq!(reply.status, StatusCode::OK);
+        String::from_utf8(reply.body.to_vec()).expect("utf-8 metrics")
+    }
+
+    /// The value of one sample line (`name{labels}`, labels as rendered), or 0 when absent.
+    pub async fn metric(&self, series: &str) -> f64 {
+        metric_value(&self.metrics().await, series)
+    }
+
+    /// Signals shutdown and waits for `run` to return.
+    pub async fn stop(mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(task) = self.task.take() {
+            tokio::time::timeout(Duration::from_secs(30), task)
+                .await
+                .expect("gateway stops within 30s")
+                .expect("gateway task did not panic")
+                .expect("gateway ran");
+        }
+    }
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+    }
+}
+
+pub fn metric_value(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|line| {
+            let rest = line.strip_prefix(series)?;
+            rest.strip_prefix(' ')?.trim().parse::<f64>().ok()
+        })
+        .unwrap_or(0.0)
+}
+
+/// Polls `check` every 10 ms until it holds or `within` passes.
+pub async fn eventually(within: Duration, mut check: impl FnMut() -> bool) -> bool {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        if check() {
+            return true;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// A loopback address nothing listens on.
+pub async fn dead_address() -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    drop(listener);
+    addr
+}
