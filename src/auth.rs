@@ -17,6 +17,7 @@ use tower::{Layer, Service};
 use crate::access_log::Annotations;
 use crate::config::{CallerConfig, KeyHash};
 use crate::error::{GatewayError, Response};
+use crate::limits::CallerLimits;
 
 /// SHA-256 of a caller (or admin) key.
 pub fn hash_key(key: &[u8]) -> KeyHash {
@@ -27,8 +28,9 @@ pub fn hash_key(key: &[u8]) -> KeyHash {
 #[derive(Clone, Debug)]
 pub struct Caller {
     pub name: Arc<str>,
-    /// Position in `[[callers]]` (for per-caller limits).
+    /// Position in `[[callers]]`.
     pub index: usize,
+    pub limits: Arc<CallerLimits>,
 }
 
 /// The configured callers' key hashes.
@@ -40,11 +42,24 @@ pub struct CallerKeys {
 
 impl CallerKeys {
     pub fn new(callers: &[CallerConfig]) -> Self {
+        Self::replacing(callers, &CallerKeys::default())
+    }
+
+    /// The keys of `callers`, keeping the rate-limit state of callers in `previous` whose name
+    /// and limits did not change (so a config reload does not refill every bucket).
+    pub fn replacing(callers: &[CallerConfig], previous: &CallerKeys) -> Self {
         let mut out = CallerKeys::default();
         for (index, c) in callers.iter().enumerate() {
+            let limits = previous
+                .callers
+                .iter()
+                .find(|p| p.name == c.name && p.limits.same_settings(c))
+                .map(|p| p.limits.clone())
+                .unwrap_or_else(|| Arc::new(CallerLimits::new(c)));
             out.callers.push(Caller {
                 name: c.name.clone(),
                 index,
+                limits,
             });
             for hash in &c.key_sha256 {
                 out.keys.push((*hash, index));
@@ -66,6 +81,10 @@ impl CallerKeys {
 
     pub fn is_empty(&self) -> bool {
         self.callers.is_empty()
+    }
+
+    pub fn len(&self) -> usize {
+        self.callers.len()
     }
 }
 

@@ -536,7 +536,7 @@ impl RawConfig {
             queue_timeout: u.queue_timeout,
             token_refresh_margin: u.token_refresh_margin,
             retries: u.retries,
-            retry_budget: fraction("upstream.retry_budget", u.retry_budget, f64::MAX)?,
+            retry_budget: fraction("upstream.retry_budget", u.retry_budget, 1000.0)?,
             circuit_failures: u.circuit_failures,
             circuit_cooldown: nonzero("upstream.circuit_cooldown", u.circuit_cooldown)?,
         };

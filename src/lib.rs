@@ -5,7 +5,8 @@
 //!
 //! A request on the main listener ([`server`]) goes down the tower stack that [`stack`] builds,
 //! in this order: [`correlation`] (request id, trace context, error bodies) → [`access_log`]
-//! (one line and the request metrics) → route → [`auth`] (caller key) → deadline →
+//! (one line and the request metrics) → route → [`auth`] (caller key) → [`limits`] (per-caller
+//! rate and concurrency) → deadline →
 //! [`balance::request`] (Content-Type, size, body) → [`balance::service`], which answers from
 //! [`balance::cache`] or through one shared call to [`bill24`]. The `bill24` module holds the
 //! pooled client ([`bill24::client`]), the merchant token ([`bill24::token`]) and Bill24's JSON
@@ -28,9 +29,11 @@ pub mod auth;
 pub mod balance;
 pub mod bill24;
 pub mod config;
+pub mod connection;
 pub mod correlation;
 pub mod demo;
 pub mod error;
+pub mod limits;
 pub mod metrics;
 pub mod secret;
 pub mod server;
@@ -74,6 +77,8 @@ pub enum StartError {
 const METRICS_UPKEEP_EVERY: Duration = Duration::from_secs(5);
 /// How long admin connections may finish once the main listener is done.
 const ADMIN_GRACE: Duration = Duration::from_secs(1);
+/// Open connections on the admin listener, at most (probes and scrapes need few).
+const ADMIN_MAX_CONNECTIONS: usize = 256;
 
 /// A gateway with its sockets bound, ready to [`run`](Gateway::run).
 pub struct Gateway {
@@ -157,7 +162,7 @@ impl Gateway {
         });
         let admin_service = tower::service_fn(move |req| admin_state.clone().handle(req));
 
-        let builder = server::connection_builder(&config.server);
+        let builder = server::connection_builder();
         let main_graceful = GracefulShutdown::new();
         let admin_graceful = GracefulShutdown::new();
         let (stop_main, main_stopped) = watch::channel(false);
@@ -186,7 +191,10 @@ impl Gateway {
             admin_service,
             &builder,
             &admin_graceful,
-            usize::MAX >> 3,
+            server::ConnectionLimits {
+                max_connections: ADMIN_MAX_CONNECTIONS,
+                ..server::ConnectionLimits::from_config(&config.server)
+            },
             admin_stopped,
         );
         let finish = async {
@@ -196,7 +204,7 @@ impl Gateway {
                     stack::build(&parts),
                     &builder,
                     &main_graceful,
-                    config.server.max_connections,
+                    server::ConnectionLimits::from_config(&config.server),
                     main_stopped,
                 ),
                 sequence

@@ -18,6 +18,11 @@ pub const COALESCED_TOTAL: &str = "gateway_coalesced_requests_total";
 pub const TOKEN_REFRESHES_TOTAL: &str = "gateway_token_refreshes_total";
 pub const TOKEN_EXPIRES_IN: &str = "gateway_token_expires_in_seconds";
 pub const BUILD_INFO: &str = "gateway_build_info";
+pub const UPSTREAM_RETRIES_TOTAL: &str = "gateway_upstream_retries_total";
+pub const UPSTREAM_RETRIES_DENIED_TOTAL: &str = "gateway_upstream_retries_denied_total";
+pub const CIRCUIT_STATE: &str = "gateway_circuit_state";
+pub const CIRCUIT_OPENED_TOTAL: &str = "gateway_circuit_opened_total";
+pub const REFRESH_AHEAD_TOTAL: &str = "gateway_cache_refresh_ahead_total";
 
 /// Resolves cache hits (tens of µs) as well as slow Bill24 calls (seconds).
 const REQUEST_BUCKETS: &[f64] = &[
@@ -50,6 +55,11 @@ pub struct Metrics {
     coalesced: Counter,
     cache_entries: Gauge,
     token_expires_in: Gauge,
+    retries: Counter,
+    retries_denied: Counter,
+    circuit_state: Gauge,
+    circuit_opened: Counter,
+    refresh_ahead: Counter,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -101,6 +111,26 @@ impl Metrics {
             "Seconds until the current access token expires.",
         );
         describe(BUILD_INFO, "The running build.");
+        describe(
+            UPSTREAM_RETRIES_TOTAL,
+            "Balance calls to Bill24 that were retries.",
+        );
+        describe(
+            UPSTREAM_RETRIES_DENIED_TOTAL,
+            "Retries not made because the retry budget was spent.",
+        );
+        describe(
+            CIRCUIT_STATE,
+            "Circuit breaker on Bill24: 0 closed, 1 open, 2 half-open (probing).",
+        );
+        describe(
+            CIRCUIT_OPENED_TOTAL,
+            "Times the circuit breaker on Bill24 opened.",
+        );
+        describe(
+            REFRESH_AHEAD_TOTAL,
+            "Background refreshes started by a hit close to expiry.",
+        );
 
         let coalesced = register_counter(&recorder, COALESCED_TOTAL, vec![]);
         let cache_entries = recorder.register_gauge(&Key::from_name(CACHE_ENTRIES), &metadata());
@@ -126,6 +156,16 @@ impl Metrics {
             .absolute(0);
         }
         coalesced.absolute(0);
+        let retries = register_counter(&recorder, UPSTREAM_RETRIES_TOTAL, vec![]);
+        retries.absolute(0);
+        let retries_denied = register_counter(&recorder, UPSTREAM_RETRIES_DENIED_TOTAL, vec![]);
+        retries_denied.absolute(0);
+        let circuit_opened = register_counter(&recorder, CIRCUIT_OPENED_TOTAL, vec![]);
+        circuit_opened.absolute(0);
+        let circuit_state = recorder.register_gauge(&Key::from_name(CIRCUIT_STATE), &metadata());
+        circuit_state.set(0.0);
+        let refresh_ahead = register_counter(&recorder, REFRESH_AHEAD_TOTAL, vec![]);
+        refresh_ahead.absolute(0);
 
         Metrics {
             recorder,
@@ -133,6 +173,11 @@ impl Metrics {
             coalesced,
             cache_entries,
             token_expires_in,
+            retries,
+            retries_denied,
+            circuit_state,
+            circuit_opened,
+            refresh_ahead,
         }
     }
 
@@ -173,6 +218,26 @@ impl Metrics {
 
     pub fn coalesced(&self) {
         self.coalesced.increment(1);
+    }
+
+    pub fn retry(&self) {
+        self.retries.increment(1);
+    }
+
+    pub fn retry_denied(&self) {
+        self.retries_denied.increment(1);
+    }
+
+    pub fn set_circuit_state(&self, state: crate::bill24::circuit::CircuitState) {
+        self.circuit_state.set(state as u8 as f64);
+    }
+
+    pub fn refresh_ahead(&self) {
+        self.refresh_ahead.increment(1);
+    }
+
+    pub fn circuit_opened(&self) {
+        self.circuit_opened.increment(1);
     }
 
     pub fn token_refresh(&self, success: bool) {

@@ -16,41 +16,67 @@ use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, watch};
 
 use crate::config::ServerConfig;
+use crate::connection::{Activity, TimedIo, Tracked};
 use crate::error::Response;
 
-/// Largest request head accepted (HTTP/1 buffer; HTTP/2 header list).
+/// Largest request head accepted (HTTP/1 read buffer; HTTP/2 header list).
 pub const MAX_HEADER_BYTES: usize = 16 * 1024;
+/// Most header fields in one HTTP/1 request.
+pub const MAX_HEADERS: usize = 64;
 /// HTTP/2 streams a client may have open on one connection.
 pub const MAX_CONCURRENT_STREAMS: u32 = 256;
+/// HTTP/2 streams reset before being served that a connection may pile up.
+pub const MAX_PENDING_RESETS: usize = 32;
 
-/// The connection builder shared by both listeners.
-pub fn connection_builder(cfg: &ServerConfig) -> auto::Builder<TokioExecutor> {
+/// The connection builder shared by both listeners: limits on heads and HTTP/2 streams.
+pub fn connection_builder() -> auto::Builder<TokioExecutor> {
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
         .timer(TokioTimer::new())
         .keep_alive(true)
-        .header_read_timeout(cfg.header_read_timeout)
-        .max_buf_size(MAX_HEADER_BYTES.max(8192));
+        // `TimedIo` applies `server.header_read_timeout` and `server.idle_timeout`.
+        .header_read_timeout(None)
+        .max_headers(MAX_HEADERS)
+        .max_buf_size(MAX_HEADER_BYTES);
     builder
         .http2()
         .timer(TokioTimer::new())
         .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
         .max_header_list_size(MAX_HEADER_BYTES as u32)
-        .keep_alive_interval(Some(cfg.idle_timeout / 2))
-        .keep_alive_timeout(Duration::from_secs(20));
+        // Rapid-reset (CVE-2023-44487) and error-reset floods close the connection.
+        .max_pending_accept_reset_streams(Some(MAX_PENDING_RESETS))
+        .max_local_error_reset_streams(Some(MAX_PENDING_RESETS));
     builder
 }
 
+/// How connections are accepted and timed out.
+#[derive(Clone, Copy, Debug)]
+pub struct ConnectionLimits {
+    pub max_connections: usize,
+    pub header_read_timeout: Duration,
+    pub idle_timeout: Duration,
+}
+
+impl ConnectionLimits {
+    pub fn from_config(cfg: &ServerConfig) -> Self {
+        ConnectionLimits {
+            max_connections: cfg.max_connections,
+            header_read_timeout: cfg.header_read_timeout,
+            idle_timeout: cfg.idle_timeout,
+        }
+    }
+}
+
 /// Accepts connections until `stop` turns true, serving each with `service` and registering it
-/// with `graceful`. At most `max_connections` are open at once; beyond that, new connections
-/// wait in the listen backlog. Returns (dropping the listener) once stopped.
+/// with `graceful`. At most `limits.max_connections` are open at once; beyond that, new
+/// connections wait in the listen backlog. Returns (dropping the listener) once stopped.
 pub async fn accept_loop<S, F>(
     listener: TcpListener,
     service: S,
     builder: &auto::Builder<TokioExecutor>,
     graceful: &GracefulShutdown,
-    max_connections: usize,
+    limits: ConnectionLimits,
     mut stop: watch::Receiver<bool>,
 ) where
     S: tower::Service<Request<Incoming>, Response = Response, Error = Infallible, Future = F>
@@ -59,7 +85,7 @@ pub async fn accept_loop<S, F>(
         + 'static,
     F: Future<Output = Result<Response, Infallible>> + Send + 'static,
 {
-    let slots = Arc::new(Semaphore::new(max_connections));
+    let slots = Arc::new(Semaphore::new(limits.max_connections));
     loop {
         if *stop.borrow() {
             return;
@@ -84,11 +110,16 @@ pub async fn accept_loop<S, F>(
             _ = stop.changed() => return,
         };
         let _ = stream.set_nodelay(true);
+        let activity = Activity::new();
+        let io = TimedIo::new(
+            stream,
+            activity.clone(),
+            limits.header_read_timeout,
+            limits.idle_timeout,
+        );
+        let service = Tracked::new(service.clone(), activity);
         let conn = builder
-            .serve_connection(
-                TokioIo::new(stream),
-                TowerToHyperService::new(service.clone()),
-            )
+            .serve_connection(TokioIo::new(io), TowerToHyperService::new(service))
             .into_owned();
         let conn = graceful.watch(conn);
         tokio::spawn(async move {

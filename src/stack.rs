@@ -5,7 +5,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
@@ -18,6 +18,7 @@ use crate::balance::request::ParseLayer;
 use crate::balance::service::{BalanceService, Balances};
 use crate::correlation::CorrelationLayer;
 use crate::error::{GatewayError, Response};
+use crate::limits::CallerLimitLayer;
 use crate::metrics::Metrics;
 
 /// The one endpoint: the same path as Bill24's, so a service switches by its base URL.
@@ -35,8 +36,8 @@ pub struct StackParts {
 }
 
 /// Builds the service the main listener serves. Checks run in the contract's order: route
-/// (404/405), caller key (401), Content-Type (415), size (413), body (400); the deadline (504)
-/// covers reading the body and everything after.
+/// (404/405), caller key (401), rate limit (429), Content-Type (415), size (413), body (400);
+/// the deadline (504) covers reading the body and everything after.
 pub fn build<B>(
     parts: &StackParts,
 ) -> impl Service<
@@ -63,6 +64,8 @@ where
         .layer(RouteLayer)
         // 401; the caller's identity for everything below.
         .layer(AuthLayer::new(parts.callers.clone()))
+        // 429: the caller's rate limit and concurrency cap.
+        .layer(CallerLimitLayer)
         // 504 once `server.request_timeout` has passed.
         .layer(DeadlineLayer::new(parts.request_timeout))
         // 415, 413, 400; the validated query.
@@ -102,9 +105,13 @@ pub struct Deadline<S> {
     deadline: Duration,
 }
 
-impl<S, R> Service<R> for Deadline<S>
+/// When the request's deadline passes (in the request's extensions, for the layers below).
+#[derive(Clone, Copy, Debug)]
+pub struct RequestDeadline(pub Instant);
+
+impl<S, B> Service<Request<B>> for Deadline<S>
 where
-    S: Service<R, Response = Response, Error = Infallible>,
+    S: Service<Request<B>, Response = Response, Error = Infallible>,
     S::Future: Send + 'static,
 {
     type Response = Response;
@@ -115,7 +122,9 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, req: R) -> Self::Future {
+    fn call(&mut self, mut req: Request<B>) -> Self::Future {
+        req.extensions_mut()
+            .insert(RequestDeadline(Instant::now() + self.deadline));
         let fut = tokio::time::timeout(self.deadline, self.inner.call(req));
         Box::pin(async move {
             fut.await

@@ -41,7 +41,7 @@ async fn readiness_ignores_bill24_outages() {
 /// Every metric of §6 with its labels, lowercase label values, `caller="-"` for unauthenticated.
 #[tokio::test]
 async fn metrics_cover_the_contract() {
-    let app = spawn_app().await;
+    let app = spawn_app_with(|c| c.upstream.retries = 0).await;
     app.balance("M1").await; // miss
     app.balance("M1").await; // hit
     app.post(None, body_for("M1"), &[]).await; // 401

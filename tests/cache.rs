@@ -83,7 +83,11 @@ async fn not_found_is_cached_only_under_negative_ttl() {
 /// not a 5xx.
 #[tokio::test]
 async fn other_answers_are_never_cached() {
-    let app = spawn_app_with(|c| c.cache.negative_ttl = Duration::from_secs(60)).await;
+    let app = spawn_app_with(|c| {
+        c.cache.negative_ttl = Duration::from_secs(60);
+        c.upstream.retries = 0;
+    })
+    .await;
     app.sim.fail_next(1, Fault::MissedField);
     let r = app.balance("C1").await;
     assert_eq!(
@@ -204,6 +208,7 @@ async fn stale_entry_answers_when_bill24_fails() {
     let app = spawn_app_with(|c| {
         c.cache.ttl = Duration::from_millis(300);
         c.cache.stale_if_error = Duration::from_millis(1200);
+        c.upstream.retries = 0;
     })
     .await;
     let fresh = app.balance("C1").await;
@@ -230,7 +235,11 @@ async fn stale_entry_answers_when_bill24_fails() {
 /// Without `stale_if_error` an expired entry is never served.
 #[tokio::test]
 async fn no_stale_without_stale_if_error() {
-    let app = spawn_app_with(|c| c.cache.ttl = Duration::from_millis(200)).await;
+    let app = spawn_app_with(|c| {
+        c.cache.ttl = Duration::from_millis(200);
+        c.upstream.retries = 0;
+    })
+    .await;
     app.balance("C1").await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     app.sim.fail_next(1, Fault::Status(500));

@@ -2,7 +2,7 @@
 //! code, and freshness as pure functions of `now` (moka only evicts, on the entry's own clock).
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -55,6 +55,8 @@ pub struct Entry {
     pub fresh_for: Duration,
     /// After `fresh_for`, kept this much longer for `stale_if_error`.
     pub stale_for: Duration,
+    /// Set once a refresh-ahead fetch was started for this entry.
+    pub refreshing: AtomicBool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -80,6 +82,14 @@ impl Entry {
         } else {
             Freshness::Expired
         }
+    }
+
+    /// Whether a hit at `now` should start a background refresh: the entry is within
+    /// `refresh_ahead` of expiry and no refresh has been started for it.
+    pub fn claim_refresh(&self, now: Instant, refresh_ahead: Duration) -> bool {
+        !refresh_ahead.is_zero()
+            && self.fresh_for.saturating_sub(self.age(now)) <= refresh_ahead
+            && !self.refreshing.swap(true, Ordering::AcqRel)
     }
 
     /// Whole seconds, rounded down, for the `Age` header.
@@ -194,7 +204,28 @@ mod tests {
             stored_at,
             fresh_for: Duration::from_secs(10),
             stale_for: Duration::from_secs(30),
+            refreshing: AtomicBool::new(false),
         }
+    }
+
+    #[test]
+    fn refresh_ahead_is_claimed_once_near_expiry() {
+        let t0 = Instant::now();
+        let e = entry(t0);
+        let window = Duration::from_secs(2);
+        assert!(
+            !e.claim_refresh(t0 + Duration::from_secs(7), window),
+            "too early"
+        );
+        assert!(
+            !e.claim_refresh(t0 + Duration::from_secs(9), Duration::ZERO),
+            "disabled"
+        );
+        assert!(e.claim_refresh(t0 + Duration::from_secs(8), window));
+        assert!(
+            !e.claim_refresh(t0 + Duration::from_secs(9), window),
+            "only once"
+        );
     }
 
     #[test]

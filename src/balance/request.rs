@@ -8,7 +8,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::header::{CACHE_CONTROL, CONTENT_LENGTH, CONTENT_TYPE};
@@ -21,6 +21,10 @@ use tower::{BoxError, Layer, Service, ServiceExt};
 use crate::access_log::Annotations;
 use crate::correlation::{RequestId, TraceContext};
 use crate::error::{GatewayError, Response};
+use crate::stack::RequestDeadline;
+
+/// The deadline of a query built without the deadline layer (unit tests, background work).
+pub const DEFAULT_DEADLINE: Duration = Duration::from_secs(10);
 
 /// `customer_sync_code` is at most this many characters (Bill24's own limit).
 pub const MAX_SYNC_CODE_CHARS: usize = 50;
@@ -280,6 +284,8 @@ fn delta_seconds(text: &str) -> Option<u64> {
 pub struct BalanceQuery {
     pub customer_sync_code: Arc<str>,
     pub directives: CacheDirectives,
+    /// The caller's deadline (no Bill24 retry starts that could not end before it).
+    pub deadline: Instant,
     pub request_id: RequestId,
     pub trace: TraceContext,
     pub notes: Annotations,
@@ -354,6 +360,10 @@ where
             .get::<Annotations>()
             .cloned()
             .unwrap_or_default();
+        let deadline = req
+            .extensions()
+            .get::<RequestDeadline>()
+            .map_or_else(|| Instant::now() + DEFAULT_DEADLINE, |d| d.0);
         let inner = self.inner.clone();
         Box::pin(async move {
             let bytes = match Limited::new(req.into_body(), limit).collect().await {
@@ -372,6 +382,7 @@ where
                 .oneshot(BalanceQuery {
                     customer_sync_code,
                     directives,
+                    deadline,
                     request_id,
                     trace,
                     notes,

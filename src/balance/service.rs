@@ -100,6 +100,9 @@ impl Balances {
         if let Some(e) = fresh
             && q.directives.accepts(e.age(now))
         {
+            if e.claim_refresh(now, self.cache_config.load().refresh_ahead) {
+                tokio::spawn(self.clone().refresh_ahead(q.clone(), e.clone()));
+            }
             return cached(e, CacheStatus::Hit, now, &q);
         }
         // The caller's Cache-Control skipped a usable entry: BYPASS; no usable entry: MISS.
@@ -136,19 +139,52 @@ impl Balances {
                     return Lookup::Hit(e);
                 }
             }
-            let (tx, rx) = watch::channel(None);
-            let flight = Arc::new(Flight {
-                result: rx.clone(),
-                store: AtomicBool::new(store),
-            });
-            flights.insert(q.customer_sync_code.clone(), flight.clone());
-            tokio::spawn(self.clone().fetch(q.clone(), flight, tx));
-            rx
+            self.clone().start_flight(&mut flights, q, store)
         };
         drop(flights);
         match result.wait_for(Option::is_some).await {
             Ok(r) => Lookup::Fetched(r.clone().unwrap_or_else(abandoned)),
             Err(_) => Lookup::Fetched(abandoned()),
+        }
+    }
+
+    /// Registers a fetch for `q`'s key and starts it.
+    fn start_flight(
+        self: Arc<Self>,
+        flights: &mut FlightMap,
+        q: &BalanceQuery,
+        store: bool,
+    ) -> watch::Receiver<Option<FetchResult>> {
+        let (tx, rx) = watch::channel(None);
+        let flight = Arc::new(Flight {
+            result: rx.clone(),
+            store: AtomicBool::new(store),
+        });
+        flights.insert(q.customer_sync_code.clone(), flight.clone());
+        tokio::spawn(self.fetch(q.clone(), flight, tx));
+        rx
+    }
+
+    /// A hit close to expiry: fetch the key again in the background (unless a fetch is in
+    /// flight already), so a hot key never falls back to a miss.
+    async fn refresh_ahead(self: Arc<Self>, mut q: BalanceQuery, entry: Arc<Entry>) {
+        q.deadline = Instant::now() + self.bill24.timeout();
+        q.notes = Default::default();
+        let mut rx = {
+            let mut flights = self.shard(&q.customer_sync_code).lock().await;
+            if flights.contains_key(&q.customer_sync_code) {
+                return;
+            }
+            self.metrics.refresh_ahead();
+            self.clone().start_flight(&mut flights, &q, true)
+        };
+        let failed = match rx.wait_for(Option::is_some).await {
+            Ok(result) => !matches!(result.as_deref(), Some(Ok(_))),
+            Err(_) => true,
+        };
+        if failed {
+            // Let a later hit try again.
+            entry.refreshing.store(false, Ordering::Release);
         }
     }
 
@@ -164,6 +200,7 @@ impl Balances {
             customer_sync_code: &q.customer_sync_code,
             request_id: q.request_id.header_value(),
             traceparent: q.trace.child_header(),
+            deadline: q.deadline,
         };
         let result = self.bill24.balance(&call).await;
         if let Ok(answer) = &result
@@ -202,6 +239,7 @@ impl Balances {
             stored_at: Instant::now(),
             fresh_for,
             stale_for: cfg.stale_if_error,
+            refreshing: AtomicBool::new(false),
         })
     }
 

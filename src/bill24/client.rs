@@ -108,6 +108,20 @@ impl Transport {
         headers: HeaderMap,
         body: Bytes,
     ) -> Result<Reply, TransportError> {
+        self.post_within(endpoint, headers, body, self.timeout)
+            .await
+    }
+
+    /// [`Transport::post`] with a shorter time limit (`timeout` is capped at
+    /// `upstream.timeout`).
+    pub async fn post_within(
+        &self,
+        endpoint: Endpoint,
+        headers: HeaderMap,
+        body: Bytes,
+        timeout: Duration,
+    ) -> Result<Reply, TransportError> {
+        let timeout = timeout.min(self.timeout);
         let url = match endpoint {
             Endpoint::Balance => self.balance_url.clone(),
             Endpoint::Authorize => self.authorize_url.clone(),
@@ -146,9 +160,9 @@ impl Transport {
                 elapsed: start.elapsed(),
             })
         };
-        match tokio::time::timeout(self.timeout, exchange).await {
+        match tokio::time::timeout(timeout, exchange).await {
             Ok(result) => result,
-            Err(_) => Err(TransportError::Timeout(self.timeout)),
+            Err(_) => Err(TransportError::Timeout(timeout)),
         }
     }
 

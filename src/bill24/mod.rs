@@ -1,7 +1,10 @@
 //! Bill24, the upstream: balance calls with the merchant access token, at most
-//! `upstream.max_in_flight` at once, one shared token refresh and one retry on HTTP 401, and
-//! each answer classified for the caller. Knows nothing of callers, the cache or serving.
+//! `upstream.max_in_flight` at once, one shared token refresh and one retry on HTTP 401,
+//! retries (with backoff, within the caller's deadline and a retry budget) on connection
+//! failures, timeouts and 5xx, a circuit breaker, and each answer classified for the caller.
+//! Knows nothing of callers, the cache or serving.
 
+pub mod circuit;
 pub mod client;
 pub mod token;
 pub mod wire;
@@ -13,11 +16,32 @@ use bytes::Bytes;
 use http::header::{AUTHORIZATION, CONTENT_TYPE};
 use http::{HeaderMap, HeaderValue, StatusCode};
 use tokio::sync::Semaphore;
+use tower::retry::budget::{Budget, TpsBudget};
 
 use crate::config::UpstreamConfig;
 use crate::metrics::{Endpoint, Metrics};
+use circuit::{Circuit, Transition};
 use client::{Reply, Transport, TransportError};
 use token::{AccessToken, Credentials, TokenError, TokenManager};
+
+/// Retries are spread over this window when counted against the budget.
+const RETRY_BUDGET_WINDOW: Duration = Duration::from_secs(10);
+/// Retries always allowed per second, whatever the traffic (as Finagle and linkerd do).
+const RETRY_BUDGET_MIN_PER_SEC: u32 = 10;
+/// First retry backoff; doubles per retry, with jitter, up to [`MAX_RETRY_BACKOFF`].
+const RETRY_BACKOFF: Duration = Duration::from_millis(25);
+const MAX_RETRY_BACKOFF: Duration = Duration::from_millis(250);
+/// A retry is not worth starting with less than this left before the caller's deadline.
+const MIN_ATTEMPT: Duration = Duration::from_millis(20);
+
+/// The pause before retry number `retry` (0-based): half the exponential step plus a random
+/// share of the other half (`jitter_draw` uniform in `[0, 1)`).
+pub fn retry_backoff(retry: u32, jitter_draw: f64) -> Duration {
+    let step = RETRY_BACKOFF
+        .saturating_mul(1 << retry.min(8))
+        .min(MAX_RETRY_BACKOFF);
+    step / 2 + (step / 2).mul_f64(jitter_draw.clamp(0.0, 1.0))
+}
 
 /// Why Bill24 gave no usable answer; each maps to 502, 503 or 504.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -62,6 +86,23 @@ impl UpstreamError {
             UpstreamError::Busy => "upstream_busy",
             UpstreamError::CircuitOpen { .. } => "circuit_open",
         }
+    }
+
+    /// Worth another attempt: the failure may be transient and the request is a read.
+    pub fn is_retryable(&self) -> bool {
+        matches!(
+            self,
+            UpstreamError::Timeout | UpstreamError::Unreachable | UpstreamError::Status(_)
+        )
+    }
+
+    /// Counts toward opening the circuit: Bill24 (or its token endpoint) failed us. A full
+    /// local queue or an open circuit does not.
+    pub fn counts_against_circuit(&self) -> bool {
+        !matches!(
+            self,
+            UpstreamError::Busy | UpstreamError::CircuitOpen { .. }
+        )
     }
 
     pub fn retry_after_secs(&self) -> Option<u64> {
@@ -110,11 +151,14 @@ pub struct Answer {
     pub elapsed: Duration,
 }
 
-/// What a balance call forwards: the code, and the caller's correlation headers.
+/// What a balance call forwards (the code and the caller's correlation headers), and until
+/// when retrying is worth it.
 pub struct BalanceCall<'a> {
     pub customer_sync_code: &'a str,
     pub request_id: &'a HeaderValue,
     pub traceparent: HeaderValue,
+    /// The caller's deadline: no retry starts that could not finish before it.
+    pub deadline: Instant,
 }
 
 pub struct Bill24 {
@@ -122,6 +166,9 @@ pub struct Bill24 {
     tokens: TokenManager,
     slots: Semaphore,
     queue_timeout: Duration,
+    retries: u32,
+    budget: TpsBudget,
+    circuit: Circuit,
     metrics: Arc<Metrics>,
 }
 
@@ -139,11 +186,19 @@ impl Bill24 {
             cfg.token_refresh_margin,
             metrics.clone(),
         );
+        metrics.set_circuit_state(circuit::CircuitState::Closed);
         Ok(Bill24 {
             transport,
             tokens,
             slots: Semaphore::new(cfg.max_in_flight),
             queue_timeout: cfg.queue_timeout,
+            retries: cfg.retries,
+            budget: TpsBudget::new(
+                RETRY_BUDGET_WINDOW,
+                RETRY_BUDGET_MIN_PER_SEC,
+                cfg.retry_budget as f32,
+            ),
+            circuit: Circuit::new(cfg.circuit_failures, cfg.circuit_cooldown),
             metrics,
         })
     }
@@ -152,20 +207,98 @@ impl Bill24 {
         &self.tokens
     }
 
-    /// Asks Bill24 for a balance.
+    /// Asks Bill24 for a balance: through the circuit breaker, retrying what is worth it.
     pub async fn balance(&self, call: &BalanceCall<'_>) -> Result<Answer, Failure> {
+        let admission = match self.circuit.admit(Instant::now()) {
+            Ok((admission, transition)) => {
+                self.circuit_moved(transition);
+                admission
+            }
+            Err(wait) => {
+                return Err(Failure::new(
+                    UpstreamError::CircuitOpen {
+                        retry_after_secs: wait.as_secs_f64().ceil().max(1.0) as u64,
+                    },
+                    None,
+                    None,
+                ));
+            }
+        };
+        self.budget.deposit();
+        let mut retries = 0;
+        let result = loop {
+            // The first attempt may outlive the caller (its answer still fills the cache for
+            // the next one); a retry never does.
+            let limit = if retries == 0 {
+                self.transport.timeout()
+            } else {
+                call.deadline.saturating_duration_since(Instant::now())
+            };
+            let result = self.exchange(call, limit).await;
+            let Err(failure) = &result else {
+                break result;
+            };
+            if !failure.error.is_retryable() || retries >= self.retries {
+                break result;
+            }
+            let pause = retry_backoff(retries, rand::random::<f64>());
+            if Instant::now() + pause + MIN_ATTEMPT >= call.deadline {
+                break result;
+            }
+            if !self.budget.withdraw() {
+                self.metrics.retry_denied();
+                break result;
+            }
+            retries += 1;
+            self.metrics.retry();
+            tracing::debug!(
+                request_id = call.request_id.to_str().unwrap_or("-"),
+                retry = retries,
+                error = %failure.error,
+                "retrying the Bill24 call"
+            );
+            tokio::time::sleep(pause).await;
+        };
+        let failed = matches!(&result, Err(f) if f.error.counts_against_circuit());
+        let transition = self.circuit.record(admission, failed, Instant::now());
+        self.circuit_moved(transition);
+        result
+    }
+
+    fn circuit_moved(&self, transition: Option<Transition>) {
+        let Some(transition) = transition else {
+            return;
+        };
+        self.metrics.set_circuit_state(self.circuit.state());
+        match transition {
+            Transition::Opened => {
+                self.metrics.circuit_opened();
+                tracing::warn!(
+                    "circuit to Bill24 opened: requests fail fast until a probe succeeds"
+                );
+            }
+            Transition::HalfOpened => {
+                tracing::info!("circuit to Bill24 half-open: sending one probe request");
+            }
+            Transition::Closed => tracing::info!("circuit to Bill24 closed: Bill24 answers again"),
+        }
+    }
+
+    /// One exchange: a token, the call, and on a 401 one shared refresh and one more call,
+    /// each call within `limit`.
+    async fn exchange(&self, call: &BalanceCall<'_>, limit: Duration) -> Result<Answer, Failure> {
         let start = Instant::now();
         let token = self
             .tokens
             .token()
             .await
             .map_err(|e| Failure::new(UpstreamError::Token(e), None, None))?;
-        let mut attempt = self.send(&token, call).await?;
+        let mut attempt = self.send(&token, call, limit).await?;
         if attempt.reply.status == StatusCode::UNAUTHORIZED {
             let token = self.tokens.refused(&token).await.map_err(|e| {
                 Failure::new(UpstreamError::Token(e), Some(401), Some(start.elapsed()))
             })?;
-            attempt = self.send(&token, call).await?;
+            attempt = self.send(&token, call, limit).await?;
             if attempt.reply.status == StatusCode::UNAUTHORIZED {
                 return Err(Failure::new(
                     UpstreamError::Unauthorized,
@@ -178,7 +311,12 @@ impl Bill24 {
     }
 
     /// One POST, holding an upstream slot for its duration.
-    async fn send(&self, token: &AccessToken, call: &BalanceCall<'_>) -> Result<Attempt, Failure> {
+    async fn send(
+        &self,
+        token: &AccessToken,
+        call: &BalanceCall<'_>,
+        limit: Duration,
+    ) -> Result<Attempt, Failure> {
         let _slot = match tokio::time::timeout(self.queue_timeout, self.slots.acquire()).await {
             Ok(Ok(permit)) => permit,
             _ => return Err(Failure::new(UpstreamError::Busy, None, None)),
@@ -195,7 +333,7 @@ impl Bill24 {
         let start = Instant::now();
         match self
             .transport
-            .post(Endpoint::Balance, headers, Bytes::from(body))
+            .post_within(Endpoint::Balance, headers, Bytes::from(body), limit)
             .await
         {
             Ok(reply) => {
@@ -235,6 +373,10 @@ impl Bill24 {
 
     pub fn timeout(&self) -> Duration {
         self.transport.timeout()
+    }
+
+    pub fn circuit_state(&self) -> circuit::CircuitState {
+        self.circuit.state()
     }
 
     pub fn stop(&self) {
@@ -282,5 +424,39 @@ fn classify(attempt: Attempt, elapsed: Duration) -> Result<Answer, Failure> {
         })
     } else {
         fail(UpstreamError::Status(status.as_u16()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_backoff_grows_with_jitter_and_a_cap() {
+        assert_eq!(retry_backoff(0, 0.0), Duration::from_micros(12_500));
+        assert_eq!(retry_backoff(0, 1.0), Duration::from_millis(25));
+        assert_eq!(retry_backoff(1, 0.0), Duration::from_millis(25));
+        assert_eq!(retry_backoff(1, 1.0), Duration::from_millis(50));
+        assert_eq!(retry_backoff(10, 1.0), MAX_RETRY_BACKOFF);
+        assert_eq!(retry_backoff(u32::MAX, 0.0), MAX_RETRY_BACKOFF / 2);
+    }
+
+    #[test]
+    fn what_is_retried_and_what_opens_the_circuit() {
+        assert!(UpstreamError::Timeout.is_retryable());
+        assert!(UpstreamError::Unreachable.is_retryable());
+        assert!(UpstreamError::Status(503).is_retryable());
+        assert!(!UpstreamError::InvalidAnswer.is_retryable());
+        assert!(!UpstreamError::Unauthorized.is_retryable());
+        assert!(!UpstreamError::Busy.is_retryable());
+        assert!(!UpstreamError::Token(TokenError::Abandoned).is_retryable());
+        assert!(UpstreamError::Token(TokenError::Abandoned).counts_against_circuit());
+        assert!(!UpstreamError::Busy.counts_against_circuit());
+        assert!(
+            !UpstreamError::CircuitOpen {
+                retry_after_secs: 1
+            }
+            .counts_against_circuit()
+        );
     }
 }

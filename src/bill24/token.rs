@@ -24,6 +24,9 @@ use crate::secret::Secret;
 
 const FIRST_BACKOFF: Duration = Duration::from_millis(250);
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// At most one token replacement per this long because Bill24 refused a token: when Bill24
+/// refuses every token (a 401 storm), requests fail instead of each buying a new one.
+const MIN_REFUSAL_INTERVAL: Duration = Duration::from_secs(1);
 
 /// The merchant credentials that buy an access token.
 #[derive(Clone, Debug)]
@@ -86,6 +89,8 @@ pub enum TokenError {
     BackingOff(Duration),
     #[error("the token request was abandoned")]
     Abandoned,
+    #[error("Bill24 refused a token obtained moments ago; not asking for another yet")]
+    RefusedTooSoon,
 }
 
 type AttemptResult = Result<Arc<AccessToken>, TokenError>;
@@ -97,6 +102,8 @@ struct State {
     attempt: Option<watch::Receiver<Option<AttemptResult>>>,
     failures: u32,
     retry_at: Option<Instant>,
+    /// When a refused token was last dropped.
+    last_refusal: Option<Instant>,
 }
 
 struct Inner {
@@ -136,6 +143,7 @@ impl TokenManager {
                 attempt: None,
                 failures: 0,
                 retry_at: None,
+                last_refusal: None,
             }),
             changed: Notify::new(),
         });
@@ -171,8 +179,16 @@ impl TokenManager {
             let now = Instant::now();
             match &st.token {
                 Some(current) if Arc::ptr_eq(current, refused) => {
+                    if st
+                        .last_refusal
+                        .is_some_and(|at| now.saturating_duration_since(at) < MIN_REFUSAL_INTERVAL)
+                    {
+                        return Err(TokenError::RefusedTooSoon);
+                    }
                     tracing::warn!("Bill24 refused the access token; requesting a new one");
-                    st.orphan_refresh = current.refresh_token.clone();
+                    let refresh = current.refresh_token.clone();
+                    st.last_refusal = Some(now);
+                    st.orphan_refresh = refresh;
                     st.token = None;
                 }
                 Some(current) if current.is_valid(now) => return Ok(current.clone()),

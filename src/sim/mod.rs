@@ -50,6 +50,8 @@ pub enum Fault {
     Unauthorized,
     /// HTTP 200 with `"code":"ERR_MISSED_FIELD"`, as if the field were missing.
     MissedField,
+    /// No answer for a minute (the gateway's timeout decides).
+    Hang,
 }
 
 /// How `tokenExpireTime` is written.
@@ -555,7 +557,7 @@ async fn authorize(state: &State, recorded: Recorded) -> Result<SimResponse, std
         tokio::time::sleep(latency).await;
     }
     if let Some(fault) = fault {
-        return apply_fault(fault);
+        return apply_fault(fault).await;
     }
     let refuse = |message: &str| {
         let body = serde_json::json!({"code": 401, "message": message, "data": null});
@@ -671,7 +673,7 @@ async fn balance(
                 .is_some_and(|exp| Instant::now() < *exp)
         });
     if let Some(fault) = fault {
-        return apply_fault(fault);
+        return apply_fault(fault).await;
     }
     if !token_ok {
         state
@@ -729,8 +731,12 @@ fn missed_field() -> SimResponse {
     )
 }
 
-fn apply_fault(fault: Fault) -> Result<SimResponse, std::io::Error> {
+async fn apply_fault(fault: Fault) -> Result<SimResponse, std::io::Error> {
     match fault {
+        Fault::Hang => {
+            tokio::time::sleep(Duration::from_secs(60)).await;
+            Ok(html(StatusCode::GATEWAY_TIMEOUT))
+        }
         Fault::MissedField => Ok(missed_field()),
         Fault::Reset => Err(std::io::Error::new(
             std::io::ErrorKind::ConnectionReset,

@@ -1,0 +1,245 @@
+//! Per-connection timeouts, in the shape the contract gives them:
+//! - `server.idle_timeout`: a connection with no request in progress is closed after this long
+//!   (HTTP/1.1 keep-alive between requests, HTTP/2 with no open stream);
+//! - `server.header_read_timeout`: once the first byte of an HTTP/1.1 request has arrived, its
+//!   head must be complete within this (slowloris).
+//!
+//! hyper's own header timer starts as soon as it waits for a head, so it would also close
+//! keep-alive connections that are merely idle; hence this wrapper. [`TimedIo`] watches the
+//! bytes, [`Tracked`] tells it when the service has a request; when a deadline passes, the next
+//! read fails with `TimedOut` and hyper closes the connection.
+
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::time::{Instant, Sleep};
+use tower::Service;
+
+/// What the connection's service is doing, shared with its [`TimedIo`].
+#[derive(Debug)]
+pub struct Activity {
+    epoch: Instant,
+    in_service: AtomicUsize,
+    /// Requests handed to the service so far.
+    started: AtomicU64,
+    /// When the service last finished a request (nanoseconds since `epoch`).
+    idle_since: AtomicU64,
+}
+
+impl Activity {
+    pub fn new() -> Arc<Self> {
+        Arc::new(Activity {
+            epoch: Instant::now(),
+            in_service: AtomicUsize::new(0),
+            started: AtomicU64::new(0),
+            idle_since: AtomicU64::new(0),
+        })
+    }
+
+    fn begin(&self) {
+        self.started.fetch_add(1, Ordering::AcqRel);
+        self.in_service.fetch_add(1, Ordering::AcqRel);
+    }
+
+    fn end(&self) {
+        let since = self.epoch.elapsed().as_nanos().min(u64::MAX as u128) as u64;
+        self.idle_since.store(since, Ordering::Release);
+        self.in_service.fetch_sub(1, Ordering::AcqRel);
+    }
+
+    fn idle_since(&self) -> Instant {
+        self.epoch + Duration::from_nanos(self.idle_since.load(Ordering::Acquire))
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Protocol {
+    Unknown,
+    Http1,
+    Http2,
+}
+
+/// A connection's IO with the idle and header deadlines applied to its reads.
+pub struct TimedIo<T> {
+    inner: T,
+    activity: Arc<Activity>,
+    header_timeout: Duration,
+    idle_timeout: Duration,
+    protocol: Protocol,
+    /// An HTTP/1 head is arriving: since when, and how many requests had started then.
+    head_started: Option<(Instant, u64)>,
+    timer: Pin<Box<Sleep>>,
+}
+
+impl<T> TimedIo<T> {
+    pub fn new(
+        inner: T,
+        activity: Arc<Activity>,
+        header_timeout: Duration,
+        idle_timeout: Duration,
+    ) -> Self {
+        let timer = Box::pin(tokio::time::sleep(idle_timeout));
+        TimedIo {
+            inner,
+            activity,
+            header_timeout,
+            idle_timeout,
+            protocol: Protocol::Unknown,
+            head_started: None,
+            timer,
+        }
+    }
+
+    fn saw_bytes(&mut self, bytes: &[u8]) {
+        if self.protocol == Protocol::Unknown {
+            // The HTTP/2 connection preface starts with "PRI * HTTP/2.0".
+            self.protocol = if bytes.starts_with(b"PRI") {
+                Protocol::Http2
+            } else {
+                Protocol::Http1
+            };
+        }
+        if self.protocol == Protocol::Http1
+            && self.head_started.is_none()
+            && self.activity.in_service.load(Ordering::Acquire) == 0
+        {
+            self.head_started = Some((
+                Instant::now(),
+                self.activity.started.load(Ordering::Acquire),
+            ));
+        }
+    }
+
+    /// The deadline that applies while waiting for bytes, if any.
+    fn deadline(&mut self) -> Option<Instant> {
+        if self.activity.in_service.load(Ordering::Acquire) > 0 {
+            // A request is being served: `server.request_timeout` governs it.
+            return None;
+        }
+        if let Some((since, started)) = self.head_started {
+            if self.activity.started.load(Ordering::Acquire) == started {
+                return Some(since + self.header_timeout);
+            }
+            // That head was read and its request served.
+            self.head_started = None;
+        }
+        Some(self.activity.idle_since() + self.idle_timeout)
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for TimedIo<T> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        match Pin::new(&mut this.inner).poll_read(cx, buf) {
+            Poll::Ready(Ok(())) => {
+                if buf.filled().len() > before {
+                    this.saw_bytes(&buf.filled()[before..]);
+                }
+                Poll::Ready(Ok(()))
+            }
+            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+            Poll::Pending => {
+                let Some(deadline) = this.deadline() else {
+                    return Poll::Pending;
+                };
+                if this.timer.deadline() != deadline {
+                    this.timer.as_mut().reset(deadline);
+                }
+                match this.timer.as_mut().poll(cx) {
+                    Poll::Ready(()) => Poll::Ready(Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        "connection idle or request head too slow",
+                    ))),
+                    Poll::Pending => Poll::Pending,
+                }
+            }
+        }
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for TimedIo<T> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
+
+/// The connection's service, telling [`Activity`] when a request is in it.
+#[derive(Clone)]
+pub struct Tracked<S> {
+    inner: S,
+    activity: Arc<Activity>,
+}
+
+impl<S> Tracked<S> {
+    pub fn new(inner: S, activity: Arc<Activity>) -> Self {
+        Tracked { inner, activity }
+    }
+}
+
+struct InService(Arc<Activity>);
+
+impl Drop for InService {
+    fn drop(&mut self) {
+        self.0.end();
+    }
+}
+
+impl<S, R> Service<R> for Tracked<S>
+where
+    S: Service<R>,
+    S::Future: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<S::Response, S::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: R) -> Self::Future {
+        self.activity.begin();
+        let guard = InService(self.activity.clone());
+        let fut = self.inner.call(req);
+        Box::pin(async move {
+            let result = fut.await;
+            drop(guard);
+            result
+        })
+    }
+}

@@ -1,0 +1,173 @@
+//! Per-caller protection, so one noisy service cannot starve the others: a token bucket
+//! (`rate_limit_rps`, `burst`) and a cap on requests in flight (`max_concurrent`). Over
+//! either, 429 with `Retry-After`.
+
+use std::future::Future;
+use std::num::NonZeroU32;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use governor::clock::{Clock, DefaultClock};
+use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
+use http::Request;
+use tokio::sync::Semaphore;
+use tower::{Layer, Service};
+
+use crate::auth::Caller;
+use crate::config::CallerConfig;
+use crate::error::{GatewayError, Response};
+
+/// One caller's limits; either may be absent (0 = unlimited).
+#[derive(Debug, Default)]
+pub struct CallerLimits {
+    bucket: Option<DefaultDirectRateLimiter>,
+    in_flight: Option<Arc<Semaphore>>,
+    /// The settings these were built from (a reload keeps limits whose settings are unchanged).
+    settings: (u64, u32, u32),
+}
+
+impl CallerLimits {
+    pub fn new(cfg: &CallerConfig) -> Self {
+        CallerLimits {
+            bucket: quota(cfg.rate_limit_rps, cfg.burst).map(RateLimiter::direct),
+            in_flight: (cfg.max_concurrent > 0)
+                .then(|| Arc::new(Semaphore::new(cfg.max_concurrent as usize))),
+            settings: settings_of(cfg),
+        }
+    }
+
+    pub fn same_settings(&self, cfg: &CallerConfig) -> bool {
+        self.settings == settings_of(cfg)
+    }
+}
+
+fn settings_of(cfg: &CallerConfig) -> (u64, u32, u32) {
+    (cfg.rate_limit_rps.to_bits(), cfg.burst, cfg.max_concurrent)
+}
+
+/// `rps` cells per second, bursts of `burst` (0: one second's worth, at least 1).
+pub fn quota(rps: f64, burst: u32) -> Option<Quota> {
+    if !(rps.is_finite() && rps > 0.0) {
+        return None;
+    }
+    let period = Duration::from_secs_f64(1.0 / rps).max(Duration::from_nanos(1));
+    let burst = if burst == 0 {
+        (rps.ceil().min(u32::MAX as f64) as u32).max(1)
+    } else {
+        burst
+    };
+    Some(Quota::with_period(period)?.allow_burst(NonZeroU32::new(burst)?))
+}
+
+/// Seconds to put in `Retry-After`: whole seconds, rounded up, at least 1.
+fn retry_after(wait: Duration) -> u64 {
+    (wait.as_secs_f64().ceil() as u64).max(1)
+}
+
+#[derive(Clone, Copy, Debug, Default)]
+pub struct CallerLimitLayer;
+
+impl<S> Layer<S> for CallerLimitLayer {
+    type Service = CallerLimit<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        CallerLimit { inner }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct CallerLimit<S> {
+    inner: S,
+}
+
+impl<S, B> Service<Request<B>> for CallerLimit<S>
+where
+    S: Service<Request<B>, Response = Response>,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+{
+    type Response = Response;
+    type Error = S::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<Response, S::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<B>) -> Self::Future {
+        let Some(limits) = req.extensions().get::<Caller>().map(|c| c.limits.clone()) else {
+            return Box::pin(self.inner.call(req));
+        };
+        if let Some(bucket) = &limits.bucket
+            && let Err(not_until) = bucket.check()
+        {
+            let wait = not_until.wait_time_from(DefaultClock::default().now());
+            return reject(GatewayError::RateLimited {
+                retry_after_secs: retry_after(wait),
+            });
+        }
+        let permit = match &limits.in_flight {
+            None => None,
+            Some(slots) => match slots.clone().try_acquire_owned() {
+                Ok(permit) => Some(permit),
+                Err(_) => {
+                    return reject(GatewayError::TooManyConcurrent {
+                        retry_after_secs: 1,
+                    });
+                }
+            },
+        };
+        let fut = self.inner.call(req);
+        Box::pin(async move {
+            let response = fut.await;
+            drop(permit);
+            response
+        })
+    }
+}
+
+fn reject<E: Send + 'static>(
+    error: GatewayError,
+) -> Pin<Box<dyn Future<Output = Result<Response, E>> + Send>> {
+    Box::pin(std::future::ready(Ok(error.into_response())))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quotas() {
+        assert!(quota(0.0, 5).is_none(), "0 = unlimited");
+        assert!(quota(f64::NAN, 5).is_none());
+        let q = quota(10.0, 0).expect("quota");
+        assert_eq!(q.burst_size().get(), 10);
+        assert_eq!(q.replenish_interval(), Duration::from_millis(100));
+        let q = quota(0.5, 0).expect("fractional rate");
+        assert_eq!(q.burst_size().get(), 1);
+        assert_eq!(q.replenish_interval(), Duration::from_secs(2));
+        assert_eq!(quota(5.0, 20).expect("quota").burst_size().get(), 20);
+    }
+
+    #[test]
+    fn bucket_allows_the_burst_then_refuses() {
+        let limits = CallerLimits::new(&CallerConfig {
+            name: Arc::from("x"),
+            key_sha256: vec![],
+            rate_limit_rps: 1.0,
+            burst: 3,
+            max_concurrent: 0,
+        });
+        let bucket = limits.bucket.as_ref().expect("bucket");
+        for _ in 0..3 {
+            assert!(bucket.check().is_ok());
+        }
+        let refused = bucket.check().expect_err("over the burst");
+        let wait = refused.wait_time_from(DefaultClock::default().now());
+        assert!(wait <= Duration::from_secs(1));
+        assert_eq!(retry_after(wait), 1);
+        assert_eq!(retry_after(Duration::from_millis(1500)), 2);
+    }
+}
