@@ -139,6 +139,25 @@ async fn no_cache_fetches_fresh_and_stores() {
     assert_eq!(miss.x_cache(), "MISS");
 }
 
+/// A refetched entry lives its own full TTL, not what was left of the one it replaced.
+#[tokio::test]
+async fn a_refetched_entry_gets_a_full_ttl() {
+    let app = spawn_app_with(|c| c.cache.ttl = Duration::from_millis(600)).await;
+    assert_eq!(app.balance("C1").await.x_cache(), "MISS");
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let r = app
+        .balance_with("C1", &[("cache-control", "no-cache")])
+        .await;
+    assert_eq!(r.x_cache(), "BYPASS");
+    tokio::time::sleep(Duration::from_millis(350)).await;
+    assert_eq!(
+        app.balance("C1").await.x_cache(),
+        "HIT",
+        "past the first entry's expiry"
+    );
+    assert_eq!(app.sim.balance_calls_for("C1"), 2);
+}
+
 /// `no-store` fetches fresh and leaves the cache as it was.
 #[tokio::test]
 async fn no_store_fetches_fresh_without_storing() {

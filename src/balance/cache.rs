@@ -111,7 +111,8 @@ pub fn fresh_for(cfg: &CacheConfig, bill24_code: &str, jitter_draw: f64) -> Opti
     (!ttl.is_zero()).then_some(ttl)
 }
 
-/// Evicts each entry once it is neither fresh nor servable as stale.
+/// Evicts each entry once it is neither fresh nor servable as stale. A replaced entry lives
+/// by the new entry's lifetime (moka's default would keep the old one's expiry).
 struct EntryLifetime;
 
 impl Expiry<Arc<str>, Arc<Entry>> for EntryLifetime {
@@ -120,6 +121,16 @@ impl Expiry<Arc<str>, Arc<Entry>> for EntryLifetime {
         _key: &Arc<str>,
         value: &Arc<Entry>,
         _created_at: Instant,
+    ) -> Option<Duration> {
+        Some(value.fresh_for + value.stale_for)
+    }
+
+    fn expire_after_update(
+        &self,
+        _key: &Arc<str>,
+        value: &Arc<Entry>,
+        _updated_at: Instant,
+        _duration_until_expiry: Option<Duration>,
     ) -> Option<Duration> {
         Some(value.fresh_for + value.stale_for)
     }
@@ -272,6 +283,31 @@ mod tests {
         assert_eq!(fresh_for(&c, "000", 0.0), Some(Duration::from_secs(10)));
         assert_eq!(fresh_for(&c, "000", 1.0), Some(Duration::from_secs(8)));
         assert_eq!(fresh_for(&c, "000", 0.5), Some(Duration::from_secs(9)));
+    }
+
+    #[tokio::test]
+    async fn a_replaced_entry_lives_by_its_own_lifetime() {
+        let cache = BalanceCache::new(10);
+        let short = Entry {
+            fresh_for: Duration::from_millis(100),
+            stale_for: Duration::ZERO,
+            ..entry(Instant::now())
+        };
+        cache
+            .insert_if_current(Arc::from("k"), Arc::new(short), cache.generation())
+            .await;
+        let long = Entry {
+            fresh_for: Duration::from_secs(30),
+            ..entry(Instant::now())
+        };
+        cache
+            .insert_if_current(Arc::from("k"), Arc::new(long), cache.generation())
+            .await;
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        assert!(
+            cache.get("k").await.is_some(),
+            "not evicted at the old entry's expiry"
+        );
     }
 
     #[tokio::test]

@@ -1,0 +1,820 @@
+//! Resilience, through the real gateway and simulator: retries and their budget, the circuit
+//! breaker, refresh-ahead, per-caller limits, connection timeouts, and a fault-injection suite
+//! in which every request must be answered within `server.request_timeout`.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bill24_gateway::config::Config;
+use bill24_gateway::sim::{Fault, SimConfig, SimHandle, Simulator};
+use common::*;
+use futures_util::future::join_all;
+use http::StatusCode;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+// ---------------------------------------------------------------------------------------------
+// Retries
+// ---------------------------------------------------------------------------------------------
+
+/// Connection resets, 5xx and timeouts are retried (up to `upstream.retries`), so a transient
+/// failure never reaches the caller.
+#[tokio::test]
+async fn transient_failures_are_retried() {
+    let app = spawn_app_with(|c| c.upstream.timeout = Duration::from_millis(150)).await;
+    app.balance("warm-up").await;
+    for (i, fault) in [
+        Fault::Status(500),
+        Fault::Status(503),
+        Fault::Reset,
+        Fault::Hang,
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let code = format!("R{i}");
+        app.sim.fail_next(2, fault);
+        let r = app.balance(&code).await;
+        assert_eq!(r.status, StatusCode::OK, "{fault:?}");
+        assert_eq!(
+            app.sim.balance_calls_for(&code),
+            3,
+            "{fault:?}: two retries"
+        );
+    }
+    assert_eq!(app.metric("gateway_upstream_retries_total").await, 8.0);
+    // Three failures in a row exhaust `retries = 2`.
+    app.sim.fail_next(3, Fault::Status(500));
+    assert_eq!(app.balance("R9").await.status, StatusCode::BAD_GATEWAY);
+    assert_eq!(app.sim.balance_calls_for("R9"), 3);
+}
+
+/// `retries = 0` means one attempt.
+#[tokio::test]
+async fn zero_retries_means_one_attempt() {
+    let app = spawn_app_with(|c| c.upstream.retries = 0).await;
+    app.sim.fail_next(1, Fault::Status(500));
+    assert_eq!(app.balance("C").await.status, StatusCode::BAD_GATEWAY);
+    assert_eq!(app.sim.balance_calls_for("C"), 1);
+}
+
+/// 4xx answers and non-JSON bodies are not retried.
+#[tokio::test]
+async fn client_errors_and_bad_bodies_are_not_retried() {
+    let app = spawn_app().await;
+    app.sim.fail_next(1, Fault::Status(404));
+    assert_eq!(app.balance("A").await.status, StatusCode::NOT_FOUND);
+    app.sim.fail_next(1, Fault::Html);
+    assert_eq!(app.balance("B").await.status, StatusCode::BAD_GATEWAY);
+    assert_eq!(app.sim.balance_calls(), 2);
+    assert_eq!(app.metric("gateway_upstream_retries_total").await, 0.0);
+}
+
+/// A retry never runs past the caller's deadline: the caller is answered by
+/// `request_timeout`, and no retry starts that could not finish before it.
+#[tokio::test]
+async fn retries_stay_inside_the_request_deadline() {
+    let app = spawn_app_with(|c| {
+        c.server.request_timeout = Duration::from_millis(400);
+        c.upstream.timeout = Duration::from_millis(300);
+        c.upstream.retries = 5;
+    })
+    .await;
+    app.balance("warm-up").await;
+    app.sim.set_balance_fault(Some(Fault::Hang));
+    let start = Instant::now();
+    let r = app.balance("C").await;
+    assert_eq!(r.status, StatusCode::GATEWAY_TIMEOUT);
+    assert!(
+        start.elapsed() < Duration::from_millis(600),
+        "{:?}",
+        start.elapsed()
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        app.sim.balance_calls_for("C"),
+        2,
+        "one retry fit, cut at the deadline"
+    );
+}
+
+/// The retry budget bounds the extra load: retries are at most `retry_budget` of requests
+/// (plus 10 per second), however many fail.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn retry_budget_caps_the_extra_load() {
+    let app = Arc::new(
+        spawn_app_with(|c| {
+            c.upstream.circuit_failures = 0;
+            c.upstream.retries = 2;
+            c.upstream.retry_budget = 0.2;
+        })
+        .await,
+    );
+    app.balance("warm-up").await;
+    app.sim.set_balance_fault(Some(Fault::Status(500)));
+    let requests = 400;
+    join_all((0..40).map(|t| {
+        let app = app.clone();
+        async move {
+            for i in 0..requests / 40 {
+                let r = app.balance(&format!("B{t}-{i}")).await;
+                assert_eq!(r.status, StatusCode::BAD_GATEWAY);
+            }
+        }
+    }))
+    .await;
+    let calls = app.sim.balance_calls() - 1;
+    let retries = calls - requests;
+    // 20 % of 400 plus the 10/s reserve over the 10 s window: 180 at most (vs 800 unbudgeted).
+    assert!(retries <= 180, "{retries} retries for {requests} requests");
+    assert!(retries >= 80, "the budget still allows retries: {retries}");
+    assert!(app.metric("gateway_upstream_retries_denied_total").await > 0.0);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Circuit breaker
+// ---------------------------------------------------------------------------------------------
+
+fn breaker(c: &mut Config) {
+    c.upstream.retries = 0;
+    c.upstream.circuit_failures = 3;
+    c.upstream.circuit_cooldown = Duration::from_millis(600);
+}
+
+/// After `circuit_failures` consecutive failures the circuit opens: 503 with Retry-After at
+/// once, Bill24 untouched; after the cool-down one probe closes it when Bill24 is back.
+#[tokio::test]
+async fn circuit_opens_fails_fast_then_one_probe_closes_it() {
+    let app = spawn_app_with(breaker).await;
+    app.balance("warm-up").await;
+    app.sim.set_balance_fault(Some(Fault::Status(500)));
+    for _ in 0..3 {
+        assert_eq!(app.balance("C").await.status, StatusCode::BAD_GATEWAY);
+    }
+    assert_eq!(app.metric("gateway_circuit_state").await, 1.0);
+    let calls = app.sim.balance_calls();
+    for _ in 0..20 {
+        let start = Instant::now();
+        let r = app.balance("C").await;
+        assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(r.error_code(), "circuit_open");
+        assert_eq!(r.header("retry-after"), Some("1"));
+        assert!(start.elapsed() < Duration::from_millis(100), "fails fast");
+    }
+    assert_eq!(
+        app.sim.balance_calls(),
+        calls,
+        "Bill24 untouched while open"
+    );
+
+    // Cool-down over, Bill24 still failing: the probe fails and the circuit opens again.
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert_eq!(app.balance("C").await.status, StatusCode::BAD_GATEWAY);
+    assert_eq!(app.sim.balance_calls(), calls + 1, "exactly one probe");
+    assert_eq!(
+        app.balance("C").await.status,
+        StatusCode::SERVICE_UNAVAILABLE
+    );
+
+    // Bill24 back: the next probe closes it.
+    app.sim.set_balance_fault(None);
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert_eq!(app.balance("C").await.status, StatusCode::OK);
+    assert_eq!(app.metric("gateway_circuit_state").await, 0.0);
+    assert_eq!(app.balance("D").await.status, StatusCode::OK);
+    assert_eq!(app.metric("gateway_circuit_opened_total").await, 2.0);
+}
+
+/// While the probe is in flight, everyone else still gets 503.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn half_open_lets_exactly_one_probe_through() {
+    let app = Arc::new(spawn_app_with(breaker).await);
+    app.balance("warm-up").await;
+    app.sim.set_balance_fault(Some(Fault::Status(500)));
+    for _ in 0..3 {
+        app.balance("C").await;
+    }
+    app.sim.set_balance_fault(None);
+    app.sim.set_latency(Duration::from_millis(300));
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let before = app.sim.balance_calls();
+    let replies = join_all((0..10).map(|i| {
+        let app = app.clone();
+        async move { app.balance(&format!("P{i}")).await }
+    }))
+    .await;
+    let ok = replies
+        .iter()
+        .filter(|r| r.status == StatusCode::OK)
+        .count();
+    let open = replies
+        .iter()
+        .filter(|r| r.status == StatusCode::SERVICE_UNAVAILABLE)
+        .count();
+    assert_eq!((ok, open), (1, 9));
+    assert_eq!(app.sim.balance_calls(), before + 1);
+}
+
+/// With the circuit open, an entry within `stale_if_error` still answers.
+#[tokio::test]
+async fn open_circuit_serves_stale_entries() {
+    let app = spawn_app_with(|c| {
+        breaker(c);
+        c.cache.ttl = Duration::from_millis(100);
+        c.cache.stale_if_error = Duration::from_secs(30);
+    })
+    .await;
+    app.balance("K").await;
+    app.sim.set_balance_fault(Some(Fault::Status(500)));
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    for _ in 0..3 {
+        app.balance("other").await;
+    }
+    let r = app.balance("K").await;
+    assert_eq!((r.status, r.x_cache()), (StatusCode::OK, "STALE"));
+}
+
+/// `circuit_failures = 0` never opens.
+#[tokio::test]
+async fn circuit_disabled_never_opens() {
+    let app = spawn_app_with(|c| {
+        c.upstream.retries = 0;
+        c.upstream.circuit_failures = 0;
+    })
+    .await;
+    app.sim.set_balance_fault(Some(Fault::Status(500)));
+    for _ in 0..20 {
+        assert_eq!(app.balance("C").await.status, StatusCode::BAD_GATEWAY);
+    }
+    assert_eq!(app.sim.balance_calls(), 20);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Refresh ahead
+// ---------------------------------------------------------------------------------------------
+
+/// A hit close to expiry is answered at once and triggers one background refresh, so a hot
+/// key never falls back to a miss.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refresh_ahead_keeps_a_hot_key_hot() {
+    let app = spawn_app_with(|c| {
+        c.cache.ttl = Duration::from_millis(1000);
+        c.cache.refresh_ahead = Duration::from_millis(500);
+    })
+    .await;
+    app.sim.set_balance("HOT", 1);
+    assert_eq!(app.balance("HOT").await.x_cache(), "MISS");
+    app.sim.set_balance("HOT", 2);
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    // In the window: hits, and one refresh however many hits.
+    for _ in 0..20 {
+        let r = app.balance("HOT").await;
+        assert_eq!(r.x_cache(), "HIT");
+    }
+    assert!(
+        eventually(Duration::from_secs(1), || app.sim.balance_calls_for("HOT")
+            == 2)
+        .await
+    );
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(
+        app.sim.balance_calls_for("HOT"),
+        2,
+        "one background refresh"
+    );
+    assert_eq!(app.metric("gateway_cache_refresh_ahead_total").await, 1.0);
+    // Past the first entry's expiry: still a hit, with the refreshed balance.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let r = app.balance("HOT").await;
+    assert_eq!(r.x_cache(), "HIT");
+    assert_eq!(r.json()["data"][0]["balance"], 2);
+}
+
+/// Without `refresh_ahead` the key expires and misses.
+#[tokio::test]
+async fn without_refresh_ahead_the_key_expires() {
+    let app = spawn_app_with(|c| c.cache.ttl = Duration::from_millis(300)).await;
+    app.balance("K").await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(app.balance("K").await.x_cache(), "HIT");
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    assert_eq!(app.balance("K").await.x_cache(), "MISS");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Caller protection
+// ---------------------------------------------------------------------------------------------
+
+/// Over its token bucket a caller gets 429 with Retry-After; other callers are unaffected.
+#[tokio::test]
+async fn rate_limit_is_per_caller() {
+    let app = spawn_app_with(|c| {
+        c.callers[0].rate_limit_rps = 2.0;
+        c.callers[0].burst = 3;
+    })
+    .await;
+    for _ in 0..3 {
+        assert_eq!(app.balance("K").await.status, StatusCode::OK);
+    }
+    let r = app.balance("K").await;
+    assert_eq!(r.status, StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(r.error_code(), "rate_limited");
+    assert_eq!(r.header("retry-after"), Some("1"));
+    // Checked before Content-Type and body.
+    let r = app
+        .post(
+            Some(ORDERS_KEY),
+            "garbage",
+            &[("content-type", "text/plain")],
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::TOO_MANY_REQUESTS);
+    // The other caller is not limited.
+    for _ in 0..10 {
+        let r = app.post(Some(BILLING_KEY), body_for("K"), &[]).await;
+        assert_eq!(r.status, StatusCode::OK);
+    }
+    // The bucket refills at 2/s.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(app.balance("K").await.status, StatusCode::OK);
+    assert_eq!(
+        app.metric(r#"gateway_requests_total{caller="orders",status="429",cache="-"}"#)
+            .await,
+        2.0
+    );
+}
+
+/// Over `max_concurrent` requests in flight, a caller gets 429; others are unaffected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrency_cap_is_per_caller() {
+    let app = Arc::new(spawn_app_with(|c| c.callers[0].max_concurrent = 2).await);
+    app.balance("warm-up").await;
+    app.sim.set_latency(Duration::from_millis(300));
+    let replies = join_all((0..3).map(|i| {
+        let app = app.clone();
+        async move {
+            tokio::time::sleep(Duration::from_millis(i * 50)).await;
+            app.balance(&format!("C{i}")).await
+        }
+    }))
+    .await;
+    let statuses: Vec<u16> = replies.iter().map(|r| r.status.as_u16()).collect();
+    assert_eq!(statuses, [200, 200, 429]);
+    assert_eq!(replies[2].error_code(), "too_many_concurrent_requests");
+    assert_eq!(replies[2].header("retry-after"), Some("1"));
+    let others = join_all((0..4).map(|i| {
+        let app = app.clone();
+        async move {
+            app.post(Some(BILLING_KEY), body_for(&format!("O{i}")), &[])
+                .await
+        }
+    }))
+    .await;
+    assert!(others.iter().all(|r| r.status == StatusCode::OK));
+    // Slots come back when requests finish.
+    assert_eq!(app.balance("again").await.status, StatusCode::OK);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Connection hardening
+// ---------------------------------------------------------------------------------------------
+
+/// Reads until the peer closes (true) or `within` passes (false).
+async fn closed_within(stream: &mut TcpStream, within: Duration) -> bool {
+    let mut buf = [0u8; 1024];
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        match tokio::time::timeout_at(deadline, stream.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return true,
+            Ok(Ok(_)) => continue,
+            Err(_) => return false,
+        }
+    }
+}
+
+fn raw_request(code: &str) -> String {
+    let body = body_for(code);
+    format!(
+        "POST {PATH} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {ORDERS_KEY}\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+}
+
+async fn read_one_response(stream: &mut TcpStream) -> String {
+    let mut buf = vec![0u8; 8192];
+    let mut got = Vec::new();
+    loop {
+        let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf))
+            .await
+            .expect("answered")
+            .expect("read");
+        assert!(n > 0, "connection closed early");
+        got.extend_from_slice(&buf[..n]);
+        let text = String::from_utf8_lossy(&got).to_string();
+        if let Some(end) = text.find("\r\n\r\n") {
+            let len: usize = text[..end]
+                .lines()
+                .find_map(|l| {
+                    l.strip_prefix("content-length: ")
+                        .and_then(|v| v.parse().ok())
+                })
+                .unwrap_or(0);
+            if got.len() >= end + 4 + len {
+                return text;
+            }
+        }
+    }
+}
+
+/// A request head trickling in (slowloris) is cut at `header_read_timeout`.
+#[tokio::test]
+async fn slow_request_heads_are_cut() {
+    let app = spawn_app_with(|c| c.server.header_read_timeout = Duration::from_millis(300)).await;
+    let mut stream = TcpStream::connect(app.addr).await.expect("connect");
+    stream
+        .write_all(b"POST /instant_payment/get_wallet_balance HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .expect("write");
+    let start = Instant::now();
+    for _ in 0..3 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let _ = stream.write_all(b"X-Slow: 1\r\n").await;
+    }
+    assert!(
+        closed_within(&mut stream, Duration::from_secs(2)).await,
+        "closed"
+    );
+    assert!(start.elapsed() < Duration::from_millis(1000));
+    assert_eq!(
+        app.balance("K").await.status,
+        StatusCode::OK,
+        "others unaffected"
+    );
+}
+
+/// An idle keep-alive connection outlives `header_read_timeout` and closes after
+/// `idle_timeout`.
+#[tokio::test]
+async fn idle_keep_alive_connections_close_after_idle_timeout() {
+    let app = spawn_app_with(|c| {
+        c.server.header_read_timeout = Duration::from_millis(200);
+        c.server.idle_timeout = Duration::from_millis(900);
+    })
+    .await;
+    let mut stream = TcpStream::connect(app.addr).await.expect("connect");
+    stream
+        .write_all(raw_request("K").as_bytes())
+        .await
+        .expect("write");
+    assert!(
+        read_one_response(&mut stream)
+            .await
+            .starts_with("HTTP/1.1 200")
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stream
+        .write_all(raw_request("K").as_bytes())
+        .await
+        .expect("write");
+    assert!(
+        read_one_response(&mut stream)
+            .await
+            .starts_with("HTTP/1.1 200"),
+        "still open after more than header_read_timeout idle"
+    );
+    let start = Instant::now();
+    assert!(closed_within(&mut stream, Duration::from_secs(3)).await);
+    let idle = start.elapsed();
+    assert!(
+        idle >= Duration::from_millis(800),
+        "not before idle_timeout: {idle:?}"
+    );
+}
+
+/// A connection that never sends anything is closed after `idle_timeout`.
+#[tokio::test]
+async fn silent_connections_are_closed() {
+    let app = spawn_app_with(|c| c.server.idle_timeout = Duration::from_millis(300)).await;
+    let mut stream = TcpStream::connect(app.addr).await.expect("connect");
+    assert!(closed_within(&mut stream, Duration::from_secs(2)).await);
+}
+
+/// Beyond `max_connections`, new connections wait until one closes.
+#[tokio::test]
+async fn max_connections_bounds_open_connections() {
+    let app = spawn_app_with(|c| c.server.max_connections = 2).await;
+    let mut a = TcpStream::connect(app.addr).await.expect("connect");
+    let mut b = TcpStream::connect(app.addr).await.expect("connect");
+    for s in [&mut a, &mut b] {
+        s.write_all(raw_request("K").as_bytes())
+            .await
+            .expect("write");
+        assert!(read_one_response(s).await.starts_with("HTTP/1.1 200"));
+    }
+    let mut c = TcpStream::connect(app.addr)
+        .await
+        .expect("connect (backlog)");
+    c.write_all(raw_request("K").as_bytes())
+        .await
+        .expect("write");
+    let mut buf = [0u8; 64];
+    let waited = tokio::time::timeout(Duration::from_millis(300), c.read(&mut buf)).await;
+    assert!(waited.is_err(), "the third connection waits");
+    drop(a);
+    assert!(read_one_response(&mut c).await.starts_with("HTTP/1.1 200"));
+}
+
+/// Too many header fields: refused, and the gateway keeps serving.
+#[tokio::test]
+async fn too_many_headers_are_refused() {
+    let app = spawn_app().await;
+    let mut stream = TcpStream::connect(app.addr).await.expect("connect");
+    let mut head = format!("POST {PATH} HTTP/1.1\r\nHost: x\r\n");
+    for i in 0..200 {
+        head.push_str(&format!("X-H{i}: v\r\n"));
+    }
+    head.push_str("\r\n");
+    let _ = stream.write_all(head.as_bytes()).await;
+    let mut buf = vec![0u8; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(2), stream.read(&mut buf))
+        .await
+        .map(|r| r.unwrap_or(0))
+        .unwrap_or(0);
+    let text = String::from_utf8_lossy(&buf[..n]);
+    assert!(n == 0 || text.starts_with("HTTP/1.1 4"), "{text}");
+    assert_eq!(app.balance("K").await.status, StatusCode::OK);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Fault-injection suite
+// ---------------------------------------------------------------------------------------------
+
+const DEADLINE: Duration = Duration::from_millis(800);
+
+fn suite_config(c: &mut Config) {
+    c.server.request_timeout = DEADLINE;
+    c.upstream.timeout = Duration::from_millis(300);
+    c.upstream.circuit_failures = 5;
+    c.upstream.circuit_cooldown = Duration::from_millis(500);
+    c.cache.ttl = Duration::from_millis(200);
+}
+
+/// Load from `workers` concurrent callers for `duration`, over `keys` keys. Every request
+/// must be answered within the deadline (plus scheduling slack); returns the statuses.
+async fn load(app: &Arc<TestApp>, workers: usize, duration: Duration, keys: usize) -> Vec<u16> {
+    let until = Instant::now() + duration;
+    let results = join_all((0..workers).map(|w| {
+        let app = app.clone();
+        async move {
+            let mut statuses = Vec::new();
+            let mut i = 0;
+            while Instant::now() < until {
+                let start = Instant::now();
+                let r = app.balance(&format!("L{}", (w + i) % keys)).await;
+                let took = start.elapsed();
+                assert!(
+                    took <= DEADLINE + Duration::from_millis(250),
+                    "answered in {took:?}, past the deadline"
+                );
+                statuses.push(r.status.as_u16());
+                i += 1;
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            statuses
+        }
+    }))
+    .await;
+    results.into_iter().flatten().collect()
+}
+
+fn count(statuses: &[u16], status: u16) -> usize {
+    statuses.iter().filter(|s| **s == status).count()
+}
+
+async fn recovered(app: &Arc<TestApp>) -> bool {
+    for i in 0..100 {
+        if app.balance(&format!("recovery-{i}")).await.status == StatusCode::OK {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    false
+}
+
+/// Bill24 slow (past `upstream.timeout`): 504s or fast 503s once the circuit opens, all within
+/// the deadline; Bill24 sees few calls thanks to the breaker; recovery when it speeds up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn fault_bill24_slow() {
+    let app = Arc::new(spawn_app_with(suite_config).await);
+    app.balance("warm-up").await;
+    app.sim.set_balance_fault(Some(Fault::Hang));
+    let statuses = load(&app, 8, Duration::from_secs(2), 50).await;
+    assert!(
+        statuses.iter().all(|s| [504, 503].contains(s)),
+        "{statuses:?}"
+    );
+    assert!(count(&statuses, 503) > 0, "the breaker opened");
+    let calls = app.sim.balance_calls();
+    assert!(
+        calls < 60,
+        "Bill24 spared: {calls} calls for {} requests",
+        statuses.len()
+    );
+    app.sim.set_balance_fault(None);
+    assert!(recovered(&app).await);
+}
+
+/// 5xx bursts: short ones are absorbed by retries; long ones open the breaker; all answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn fault_5xx_bursts() {
+    let app = Arc::new(spawn_app_with(suite_config).await);
+    app.balance("warm-up").await;
+    app.sim.fail_next(2, Fault::Status(503));
+    assert_eq!(
+        app.balance("short-burst").await.status,
+        StatusCode::OK,
+        "absorbed"
+    );
+    app.sim.set_balance_fault(Some(Fault::Status(500)));
+    let statuses = load(&app, 8, Duration::from_millis(1500), 50).await;
+    assert!(
+        statuses.iter().all(|s| [200, 502, 503].contains(s)),
+        "{statuses:?}"
+    );
+    assert!(
+        count(&statuses, 503) > count(&statuses, 502),
+        "mostly fast failures"
+    );
+    app.sim.set_balance_fault(None);
+    assert!(recovered(&app).await);
+}
+
+/// Resets and HTML bodies: 502 (or 503 with the circuit open), never a hang or a 500.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn fault_resets_and_html_bodies() {
+    for fault in [Fault::Reset, Fault::Html] {
+        let app = Arc::new(spawn_app_with(suite_config).await);
+        app.balance("warm-up").await;
+        app.sim.set_balance_fault(Some(fault));
+        let statuses = load(&app, 6, Duration::from_secs(1), 30).await;
+        assert!(
+            statuses.iter().all(|s| [502, 503].contains(s)),
+            "{fault:?}: {statuses:?}"
+        );
+        app.sim.set_balance_fault(None);
+        assert!(recovered(&app).await, "{fault:?}");
+    }
+}
+
+/// Flapping: Bill24 alternates between failing and fine every 150 ms; everything is answered
+/// within the deadline and the gateway ends healthy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn fault_flapping() {
+    let app = Arc::new(spawn_app_with(suite_config).await);
+    app.balance("warm-up").await;
+    let sim = app.sim.clone();
+    let flapper = tokio::spawn(async move {
+        for i in 0..14 {
+            sim.set_balance_fault((i % 2 == 0).then_some(Fault::Status(503)));
+            tokio::time::sleep(Duration::from_millis(150)).await;
+        }
+        sim.set_balance_fault(None);
+    });
+    let statuses = load(&app, 8, Duration::from_secs(2), 40).await;
+    flapper.await.expect("flapper");
+    assert!(
+        statuses.iter().all(|s| [200, 502, 503].contains(s)),
+        "{statuses:?}"
+    );
+    assert!(count(&statuses, 200) > 0);
+    assert!(recovered(&app).await);
+}
+
+/// A 401 storm (Bill24 refuses every token): callers get 502/503 quickly, and the gateway
+/// does not buy a token per request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn fault_401_storm() {
+    let app = Arc::new(
+        spawn_app_with(|c| {
+            suite_config(c);
+            c.upstream.circuit_failures = 0;
+        })
+        .await,
+    );
+    app.balance("warm-up").await;
+    app.sim.set_balance_fault(Some(Fault::Unauthorized));
+    let statuses = load(&app, 8, Duration::from_secs(2), 40).await;
+    assert!(statuses.iter().all(|s| *s == 502), "{statuses:?}");
+    let authorizes = app.sim.authorize_calls();
+    assert!(
+        authorizes <= 1 + 2 * 3,
+        "{authorizes} authorize calls for {} requests",
+        statuses.len()
+    );
+    app.sim.set_balance_fault(None);
+    assert!(recovered(&app).await);
+}
+
+/// The authorize endpoint goes down while tokens expire: stale entries keep answering where
+/// allowed, other requests get 502/503 within the deadline, and the gateway recovers by
+/// itself once authorize is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn fault_authorize_down_while_tokens_expire() {
+    let app = Arc::new(
+        spawn_app_full(
+            SimConfig {
+                token_lifetime: Duration::from_millis(800),
+                ..SimConfig::default()
+            },
+            |_| {},
+            |c| {
+                suite_config(c);
+                c.cache.stale_if_error = Duration::from_secs(30);
+            },
+        )
+        .await,
+    );
+    app.balance("L0").await;
+    app.sim.set_authorize_fault(Some(Fault::Status(503)));
+    tokio::time::sleep(Duration::from_millis(900)).await;
+    let statuses = load(&app, 6, Duration::from_secs(1), 10).await;
+    assert!(
+        statuses.iter().all(|s| [200, 502, 503].contains(s)),
+        "{statuses:?}"
+    );
+    let stale_ok = app.balance("L0").await;
+    assert_eq!(
+        (stale_ok.status, stale_ok.x_cache()),
+        (StatusCode::OK, "STALE")
+    );
+    app.sim.set_authorize_fault(None);
+    assert!(recovered(&app).await);
+    assert_eq!(
+        app.sim.stats().unauthorized_balance_calls,
+        0,
+        "no call with an expired token"
+    );
+}
+
+/// Bill24 down at start (nothing listening), then up on that address: the gateway starts,
+/// answers 502/503 meanwhile, and recovers on its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn fault_bill24_down_at_start() {
+    let addr = dead_address().await;
+    let app = Arc::new(
+        spawn_app_with(|c| {
+            suite_config(c);
+            c.upstream.base_url = format!("http://{addr}");
+        })
+        .await,
+    );
+    let statuses = load(&app, 4, Duration::from_millis(700), 10).await;
+    assert!(
+        statuses.iter().all(|s| [502, 503].contains(s)),
+        "{statuses:?}"
+    );
+    let simulator = Simulator::bind(addr, SimConfig::default())
+        .await
+        .expect("bind");
+    assert!(recovered(&app).await);
+    assert!(simulator.handle().authorize_calls() >= 1);
+}
+
+/// Bill24 goes away mid-run and comes back (new process, tokens it does not know): calls
+/// fail meanwhile, and the gateway re-authorizes and recovers by itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn fault_bill24_down_mid_run() {
+    let first = Simulator::bind("127.0.0.1:0".parse().expect("addr"), SimConfig::default())
+        .await
+        .expect("sim");
+    let addr: SocketAddr = first.addr();
+    let app = Arc::new(
+        spawn_app_with(|c| {
+            suite_config(c);
+            c.upstream.base_url = format!("http://{addr}");
+        })
+        .await,
+    );
+    assert_eq!(app.balance("L1").await.status, StatusCode::OK);
+    drop(first);
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let statuses = load(&app, 6, Duration::from_secs(1), 10).await;
+    assert!(
+        statuses.iter().all(|s| [200, 502, 503].contains(s)),
+        "{statuses:?}"
+    );
+    assert!(count(&statuses, 502) + count(&statuses, 503) > 0);
+    let second = Simulator::bind(addr, SimConfig::default())
+        .await
+        .expect("rebind");
+    assert!(recovered(&app).await);
+    let handle: SimHandle = second.handle();
+    assert!(
+        handle.authorize_calls() >= 1,
+        "re-authorized with the new Bill24"
+    );
+}
