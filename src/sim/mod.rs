@@ -125,10 +125,12 @@ pub struct Control {
     /// Delay before each authorize answer.
     pub authorize_latency_ms: Option<u64>,
     /// A fault on every balance call (`null` clears it).
+    #[serde(deserialize_with = "present")]
     pub balance_fault: Option<Option<Fault>>,
     /// A fault on the next N balance calls: `[N, fault]`.
     pub fail_next: Option<(u64, Fault)>,
     /// A fault on every authorize call (`null` clears it).
+    #[serde(deserialize_with = "present")]
     pub authorize_fault: Option<Option<Fault>>,
     pub token_lifetime_ms: Option<u64>,
     pub expire_format: Option<ExpireFormat>,
@@ -137,6 +139,15 @@ pub struct Control {
     pub revoke: Option<Revoke>,
     /// Zero every counter.
     pub reset_counters: Option<bool>,
+}
+
+/// A field that is present, even as `null` (which plain `Option<Option<_>>` reads as absent).
+fn present<'de, D, T>(deserializer: D) -> Result<Option<Option<T>>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    Option::<T>::deserialize(deserializer).map(Some)
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -829,6 +840,18 @@ mod tests {
         let text = dotnet_time(t);
         assert_eq!(text, "2025-03-03T16:58:46.9386571+07:00");
         assert_eq!(crate::bill24::wire::parse_expire_time(&text), Some(t));
+    }
+
+    #[test]
+    fn control_null_clears_a_fault_and_absent_leaves_it() {
+        let set: Control =
+            serde_json::from_str(r#"{"balance_fault": {"status": 503}}"#).expect("json");
+        assert_eq!(set.balance_fault, Some(Some(Fault::Status(503))));
+        let clear: Control = serde_json::from_str(r#"{"balance_fault": null}"#).expect("json");
+        assert_eq!(clear.balance_fault, Some(None));
+        let absent: Control = serde_json::from_str("{}").expect("json");
+        assert_eq!(absent.balance_fault, None);
+        assert!(serde_json::from_str::<Control>(r#"{"nope": 1}"#).is_err());
     }
 
     #[test]

@@ -1,0 +1,217 @@
+//! Property tests: the parsers that read caller and Bill24 input never panic, and accept
+//! exactly what they should; through the real server, arbitrary bodies and Content-Types get
+//! 200, 400, 413 or 415 — nothing else.
+
+mod common;
+
+use std::sync::OnceLock;
+
+use bill24_gateway::balance::request::{
+    CacheDirectives, InvalidRequest, is_json_content_type, parse_body, validate_sync_code,
+};
+use bill24_gateway::bill24::wire::{balance_code, parse_authorize, parse_expire_time};
+use bill24_gateway::correlation::TraceContext;
+use common::*;
+use http::{HeaderMap, HeaderValue, StatusCode};
+use proptest::prelude::*;
+
+/// A valid `customer_sync_code`: 1–50 characters, none a control character.
+fn sync_code() -> impl Strategy<Value = String> {
+    prop::collection::vec(
+        any::<char>().prop_filter("no Cc", |c| !c.is_control()),
+        1..=50,
+    )
+    .prop_map(|chars| chars.into_iter().collect())
+}
+
+/// Any JSON value, a few levels deep.
+fn json_value() -> impl Strategy<Value = serde_json::Value> {
+    let leaf = prop_oneof![
+        Just(serde_json::Value::Null),
+        any::<bool>().prop_map(serde_json::Value::from),
+        any::<i64>().prop_map(serde_json::Value::from),
+        any::<f64>()
+            .prop_filter("finite", |f| f.is_finite())
+            .prop_map(serde_json::Value::from),
+        ".*".prop_map(serde_json::Value::from),
+    ];
+    leaf.prop_recursive(3, 24, 4, |inner| {
+        prop_oneof![
+            prop::collection::vec(inner.clone(), 0..4).prop_map(serde_json::Value::from),
+            prop::collection::btree_map("[a-z_]{1,8}", inner, 0..4)
+                .prop_map(|m| serde_json::Value::Object(m.into_iter().collect())),
+        ]
+    })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(2_000))]
+
+    /// Arbitrary bytes: a valid code or a 400-class refusal, never a panic.
+    #[test]
+    fn request_parser_never_panics(bytes in prop::collection::vec(any::<u8>(), 0..512)) {
+        match parse_body(&bytes) {
+            Ok(code) => prop_assert!(validate_sync_code(&code).is_ok()),
+            Err(e) => prop_assert!(!e.code().is_empty()),
+        }
+    }
+
+    /// Text that looks like JSON objects, mutated: same.
+    #[test]
+    fn request_parser_never_panics_on_near_json(text in r#"\{("[a-z_]{0,20}":( ?("[^"]{0,60}"|[0-9.eE+-]{1,20}|null|true|\[|\{|\}|\]),?){0,3}){0,3}\}?"#) {
+        let _ = parse_body(text.as_bytes());
+    }
+
+    /// A valid code inside any object, among any other fields, is read exactly.
+    #[test]
+    fn valid_codes_are_read_exactly(
+        code in sync_code(),
+        extra in prop::collection::btree_map("[a-z]{1,8}", json_value(), 0..4),
+    ) {
+        let mut object: serde_json::Map<String, serde_json::Value> =
+            extra.into_iter().filter(|(k, _)| k != "customer_sync_code").collect();
+        object.insert("customer_sync_code".into(), code.clone().into());
+        let body = serde_json::to_vec(&object).expect("serializes");
+        prop_assert_eq!(parse_body(&body).map(|c| c.to_string()), Ok(code));
+    }
+
+    /// A code with a control character, or too long, is refused with the right reason.
+    #[test]
+    fn invalid_codes_are_refused(
+        prefix in "[a-z]{0,10}",
+        control in prop::char::range('\u{0}', '\u{1f}')
+            .prop_union(prop::char::range('\u{7f}', '\u{9f}')),
+        long in sync_code().prop_filter("51+", |s| s.chars().count() > 0),
+    ) {
+        let with_control = format!("{prefix}{control}");
+        let body = serde_json::json!({"customer_sync_code": with_control}).to_string();
+        prop_assert_eq!(parse_body(body.as_bytes()).map(|_| ()), Err(InvalidRequest::SyncCodeControlChar));
+        let too_long: String = long.chars().cycle().take(51).collect();
+        let body = serde_json::json!({"customer_sync_code": too_long}).to_string();
+        prop_assert_eq!(parse_body(body.as_bytes()).map(|_| ()), Err(InvalidRequest::SyncCodeTooLong));
+    }
+
+    /// Header parsers take any bytes a header value can hold.
+    #[test]
+    fn header_parsers_never_panic(value in prop::collection::vec(
+        any::<u8>().prop_filter("header byte", |b| *b == b'\t' || (0x20..=0x7e).contains(b) || *b >= 0x80),
+        0..200,
+    )) {
+        if let Ok(v) = HeaderValue::from_bytes(&value) {
+            let mut headers = HeaderMap::new();
+            headers.insert("content-type", v.clone());
+            headers.insert("cache-control", v.clone());
+            let _ = is_json_content_type(&headers);
+            let d = CacheDirectives::from_headers(&headers);
+            let _ = d.accepts(std::time::Duration::from_secs(1));
+            let _ = TraceContext::parse(v.as_bytes());
+        }
+    }
+
+    /// Any bytes as an authorize answer: a token or a refusal, never a panic.
+    #[test]
+    fn token_answer_parser_never_panics(bytes in prop::collection::vec(any::<u8>(), 0..512)) {
+        let _ = parse_authorize(&bytes);
+        let _ = balance_code(&bytes);
+    }
+
+    /// Authorize answers of Bill24's shape with odd values: never a panic, and a token is
+    /// taken exactly when code is 200 and a token is present.
+    #[test]
+    fn token_answers_of_bill24s_shape(
+        code in json_value(),
+        token in prop::option::of(".{0,40}"),
+        expire in prop::option::of(json_value()),
+    ) {
+        let mut data = serde_json::json!({"refreshToken": "r"});
+        if let Some(t) = &token { data["token"] = t.clone().into(); }
+        if let Some(e) = &expire { data["tokenExpireTime"] = e.clone(); }
+        let body = serde_json::json!({"code": code, "message": "", "data": data}).to_string();
+        let parsed = parse_authorize(body.as_bytes());
+        let code_is_200 = code == serde_json::json!(200) || code == serde_json::json!("200");
+        prop_assert_eq!(parsed.is_ok(), code_is_200 && token.as_deref().is_some_and(|t| !t.is_empty()));
+    }
+
+    /// `tokenExpireTime` in .NET's shape, any offset and 0–9 fractional digits, reads back to
+    /// the same instant.
+    #[test]
+    fn expire_times_round_trip(
+        secs in 0i64..4_102_444_800,
+        nanos in 0u32..1_000_000_000,
+        digits in 0usize..=9,
+        offset_minutes in -840i32..=840,
+    ) {
+        let t = time::OffsetDateTime::from_unix_timestamp(secs).expect("in range")
+            + time::Duration::nanoseconds(nanos as i64);
+        let offset = time::UtcOffset::from_whole_seconds(offset_minutes * 60).expect("offset");
+        let local = t.to_offset(offset);
+        let fraction = format!("{:09}", local.nanosecond());
+        let fraction = if digits == 0 { String::new() } else { format!(".{}", &fraction[..digits]) };
+        let sign = if offset_minutes < 0 { '-' } else { '+' };
+        let text = format!(
+            "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}{fraction}{sign}{:02}:{:02}",
+            local.year(), u8::from(local.month()), local.day(),
+            local.hour(), local.minute(), local.second(),
+            offset_minutes.abs() / 60, offset_minutes.abs() % 60,
+        );
+        let parsed = parse_expire_time(&text).expect("parses");
+        let truncated = (nanos / 10u32.pow(9 - digits as u32)) * 10u32.pow(9 - digits as u32);
+        prop_assert_eq!(parsed.unix_timestamp(), secs);
+        prop_assert_eq!(parsed.nanosecond(), truncated);
+    }
+
+    /// Any string as `tokenExpireTime`: a time or None, never a panic.
+    #[test]
+    fn expire_time_parser_never_panics(text in ".{0,64}") {
+        let _ = parse_expire_time(&text);
+    }
+}
+
+/// One gateway for the through-the-server properties.
+fn shared_app() -> &'static (tokio::runtime::Runtime, TestApp) {
+    static APP: OnceLock<(tokio::runtime::Runtime, TestApp)> = OnceLock::new();
+    APP.get_or_init(|| {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let app = rt.block_on(spawn_app_with(|c| {
+            c.server.max_body_bytes = 256;
+            c.callers[0].rate_limit_rps = 0.0;
+        }));
+        (rt, app)
+    })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(300))]
+
+    /// Arbitrary bodies through the real server: 200 (a valid request), 400 or 413.
+    #[test]
+    fn arbitrary_bodies_get_a_clear_answer(bytes in prop::collection::vec(any::<u8>(), 0..400)) {
+        let (rt, app) = shared_app();
+        let reply = rt.block_on(app.post(Some(ORDERS_KEY), bytes.clone(), &[]));
+        let expected: &[StatusCode] = if bytes.len() > 256 {
+            &[StatusCode::PAYLOAD_TOO_LARGE]
+        } else if parse_body(&bytes).is_ok() {
+            &[StatusCode::OK]
+        } else {
+            &[StatusCode::BAD_REQUEST]
+        };
+        prop_assert!(expected.contains(&reply.status), "{:?} for {:?}", reply.status, bytes);
+        prop_assert!(reply.header("x-request-id").is_some());
+    }
+
+    /// Arbitrary Content-Types: JSON ones are read, the rest are 415.
+    #[test]
+    fn arbitrary_content_types_get_a_clear_answer(ct in "[ -~]{0,60}") {
+        let (rt, app) = shared_app();
+        let Ok(value) = HeaderValue::from_str(&ct) else { return Ok(()) };
+        let mut headers = HeaderMap::new();
+        headers.insert("content-type", value);
+        let reply = rt.block_on(app.post(Some(ORDERS_KEY), body_for("P1"), &[("content-type", &ct)]));
+        let expected = if is_json_content_type(&headers) { StatusCode::OK } else { StatusCode::UNSUPPORTED_MEDIA_TYPE };
+        prop_assert_eq!(reply.status, expected, "{:?}", ct);
+    }
+}
