@@ -293,6 +293,45 @@ async fn refresh_ahead_keeps_a_hot_key_hot() {
     assert_eq!(r.json()["data"][0]["balance"], 2);
 }
 
+/// `ttl_jitter` spreads the expiry of entries stored together.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ttl_jitter_spreads_expiry() {
+    let app = Arc::new(
+        spawn_app_with(|c| {
+            c.cache.ttl = Duration::from_millis(2000);
+            c.cache.ttl_jitter = 0.5;
+        })
+        .await,
+    );
+    join_all((0..30).map(|i| {
+        let app = app.clone();
+        async move { app.balance(&format!("J{i}")).await }
+    }))
+    .await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let replies = join_all((0..30).map(|i| {
+        let app = app.clone();
+        async move { app.balance(&format!("J{i}")).await }
+    }))
+    .await;
+    let was_hit: Vec<bool> = replies.iter().map(|r| r.x_cache() == "HIT").collect();
+    let hits = was_hit.iter().filter(|h| **h).count();
+    // Each entry lives between 1 s and 2 s: about half are gone at 1.5 s.
+    assert!((3..=27).contains(&hits), "{hits} of 30 still cached");
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let replies = join_all((0..30).map(|i| {
+        let app = app.clone();
+        async move { app.balance(&format!("J{i}")).await }
+    }))
+    .await;
+    for (i, r) in replies.iter().enumerate() {
+        // Never longer than the ttl: the first entries are all gone; those stored again at
+        // 1.5 s live at least half the ttl.
+        let expected = if was_hit[i] { "MISS" } else { "HIT" };
+        assert_eq!(r.x_cache(), expected, "J{i}");
+    }
+}
+
 /// Without `refresh_ahead` the key expires and misses.
 #[tokio::test]
 async fn without_refresh_ahead_the_key_expires() {
