@@ -4,7 +4,7 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -77,6 +77,32 @@ fn millis(d: Duration) -> f64 {
     (d.as_secs_f64() * 1_000_000.0).round() / 1_000.0
 }
 
+/// `log.access_sample`: the share of successful requests that get an access line (errors
+/// always do). Reloadable.
+#[derive(Clone, Debug)]
+pub struct AccessSample(Arc<AtomicU64>);
+
+impl AccessSample {
+    pub fn new(fraction: f64) -> Self {
+        AccessSample(Arc::new(AtomicU64::new(fraction.clamp(0.0, 1.0).to_bits())))
+    }
+
+    pub fn set(&self, fraction: f64) {
+        self.0
+            .store(fraction.clamp(0.0, 1.0).to_bits(), Ordering::Release);
+    }
+
+    pub fn get(&self) -> f64 {
+        f64::from_bits(self.0.load(Ordering::Acquire))
+    }
+
+    /// Whether a request that ended with `status` is logged.
+    fn keeps(&self, status: u16) -> bool {
+        let fraction = self.get();
+        status >= 400 || fraction >= 1.0 || (fraction > 0.0 && rand::random::<f64>() < fraction)
+    }
+}
+
 /// Requests in flight on the main listener (for the shutdown report).
 #[derive(Clone, Default, Debug)]
 pub struct InFlight(Arc<AtomicUsize>);
@@ -91,11 +117,16 @@ impl InFlight {
 pub struct AccessLogLayer {
     metrics: Arc<Metrics>,
     in_flight: InFlight,
+    sample: AccessSample,
 }
 
 impl AccessLogLayer {
-    pub fn new(metrics: Arc<Metrics>, in_flight: InFlight) -> Self {
-        AccessLogLayer { metrics, in_flight }
+    pub fn new(metrics: Arc<Metrics>, in_flight: InFlight, sample: AccessSample) -> Self {
+        AccessLogLayer {
+            metrics,
+            in_flight,
+            sample,
+        }
     }
 }
 
@@ -107,6 +138,7 @@ impl<S> Layer<S> for AccessLogLayer {
             inner,
             metrics: self.metrics.clone(),
             in_flight: self.in_flight.clone(),
+            sample: self.sample.clone(),
         }
     }
 }
@@ -116,6 +148,7 @@ pub struct AccessLog<S> {
     inner: S,
     metrics: Arc<Metrics>,
     in_flight: InFlight,
+    sample: AccessSample,
 }
 
 impl<S, B> Service<Request<B>> for AccessLog<S>
@@ -143,6 +176,7 @@ where
             status: None,
             metrics: self.metrics.clone(),
             in_flight: self.in_flight.clone(),
+            sample: self.sample.clone(),
         };
         let fut = self.inner.call(req);
         Box::pin(async move {
@@ -165,6 +199,7 @@ struct Record {
     status: Option<u16>,
     metrics: Arc<Metrics>,
     in_flight: InFlight,
+    sample: AccessSample,
 }
 
 impl Drop for Record {
@@ -180,6 +215,9 @@ impl Drop for Record {
             cache.unwrap_or("-"),
             elapsed,
         );
+        if !self.sample.keeps(status) {
+            return;
+        }
         tracing::info!(
             target: ACCESS_TARGET,
             request_id = self.request_id.as_ref().map(RequestId::as_str),
@@ -194,5 +232,24 @@ impl Drop for Record {
             latency_ms = millis(elapsed),
             "request"
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sampling_keeps_every_error_and_a_share_of_successes() {
+        let sample = AccessSample::new(0.0);
+        assert!(!sample.keeps(200));
+        assert!(sample.keeps(400) && sample.keeps(502));
+        sample.set(1.0);
+        assert!(sample.keeps(200));
+        sample.set(0.25);
+        let kept = (0..10_000).filter(|_| sample.keeps(200)).count();
+        assert!((2_000..3_000).contains(&kept), "{kept}");
+        sample.set(7.0);
+        assert_eq!(sample.get(), 1.0, "clamped");
     }
 }

@@ -166,6 +166,7 @@ pub enum LogFormat {
 pub struct RawLog {
     pub format: LogFormat,
     pub level: String,
+    pub access_sample: f64,
 }
 
 impl Default for RawLog {
@@ -173,6 +174,7 @@ impl Default for RawLog {
         Self {
             format: LogFormat::Json,
             level: "info".into(),
+            access_sample: 1.0,
         }
     }
 }
@@ -211,7 +213,7 @@ impl KeyHashes {
 // The runtime configuration: validated, typed, secrets resolved.
 // ---------------------------------------------------------------------------------------------
 
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct Config {
     pub server: ServerConfig,
     pub upstream: UpstreamConfig,
@@ -220,7 +222,7 @@ pub struct Config {
     pub callers: Vec<CallerConfig>,
 }
 
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct ServerConfig {
     pub listen: SocketAddr,
     pub admin_listen: SocketAddr,
@@ -234,7 +236,7 @@ pub struct ServerConfig {
     pub admin_key_sha256: Option<KeyHash>,
 }
 
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct UpstreamConfig {
     /// `http://` or `https://` origin (plus optional path prefix), without a trailing `/`.
     pub base_url: String,
@@ -266,6 +268,8 @@ pub struct CacheConfig {
 pub struct LogConfig {
     pub format: LogFormat,
     pub level: String,
+    /// Share of successful requests that get an access line (errors always do).
+    pub access_sample: f64,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -566,6 +570,7 @@ impl RawConfig {
         let log = LogConfig {
             format: self.log.format,
             level: self.log.level.clone(),
+            access_sample: fraction("log.access_sample", self.log.access_sample, 1.0)?,
         };
 
         Ok(Config {
@@ -994,6 +999,7 @@ mod tests {
             ("[cache]\nttl_jitter = 1.0\n", "cache.ttl_jitter"),
             ("[log]\nformat = \"xml\"\n", "log.format"),
             ("[log]\nlevel = \"info,[\"\n", "log.level"),
+            ("[log]\naccess_sample = 1.5\n", "log.access_sample"),
             (
                 "[[callers]]\nname = \"a\"\nkey_sha256 = \"zz\"\n",
                 "callers[0].key_sha256",

@@ -48,7 +48,7 @@ pub async fn run(
     });
     let main = bind_loopback(config.server.listen.port(), "server.listen").await?;
     let admin = bind_loopback(config.server.admin_listen.port(), "server.admin_listen").await?;
-    let gateway = Gateway::from_listeners(config, main, admin);
+    let gateway = Gateway::from_listeners(config, main, admin)?;
     println!(
         "{}",
         banner(gateway.main_addr(), gateway.admin_addr(), simulator.addr())

@@ -19,7 +19,8 @@
 //! wires it to a gateway.
 //!
 //! [`Gateway::bind`] binds the sockets (port 0 works, for tests) and [`Gateway::run`] serves
-//! until the shutdown future resolves.
+//! until the shutdown future resolves; a [`Reloader`] applies a re-read config meanwhile
+//! ([`reload`]).
 
 #![forbid(unsafe_code)]
 
@@ -35,6 +36,7 @@ pub mod demo;
 pub mod error;
 pub mod limits;
 pub mod metrics;
+pub mod reload;
 pub mod secret;
 pub mod server;
 pub mod sim;
@@ -52,13 +54,14 @@ use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use crate::access_log::InFlight;
+use crate::access_log::{AccessSample, InFlight};
 use crate::admin::Admin;
 use crate::auth::CallerKeys;
 use crate::balance::service::Balances;
 use crate::bill24::Bill24;
 use crate::config::Config;
 use crate::metrics::Metrics;
+pub use crate::reload::{ReloadReport, Reloader};
 
 /// Why the gateway could not start.
 #[derive(Debug, thiserror::Error)]
@@ -80,32 +83,64 @@ const ADMIN_GRACE: Duration = Duration::from_secs(1);
 /// Open connections on the admin listener, at most (probes and scrapes need few).
 const ADMIN_MAX_CONNECTIONS: usize = 256;
 
-/// A gateway with its sockets bound, ready to [`run`](Gateway::run).
+/// A gateway with its sockets bound and its state built, ready to [`run`](Gateway::run).
 pub struct Gateway {
     config: Config,
     main: TcpListener,
     admin: TcpListener,
+    state: State,
+}
+
+/// What the request path and the admin listener share; the reloadable parts sit behind
+/// `ArcSwap`s that [`Reloader`] swaps.
+struct State {
+    metrics: Arc<Metrics>,
+    bill24: Arc<Bill24>,
+    balances: Arc<Balances>,
+    callers: Arc<ArcSwap<CallerKeys>>,
+    admin_key: Arc<ArcSwap<Option<config::KeyHash>>>,
+    access_sample: AccessSample,
+    in_flight: InFlight,
+    ready: Arc<AtomicBool>,
 }
 
 impl Gateway {
-    /// Binds `server.listen` and `server.admin_listen`.
+    /// Binds `server.listen` and `server.admin_listen`, and starts the Bill24 client (whose
+    /// token manager asks for a token at once). Must be called within a tokio runtime.
     pub async fn bind(config: Config) -> Result<Self, StartError> {
         let main = bind(config.server.listen, "server.listen").await?;
         let admin = bind(config.server.admin_listen, "server.admin_listen").await?;
+        Self::from_listeners(config, main, admin)
+    }
+
+    /// Like [`Gateway::bind`], with listeners bound by the caller (the config's addresses
+    /// are ignored).
+    pub fn from_listeners(
+        config: Config,
+        main: TcpListener,
+        admin: TcpListener,
+    ) -> Result<Self, StartError> {
+        let metrics = Arc::new(Metrics::new());
+        let bill24 = Arc::new(
+            Bill24::start(&config.upstream, metrics.clone()).map_err(StartError::Upstream)?,
+        );
+        let balances = Balances::new(config.cache.clone(), bill24.clone(), metrics.clone());
+        let state = State {
+            metrics,
+            bill24,
+            balances,
+            callers: Arc::new(ArcSwap::from_pointee(CallerKeys::new(&config.callers))),
+            admin_key: Arc::new(ArcSwap::from_pointee(config.server.admin_key_sha256)),
+            access_sample: AccessSample::new(config.log.access_sample),
+            in_flight: InFlight::default(),
+            ready: Arc::new(AtomicBool::new(true)),
+        };
         Ok(Gateway {
             config,
             main,
             admin,
+            state,
         })
-    }
-
-    /// Uses listeners bound by the caller (the config's addresses are ignored).
-    pub fn from_listeners(config: Config, main: TcpListener, admin: TcpListener) -> Self {
-        Gateway {
-            config,
-            main,
-            admin,
-        }
     }
 
     pub fn main_addr(&self) -> SocketAddr {
@@ -118,6 +153,17 @@ impl Gateway {
             .unwrap_or(self.config.server.admin_listen)
     }
 
+    /// Applies a new config to this gateway while it runs (SIGHUP).
+    pub fn reloader(&self) -> Reloader {
+        Reloader::new(
+            self.config.clone(),
+            self.state.callers.clone(),
+            self.state.balances.clone(),
+            self.state.admin_key.clone(),
+            self.state.access_sample.clone(),
+        )
+    }
+
     /// Serves until `shutdown` resolves, then drains (CONTRACT §7): `/readyz` turns 503 at
     /// once, connections are still accepted for `server.drain_delay`, then in-flight requests
     /// get up to `server.shutdown_grace` to finish.
@@ -126,12 +172,12 @@ impl Gateway {
             config,
             main,
             admin,
+            state,
         } = self;
         let main_addr = main.local_addr().ok();
         let admin_addr = admin.local_addr().ok();
-        let metrics = Arc::new(Metrics::new());
         let upkeep = tokio::spawn({
-            let metrics = metrics.clone();
+            let metrics = state.metrics.clone();
             async move {
                 let mut tick = tokio::time::interval(METRICS_UPKEEP_EVERY);
                 loop {
@@ -140,25 +186,20 @@ impl Gateway {
                 }
             }
         });
-        let bill24 = Arc::new(
-            Bill24::start(&config.upstream, metrics.clone()).map_err(StartError::Upstream)?,
-        );
-        let balances = Balances::new(config.cache.clone(), bill24.clone(), metrics.clone());
-        let in_flight = InFlight::default();
-        let ready = Arc::new(AtomicBool::new(true));
         let parts = stack::StackParts {
-            metrics: metrics.clone(),
-            in_flight: in_flight.clone(),
-            callers: Arc::new(ArcSwap::from_pointee(CallerKeys::new(&config.callers))),
-            balances: balances.clone(),
+            metrics: state.metrics.clone(),
+            in_flight: state.in_flight.clone(),
+            access_sample: state.access_sample.clone(),
+            callers: state.callers.clone(),
+            balances: state.balances.clone(),
             request_timeout: config.server.request_timeout,
             max_body_bytes: config.server.max_body_bytes,
         };
         let admin_state = Arc::new(Admin {
-            ready: ready.clone(),
-            metrics: metrics.clone(),
-            balances: balances.clone(),
-            admin_key: Arc::new(ArcSwap::from_pointee(config.server.admin_key_sha256)),
+            ready: state.ready.clone(),
+            metrics: state.metrics.clone(),
+            balances: state.balances.clone(),
+            admin_key: state.admin_key.clone(),
         });
         let admin_service = tower::service_fn(move |req| admin_state.clone().handle(req));
 
@@ -176,6 +217,7 @@ impl Gateway {
             "gateway started"
         );
 
+        let ready = state.ready.clone();
         let sequence = async {
             shutdown.await;
             ready.store(false, Ordering::Release);
@@ -197,6 +239,7 @@ impl Gateway {
             },
             admin_stopped,
         );
+        let in_flight = state.in_flight.clone();
         let finish = async {
             tokio::join!(
                 server::accept_loop(
@@ -224,7 +267,7 @@ impl Gateway {
         };
         tokio::join!(admin_loop, finish);
         let _ = tokio::time::timeout(ADMIN_GRACE, admin_graceful.shutdown()).await;
-        bill24.stop();
+        state.bill24.stop();
         upkeep.abort();
         tracing::info!("gateway stopped");
         Ok(())

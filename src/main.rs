@@ -13,7 +13,7 @@ use clap::{Parser, Subcommand};
 
 use bill24_gateway::config::{self, Loaded};
 use bill24_gateway::sim::{self, SimConfig, Simulator};
-use bill24_gateway::{Gateway, auth, demo, telemetry};
+use bill24_gateway::{Gateway, Reloader, auth, demo, telemetry};
 
 /// A caching gateway in front of Bill24's wallet-balance API.
 #[derive(Parser)]
@@ -113,8 +113,8 @@ fn runtime() -> Result<tokio::runtime::Runtime, String> {
 }
 
 fn serve(path: Option<PathBuf>, demo: bool) -> Result<(), String> {
-    let loaded = load(path)?;
-    let _log = telemetry::init(&loaded.config.log)?;
+    let loaded = load(path.clone())?;
+    let log = telemetry::init(&loaded.config.log)?;
     for warning in &loaded.warnings {
         tracing::warn!("{warning}");
     }
@@ -137,8 +137,49 @@ fn serve(path: Option<PathBuf>, demo: bool) -> Result<(), String> {
         let gateway = Gateway::bind(loaded.config)
             .await
             .map_err(|e| e.to_string())?;
+        tokio::spawn(reload_on_sighup(path, gateway.reloader(), log));
         gateway.run(shutdown).await.map_err(|e| e.to_string())
     })
+}
+
+/// On each SIGHUP, re-reads the config (file and environment) and applies it; an invalid one
+/// is rejected with a log line and the running config stays.
+async fn reload_on_sighup(path: Option<PathBuf>, reloader: Reloader, log: telemetry::LogHandle) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut hangups = match signal(SignalKind::hangup()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(error = %e, "no SIGHUP handler: config reload is unavailable");
+            return;
+        }
+    };
+    while hangups.recv().await.is_some() {
+        let loaded = match config::load(path.as_deref()) {
+            Ok(loaded) => loaded,
+            Err(e) => {
+                tracing::error!(error = %e, "config reload rejected; the running config stays");
+                continue;
+            }
+        };
+        for warning in &loaded.warnings {
+            tracing::warn!("{warning}");
+        }
+        let report = reloader.apply(loaded.config);
+        for key in &report.needs_restart {
+            tracing::warn!(key, "config changed; takes effect after a restart");
+        }
+        // Logged before a new level applies, so even a quieter level shows the reload.
+        tracing::info!(
+            applied = ?report.applied,
+            needs_restart = ?report.needs_restart,
+            "config reloaded"
+        );
+        if let Some(level) = &report.log_level
+            && let Err(e) = log.set_level(level)
+        {
+            tracing::error!(error = %e, "log.level not applied");
+        }
+    }
 }
 
 /// Resolves on SIGTERM or SIGINT.

@@ -12,7 +12,7 @@ use bytes::Bytes;
 use http::{Method, Request};
 use tower::{BoxError, Layer, Service, ServiceBuilder};
 
-use crate::access_log::{AccessLogLayer, InFlight};
+use crate::access_log::{AccessLogLayer, AccessSample, InFlight};
 use crate::auth::{AuthLayer, CallerKeys};
 use crate::balance::request::ParseLayer;
 use crate::balance::service::{BalanceService, Balances};
@@ -29,6 +29,7 @@ pub const BALANCE_PATH: &str = "/instant_payment/get_wallet_balance";
 pub struct StackParts {
     pub metrics: Arc<Metrics>,
     pub in_flight: InFlight,
+    pub access_sample: AccessSample,
     pub callers: Arc<ArcSwap<CallerKeys>>,
     pub balances: Arc<Balances>,
     pub request_timeout: Duration,
@@ -59,6 +60,7 @@ where
         .layer(AccessLogLayer::new(
             parts.metrics.clone(),
             parts.in_flight.clone(),
+            parts.access_sample.clone(),
         ))
         // 404 / 405.
         .layer(RouteLayer)

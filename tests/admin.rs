@@ -239,3 +239,56 @@ async fn purge_paths_are_validated() {
     let r = app.admin(Method::DELETE, "/cache/a%00b", &[]).await;
     assert_eq!(r.status, StatusCode::BAD_REQUEST);
 }
+
+/// A reload swaps callers, cache durations and the admin key in place, and reports what needs
+/// a restart without applying it.
+#[tokio::test]
+async fn reload_applies_in_place_and_reports_restart_only_keys() {
+    let app = spawn_app().await;
+    assert_eq!(app.balance("A").await.x_cache(), "MISS");
+    assert_eq!(app.balance("A").await.x_cache(), "HIT");
+
+    let mut new = app.config.clone();
+    new.callers.retain(|c| &*c.name == "billing");
+    new.cache.ttl = Duration::ZERO;
+    new.server.admin_key_sha256 = Some(bill24_gateway::auth::hash_key(b"rotated-admin-key"));
+    new.server.request_timeout = Duration::from_secs(1);
+    new.cache.max_entries = 7;
+    let report = app.reloader.apply(new);
+    assert_eq!(
+        report.applied,
+        ["callers", "cache", "server.admin_key_sha256"]
+    );
+    assert_eq!(
+        report.needs_restart,
+        ["server.request_timeout", "cache.max_entries"]
+    );
+
+    assert_eq!(
+        app.balance("B").await.status,
+        StatusCode::UNAUTHORIZED,
+        "orders removed"
+    );
+    let billing = |code: &'static str| app.post(Some(BILLING_KEY), body_for(code), &[]);
+    assert_eq!(billing("B").await.x_cache(), "MISS");
+    assert_eq!(billing("B").await.x_cache(), "MISS", "ttl 0 now");
+    let denied = app.admin(Method::DELETE, "/cache", &[]).await;
+    assert_eq!(denied.status, StatusCode::UNAUTHORIZED);
+    let allowed = app
+        .admin(
+            Method::DELETE,
+            "/cache",
+            &[("authorization", "Bearer rotated-admin-key")],
+        )
+        .await;
+    assert_eq!(allowed.status, StatusCode::NO_CONTENT);
+
+    // The same config again changes nothing.
+    let mut same = app.config.clone();
+    same.callers.retain(|c| &*c.name == "billing");
+    same.cache.ttl = Duration::ZERO;
+    same.server.admin_key_sha256 = Some(bill24_gateway::auth::hash_key(b"rotated-admin-key"));
+    same.server.request_timeout = Duration::from_secs(1);
+    let report = app.reloader.apply(same);
+    assert!(report.applied.is_empty(), "{report:?}");
+}

@@ -608,3 +608,166 @@ async fn demo_answers_miss_then_hit() {
     running.signal("TERM");
     assert!(running.wait_exit(Duration::from_secs(10)).await.success());
 }
+
+/// SIGHUP re-reads the config: callers (key rotation included), cache durations and the log
+/// level change at once, and an open keep-alive connection survives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reloads_callers_cache_and_log_level() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let sim = Simulator::bind("127.0.0.1:0".parse().expect("addr"), SimConfig::default())
+        .await
+        .expect("sim");
+    let secret = (
+        "GATEWAY_UPSTREAM__CLIENT_SECRET",
+        bill24_gateway::sim::DEMO_CLIENT_SECRET,
+    );
+    let base = gateway_toml(&sim, "");
+    let (mut gw, dir) = Running::start(&[], &format!("{base}[cache]\nttl = \"1h\"\n"), &[secret]);
+    let (main, _) = gw.addresses().await;
+
+    // A keep-alive connection opened before the reload.
+    let mut conn = tokio::net::TcpStream::connect(main).await.expect("connect");
+    let raw = |key: &str| {
+        let body = body_for("KEEP");
+        format!(
+            "POST {PATH} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\n\
+             Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+    };
+    conn.write_all(raw(ORDERS_KEY).as_bytes())
+        .await
+        .expect("write");
+    let mut buf = vec![0u8; 4096];
+    let n = conn.read(&mut buf).await.expect("read");
+    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+    assert_eq!(
+        post(main, Some(ORDERS_KEY), body_for("C1"), &[])
+            .await
+            .x_cache(),
+        "MISS"
+    );
+    assert_eq!(
+        post(main, Some(ORDERS_KEY), body_for("C1"), &[])
+            .await
+            .x_cache(),
+        "HIT"
+    );
+
+    // Rotate: orders gets a new key (old and new both valid), billing is removed, the cache
+    // ttl drops to 0 (nothing cached), and the level to warn (no access lines).
+    let new_key = "orders-new-key-after-rotation";
+    let rotated = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n\
+         [upstream]\nbase_url = \"{}\"\nmerchant_token = \"{}\"\nclient_id = \"{}\"\n\
+         [cache]\nttl = \"0s\"\n[log]\nlevel = \"warn\"\n\
+         [[callers]]\nname = \"orders\"\nkey_sha256 = [\"{}\", \"{}\"]\n",
+        sim.base_url(),
+        bill24_gateway::sim::DEMO_MERCHANT_TOKEN,
+        bill24_gateway::sim::DEMO_CLIENT_ID,
+        hex::encode(bill24_gateway::auth::hash_key(ORDERS_KEY.as_bytes())),
+        hex::encode(bill24_gateway::auth::hash_key(new_key.as_bytes())),
+    );
+    std::fs::write(dir.path().join("gw.toml"), rotated).expect("write");
+    gw.signal("HUP");
+    let line = gw.wait_for_line("config reloaded").await;
+    assert!(line.contains("callers") && line.contains("cache"), "{line}");
+    assert!(!line.contains("needs_restart\":\"[\\\"server"), "{line}");
+
+    let lines_before = gw.output().len();
+    assert_eq!(
+        post(main, Some(new_key), body_for("C2"), &[]).await.status,
+        StatusCode::OK
+    );
+    assert_eq!(
+        post(main, Some(ORDERS_KEY), body_for("C2"), &[])
+            .await
+            .status,
+        StatusCode::OK
+    );
+    assert_eq!(
+        post(main, Some(BILLING_KEY), body_for("C2"), &[])
+            .await
+            .status,
+        StatusCode::UNAUTHORIZED,
+        "billing was removed"
+    );
+    assert_eq!(
+        post(main, Some(new_key), body_for("C2"), &[])
+            .await
+            .x_cache(),
+        "MISS",
+        "ttl 0: nothing cached any more"
+    );
+    // The connection from before the reload still serves.
+    conn.write_all(raw(new_key).as_bytes())
+        .await
+        .expect("write");
+    let n = conn.read(&mut buf).await.expect("read");
+    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+    // Level warn: successful requests no longer write access lines (the 401 is not logged
+    // either: the access log is at info).
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let new_access = gw.output()[lines_before..]
+        .iter()
+        .filter(|l| l.contains("\"target\":\"access\""))
+        .count();
+    assert_eq!(new_access, 0);
+    gw.signal("TERM");
+    assert!(gw.wait_exit(Duration::from_secs(10)).await.success());
+}
+
+/// An invalid config on SIGHUP is rejected with a line naming the problem; the running config
+/// stays. Changes that need a restart are logged as such.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_rejects_invalid_config_and_flags_restart_only_changes() {
+    let sim = Simulator::bind("127.0.0.1:0".parse().expect("addr"), SimConfig::default())
+        .await
+        .expect("sim");
+    let secret = (
+        "GATEWAY_UPSTREAM__CLIENT_SECRET",
+        bill24_gateway::sim::DEMO_CLIENT_SECRET,
+    );
+    let (mut gw, dir) = Running::start(&[], &gateway_toml(&sim, ""), &[secret]);
+    let (main, _) = gw.addresses().await;
+    assert_eq!(
+        post(main, Some(ORDERS_KEY), body_for("A"), &[])
+            .await
+            .status,
+        StatusCode::OK
+    );
+
+    std::fs::write(dir.path().join("gw.toml"), "[cache]\nttl_seconds = 5\n").expect("write");
+    gw.signal("HUP");
+    let line = gw.wait_for_line("config reload rejected").await;
+    assert!(line.contains("cache.ttl_seconds"), "{line}");
+    assert_eq!(
+        post(main, Some(ORDERS_KEY), body_for("A"), &[])
+            .await
+            .status,
+        StatusCode::OK,
+        "old config still serving"
+    );
+
+    let moved = gateway_toml(&sim, "")
+        .replace("max_body_bytes", "x")
+        .replace(
+            "admin_listen = \"127.0.0.1:0\"",
+            "admin_listen = \"127.0.0.1:0\"\nmax_body_bytes = 100",
+        );
+    std::fs::write(dir.path().join("gw.toml"), moved).expect("write");
+    gw.signal("HUP");
+    let line = gw.wait_for_line("takes effect after a restart").await;
+    assert!(line.contains("server.max_body_bytes"), "{line}");
+    let big = format!(
+        r#"{{"customer_sync_code":"A","pad":"{}"}}"#,
+        "x".repeat(200)
+    );
+    assert_eq!(
+        post(main, Some(ORDERS_KEY), big, &[]).await.status,
+        StatusCode::OK,
+        "max_body_bytes unchanged until a restart"
+    );
+    gw.signal("TERM");
+    assert!(gw.wait_exit(Duration::from_secs(10)).await.success());
+}

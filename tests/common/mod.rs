@@ -30,6 +30,7 @@ pub fn init_test_log() {
             let _ = bill24_gateway::telemetry::init(&bill24_gateway::config::LogConfig {
                 format: bill24_gateway::config::LogFormat::Text,
                 level: "debug,hyper=info,h2=info".into(),
+                access_sample: 1.0,
             });
         }
     });
@@ -137,6 +138,10 @@ pub struct TestApp {
     pub addr: SocketAddr,
     pub admin_addr: SocketAddr,
     pub sim: SimHandle,
+    /// Applies a new config to the running gateway (what SIGHUP does).
+    pub reloader: bill24_gateway::Reloader,
+    /// The config the gateway started with.
+    pub config: Config,
     simulator: Simulator,
     shutdown: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<Result<(), StartError>>>,
@@ -165,7 +170,8 @@ pub async fn spawn_app_full(
     prepare(&simulator.handle());
     let mut config = config(&simulator.base_url());
     configure(&mut config);
-    let gateway = Gateway::bind(config).await.expect("gateway binds");
+    let gateway = Gateway::bind(config.clone()).await.expect("gateway binds");
+    let reloader = gateway.reloader();
     let addr = gateway.main_addr();
     let admin_addr = gateway.admin_addr();
     let (tx, rx) = oneshot::channel::<()>();
@@ -176,6 +182,8 @@ pub async fn spawn_app_full(
         addr,
         admin_addr,
         sim: simulator.handle(),
+        reloader,
+        config,
         simulator,
         shutdown: Some(tx),
         task: Some(task),
