@@ -6,10 +6,11 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, ready};
 use std::time::{Duration, Instant};
 
 use http::Request;
+use pin_project_lite::pin_project;
 use tower::{Layer, Service};
 
 use crate::balance::cache::CacheStatus;
@@ -154,11 +155,10 @@ pub struct AccessLog<S> {
 impl<S, B> Service<Request<B>> for AccessLog<S>
 where
     S: Service<Request<B>, Response = Response>,
-    S::Future: Send + 'static,
 {
     type Response = Response;
     type Error = S::Error;
-    type Future = Pin<Box<dyn Future<Output = Result<Response, S::Error>> + Send>>;
+    type Future = AccessLogFuture<S::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
         self.inner.poll_ready(cx)
@@ -178,20 +178,38 @@ where
             in_flight: self.in_flight.clone(),
             sample: self.sample.clone(),
         };
-        let fut = self.inner.call(req);
-        Box::pin(async move {
-            // Move the whole record in (not just the field written below), so its drop
-            // happens when this future ends.
-            let mut record = record;
-            let response = fut.await?;
-            record.status = Some(response.status().as_u16());
-            Ok(response)
-        })
+        AccessLogFuture {
+            inner: self.inner.call(req),
+            record,
+        }
+    }
+}
+
+pin_project! {
+    /// The inner answer; its [`Record`] writes the line when this future is dropped.
+    pub struct AccessLogFuture<F> {
+        #[pin]
+        inner: F,
+        record: Record,
+    }
+}
+
+impl<F, E> Future for AccessLogFuture<F>
+where
+    F: Future<Output = Result<Response, E>>,
+{
+    type Output = Result<Response, E>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let response = ready!(this.inner.poll(cx))?;
+        this.record.status = Some(response.status().as_u16());
+        Poll::Ready(Ok(response))
     }
 }
 
 /// Writes the line when dropped: after the response, or when the client hung up.
-struct Record {
+pub struct Record {
     start: Instant,
     request_id: Option<RequestId>,
     trace: Option<TraceContext>,
@@ -211,7 +229,7 @@ impl Drop for Record {
         let cache = notes.cache.map(CacheStatus::label);
         self.metrics.request(
             notes.caller.as_deref().unwrap_or("-"),
-            itoa::Buffer::new().format(status),
+            status,
             cache.unwrap_or("-"),
             elapsed,
         );

@@ -2,12 +2,11 @@
 //! the configured `[[callers]]` hashes (compared in constant time). The key is used for nothing
 //! else: it is never logged and never forwarded.
 
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use arc_swap::ArcSwap;
+use futures_util::future::{Either, Ready, ready};
 use http::header::AUTHORIZATION;
 use http::{HeaderMap, Request};
 use sha2::{Digest, Sha256};
@@ -36,8 +35,22 @@ pub struct Caller {
 /// The configured callers' key hashes.
 #[derive(Debug, Default)]
 pub struct CallerKeys {
-    keys: Vec<(KeyHash, usize)>,
+    /// Each hash as four words, compared word by word in constant time.
+    keys: Vec<([u64; 4], usize)>,
     callers: Vec<Caller>,
+}
+
+fn words(hash: &KeyHash) -> [u64; 4] {
+    std::array::from_fn(|i| {
+        let mut word = [0u8; 8];
+        word.copy_from_slice(&hash[i * 8..i * 8 + 8]);
+        u64::from_ne_bytes(word)
+    })
+}
+
+/// Constant-time equality of two hashes (no branch or early exit on the data).
+fn same(a: &[u64; 4], b: &[u64; 4]) -> subtle::Choice {
+    a[0].ct_eq(&b[0]) & a[1].ct_eq(&b[1]) & a[2].ct_eq(&b[2]) & a[3].ct_eq(&b[3])
 }
 
 impl CallerKeys {
@@ -62,7 +75,7 @@ impl CallerKeys {
                 limits,
             });
             for hash in &c.key_sha256 {
-                out.keys.push((*hash, index));
+                out.keys.push((words(hash), index));
             }
         }
         out
@@ -71,10 +84,10 @@ impl CallerKeys {
     /// The caller whose key hash matches. Every configured hash is compared, in constant time,
     /// whichever matches.
     pub fn identify(&self, key: &[u8]) -> Option<&Caller> {
-        let hash = hash_key(key);
+        let hash = words(&hash_key(key));
         let mut found = u64::MAX;
         for (candidate, index) in &self.keys {
-            found = u64::conditional_select(&found, &(*index as u64), candidate.ct_eq(&hash));
+            found = u64::conditional_select(&found, &(*index as u64), same(candidate, &hash));
         }
         self.callers.get(usize::try_from(found).ok()?)
     }
@@ -134,12 +147,10 @@ pub struct Auth<S> {
 impl<S, B> Service<Request<B>> for Auth<S>
 where
     S: Service<Request<B>, Response = Response>,
-    S::Future: Send + 'static,
-    S::Error: Send + 'static,
 {
     type Response = Response;
     type Error = S::Error;
-    type Future = Pin<Box<dyn Future<Output = Result<Response, S::Error>> + Send>>;
+    type Future = Either<Ready<Result<Response, S::Error>>, S::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
         self.inner.poll_ready(cx)
@@ -149,15 +160,13 @@ where
         let caller =
             bearer_key(req.headers()).and_then(|key| self.keys.load().identify(key).cloned());
         let Some(caller) = caller else {
-            return Box::pin(std::future::ready(Ok(
-                GatewayError::Unauthorized.into_response()
-            )));
+            return Either::Left(ready(Ok(GatewayError::Unauthorized.into_response())));
         };
         if let Some(notes) = req.extensions().get::<Annotations>() {
             notes.caller(&caller.name);
         }
         req.extensions_mut().insert(caller);
-        Box::pin(self.inner.call(req))
+        Either::Right(self.inner.call(req))
     }
 }
 

@@ -57,6 +57,7 @@ pub struct RawServer {
     pub idle_timeout: Duration,
     pub max_connections: u64,
     pub admin_key_sha256: String,
+    pub worker_threads: u64,
 }
 
 impl Default for RawServer {
@@ -72,6 +73,7 @@ impl Default for RawServer {
             idle_timeout: Duration::from_secs(60),
             max_connections: 10_000,
             admin_key_sha256: String::new(),
+            worker_threads: 0,
         }
     }
 }
@@ -234,6 +236,8 @@ pub struct ServerConfig {
     pub idle_timeout: Duration,
     pub max_connections: usize,
     pub admin_key_sha256: Option<KeyHash>,
+    /// Runtime worker threads; 0 = one per CPU.
+    pub worker_threads: usize,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -518,6 +522,12 @@ impl RawConfig {
                 "" => None,
                 hex => Some(key_hash("server.admin_key_sha256", hex)?),
             },
+            worker_threads: usize::try_from(s.worker_threads)
+                .ok()
+                .filter(|n| *n <= 1024)
+                .ok_or_else(|| {
+                    ConfigError::invalid("server.worker_threads", "must be 0 to 1024")
+                })?,
         };
 
         let u = &self.upstream;

@@ -14,9 +14,10 @@ use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
+use pin_project_lite::pin_project;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{Instant, Sleep};
 use tower::Service;
@@ -211,7 +212,7 @@ impl<S> Tracked<S> {
     }
 }
 
-struct InService(Arc<Activity>);
+pub struct InService(Arc<Activity>);
 
 impl Drop for InService {
     fn drop(&mut self) {
@@ -222,11 +223,10 @@ impl Drop for InService {
 impl<S, R> Service<R> for Tracked<S>
 where
     S: Service<R>,
-    S::Future: Send + 'static,
 {
     type Response = S::Response;
     type Error = S::Error;
-    type Future = Pin<Box<dyn Future<Output = Result<S::Response, S::Error>> + Send>>;
+    type Future = TrackedFuture<S::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
         self.inner.poll_ready(cx)
@@ -235,11 +235,29 @@ where
     fn call(&mut self, req: R) -> Self::Future {
         self.activity.begin();
         let guard = InService(self.activity.clone());
-        let fut = self.inner.call(req);
-        Box::pin(async move {
-            let result = fut.await;
-            drop(guard);
-            result
-        })
+        TrackedFuture {
+            inner: self.inner.call(req),
+            guard: Some(guard),
+        }
+    }
+}
+
+pin_project! {
+    /// The service's answer; the request counts as in service until it is ready (or dropped).
+    pub struct TrackedFuture<F> {
+        #[pin]
+        inner: F,
+        guard: Option<InService>,
+    }
+}
+
+impl<F: Future> Future for TrackedFuture<F> {
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        let this = self.project();
+        let output = ready!(this.inner.poll(cx));
+        this.guard.take();
+        Poll::Ready(output)
     }
 }

@@ -5,14 +5,18 @@
 use std::fmt::Write as _;
 use std::future::Future;
 use std::pin::Pin;
-use std::task::{Context, Poll};
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll, ready};
 
-use http::{HeaderMap, HeaderValue, Request};
+use http::{HeaderMap, HeaderName, HeaderValue, Request};
+use pin_project_lite::pin_project;
 use tower::{Layer, Service};
 
 use crate::error::{Response, render_body};
 
 pub const X_REQUEST_ID: &str = "x-request-id";
+const X_REQUEST_ID_HEADER: HeaderName = HeaderName::from_static(X_REQUEST_ID);
 pub const TRACEPARENT: &str = "traceparent";
 
 /// 1–128 visible ASCII characters, from the caller or generated.
@@ -28,10 +32,19 @@ impl RequestId {
         }
     }
 
+    /// A new id: this process's random 64-bit prefix and a counter, in hex
+    /// (`5f0c9e1a2b3c4d5e-1a`). Unique without a random draw per request.
     pub fn generate() -> Self {
-        let mut buf = uuid::Uuid::encode_buffer();
-        let id = uuid::Uuid::new_v4().hyphenated().encode_lower(&mut buf);
-        RequestId(HeaderValue::from_str(id).unwrap_or(HeaderValue::from_static("-")))
+        static PREFIX: OnceLock<u64> = OnceLock::new();
+        static COUNTER: AtomicU64 = AtomicU64::new(0);
+        let prefix = *PREFIX.get_or_init(rand::random::<u64>);
+        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+        let mut buf = [0u8; 33];
+        let len = hex_u64(prefix, &mut buf[..16], 16);
+        buf[16] = b'-';
+        let tail = hex_u64(n, &mut buf[17..], 0);
+        let id = &buf[..len + 1 + tail];
+        RequestId(HeaderValue::from_bytes(id).unwrap_or(HeaderValue::from_static("-")))
     }
 
     pub fn as_str(&self) -> &str {
@@ -42,6 +55,19 @@ impl RequestId {
     pub fn header_value(&self) -> &HeaderValue {
         &self.0
     }
+}
+
+/// Writes `value` in lowercase hex into `out` (zero-padded to `width`, else shortest);
+/// returns the length written.
+fn hex_u64(value: u64, out: &mut [u8], width: usize) -> usize {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let digits = ((64 - value.leading_zeros()).div_ceil(4) as usize)
+        .max(1)
+        .max(width);
+    for i in 0..digits {
+        out[digits - 1 - i] = DIGITS[((value >> (4 * i)) & 0xf) as usize];
+    }
+    digits
 }
 
 pub fn is_valid_request_id(bytes: &[u8]) -> bool {
@@ -145,11 +171,10 @@ pub struct Correlation<S> {
 impl<S, B> Service<Request<B>> for Correlation<S>
 where
     S: Service<Request<B>, Response = Response>,
-    S::Future: Send + 'static,
 {
     type Response = Response;
     type Error = S::Error;
-    type Future = Pin<Box<dyn Future<Output = Result<Response, S::Error>> + Send>>;
+    type Future = CorrelationFuture<S::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
         self.inner.poll_ready(cx)
@@ -160,15 +185,36 @@ where
         let trace = TraceContext::from_headers(req.headers());
         req.extensions_mut().insert(id.clone());
         req.extensions_mut().insert(trace);
-        let fut = self.inner.call(req);
-        Box::pin(async move {
-            let mut response = fut.await?;
-            render_body(&mut response, id.as_str());
-            response
-                .headers_mut()
-                .insert(X_REQUEST_ID, id.header_value().clone());
-            Ok(response)
-        })
+        CorrelationFuture {
+            inner: self.inner.call(req),
+            id,
+        }
+    }
+}
+
+pin_project! {
+    /// The inner answer, with its `X-Request-Id` and, for an error, its body.
+    pub struct CorrelationFuture<F> {
+        #[pin]
+        inner: F,
+        id: RequestId,
+    }
+}
+
+impl<F, E> Future for CorrelationFuture<F>
+where
+    F: Future<Output = Result<Response, E>>,
+{
+    type Output = Result<Response, E>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let mut response = ready!(this.inner.poll(cx))?;
+        render_body(&mut response, this.id.as_str());
+        response
+            .headers_mut()
+            .insert(X_REQUEST_ID_HEADER, this.id.header_value().clone());
+        Poll::Ready(Ok(response))
     }
 }
 
@@ -189,6 +235,27 @@ mod tests {
         let generated = RequestId::from_headers(&headers);
         assert_ne!(generated.as_str(), "has space");
         assert!(is_valid_request_id(generated.as_str().as_bytes()));
+    }
+
+    #[test]
+    fn generated_ids_are_unique_and_valid() {
+        let ids: std::collections::HashSet<String> = (0..1000)
+            .map(|_| RequestId::generate().as_str().to_string())
+            .collect();
+        assert_eq!(ids.len(), 1000);
+        for id in &ids {
+            assert!(is_valid_request_id(id.as_bytes()), "{id}");
+            assert_eq!(id.as_bytes()[16], b'-', "{id}");
+        }
+        let hex = |v: u64, width: usize| {
+            let mut buf = [0u8; 16];
+            let n = hex_u64(v, &mut buf, width);
+            String::from_utf8_lossy(&buf[..n]).into_owned()
+        };
+        assert_eq!(hex(0, 0), "0");
+        assert_eq!(hex(0x1a, 0), "1a");
+        assert_eq!(hex(u64::MAX, 16), "ffffffffffffffff");
+        assert_eq!(hex(5, 4), "0005");
     }
 
     #[test]

@@ -60,19 +60,14 @@ pub async fn run(
 
 async fn bind_loopback(port: u16, key: &'static str) -> Result<TcpListener, StartError> {
     let preferred = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
-    match TcpListener::bind(preferred).await {
-        Ok(l) => Ok(l),
-        Err(_) => {
-            let any = SocketAddr::from((Ipv4Addr::LOCALHOST, 0));
-            TcpListener::bind(any)
-                .await
-                .map_err(|source| StartError::Bind {
-                    addr: any,
-                    key,
-                    source,
-                })
-        }
-    }
+    crate::server::listen(preferred).or_else(|_| {
+        let any = SocketAddr::from((Ipv4Addr::LOCALHOST, 0));
+        crate::server::listen(any).map_err(|source| StartError::Bind {
+            addr: any,
+            key,
+            source,
+        })
+    })
 }
 
 /// What the demo prints on start.

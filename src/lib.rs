@@ -275,7 +275,5 @@ impl Gateway {
 }
 
 async fn bind(addr: SocketAddr, key: &'static str) -> Result<TcpListener, StartError> {
-    TcpListener::bind(addr)
-        .await
-        .map_err(|source| StartError::Bind { addr, key, source })
+    server::listen(addr).map_err(|source| StartError::Bind { addr, key, source })
 }

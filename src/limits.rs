@@ -6,13 +6,15 @@ use std::future::Future;
 use std::num::NonZeroU32;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
+use futures_util::future::{Either, Ready};
 use governor::clock::{Clock, DefaultClock};
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use http::Request;
-use tokio::sync::Semaphore;
+use pin_project_lite::pin_project;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tower::{Layer, Service};
 
 use crate::auth::Caller;
@@ -85,12 +87,10 @@ pub struct CallerLimit<S> {
 impl<S, B> Service<Request<B>> for CallerLimit<S>
 where
     S: Service<Request<B>, Response = Response>,
-    S::Future: Send + 'static,
-    S::Error: Send + 'static,
 {
     type Response = Response;
     type Error = S::Error;
-    type Future = Pin<Box<dyn Future<Output = Result<Response, S::Error>> + Send>>;
+    type Future = Either<Ready<Result<Response, S::Error>>, Holding<S::Future>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
         self.inner.poll_ready(cx)
@@ -98,7 +98,10 @@ where
 
     fn call(&mut self, req: Request<B>) -> Self::Future {
         let Some(limits) = req.extensions().get::<Caller>().map(|c| c.limits.clone()) else {
-            return Box::pin(self.inner.call(req));
+            return Either::Right(Holding {
+                inner: self.inner.call(req),
+                permit: None,
+            });
         };
         if let Some(bucket) = &limits.bucket
             && let Err(not_until) = bucket.check()
@@ -119,19 +122,35 @@ where
                 }
             },
         };
-        let fut = self.inner.call(req);
-        Box::pin(async move {
-            let response = fut.await;
-            drop(permit);
-            response
+        Either::Right(Holding {
+            inner: self.inner.call(req),
+            permit,
         })
     }
 }
 
-fn reject<E: Send + 'static>(
-    error: GatewayError,
-) -> Pin<Box<dyn Future<Output = Result<Response, E>> + Send>> {
-    Box::pin(std::future::ready(Ok(error.into_response())))
+pin_project! {
+    /// The inner service's answer, holding the caller's concurrency slot until it is ready.
+    pub struct Holding<F> {
+        #[pin]
+        inner: F,
+        permit: Option<OwnedSemaphorePermit>,
+    }
+}
+
+impl<F: Future> Future for Holding<F> {
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        let this = self.project();
+        let output = ready!(this.inner.poll(cx));
+        this.permit.take();
+        Poll::Ready(output)
+    }
+}
+
+fn reject<F, E>(error: GatewayError) -> Either<Ready<Result<Response, E>>, F> {
+    Either::Left(futures_util::future::ready(Ok(error.into_response())))
 }
 
 #[cfg(test)]

@@ -15,6 +15,10 @@ use bill24_gateway::config::{self, Loaded};
 use bill24_gateway::sim::{self, SimConfig, Simulator};
 use bill24_gateway::{Gateway, Reloader, auth, demo, telemetry};
 
+/// mimalloc: measured faster than the system allocator on the hit path (README, Performance).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// A caching gateway in front of Bill24's wallet-balance API.
 #[derive(Parser)]
 #[command(name = "bill24-gateway", version, about)]
@@ -105,8 +109,13 @@ fn hash_key() -> Result<(), String> {
     Ok(())
 }
 
-fn runtime() -> Result<tokio::runtime::Runtime, String> {
-    tokio::runtime::Builder::new_multi_thread()
+/// The runtime: `threads` workers, or one per CPU when 0.
+fn runtime(threads: usize) -> Result<tokio::runtime::Runtime, String> {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if threads > 0 {
+        builder.worker_threads(threads);
+    }
+    builder
         .enable_all()
         .build()
         .map_err(|e| format!("cannot start the runtime: {e}"))
@@ -127,7 +136,7 @@ fn serve(path: Option<PathBuf>, demo: bool) -> Result<(), String> {
     if let Some(file) = &loaded.file {
         tracing::info!(file = %file.display(), "config loaded");
     }
-    runtime()?.block_on(async move {
+    runtime(loaded.config.server.worker_threads)?.block_on(async move {
         let shutdown = shutdown_signal()?;
         if demo {
             return demo::run(loaded.config, shutdown)
@@ -196,7 +205,7 @@ fn shutdown_signal() -> Result<impl std::future::Future<Output = ()> + Send, Str
 }
 
 fn simulate(args: SimulateArgs) -> Result<(), String> {
-    runtime()?.block_on(async move {
+    runtime(0)?.block_on(async move {
         let simulator = Simulator::bind(
             args.listen,
             SimConfig {

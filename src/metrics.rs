@@ -1,10 +1,11 @@
 //! Prometheus metrics (CONTRACT §6): one registry per gateway instance, rendered by the admin
 //! listener. Names and labels are listed in README.md.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use metrics::{Counter, Gauge, Key, KeyName, Label, Metadata, Recorder, SharedString};
+use metrics::{Counter, Gauge, Histogram, Key, KeyName, Label, Metadata, Recorder, SharedString};
 use metrics_exporter_prometheus::{
     Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder,
 };
@@ -49,9 +50,17 @@ impl Endpoint {
     }
 }
 
+/// Counters of `gateway_requests_total`, by caller, then (status, cache).
+type RequestSeries = HashMap<Box<str>, Vec<(u16, &'static str, Counter)>>;
+
+/// The `cache` label values, whose duration histograms are registered up front.
+const CACHE_LABELS: [&str; 5] = ["hit", "miss", "stale", "bypass", "-"];
+
 pub struct Metrics {
     recorder: PrometheusRecorder,
     handle: PrometheusHandle,
+    request_series: RwLock<RequestSeries>,
+    request_durations: [Histogram; 5],
     coalesced: Counter,
     cache_entries: Gauge,
     token_expires_in: Gauge,
@@ -167,7 +176,16 @@ impl Metrics {
         let refresh_ahead = register_counter(&recorder, REFRESH_AHEAD_TOTAL, vec![]);
         refresh_ahead.absolute(0);
 
+        let request_durations = CACHE_LABELS.map(|cache| {
+            recorder.register_histogram(
+                &Key::from_parts(REQUEST_DURATION, vec![Label::new("cache", cache)]),
+                &metadata(),
+            )
+        });
+
         Metrics {
+            request_series: RwLock::new(HashMap::new()),
+            request_durations,
             recorder,
             handle,
             coalesced,
@@ -182,19 +200,49 @@ impl Metrics {
     }
 
     /// One answered request on the in-house endpoint.
-    pub fn request(&self, caller: &str, status: &str, cache: &'static str, elapsed: Duration) {
-        let labels = vec![
-            Label::new("caller", caller.to_string()),
-            Label::new("status", status.to_string()),
-            Label::new("cache", cache),
-        ];
-        register_counter(&self.recorder, REQUESTS_TOTAL, labels).increment(1);
-        self.recorder
-            .register_histogram(
+    pub fn request(&self, caller: &str, status: u16, cache: &'static str, elapsed: Duration) {
+        self.request_counter(caller, status, cache).increment(1);
+        let histogram = match CACHE_LABELS.iter().position(|l| *l == cache) {
+            Some(i) => self.request_durations[i].clone(),
+            None => self.recorder.register_histogram(
                 &Key::from_parts(REQUEST_DURATION, vec![Label::new("cache", cache)]),
                 &metadata(),
-            )
-            .record(elapsed.as_secs_f64());
+            ),
+        };
+        histogram.record(elapsed.as_secs_f64());
+    }
+
+    /// The counter for one (caller, status, cache) series, registered once: the hit path
+    /// only takes a read lock and compares a few labels.
+    fn request_counter(&self, caller: &str, status: u16, cache: &'static str) -> Counter {
+        let find = |series: &RequestSeries| {
+            series.get(caller).and_then(|list| {
+                list.iter()
+                    .find(|(s, c, _)| *s == status && *c == cache)
+                    .map(|(_, _, counter)| counter.clone())
+            })
+        };
+        if let Ok(series) = self.request_series.read()
+            && let Some(counter) = find(&series)
+        {
+            return counter;
+        }
+        let counter = register_counter(
+            &self.recorder,
+            REQUESTS_TOTAL,
+            vec![
+                Label::new("caller", caller.to_string()),
+                Label::new("status", status.to_string()),
+                Label::new("cache", cache),
+            ],
+        );
+        if let Ok(mut series) = self.request_series.write() {
+            series
+                .entry(Box::from(caller))
+                .or_default()
+                .push((status, cache, counter.clone()));
+        }
+        counter
     }
 
     /// One request sent to Bill24; `status` is the HTTP status, or `error` / `timeout`.
@@ -292,8 +340,9 @@ mod tests {
     #[test]
     fn renders_contract_names_and_labels() {
         let m = Metrics::new();
-        m.request("orders", "200", "hit", Duration::from_micros(40));
-        m.request("-", "401", "-", Duration::from_micros(10));
+        m.request("orders", 200, "hit", Duration::from_micros(40));
+        m.request("orders", 200, "hit", Duration::from_micros(40));
+        m.request("-", 401, "-", Duration::from_micros(10));
         m.upstream(Endpoint::Balance, "200", "000", Duration::from_millis(12));
         m.upstream(Endpoint::Authorize, "200", "200", Duration::from_millis(3));
         m.coalesced();
@@ -301,9 +350,9 @@ mod tests {
         m.set_cache_entries(3);
         let text = m.render();
         for needle in [
-            r#"gateway_requests_total{caller="orders",status="200",cache="hit"} 1"#,
+            r#"gateway_requests_total{caller="orders",status="200",cache="hit"} 2"#,
             r#"gateway_requests_total{caller="-",status="401",cache="-"} 1"#,
-            r#"gateway_request_duration_seconds_bucket{cache="hit",le="0.00005"} 1"#,
+            r#"gateway_request_duration_seconds_bucket{cache="hit",le="0.00005"} 2"#,
             r#"gateway_upstream_requests_total{endpoint="balance",status="200",bill24_code="000"} 1"#,
             r#"gateway_upstream_duration_seconds_count{endpoint="authorize"} 1"#,
             "gateway_coalesced_requests_total 1",

@@ -113,6 +113,7 @@ fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
         server.header_read_timeout,
         server.idle_timeout,
         server.max_connections,
+        server.worker_threads,
         upstream.base_url,
         upstream.merchant_token,
         upstream.client_id,

@@ -12,7 +12,9 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
-use tokio::net::TcpListener;
+use std::net::SocketAddr;
+
+use tokio::net::{TcpListener, TcpSocket};
 use tokio::sync::{Semaphore, watch};
 
 use crate::config::ServerConfig;
@@ -48,6 +50,23 @@ pub fn connection_builder() -> auto::Builder<TokioExecutor> {
         .max_pending_accept_reset_streams(Some(MAX_PENDING_RESETS))
         .max_local_error_reset_streams(Some(MAX_PENDING_RESETS));
     builder
+}
+
+/// Pending connections the kernel may queue per listener (capped by `net.core.somaxconn`).
+/// The default of 128 drops SYNs when a few hundred clients connect at once, costing each a
+/// one-second retransmit.
+pub const LISTEN_BACKLOG: u32 = 4096;
+
+/// A listener on `addr` with [`LISTEN_BACKLOG`] and `SO_REUSEADDR` (so a restart does not
+/// wait for old connections in TIME_WAIT).
+pub fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = match addr {
+        SocketAddr::V4(_) => TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => TcpSocket::new_v6()?,
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
 }
 
 /// How connections are accepted and timed out.

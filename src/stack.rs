@@ -4,12 +4,14 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, ready};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
+use futures_util::future::{Either, Ready, ready};
 use http::{Method, Request};
+use pin_project_lite::pin_project;
 use tower::{BoxError, Layer, Service, ServiceBuilder};
 
 use crate::access_log::{AccessLogLayer, AccessSample, InFlight};
@@ -45,10 +47,12 @@ pub fn build<B>(
     Request<B>,
     Response = Response,
     Error = Infallible,
-    Future = impl Future<Output = Result<Response, Infallible>> + Send + 'static,
-> + Clone
+    Future = impl Future<Output = Result<Response, Infallible>> + Send + 'static + use<B>,
+>
++ Clone
 + Send
 + 'static
++ use<B>
 where
     B: http_body::Body<Data = Bytes> + Send + 'static,
     B::Error: Into<BoxError>,
@@ -114,11 +118,10 @@ pub struct RequestDeadline(pub Instant);
 impl<S, B> Service<Request<B>> for Deadline<S>
 where
     S: Service<Request<B>, Response = Response, Error = Infallible>,
-    S::Future: Send + 'static,
 {
     type Response = Response;
     type Error = Infallible;
-    type Future = Pin<Box<dyn Future<Output = Result<Response, Infallible>> + Send>>;
+    type Future = DeadlineFuture<S::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
         self.inner.poll_ready(cx)
@@ -127,10 +130,27 @@ where
     fn call(&mut self, mut req: Request<B>) -> Self::Future {
         req.extensions_mut()
             .insert(RequestDeadline(Instant::now() + self.deadline));
-        let fut = tokio::time::timeout(self.deadline, self.inner.call(req));
-        Box::pin(async move {
-            fut.await
-                .unwrap_or_else(|_| Ok(GatewayError::DeadlineExceeded.into_response()))
+        DeadlineFuture {
+            inner: tokio::time::timeout(self.deadline, self.inner.call(req)),
+        }
+    }
+}
+
+pin_project! {
+    /// The inner service's answer, or 504 once the deadline passes.
+    pub struct DeadlineFuture<F> {
+        #[pin]
+        inner: tokio::time::Timeout<F>,
+    }
+}
+
+impl<F: Future<Output = Result<Response, Infallible>>> Future for DeadlineFuture<F> {
+    type Output = Result<Response, Infallible>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        Poll::Ready(match ready!(self.project().inner.poll(cx)) {
+            Ok(answer) => answer,
+            Err(_) => Ok(GatewayError::DeadlineExceeded.into_response()),
         })
     }
 }
@@ -155,12 +175,10 @@ pub struct Route<S> {
 impl<S, B> Service<Request<B>> for Route<S>
 where
     S: Service<Request<B>, Response = Response>,
-    S::Future: Send + 'static,
-    S::Error: Send + 'static,
 {
     type Response = Response;
     type Error = S::Error;
-    type Future = Pin<Box<dyn Future<Output = Result<Response, S::Error>> + Send>>;
+    type Future = Either<Ready<Result<Response, S::Error>>, S::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
         self.inner.poll_ready(cx)
@@ -175,8 +193,8 @@ where
             None
         };
         match rejection {
-            Some(e) => Box::pin(std::future::ready(Ok(e.into_response()))),
-            None => Box::pin(self.inner.call(req)),
+            Some(e) => Either::Left(ready(Ok(e.into_response()))),
+            None => Either::Right(self.inner.call(req)),
         }
     }
 }

@@ -13,14 +13,15 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::hash::{BuildHasher, RandomState};
 use std::pin::Pin;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, LazyLock};
 use std::task::{Context, Poll};
 use std::time::Instant;
 
 use arc_swap::ArcSwap;
+use bytes::Bytes;
 use http::header::CONTENT_TYPE;
-use http::{HeaderValue, StatusCode};
+use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use http_body_util::Full;
 use tokio::sync::{Mutex, watch};
 use tower::Service;
@@ -32,7 +33,7 @@ use crate::config::CacheConfig;
 use crate::error::{GatewayError, Response};
 use crate::metrics::Metrics;
 
-const X_CACHE: &str = "x-cache";
+const X_CACHE: HeaderName = HeaderName::from_static("x-cache");
 const SHARDS: usize = 64;
 
 type FetchResult = Arc<Result<Answer, Failure>>;
@@ -230,12 +231,11 @@ impl Balances {
         let cfg = self.cache_config.load();
         let fresh_for = fresh_for(&cfg, code, rand::random::<f64>())?;
         Some(Entry {
-            body: answer.body.clone(),
-            content_type: answer
-                .content_type
-                .clone()
-                .unwrap_or(HeaderValue::from_static("application/json")),
-            bill24_code: code.clone(),
+            // A copy of exactly the body: the answer's bytes may be a slice of the connection's
+            // read buffer, which a cached entry would otherwise keep alive in full.
+            body: Bytes::copy_from_slice(&answer.body),
+            content_type: stored_content_type(answer.content_type.as_ref()),
+            bill24_code: stored_code(code),
             stored_at: Instant::now(),
             fresh_for,
             stale_for: cfg.stale_if_error,
@@ -257,6 +257,39 @@ impl Balances {
     }
 }
 
+/// The Content-Type to keep with an entry, as its own small allocation (like the body, the
+/// parsed header may be a slice of a read buffer many times its size); the usual values are
+/// static.
+fn stored_content_type(value: Option<&HeaderValue>) -> HeaderValue {
+    const COMMON: [&str; 3] = [
+        "application/json; charset=utf-8",
+        "application/json",
+        "application/json;charset=utf-8",
+    ];
+    match value {
+        None => HeaderValue::from_static("application/json"),
+        Some(v) => COMMON
+            .iter()
+            .find(|c| v.as_bytes().eq_ignore_ascii_case(c.as_bytes()))
+            .map(|c| HeaderValue::from_static(c))
+            .unwrap_or_else(|| {
+                HeaderValue::from_bytes(v.as_bytes())
+                    .unwrap_or(HeaderValue::from_static("application/json"))
+            }),
+    }
+}
+
+/// The body code of a cached entry: one shared allocation for the codes that are cached.
+fn stored_code(code: &Arc<str>) -> Arc<str> {
+    static SUCCESS: LazyLock<Arc<str>> = LazyLock::new(|| Arc::from("000"));
+    static NOT_FOUND: LazyLock<Arc<str>> = LazyLock::new(|| Arc::from("311"));
+    match &**code {
+        "000" => SUCCESS.clone(),
+        "311" => NOT_FOUND.clone(),
+        _ => code.clone(),
+    }
+}
+
 fn abandoned() -> FetchResult {
     Arc::new(Err(Failure {
         error: crate::bill24::UpstreamError::Unreachable,
@@ -269,7 +302,14 @@ fn abandoned() -> FetchResult {
 fn cached(entry: &Entry, status: CacheStatus, now: Instant, q: &BalanceQuery) -> Response {
     q.notes.cache(status);
     q.notes.bill24_code(Some(&entry.bill24_code));
+    cached_response(entry, status, now)
+}
+
+/// The response for a cached entry: Bill24's bytes, `X-Cache` and `Age`.
+pub fn cached_response(entry: &Entry, status: CacheStatus, now: Instant) -> Response {
     let mut response = http::Response::new(Full::new(entry.body.clone()));
+    // Room for these and X-Request-Id, so the map is allocated once.
+    *response.headers_mut() = HeaderMap::with_capacity(4);
     let headers = response.headers_mut();
     headers.insert(CONTENT_TYPE, entry.content_type.clone());
     headers.insert(X_CACHE, status.header_value());

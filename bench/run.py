@@ -1,0 +1,390 @@
+#!/usr/bin/env python3
+"""The load-test kit behind bench/run.sh (see README, "Performance").
+
+Runs, on one machine and in one go:
+  * cache hits: the gateway, nginx proxy_cache and a static-answer hyper server, all warm,
+    driven alternately by wrk (uniform over KEYS keys) for ROUNDS rounds; medians of
+    req/s, p50/p99/p99.9 and server CPU microseconds per request;
+  * a stampede: 200 concurrent requests for one cold key with a 100 ms Bill24 (oha);
+  * a cold uniform phase and a Zipf-like phase over 10 000 keys with a 10 s TTL: hit ratio,
+    Bill24 calls against the K x ceil(duration/TTL) bound, authorize calls per token lifetime;
+  * memory: RSS per cached entry at 100 000 entries.
+Every figure is printed with its ratio to the baselines of the same run.
+"""
+
+import argparse
+import json
+import math
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+CALLER_KEY = "bench-caller-key"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+PATH = "/instant_payment/get_wallet_balance"
+PROCS = []
+
+
+def log(msg):
+    print(msg, flush=True)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start(cmd, logfile, env=None):
+    full_env = dict(os.environ, **(env or {}))
+    p = subprocess.Popen(cmd, stdout=open(logfile, "w"), stderr=subprocess.STDOUT, env=full_env)
+    PROCS.append(p)
+    return p
+
+
+def stop(p):
+    if p.poll() is None:
+        p.terminate()
+        try:
+            p.wait(10)
+        except subprocess.TimeoutExpired:
+            p.kill()
+
+
+def http(method, url, body=None, headers=None):
+    data = body.encode() if isinstance(body, str) else body
+    req = urllib.request.Request(url, data=data, method=method, headers=headers or {})
+    with urllib.request.urlopen(req, timeout=10) as r:
+        return r.read().decode()
+
+
+def wait_ready(url, seconds=20):
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        try:
+            http("GET", url)
+            return
+        except Exception:
+            time.sleep(0.05)
+    sys.exit(f"bench: {url} did not come up")
+
+
+def wait_port(port, seconds=20):
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    sys.exit(f"bench: port {port} did not open")
+
+
+def cpu_seconds(pids):
+    total = 0
+    for pid in pids:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])
+    return total / CLK_TCK
+
+
+def rss_kib(pid):
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return 0
+
+
+def children(pid):
+    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
+    return [int(x) for x in out.split()]
+
+
+def wrk(url, seconds, conns, keys, mix="uniform", prefix="BENCH"):
+    env = dict(os.environ, KEYS=str(keys), MIX=mix, KEY=CALLER_KEY, PREFIX=prefix)
+    out = subprocess.run(
+        ["wrk", "-t1", f"-c{conns}", f"-d{seconds}s", "-s", os.path.join(HERE, "wrk", "balance.lua"), url],
+        capture_output=True, text=True, env=env, check=True,
+    ).stdout
+    line = next(l for l in out.splitlines() if l.startswith("RESULT "))
+    return {k: float(v) for k, v in (kv.split("=") for kv in line.split()[1:])}
+
+
+def sim_control(sim, body):
+    return json.loads(http("POST", f"{sim}/_sim/control", json.dumps(body)))
+
+
+def sim_stats(sim):
+    return json.loads(http("GET", f"{sim}/_sim/stats"))
+
+
+def metrics(admin):
+    values = {}
+    for line in http("GET", f"{admin}/metrics").splitlines():
+        if line.startswith("gateway_") and " " in line:
+            name, value = line.rsplit(" ", 1)
+            try:
+                values[name] = float(value)
+            except ValueError:
+                pass
+    return values
+
+
+def metric_sum(values, prefix, needle=""):
+    return sum(v for k, v in values.items() if k.startswith(prefix) and needle in k)
+
+
+def gateway_config(path, port, admin_port, sim_port, threads, ttl="1h", extra=""):
+    key_hash = subprocess.run(
+        [ARGS.bin, "hash-key"], input=CALLER_KEY + "\n", capture_output=True, text=True, check=True
+    ).stdout.strip()
+    with open(path, "w") as f:
+        f.write(f"""[server]
+listen = "127.0.0.1:{port}"
+admin_listen = "127.0.0.1:{admin_port}"
+worker_threads = {threads}
+[upstream]
+base_url = "http://127.0.0.1:{sim_port}"
+merchant_token = "demo-merchant-token"
+client_id = "demo-client"
+client_secret = "demo-client-secret"
+{extra}
+[cache]
+ttl = "{ttl}"
+max_entries = 200000
+[log]
+level = "warn"
+[[callers]]
+name = "bench"
+key_sha256 = "{key_hash}"
+""")
+
+
+def start_gateway(work, name, sim_port, threads, ttl="1h", extra=""):
+    port, admin_port = free_port(), free_port()
+    config = os.path.join(work, f"{name}.toml")
+    gateway_config(config, port, admin_port, sim_port, threads, ttl, extra)
+    p = start([ARGS.bin, "--config", config], os.path.join(work, f"{name}.log"))
+    admin = f"http://127.0.0.1:{admin_port}"
+    wait_ready(f"{admin}/readyz")
+    return p, f"http://127.0.0.1:{port}", admin
+
+
+def oha_stampede(url, key):
+    out = subprocess.run(
+        ["oha", "-n", "200", "-c", "200", "--no-tui", "--output-format", "json", "-m", "POST",
+         "-H", f"Authorization: Bearer {CALLER_KEY}", "-H", "Content-Type: application/json",
+         "-d", json.dumps({"customer_sync_code": key}), url + PATH],
+        capture_output=True, text=True, check=True,
+    ).stdout
+    result = json.loads(out)
+    codes = result.get("statusCodeDistribution", {})
+    return result["summary"]["slowest"], codes
+
+
+def fmt_us(v):
+    return f"{v / 1000:.2f} ms" if v >= 1000 else f"{v:.0f} µs"
+
+
+def main():
+    quick = os.environ.get("QUICK") == "1"
+    threads = int(os.environ.get("THREADS", "1"))
+    conns = int(os.environ.get("CONNS", "64"))
+    keys = int(os.environ.get("KEYS", "1000"))
+    rounds = int(os.environ.get("ROUNDS", "1" if quick else "3"))
+    duration = int(os.environ.get("DURATION", "4" if quick else "8").rstrip("s"))
+    work = tempfile.mkdtemp(prefix="bill24-bench-")
+    # nginx workers run as another user when started as root: they must reach the cache dir.
+    os.chmod(work, 0o755)
+    nproc = os.cpu_count()
+    cpu_model = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
+    log(f"bench: {nproc} CPUs ({cpu_model}), runtime threads {threads}, wrk -t1 -c{conns}, "
+        f"{keys} keys, {rounds} rounds of {duration}s; work dir {work}")
+
+    sim_port = free_port()
+    sim = f"http://127.0.0.1:{sim_port}"
+    start([ARGS.bin, "simulate", "--listen", f"127.0.0.1:{sim_port}"], os.path.join(work, "sim.log"))
+    wait_ready(f"{sim}/_sim/stats")
+    token = json.loads(http(
+        "POST", f"{sim}/merchantsecurity/authorize",
+        json.dumps({"token": "demo-merchant-token", "clientId": "demo-client", "secret": "demo-client-secret"}),
+        {"Content-Type": "application/json"},
+    ))["data"]["token"]
+
+    # --- targets ---------------------------------------------------------------------------
+    static_port = free_port()
+    static = start([ARGS.static, f"127.0.0.1:{static_port}"], os.path.join(work, "static.log"),
+                   {"TOKIO_WORKER_THREADS": str(threads)})
+    wait_port(static_port)
+
+    nginx_dir = os.path.join(work, "nginx")
+    os.makedirs(nginx_dir)
+    os.chmod(nginx_dir, 0o777)
+    nginx_port = free_port()
+    template = open(os.path.join(HERE, "nginx", "proxy_cache.conf.template")).read()
+    conf = (template.replace("@WORK@", nginx_dir).replace("@SIM_PORT@", str(sim_port))
+            .replace("@PORT@", str(nginx_port)).replace("@TOKEN@", token).replace("@TTL@", "1h")
+            .replace("worker_processes auto;", f"worker_processes {threads};"))
+    with open(os.path.join(nginx_dir, "nginx.conf"), "w") as f:
+        f.write(conf)
+    nginx = start(["nginx", "-c", os.path.join(nginx_dir, "nginx.conf"), "-p", nginx_dir],
+                  os.path.join(work, "nginx.log"))
+    wait_port(nginx_port)
+
+    gateway, gw_url, gw_admin = start_gateway(work, "gateway", sim_port, threads)
+
+    targets = {
+        "static hyper": (f"http://127.0.0.1:{static_port}{PATH}", lambda: [static.pid]),
+        "nginx proxy_cache": (f"http://127.0.0.1:{nginx_port}{PATH}", lambda: [nginx.pid] + children(nginx.pid)),
+        "bill24-gateway": (gw_url + PATH, lambda: [gateway.pid]),
+    }
+
+    # --- hit path --------------------------------------------------------------------------
+    log("\n== warm-up: every key once, then some")
+    for name, (url, _) in targets.items():
+        wrk(url, 3, conns, keys, mix="sequential")
+    hits_before = metric_sum(metrics(gw_admin), "gateway_requests_total", 'cache="hit"')
+    misses_before = metric_sum(metrics(gw_admin), "gateway_requests_total", 'cache="miss"')
+    calls_before = sim_stats(sim)["balance_calls"]
+
+    samples = {name: [] for name in targets}
+    order = list(targets)
+    for r in range(rounds):
+        for name in order[r % 3:] + order[:r % 3]:
+            url, pids = targets[name]
+            c0 = cpu_seconds(pids())
+            res = wrk(url, duration, conns, keys)
+            c1 = cpu_seconds(pids())
+            res["cpu_us"] = (c1 - c0) * 1e6 / max(res["requests"], 1)
+            res["rss_kib"] = sum(rss_kib(p) for p in pids())
+            samples[name].append(res)
+            log(f"  round {r + 1} {name:<18} {res['rps']:>9.0f} req/s  {res['cpu_us']:6.2f} µs CPU/req  "
+                f"p99 {fmt_us(res['p99_us'])}  errors {res['errors']:.0f}")
+    gm = metrics(gw_admin)
+    hit_hits = metric_sum(gm, "gateway_requests_total", 'cache="hit"') - hits_before
+    hit_misses = metric_sum(gm, "gateway_requests_total", 'cache="miss"') - misses_before
+    hit_calls = sim_stats(sim)["balance_calls"] - calls_before
+
+    med = {name: {k: statistics.median(s[k] for s in runs) for k in runs[0]} for name, runs in samples.items()}
+    g, n, s = med["bill24-gateway"], med["nginx proxy_cache"], med["static hyper"]
+    log("\n== cache hits (medians)")
+    log(f"{'':<20}{'req/s':>10}{'p50':>10}{'p99':>10}{'p99.9':>10}{'CPU µs/req':>12}{'RSS':>10}")
+    for name in targets:
+        m = med[name]
+        log(f"{name:<20}{m['rps']:>10.0f}{fmt_us(m['p50_us']):>10}{fmt_us(m['p99_us']):>10}"
+            f"{fmt_us(m['p999_us']):>10}{m['cpu_us']:>12.2f}{m['rss_kib'] / 1024:>8.1f} MiB")
+    log(f"gateway hit ratio in this phase: {hit_hits / max(hit_hits + hit_misses, 1):.4f}, "
+        f"Bill24 calls: {hit_calls}")
+    results = {
+        "cpu_vs_nginx": g["cpu_us"] / n["cpu_us"],
+        "cpu_vs_static": g["cpu_us"] / s["cpu_us"],
+        "rps_vs_nginx": g["rps"] / n["rps"],
+        "rps_vs_static": g["rps"] / s["rps"],
+    }
+
+    # --- stampede --------------------------------------------------------------------------
+    log("\n== stampede: 200 concurrent requests, one cold key, Bill24 answering in 100 ms")
+    sim_control(sim, {"latency_ms": 100})
+    stampede = {}
+    for name, url in (("bill24-gateway", gw_url), ("nginx proxy_cache", f"http://127.0.0.1:{nginx_port}")):
+        before = sim_stats(sim)["balance_calls"]
+        slowest, codes = oha_stampede(url, f"STAMPEDE-{name.split()[0]}-{time.time_ns()}")
+        calls = sim_stats(sim)["balance_calls"] - before
+        stampede[name] = (slowest, calls)
+        log(f"  {name:<18} Bill24 calls {calls}, slowest answer {slowest * 1000:.1f} ms, statuses {codes}")
+    sim_control(sim, {"latency_ms": 0})
+    stop(gateway)
+
+    # --- cold and Zipf phases: stewardship --------------------------------------------------
+    phase = 20 if quick else 60
+    ttl = 10
+    lifetime, margin = 20, 2
+    log(f"\n== stewardship: {phase}s, 10000 keys, ttl {ttl}s, tokens of {lifetime}s "
+        f"refreshed {margin}s before expiry")
+    sim_control(sim, {"token_lifetime_ms": lifetime * 1000, "reset_counters": True})
+    gw2, gw2_url, gw2_admin = start_gateway(work, "stewardship", sim_port, threads, ttl=f"{ttl}s",
+                                            extra=f'token_refresh_margin = "{margin}s"')
+    stewardship = {}
+    for mix, seconds in (("uniform", 10 if not quick else 5), ("zipf", phase)):
+        before = sim_stats(sim)
+        m0 = metrics(gw2_admin)
+        res = wrk(gw2_url + PATH, seconds, conns, 10000, mix=mix, prefix=f"COLD-{mix}-")
+        m1 = metrics(gw2_admin)
+        after = sim_stats(sim)
+        hits = metric_sum(m1, "gateway_requests_total", 'cache="hit"') - metric_sum(m0, "gateway_requests_total", 'cache="hit"')
+        total = metric_sum(m1, "gateway_requests_total", 'status="200"') - metric_sum(m0, "gateway_requests_total", 'status="200"')
+        calls = after["balance_calls"] - before["balance_calls"]
+        bound = 10000 * math.ceil(seconds / ttl)
+        stewardship[mix] = (res, hits / max(total, 1), calls, bound)
+        log(f"  {mix:<8} cold start: {res['rps']:.0f} req/s, hit ratio {hits / max(total, 1):.4f}, "
+            f"Bill24 calls {calls} (bound K x ceil({seconds}/{ttl}) = {bound}), errors {res['errors']:.0f}")
+    authorizes = sim_stats(sim)["authorize_calls"]
+    elapsed_lifetimes = (10 + phase if not quick else 5 + phase) / lifetime
+    log(f"  authorize calls: {authorizes} over {elapsed_lifetimes:.1f} token lifetimes "
+        f"(one at start, then one per refresh at lifetime - margin = {lifetime - margin}s)")
+    stop(gw2)
+    sim_control(sim, {"token_lifetime_ms": 3600 * 1000})
+
+    # --- memory ----------------------------------------------------------------------------
+    log("\n== memory: RSS per cached entry at 100 000 entries")
+    gw3, gw3_url, gw3_admin = start_gateway(work, "memory", sim_port, threads)
+    wrk(gw3_url + PATH, 1, 4, 10, prefix="WARM")
+    time.sleep(0.5)
+    rss0 = rss_kib(gw3.pid)
+    deadline = time.time() + 120
+    entries = 0
+    while time.time() < deadline:
+        wrk(gw3_url + PATH, 3, conns, 100000, mix="sequential", prefix="MEM")
+        entries = metrics(gw3_admin).get("gateway_cache_entries", 0)
+        if entries >= 100000:
+            break
+    time.sleep(0.5)
+    rss1 = rss_kib(gw3.pid)
+    entries = metrics(gw3_admin).get("gateway_cache_entries", 0)
+    per_entry = (rss1 - rss0) * 1024 / max(entries, 1)
+    log(f"  RSS {rss0 / 1024:.1f} MiB -> {rss1 / 1024:.1f} MiB for {entries:.0f} entries: "
+        f"{per_entry:.0f} bytes per entry")
+    stop(gw3)
+
+    # --- summary ---------------------------------------------------------------------------
+    gs, ns = stampede["bill24-gateway"], stampede["nginx proxy_cache"]
+    uni, zipf = stewardship["uniform"], stewardship["zipf"]
+    rows = [
+        ("hit CPU vs nginx proxy_cache", f"{results['cpu_vs_nginx']:.2f}x", "<= 0.60x", results["cpu_vs_nginx"] <= 0.60),
+        ("hit CPU vs static hyper", f"{results['cpu_vs_static']:.2f}x", "<= 1.30x", results["cpu_vs_static"] <= 1.30),
+        ("hit throughput vs nginx", f"{results['rps_vs_nginx']:.2f}x", ">= 1.30x", results["rps_vs_nginx"] >= 1.30),
+        ("hit throughput vs static hyper", f"{results['rps_vs_static']:.2f}x", "", True),
+        ("stampede: Bill24 calls", f"{gs[1]}", "== 1", gs[1] == 1),
+        ("stampede: slowest answer", f"{gs[0] * 1000:.1f} ms (nginx {ns[0] * 1000:.1f} ms)", "<= 110 ms", gs[0] <= 0.110),
+        ("RSS per cached entry", f"{per_entry:.0f} B", "<= 1024 B", per_entry <= 1024),
+        ("Bill24 calls, uniform cold", f"{uni[2]}", f"<= {uni[3]}", uni[2] <= uni[3]),
+        ("Bill24 calls, Zipf", f"{zipf[2]}", f"<= {zipf[3]}", zipf[2] <= zipf[3]),
+    ]
+    log("\n== summary")
+    for label, value, target, ok in rows:
+        log(f"  {label:<34}{value:>28}  {target:<10}{'ok' if ok else 'MISSED'}")
+    with open(os.path.join(work, "summary.json"), "w") as f:
+        json.dump({"medians": med, "ratios": results, "stampede": stampede,
+                   "stewardship": {k: v[1:] for k, v in stewardship.items()},
+                   "per_entry_bytes": per_entry, "authorize_calls": authorizes}, f, indent=2)
+    log(f"\nraw figures: {work}/summary.json")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--bin", required=True)
+    parser.add_argument("--static", required=True)
+    ARGS = parser.parse_args()
+    try:
+        main()
+    finally:
+        for p in PROCS:
+            stop(p)

@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# The load-test kit: builds release, starts the Bill24 simulator, the gateway and the two
+# baselines (nginx proxy_cache, a static-answer hyper server), and drives them with wrk and
+# oha. Prints every figure as a ratio against the baselines measured in the same run.
+#
+#   bench/run.sh            full run (about 6 minutes)
+#   QUICK=1 bench/run.sh    shorter phases, for a smoke test
+#
+# Settings (environment): THREADS (runtime threads of the gateway and the static server,
+# default 1), CONNS (wrk connections, 64), KEYS (1000), ROUNDS (3), DURATION (8s).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need() { command -v "$1" >/dev/null; }
+if ! need wrk || ! need nginx; then
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends wrk nginx-light curl >/dev/null
+fi
+need oha || cargo install oha --locked --quiet
+
+cargo build --release --quiet --bin bill24-gateway --example static_server
+target_dir="${CARGO_TARGET_DIR:-target}"
+exec python3 bench/run.py --bin "$target_dir/release/bill24-gateway" \
+    --static "$target_dir/release/examples/static_server" "$@"

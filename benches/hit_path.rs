@@ -1,0 +1,158 @@
+//! Micro-benchmarks of the cache-hit path, piece by piece, and of the whole tower stack in
+//! process (no sockets): caller-key check, body parse and validation, cache lookup, response
+//! build, request metrics, and one full hit. `cargo bench --bench hit_path`.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use bill24_gateway::access_log::{AccessSample, InFlight};
+use bill24_gateway::auth::{CallerKeys, bearer_key, hash_key};
+use bill24_gateway::balance::cache::{BalanceCache, CacheStatus, Entry};
+use bill24_gateway::balance::request::{CacheDirectives, is_json_content_type, parse_body};
+use bill24_gateway::balance::service::{Balances, cached_response};
+use bill24_gateway::bill24::Bill24;
+use bill24_gateway::config::{CallerConfig, RawConfig};
+use bill24_gateway::metrics::Metrics;
+use bill24_gateway::stack::{self, StackParts};
+use bytes::Bytes;
+use criterion::{Criterion, criterion_group, criterion_main};
+use http::{HeaderMap, HeaderValue, Request};
+use http_body_util::Full;
+use tower::{Service, ServiceExt};
+
+const BODY: &[u8] = br#"{"code":"000","message":"Success","message_kh":"ok","data":[{"id":"w-6-khr","name":"BENCH1's Wallet(KHR)","balance":620100,"currency":"KHR"}]}"#;
+
+fn callers(n: usize) -> Vec<CallerConfig> {
+    (0..n)
+        .map(|i| CallerConfig {
+            name: Arc::from(format!("caller-{i}")),
+            key_sha256: vec![hash_key(format!("key-{i}").as_bytes())],
+            rate_limit_rps: 0.0,
+            burst: 0,
+            max_concurrent: 0,
+        })
+        .collect()
+}
+
+fn entry() -> Entry {
+    Entry {
+        body: Bytes::from_static(BODY),
+        content_type: HeaderValue::from_static("application/json; charset=utf-8"),
+        bill24_code: Arc::from("000"),
+        stored_at: Instant::now(),
+        fresh_for: Duration::from_secs(3600),
+        stale_for: Duration::ZERO,
+        refreshing: AtomicBool::new(false),
+    }
+}
+
+fn pieces(c: &mut Criterion) {
+    let keys = CallerKeys::new(&callers(10));
+    let mut headers = HeaderMap::new();
+    headers.insert("authorization", HeaderValue::from_static("Bearer key-7"));
+    headers.insert("content-type", HeaderValue::from_static("application/json"));
+    c.bench_function("auth: bearer + sha256 + compare with 10 callers", |b| {
+        b.iter(|| {
+            keys.identify(bearer_key(&headers).unwrap_or_default())
+                .is_some()
+        })
+    });
+    c.bench_function("request: content-type + cache-control + body parse", |b| {
+        b.iter(|| {
+            is_json_content_type(&headers)
+                && CacheDirectives::from_headers(&headers).accepts(Duration::ZERO)
+                && parse_body(br#"{"customer_sync_code":"BENCH123"}"#).is_ok()
+        })
+    });
+
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let cache = BalanceCache::new(100_000);
+    rt.block_on(async {
+        for i in 0..1000 {
+            cache
+                .insert_if_current(Arc::from(format!("BENCH{i}")), Arc::new(entry()), 0)
+                .await;
+        }
+    });
+    let mut i = 0usize;
+    c.bench_function("cache: moka lookup of a present key (1000 entries)", |b| {
+        b.iter(|| {
+            i = (i + 1) % 1000;
+            let key = format!("BENCH{i}");
+            rt.block_on(cache.get(&key)).is_some()
+        })
+    });
+    let e = entry();
+    c.bench_function("response: build a HIT from an entry", |b| {
+        b.iter(|| cached_response(&e, CacheStatus::Hit, Instant::now()))
+    });
+    let metrics = Metrics::new();
+    c.bench_function("metrics: count and time one request", |b| {
+        b.iter(|| metrics.request("caller-7", 200, "hit", Duration::from_micros(30)))
+    });
+}
+
+fn full_hit(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let mut raw = RawConfig::default();
+    // Nothing listens there: every request must be a hit.
+    raw.upstream.base_url = "http://127.0.0.1:9".into();
+    raw.cache.ttl = Duration::from_secs(3600);
+    let config = raw.validate().expect("valid");
+    let mut service = rt.block_on(async {
+        let metrics = Arc::new(Metrics::new());
+        let bill24 = Arc::new(Bill24::start(&config.upstream, metrics.clone()).expect("client"));
+        let balances = Balances::new(config.cache.clone(), bill24, metrics.clone());
+        for i in 0..1000 {
+            balances
+                .cache()
+                .insert_if_current(Arc::from(format!("BENCH{i}")), Arc::new(entry()), 0)
+                .await;
+        }
+        let parts = StackParts {
+            metrics,
+            in_flight: InFlight::default(),
+            access_sample: AccessSample::new(1.0),
+            callers: Arc::new(ArcSwap::from_pointee(CallerKeys::new(&callers(10)))),
+            balances,
+            request_timeout: Duration::from_secs(10),
+            max_body_bytes: 8192,
+        };
+        stack::build::<Full<Bytes>>(&parts)
+    });
+    let mut i = 0usize;
+    c.bench_function(
+        "stack: one cache hit through every layer (no sockets)",
+        |b| {
+            b.iter(|| {
+                i = (i + 1) % 1000;
+                let req = Request::post("/instant_payment/get_wallet_balance")
+                    .header("authorization", "Bearer key-7")
+                    .header("content-type", "application/json")
+                    .body(Full::new(Bytes::from(format!(
+                        r#"{{"customer_sync_code":"BENCH{i}"}}"#
+                    ))))
+                    .expect("request");
+                let response: Result<_, Infallible> =
+                    rt.block_on(async { service.ready().await?.call(req).await });
+                response.map(|r| r.status())
+            })
+        },
+    );
+}
+
+criterion_group! {
+    name = benches;
+    config = Criterion::default().measurement_time(Duration::from_secs(3)).warm_up_time(Duration::from_secs(1));
+    targets = pieces, full_hit
+}
+criterion_main!(benches);
