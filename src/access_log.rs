@@ -14,7 +14,7 @@ use pin_project_lite::pin_project;
 use tower::{Layer, Service};
 
 use crate::balance::cache::CacheStatus;
-use crate::correlation::{RequestId, TraceContext};
+use crate::correlation::RequestIds;
 use crate::error::Response;
 use crate::metrics::Metrics;
 use crate::telemetry::ACCESS_TARGET;
@@ -170,8 +170,7 @@ where
         self.in_flight.0.fetch_add(1, Ordering::AcqRel);
         let record = Record {
             start: Instant::now(),
-            request_id: req.extensions().get::<RequestId>().cloned(),
-            trace: req.extensions().get::<TraceContext>().copied(),
+            ids: req.extensions().get::<RequestIds>().cloned(),
             notes,
             status: None,
             metrics: self.metrics.clone(),
@@ -211,8 +210,7 @@ where
 /// Writes the line when dropped: after the response, or when the client hung up.
 pub struct Record {
     start: Instant,
-    request_id: Option<RequestId>,
-    trace: Option<TraceContext>,
+    ids: Option<RequestIds>,
     notes: Annotations,
     status: Option<u16>,
     metrics: Arc<Metrics>,
@@ -238,8 +236,8 @@ impl Drop for Record {
         }
         tracing::info!(
             target: ACCESS_TARGET,
-            request_id = self.request_id.as_ref().map(RequestId::as_str),
-            trace_id = self.trace.map(|t| t.trace_id()),
+            request_id = self.ids.as_ref().map(|ids| ids.id.as_str()),
+            trace_id = self.ids.as_ref().map(|ids| ids.trace.trace_id()),
             caller = notes.caller.as_deref(),
             customer_sync_code = notes.customer_sync_code.as_deref(),
             status,

@@ -154,15 +154,23 @@ impl<T: AsyncRead + Unpin> AsyncRead for TimedIo<T> {
                 let Some(deadline) = this.deadline() else {
                     return Poll::Pending;
                 };
-                if this.timer.deadline() != deadline {
+                // Re-arm only for an earlier deadline: moving the timer on every request
+                // costs a timer-wheel update each time, while a timer that fires early is
+                // simply set again below.
+                if deadline < this.timer.deadline() {
                     this.timer.as_mut().reset(deadline);
                 }
-                match this.timer.as_mut().poll(cx) {
-                    Poll::Ready(()) => Poll::Ready(Err(io::Error::new(
-                        io::ErrorKind::TimedOut,
-                        "connection idle or request head too slow",
-                    ))),
-                    Poll::Pending => Poll::Pending,
+                loop {
+                    match this.timer.as_mut().poll(cx) {
+                        Poll::Pending => return Poll::Pending,
+                        Poll::Ready(()) if Instant::now() >= deadline => {
+                            return Poll::Ready(Err(io::Error::new(
+                                io::ErrorKind::TimedOut,
+                                "connection idle or request head too slow",
+                            )));
+                        }
+                        Poll::Ready(()) => this.timer.as_mut().reset(deadline),
+                    }
                 }
             }
         }

@@ -150,8 +150,15 @@ fn hex_field(text: &str, start: usize, len: usize) -> Option<&str> {
         .then_some(field)
 }
 
-/// Outermost layer: puts [`RequestId`] and [`TraceContext`] into the request's extensions, and
-/// on the way out sets `X-Request-Id` and renders any pending error body.
+/// A request's id and trace, as the layers below find them in the request's extensions.
+#[derive(Clone, Debug)]
+pub struct RequestIds {
+    pub id: RequestId,
+    pub trace: TraceContext,
+}
+
+/// Outermost layer: puts [`RequestIds`] into the request's extensions, and on the way out
+/// sets `X-Request-Id` and renders any pending error body.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct CorrelationLayer;
 
@@ -183,8 +190,10 @@ where
     fn call(&mut self, mut req: Request<B>) -> Self::Future {
         let id = RequestId::from_headers(req.headers());
         let trace = TraceContext::from_headers(req.headers());
-        req.extensions_mut().insert(id.clone());
-        req.extensions_mut().insert(trace);
+        req.extensions_mut().insert(RequestIds {
+            id: id.clone(),
+            trace,
+        });
         CorrelationFuture {
             inner: self.inner.call(req),
             id,

@@ -51,7 +51,8 @@ impl Endpoint {
 }
 
 /// Counters of `gateway_requests_total`, by caller, then (status, cache).
-type RequestSeries = HashMap<Box<str>, Vec<(u16, &'static str, Counter)>>;
+type RequestSeries =
+    HashMap<Box<str>, Vec<(u16, &'static str, Counter)>, foldhash::fast::RandomState>;
 
 /// The `cache` label values, whose duration histograms are registered up front.
 const CACHE_LABELS: [&str; 5] = ["hit", "miss", "stale", "bypass", "-"];
@@ -184,7 +185,7 @@ impl Metrics {
         });
 
         Metrics {
-            request_series: RwLock::new(HashMap::new()),
+            request_series: RwLock::new(HashMap::default()),
             request_durations,
             recorder,
             handle,

@@ -5,7 +5,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll, ready};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
@@ -75,7 +75,7 @@ where
         // 504 once `server.request_timeout` has passed.
         .layer(DeadlineLayer::new(parts.request_timeout))
         // 415, 413, 400; the validated query.
-        .layer(ParseLayer::new(parts.max_body_bytes))
+        .layer(ParseLayer::new(parts.max_body_bytes, parts.request_timeout))
         // Cache, coalescing, Bill24.
         .service(BalanceService::new(parts.balances.clone()))
 }
@@ -111,10 +111,6 @@ pub struct Deadline<S> {
     deadline: Duration,
 }
 
-/// When the request's deadline passes (in the request's extensions, for the layers below).
-#[derive(Clone, Copy, Debug)]
-pub struct RequestDeadline(pub Instant);
-
 impl<S, B> Service<Request<B>> for Deadline<S>
 where
     S: Service<Request<B>, Response = Response, Error = Infallible>,
@@ -127,9 +123,7 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, mut req: Request<B>) -> Self::Future {
-        req.extensions_mut()
-            .insert(RequestDeadline(Instant::now() + self.deadline));
+    fn call(&mut self, req: Request<B>) -> Self::Future {
         DeadlineFuture {
             inner: tokio::time::timeout(self.deadline, self.inner.call(req)),
         }

@@ -7,7 +7,8 @@ mod common;
 use std::sync::OnceLock;
 
 use bill24_gateway::balance::request::{
-    CacheDirectives, InvalidRequest, is_json_content_type, parse_body, validate_sync_code,
+    CacheDirectives, InvalidRequest, is_json_content_type, parse_body, parse_body_json,
+    validate_sync_code,
 };
 use bill24_gateway::bill24::wire::{balance_code, parse_authorize, parse_expire_time};
 use bill24_gateway::correlation::TraceContext;
@@ -54,6 +55,20 @@ proptest! {
             Ok(code) => prop_assert!(validate_sync_code(&code).is_ok()),
             Err(e) => prop_assert!(!e.code().is_empty()),
         }
+    }
+
+    /// The no-JSON-parser path for the plain body shape answers exactly as serde_json does.
+    #[test]
+    fn plain_bodies_agree_with_the_json_parser(
+        text in prop::collection::vec(any::<u8>(), 0..80),
+        code in ".{0,60}",
+    ) {
+        let mut raw = br#"{"customer_sync_code":""#.to_vec();
+        raw.extend_from_slice(&text);
+        raw.extend_from_slice(br#""}"#);
+        prop_assert_eq!(parse_body(&raw), parse_body_json(&raw));
+        let shaped = format!(r#"{{"customer_sync_code":"{code}"}}"#);
+        prop_assert_eq!(parse_body(shaped.as_bytes()), parse_body_json(shaped.as_bytes()));
     }
 
     /// Text that looks like JSON objects, mutated: same.

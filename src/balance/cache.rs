@@ -1,8 +1,8 @@
 //! The balance cache: Bill24 answers per `customer_sync_code`, kept as bytes plus their body
 //! code, and freshness as pure functions of `now` (moka only evicts, on the entry's own clock).
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, LazyLock};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -94,7 +94,15 @@ impl Entry {
 
     /// Whole seconds, rounded down, for the `Age` header.
     pub fn age_header(&self, now: Instant) -> HeaderValue {
-        HeaderValue::from(self.age(now).as_secs())
+        /// The values of the first five minutes, made once.
+        static AGES: LazyLock<Vec<HeaderValue>> =
+            LazyLock::new(|| (0..300u64).map(HeaderValue::from).collect());
+        let secs = self.age(now).as_secs();
+        usize::try_from(secs)
+            .ok()
+            .and_then(|i| AGES.get(i))
+            .cloned()
+            .unwrap_or_else(|| HeaderValue::from(secs))
     }
 }
 
@@ -259,6 +267,8 @@ mod tests {
             Freshness::Expired
         );
         assert_eq!(e.age_header(t0 + Duration::from_millis(2_999)), "2");
+        assert_eq!(e.age_header(t0 + Duration::from_secs(299)), "299");
+        assert_eq!(e.age_header(t0 + Duration::from_secs(300)), "300");
         let later = entry(t0 + Duration::from_secs(1));
         assert_eq!(later.age(t0), Duration::ZERO, "clock never runs backwards");
     }

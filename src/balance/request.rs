@@ -10,21 +10,17 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use http::header::{CACHE_CONTROL, CONTENT_LENGTH, CONTENT_TYPE};
 use http::{HeaderMap, Request};
-use http_body_util::{BodyExt, LengthLimitError, Limited};
+use http_body_util::BodyExt;
 use serde::Deserialize;
 use serde::de::{self, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use tower::{BoxError, Layer, Service, ServiceExt};
 
 use crate::access_log::Annotations;
-use crate::correlation::{RequestId, TraceContext};
+use crate::correlation::{RequestId, RequestIds, TraceContext};
 use crate::error::{GatewayError, Response};
-use crate::stack::RequestDeadline;
-
-/// The deadline of a query built without the deadline layer (unit tests, background work).
-pub const DEFAULT_DEADLINE: Duration = Duration::from_secs(10);
 
 /// `customer_sync_code` is at most this many characters (Bill24's own limit).
 pub const MAX_SYNC_CODE_CHARS: usize = 50;
@@ -103,6 +99,31 @@ fn declared_too_large(headers: &HeaderMap, limit: usize) -> bool {
 
 /// Parses and validates the body; returns the `customer_sync_code`.
 pub fn parse_body(body: &[u8]) -> Result<Arc<str>, InvalidRequest> {
+    match plain_body(body) {
+        Some(code) => {
+            validate_sync_code(code)?;
+            Ok(Arc::from(code))
+        }
+        None => parse_body_json(body),
+    }
+}
+
+/// The body every caller sends, `{"customer_sync_code":"<text>"}` to the byte, with a text
+/// free of quotes, backslashes and bytes below 0x20 (which JSON escapes): read without a JSON
+/// parser. Any other body, valid or not, goes to [`parse_body_json`], which gives the same
+/// answer for this one (a property test checks it).
+fn plain_body(body: &[u8]) -> Option<&str> {
+    const HEAD: &[u8] = b"{\"customer_sync_code\":\"";
+    const TAIL: &[u8] = b"\"}";
+    let text = body.strip_prefix(HEAD)?.strip_suffix(TAIL)?;
+    if text.iter().any(|&b| b == b'"' || b == b'\\' || b < 0x20) {
+        return None;
+    }
+    std::str::from_utf8(text).ok()
+}
+
+/// [`parse_body`] by way of serde_json, for any shape of body.
+pub fn parse_body_json(body: &[u8]) -> Result<Arc<str>, InvalidRequest> {
     match body.iter().find(|b| !b.is_ascii_whitespace()) {
         Some(b'{') => {}
         Some(_) => {
@@ -284,7 +305,8 @@ fn delta_seconds(text: &str) -> Option<u64> {
 pub struct BalanceQuery {
     pub customer_sync_code: Arc<str>,
     pub directives: CacheDirectives,
-    /// The caller's deadline (no Bill24 retry starts that could not end before it).
+    /// The caller's deadline, `server.request_timeout` from when the body was read (no Bill24
+    /// retry starts that could not end before it; the deadline layer answers 504 at it).
     pub deadline: Instant,
     pub request_id: RequestId,
     pub trace: TraceContext,
@@ -295,11 +317,15 @@ pub struct BalanceQuery {
 #[derive(Clone, Copy, Debug)]
 pub struct ParseLayer {
     max_body_bytes: usize,
+    request_timeout: Duration,
 }
 
 impl ParseLayer {
-    pub fn new(max_body_bytes: usize) -> Self {
-        ParseLayer { max_body_bytes }
+    pub fn new(max_body_bytes: usize, request_timeout: Duration) -> Self {
+        ParseLayer {
+            max_body_bytes,
+            request_timeout,
+        }
     }
 }
 
@@ -310,6 +336,7 @@ impl<S> Layer<S> for ParseLayer {
         Parse {
             inner,
             max_body_bytes: self.max_body_bytes,
+            request_timeout: self.request_timeout,
         }
     }
 }
@@ -318,6 +345,7 @@ impl<S> Layer<S> for ParseLayer {
 pub struct Parse<S> {
     inner: S,
     max_body_bytes: usize,
+    request_timeout: Duration,
 }
 
 impl<S, B> Service<Request<B>> for Parse<S>
@@ -345,33 +373,24 @@ where
             return reject(GatewayError::PayloadTooLarge { limit });
         }
         let directives = CacheDirectives::from_headers(req.headers());
-        let request_id = req
-            .extensions()
-            .get::<RequestId>()
-            .cloned()
-            .unwrap_or_else(RequestId::generate);
-        let trace = req
-            .extensions()
-            .get::<TraceContext>()
-            .copied()
-            .unwrap_or_else(|| TraceContext::from_headers(&HeaderMap::new()));
+        let (request_id, trace) = match req.extensions().get::<RequestIds>() {
+            Some(ids) => (ids.id.clone(), ids.trace),
+            None => (
+                RequestId::generate(),
+                TraceContext::from_headers(&HeaderMap::new()),
+            ),
+        };
         let notes = req
             .extensions()
             .get::<Annotations>()
             .cloned()
             .unwrap_or_default();
-        let deadline = req
-            .extensions()
-            .get::<RequestDeadline>()
-            .map_or_else(|| Instant::now() + DEFAULT_DEADLINE, |d| d.0);
+        let deadline = Instant::now() + self.request_timeout;
         let inner = self.inner.clone();
         Box::pin(async move {
-            let bytes = match Limited::new(req.into_body(), limit).collect().await {
-                Ok(collected) => collected.to_bytes(),
-                Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => {
-                    return Ok(GatewayError::PayloadTooLarge { limit }.into_response());
-                }
-                Err(_) => return Ok(GatewayError::from(InvalidRequest::Unreadable).into_response()),
+            let bytes = match read_body(req.into_body(), limit).await {
+                Ok(bytes) => bytes,
+                Err(e) => return Ok(e.into_response()),
             };
             let customer_sync_code = match parse_body(&bytes) {
                 Ok(code) => code,
@@ -392,6 +411,40 @@ where
     }
 }
 
+/// Reads a whole body of at most `limit` bytes. A body that arrives in one frame (the usual
+/// case) is returned as is, without a copy.
+pub async fn read_body<B>(body: B, limit: usize) -> Result<Bytes, GatewayError>
+where
+    B: http_body::Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
+{
+    let mut body = std::pin::pin!(body);
+    let mut first: Option<Bytes> = None;
+    let mut joined: Option<BytesMut> = None;
+    let mut total = 0usize;
+    while let Some(frame) = body.as_mut().frame().await {
+        let frame = frame.map_err(|_| GatewayError::from(InvalidRequest::Unreadable))?;
+        let Ok(data) = frame.into_data() else {
+            continue; // trailers
+        };
+        total = total.saturating_add(data.len());
+        if total > limit {
+            return Err(GatewayError::PayloadTooLarge { limit });
+        }
+        match (&first, &mut joined) {
+            (None, _) => first = Some(data),
+            (Some(head), None) => {
+                let mut buf = BytesMut::with_capacity(total);
+                buf.extend_from_slice(head);
+                buf.extend_from_slice(&data);
+                joined = Some(buf);
+            }
+            (_, Some(buf)) => buf.extend_from_slice(&data),
+        }
+    }
+    Ok(joined.map(BytesMut::freeze).or(first).unwrap_or_default())
+}
+
 fn reject(
     error: GatewayError,
 ) -> Pin<Box<dyn Future<Output = Result<Response, Infallible>> + Send>> {
@@ -402,6 +455,54 @@ fn reject(
 mod tests {
     use super::*;
     use http::HeaderValue;
+
+    #[tokio::test]
+    async fn bodies_are_read_whole_or_refused_past_the_limit() {
+        use http_body_util::{Full, StreamBody};
+        let one = read_body(Full::new(Bytes::from_static(b"{\"a\":1}")), 16).await;
+        assert_eq!(one.ok().as_deref(), Some(&b"{\"a\":1}"[..]));
+        let frames = |parts: Vec<&'static [u8]>| {
+            StreamBody::new(futures_util::stream::iter(parts.into_iter().map(|p| {
+                Ok::<_, std::convert::Infallible>(http_body::Frame::data(Bytes::from_static(p)))
+            })))
+        };
+        let many = read_body(frames(vec![b"ab", b"cd", b"ef"]), 6).await;
+        assert_eq!(many.ok().as_deref(), Some(&b"abcdef"[..]));
+        let over = read_body(frames(vec![b"ab", b"cd", b"efg"]), 6).await;
+        assert!(matches!(
+            over,
+            Err(GatewayError::PayloadTooLarge { limit: 6 })
+        ));
+        let empty = read_body(frames(vec![]), 6).await;
+        assert_eq!(empty.ok().as_deref(), Some(&b""[..]));
+    }
+
+    #[test]
+    fn the_plain_shape_is_read_without_json_and_agrees_with_it() {
+        for body in [
+            &br#"{"customer_sync_code":"M005T"}"#[..],
+            br#"{"customer_sync_code":""}"#,
+            br#"{"customer_sync_code":"a\"b"}"#,
+            br#"{"customer_sync_code":"a\u0000"}"#,
+            b"{\"customer_sync_code\":\"a\x01\"}",
+            b"{\"customer_sync_code\":\"\xff\"}",
+            "{\"customer_sync_code\":\"a\u{7f}\u{85}\"}".as_bytes(),
+            br#"{"customer_sync_code":"x"}}"#,
+            br#"{"customer_sync_code":"x","y":1}"#,
+        ] {
+            assert_eq!(
+                parse_body(body),
+                parse_body_json(body),
+                "{}",
+                String::from_utf8_lossy(body)
+            );
+        }
+        assert_eq!(
+            plain_body(br#"{"customer_sync_code":"M005T"}"#),
+            Some("M005T")
+        );
+        assert_eq!(plain_body(br#"{"customer_sync_code":"a\"b"}"#), None);
+    }
 
     #[test]
     fn valid_bodies() {
