@@ -1,4 +1,5 @@
-//! The admin listener: liveness, readiness, Prometheus metrics and cache purge.
+//! The admin listener: liveness, readiness, Prometheus metrics, cache purge, and the OpenAPI
+//! documents (`/openapi.yaml`, `/openapi-admin.yaml`).
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -47,6 +48,12 @@ impl Admin {
                 Some(r) => r,
                 None => self.metrics_page().await,
             },
+            "/openapi.yaml" => {
+                only_get(method).unwrap_or_else(|| yaml(include_str!("../openapi.yaml")))
+            }
+            "/openapi-admin.yaml" => {
+                only_get(method).unwrap_or_else(|| yaml(include_str!("../openapi-admin.yaml")))
+            }
             "/cache" => {
                 if method != Method::DELETE {
                     not_allowed("DELETE")
@@ -142,6 +149,13 @@ fn text(status: StatusCode, body: &'static str) -> Response {
         CONTENT_TYPE,
         HeaderValue::from_static("text/plain; charset=utf-8"),
     );
+    r
+}
+
+fn yaml(document: &'static str) -> Response {
+    let mut r = http::Response::new(Full::new(Bytes::from_static(document.as_bytes())));
+    r.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/yaml"));
     r
 }
 

@@ -40,8 +40,6 @@ pub enum GatewayError {
     Upstream(#[from] UpstreamError),
     #[error("the request did not complete within the gateway's deadline")]
     DeadlineExceeded,
-    #[error("internal error")]
-    Internal,
 }
 
 impl GatewayError {
@@ -58,7 +56,6 @@ impl GatewayError {
             GatewayError::InvalidRequest(_) => StatusCode::BAD_REQUEST,
             GatewayError::Upstream(e) => e.status(),
             GatewayError::DeadlineExceeded => StatusCode::GATEWAY_TIMEOUT,
-            GatewayError::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
 
@@ -75,7 +72,6 @@ impl GatewayError {
             GatewayError::InvalidRequest(e) => e.code(),
             GatewayError::Upstream(e) => e.code(),
             GatewayError::DeadlineExceeded => "deadline_exceeded",
-            GatewayError::Internal => "internal_error",
         }
     }
 

@@ -1,0 +1,392 @@
+//! The OpenAPI documents agree with the gateway: every status and error code the code can
+//! produce is documented (and nothing else is), and real responses, for every documented
+//! status, carry the documented headers, media type and fields. Schema conformance at scale is
+//! schemathesis' job (tests/contract/run.sh, in CI).
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use bill24_gateway::balance::request::InvalidRequest;
+use bill24_gateway::bill24::UpstreamError;
+use bill24_gateway::bill24::token::TokenError;
+use bill24_gateway::error::GatewayError;
+use bill24_gateway::sim::Fault;
+use common::*;
+use http::{Method, Request};
+use http_body_util::Full;
+use serde_json::Value;
+
+fn load(text: &str) -> Value {
+    serde_norway::from_str(text).expect("the document is YAML")
+}
+
+fn endpoint_doc() -> Value {
+    load(include_str!("../openapi.yaml"))
+}
+
+fn admin_doc() -> Value {
+    load(include_str!("../openapi-admin.yaml"))
+}
+
+/// Follows a local `$ref`.
+fn resolve<'a>(doc: &'a Value, value: &'a Value) -> &'a Value {
+    match value.get("$ref").and_then(Value::as_str) {
+        Some(reference) => {
+            let mut node = doc;
+            for part in reference.trim_start_matches("#/").split('/') {
+                node = &node[part];
+            }
+            resolve(doc, node)
+        }
+        None => value,
+    }
+}
+
+/// The documented response for a status: its own entry, or the `4XX`/`5XX` range.
+fn documented<'a>(doc: &'a Value, operation: &'a Value, status: u16) -> Option<&'a Value> {
+    let responses = &operation["responses"];
+    responses
+        .get(status.to_string())
+        .or_else(|| responses.get(format!("{}XX", status / 100)))
+        .map(|r| resolve(doc, r))
+}
+
+fn error_codes(doc: &Value) -> BTreeSet<String> {
+    doc["components"]["schemas"]["Error"]["properties"]["code"]["enum"]
+        .as_array()
+        .expect("an enum of codes")
+        .iter()
+        .filter_map(|c| c.as_str().map(str::to_string))
+        .collect()
+}
+
+fn every_gateway_error() -> Vec<GatewayError> {
+    let mut all = vec![
+        GatewayError::NotFound,
+        GatewayError::MethodNotAllowed,
+        GatewayError::Unauthorized,
+        GatewayError::RateLimited {
+            retry_after_secs: 1,
+        },
+        GatewayError::TooManyConcurrent {
+            retry_after_secs: 1,
+        },
+        GatewayError::UnsupportedMediaType,
+        GatewayError::PayloadTooLarge { limit: 1 },
+        GatewayError::DeadlineExceeded,
+    ];
+    all.extend(
+        [
+            InvalidRequest::NotJson,
+            InvalidRequest::NotObject,
+            InvalidRequest::DuplicateField,
+            InvalidRequest::Unreadable,
+            InvalidRequest::MissingSyncCode,
+            InvalidRequest::SyncCodeNotString,
+            InvalidRequest::SyncCodeEmpty,
+            InvalidRequest::SyncCodeTooLong,
+            InvalidRequest::SyncCodeControlChar,
+        ]
+        .map(GatewayError::InvalidRequest),
+    );
+    all.extend(
+        [
+            UpstreamError::Timeout,
+            UpstreamError::Unreachable,
+            UpstreamError::Status(500),
+            UpstreamError::InvalidAnswer,
+            UpstreamError::Unauthorized,
+            UpstreamError::Token(TokenError::Abandoned),
+            UpstreamError::Busy,
+            UpstreamError::CircuitOpen {
+                retry_after_secs: 3,
+            },
+        ]
+        .map(GatewayError::Upstream),
+    );
+    all
+}
+
+/// Every error the gateway can answer with has its status and code in the document, and the
+/// document lists no code the gateway never uses.
+#[test]
+fn every_gateway_error_is_documented() {
+    let doc = endpoint_doc();
+    let operation = &doc["paths"]["/instant_payment/get_wallet_balance"]["post"];
+    let documented_codes = error_codes(&doc);
+    let mut produced = BTreeSet::new();
+    for error in every_gateway_error() {
+        let status = error.status().as_u16();
+        let response = documented(&doc, operation, status)
+            .unwrap_or_else(|| panic!("status {status} ({}) is not documented", error.code()));
+        assert!(
+            response["content"].get("application/json").is_some(),
+            "{status}: gateway errors are JSON"
+        );
+        produced.insert(error.code().to_string());
+        assert!(
+            documented_codes.contains(error.code()),
+            "code {} is not documented",
+            error.code()
+        );
+    }
+    assert_eq!(
+        produced, documented_codes,
+        "documented codes nobody produces"
+    );
+}
+
+struct Case {
+    name: &'static str,
+    status: u16,
+    reply: Reply,
+}
+
+/// Every documented status of the endpoint, produced for real, with the documented headers,
+/// media type and fields.
+#[tokio::test]
+async fn real_responses_match_the_endpoint_document() {
+    let doc = endpoint_doc();
+    let operation = &doc["paths"]["/instant_payment/get_wallet_balance"]["post"];
+    let codes = error_codes(&doc);
+    let mut cases = Vec::new();
+
+    let app = spawn_app_with(|c| {
+        c.server.max_body_bytes = 64;
+        c.upstream.retries = 0;
+        c.upstream.circuit_failures = 2;
+        c.upstream.timeout = Duration::from_millis(200);
+        c.callers[1].rate_limit_rps = 0.5;
+        c.callers[1].burst = 1;
+    })
+    .await;
+    let mut push = |name, status: u16, reply: Reply| {
+        cases.push(Case {
+            name,
+            status,
+            reply,
+        })
+    };
+    push("miss", 200, app.balance("DOC1").await);
+    push("hit", 200, app.balance("DOC1").await);
+    push("not found", 200, app.balance("UNKNOWN-DOC").await);
+    push("bad body", 400, app.post(Some(ORDERS_KEY), "{", &[]).await);
+    push("no key", 401, app.post(None, body_for("DOC1"), &[]).await);
+    let req = Request::get(app.url("/elsewhere"))
+        .body(Full::default())
+        .expect("request");
+    push("other path", 404, app.request(req).await);
+    let req = Request::get(app.url(PATH))
+        .body(Full::default())
+        .expect("request");
+    push("other method", 405, app.request(req).await);
+    push(
+        "too large",
+        413,
+        app.post(Some(ORDERS_KEY), "x".repeat(100), &[]).await,
+    );
+    push(
+        "not json",
+        415,
+        app.post(
+            Some(ORDERS_KEY),
+            body_for("DOC1"),
+            &[("content-type", "text/plain")],
+        )
+        .await,
+    );
+    app.post(Some(BILLING_KEY), body_for("DOC1"), &[]).await;
+    push(
+        "rate limited",
+        429,
+        app.post(Some(BILLING_KEY), body_for("DOC1"), &[]).await,
+    );
+    app.sim.fail_next(1, Fault::Status(409));
+    push("Bill24 4xx", 409, app.balance("DOC2").await);
+    app.sim.set_balance_fault(Some(Fault::Hang));
+    push("Bill24 slow", 504, app.balance("DOC3").await);
+    app.sim.set_balance_fault(Some(Fault::Status(500)));
+    push("Bill24 5xx", 502, app.balance("DOC4").await);
+    push("circuit open", 503, app.balance("DOC5").await);
+
+    let mut statuses = BTreeSet::new();
+    for case in &cases {
+        let Case {
+            name,
+            status,
+            reply,
+        } = case;
+        assert_eq!(reply.status.as_u16(), *status, "{name}: {:?}", reply.body);
+        statuses.insert(
+            if (400..500).contains(status)
+                && documented(&doc, operation, *status)
+                    .is_some_and(|r| r["content"].get("*/*").is_some())
+            {
+                "4XX".to_string()
+            } else {
+                status.to_string()
+            },
+        );
+        let response = documented(&doc, operation, *status)
+            .unwrap_or_else(|| panic!("{name}: {status} undocumented"));
+        for (header, spec) in response["headers"].as_object().into_iter().flatten() {
+            let spec = resolve(&doc, spec);
+            if spec["required"].as_bool() == Some(true) {
+                assert!(reply.header(header).is_some(), "{name}: {header} missing");
+            }
+            if let Some(allowed) = spec["schema"]["enum"].as_array()
+                && let Some(value) = reply.header(header)
+            {
+                assert!(
+                    allowed.iter().any(|a| a == value),
+                    "{name}: {header}: {value}"
+                );
+            }
+        }
+        if response["content"].get("application/json").is_some() {
+            let media = reply.header("content-type").unwrap_or_default();
+            assert!(media.starts_with("application/json"), "{name}: {media}");
+            let body = reply.json();
+            let schema = resolve(&doc, &response["content"]["application/json"]["schema"]);
+            for required in schema["required"].as_array().into_iter().flatten() {
+                let field = required.as_str().unwrap_or_default();
+                assert!(
+                    body.get(field).is_some(),
+                    "{name}: {field} missing in {body}"
+                );
+            }
+            if schema["additionalProperties"] == Value::Bool(false) {
+                let documented: BTreeSet<&str> = schema["properties"]
+                    .as_object()
+                    .map(|p| p.keys().map(String::as_str).collect())
+                    .unwrap_or_default();
+                for key in body
+                    .as_object()
+                    .into_iter()
+                    .flatten()
+                    .map(|(k, _)| k.as_str())
+                {
+                    assert!(documented.contains(key), "{name}: undocumented field {key}");
+                }
+                let code = body["code"].as_str().unwrap_or_default();
+                assert!(codes.contains(code), "{name}: undocumented code {code}");
+            }
+        }
+    }
+    // The cached answer's extra header.
+    assert!(cases[1].reply.header("age").is_some(), "Age on a HIT");
+    // The success body's documented fields, wallets included.
+    let body = cases[0].reply.json();
+    for field in ["code", "message", "message_kh", "data"] {
+        assert!(body.get(field).is_some(), "{field}");
+    }
+    let wallet_fields = doc["components"]["schemas"]["Wallet"]["properties"]
+        .as_object()
+        .expect("wallet fields");
+    for wallet in body["data"].as_array().expect("wallets") {
+        for field in wallet_fields.keys() {
+            assert!(wallet.get(field).is_some(), "wallet field {field}");
+        }
+    }
+    assert!(cases[2].reply.json()["data"].is_null());
+
+    let documented_statuses: BTreeSet<String> = operation["responses"]
+        .as_object()
+        .expect("responses")
+        .keys()
+        .cloned()
+        .collect();
+    assert_eq!(
+        statuses, documented_statuses,
+        "every documented status is produced"
+    );
+}
+
+/// The admin document, likewise; and the admin listener serves both documents.
+#[tokio::test]
+async fn real_responses_match_the_admin_document() {
+    let doc = admin_doc();
+    let app = spawn_app_with(|c| {
+        c.server.admin_key_sha256 = Some(bill24_gateway::auth::hash_key(b"admin-key"));
+    })
+    .await;
+    let bearer = [("authorization", "Bearer admin-key")];
+    /// (documented path, method, URL, status, headers)
+    type AdminCase<'a> = (&'a str, Method, &'a str, u16, &'a [(&'a str, &'a str)]);
+    let cases: Vec<AdminCase> = vec![
+        ("/healthz", Method::GET, "/healthz", 200, &[]),
+        ("/healthz", Method::POST, "/healthz", 405, &[]),
+        ("/readyz", Method::GET, "/readyz", 200, &[]),
+        ("/metrics", Method::GET, "/metrics", 200, &[]),
+        ("/openapi.yaml", Method::GET, "/openapi.yaml", 200, &[]),
+        (
+            "/openapi-admin.yaml",
+            Method::GET,
+            "/openapi-admin.yaml",
+            200,
+            &[],
+        ),
+        ("/cache", Method::DELETE, "/cache", 204, &bearer),
+        ("/cache", Method::DELETE, "/cache", 401, &[]),
+        ("/cache", Method::GET, "/cache", 405, &[]),
+        (
+            "/cache/{customer_sync_code}",
+            Method::DELETE,
+            "/cache/A%20B",
+            204,
+            &bearer,
+        ),
+        (
+            "/cache/{customer_sync_code}",
+            Method::DELETE,
+            "/cache/%00",
+            400,
+            &bearer,
+        ),
+        (
+            "/cache/{customer_sync_code}",
+            Method::DELETE,
+            "/cache/x",
+            401,
+            &[],
+        ),
+    ];
+    for (path, method, url, status, headers) in cases {
+        let reply = app.admin(method.clone(), url, headers).await;
+        assert_eq!(reply.status.as_u16(), status, "{method} {url}");
+        let operation = &doc["paths"][path][method.as_str().to_lowercase()];
+        let operation = if operation.is_null() {
+            // A method the path does not have: its documented 405 lives on the real one.
+            doc["paths"][path]
+                .as_object()
+                .and_then(|ops| ops.values().next())
+                .expect("an operation")
+        } else {
+            operation
+        };
+        let response = documented(&doc, operation, status)
+            .unwrap_or_else(|| panic!("{method} {url}: {status} undocumented"));
+        for (header, spec) in response["headers"].as_object().into_iter().flatten() {
+            if resolve(&doc, spec)["required"].as_bool() == Some(true) {
+                assert!(
+                    reply.header(header).is_some(),
+                    "{method} {url}: {header} missing"
+                );
+            }
+        }
+        if let Some(media) = response["content"]
+            .as_object()
+            .and_then(|c| c.keys().next())
+        {
+            let got = reply.header("content-type").unwrap_or_default();
+            assert!(
+                got.starts_with(media.as_str()),
+                "{method} {url}: {got} vs {media}"
+            );
+        }
+    }
+    let served = app.admin(Method::GET, "/openapi.yaml", &[]).await;
+    assert_eq!(&served.body[..], include_str!("../openapi.yaml").as_bytes());
+}
