@@ -300,6 +300,24 @@ fn gateway_toml(sim: &Simulator, extra: &str) -> String {
     )
 }
 
+/// The simulator, and the gateway binary in front of it with the config `config` builds (the
+/// client secret in its environment, plus `envs`).
+async fn gateway_with_sim(
+    config: impl FnOnce(&Simulator) -> String,
+    envs: &[(&str, &str)],
+) -> (Simulator, Running, tempfile::TempDir) {
+    let sim = Simulator::bind("127.0.0.1:0".parse().expect("addr"), SimConfig::default())
+        .await
+        .expect("sim");
+    let mut all = vec![(
+        "GATEWAY_UPSTREAM__CLIENT_SECRET",
+        bill24_gateway::sim::DEMO_CLIENT_SECRET,
+    )];
+    all.extend_from_slice(envs);
+    let (gateway, dir) = Running::start(&[], &config(&sim), &all);
+    (sim, gateway, dir)
+}
+
 async fn post(
     main: SocketAddr,
     key: Option<&str>,
@@ -321,18 +339,8 @@ async fn post(
 /// no balance anywhere in the output.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn access_log_lines_are_complete_and_output_has_no_secrets() {
-    let sim = Simulator::bind("127.0.0.1:0".parse().expect("addr"), SimConfig::default())
-        .await
-        .expect("sim");
+    let (sim, mut gw, _dir) = gateway_with_sim(|sim| gateway_toml(sim, ""), &[]).await;
     sim.handle().set_balance("LOGGED", 987_654_321);
-    let (mut gw, _dir) = Running::start(
-        &[],
-        &gateway_toml(&sim, ""),
-        &[(
-            "GATEWAY_UPSTREAM__CLIENT_SECRET",
-            bill24_gateway::sim::DEMO_CLIENT_SECRET,
-        )],
-    );
     let (main, _) = gw.addresses().await;
     let ok = post(
         main,
@@ -472,17 +480,8 @@ async fn access_log_lines_are_complete_and_output_has_no_secrets() {
 /// SIGTERM with a slow request in flight: /readyz turns 503, the request completes, exit 0.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_lets_the_request_in_flight_finish_and_exits_zero() {
-    let sim = Simulator::bind("127.0.0.1:0".parse().expect("addr"), SimConfig::default())
-        .await
-        .expect("sim");
-    let (mut gw, _dir) = Running::start(
-        &[],
-        &gateway_toml(&sim, "drain_delay = \"300ms\""),
-        &[(
-            "GATEWAY_UPSTREAM__CLIENT_SECRET",
-            bill24_gateway::sim::DEMO_CLIENT_SECRET,
-        )],
-    );
+    let (sim, mut gw, _dir) =
+        gateway_with_sim(|sim| gateway_toml(sim, "drain_delay = \"300ms\""), &[]).await;
     let (main, admin) = gw.addresses().await;
     assert_eq!(
         post(main, Some(ORDERS_KEY), body_for("W"), &[])
@@ -518,23 +517,11 @@ async fn sigterm_lets_the_request_in_flight_finish_and_exits_zero() {
 /// When the grace runs out, the gateway exits 0 anyway and says how many requests were cut.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn grace_running_out_still_exits_zero_and_counts_cut_requests() {
-    let sim = Simulator::bind("127.0.0.1:0".parse().expect("addr"), SimConfig::default())
-        .await
-        .expect("sim");
-    let (mut gw, _dir) = Running::start(
-        &[],
-        &gateway_toml(
-            &sim,
-            "shutdown_grace = \"200ms\"\nrequest_timeout = \"30s\"",
-        ),
-        &[
-            (
-                "GATEWAY_UPSTREAM__CLIENT_SECRET",
-                bill24_gateway::sim::DEMO_CLIENT_SECRET,
-            ),
-            ("GATEWAY_UPSTREAM__TIMEOUT", "30s"),
-        ],
-    );
+    let (sim, mut gw, _dir) = gateway_with_sim(
+        |sim| gateway_toml(sim, "shutdown_grace = \"200ms\"\nrequest_timeout = \"30s\""),
+        &[("GATEWAY_UPSTREAM__TIMEOUT", "30s")],
+    )
+    .await;
     let (main, _) = gw.addresses().await;
     post(main, Some(ORDERS_KEY), body_for("W"), &[]).await;
     sim.handle().set_latency(Duration::from_secs(10));
@@ -614,15 +601,11 @@ async fn demo_answers_miss_then_hit() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_reloads_callers_cache_and_log_level() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let sim = Simulator::bind("127.0.0.1:0".parse().expect("addr"), SimConfig::default())
-        .await
-        .expect("sim");
-    let secret = (
-        "GATEWAY_UPSTREAM__CLIENT_SECRET",
-        bill24_gateway::sim::DEMO_CLIENT_SECRET,
-    );
-    let base = gateway_toml(&sim, "");
-    let (mut gw, dir) = Running::start(&[], &format!("{base}[cache]\nttl = \"1h\"\n"), &[secret]);
+    let (sim, mut gw, dir) = gateway_with_sim(
+        |sim| format!("{}[cache]\nttl = \"1h\"\n", gateway_toml(sim, "")),
+        &[],
+    )
+    .await;
     let (main, _) = gw.addresses().await;
 
     // A keep-alive connection opened before the reload.
@@ -721,14 +704,7 @@ async fn sighup_reloads_callers_cache_and_log_level() {
 /// stays. Changes that need a restart are logged as such.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_rejects_invalid_config_and_flags_restart_only_changes() {
-    let sim = Simulator::bind("127.0.0.1:0".parse().expect("addr"), SimConfig::default())
-        .await
-        .expect("sim");
-    let secret = (
-        "GATEWAY_UPSTREAM__CLIENT_SECRET",
-        bill24_gateway::sim::DEMO_CLIENT_SECRET,
-    );
-    let (mut gw, dir) = Running::start(&[], &gateway_toml(&sim, ""), &[secret]);
+    let (sim, mut gw, dir) = gateway_with_sim(|sim| gateway_toml(sim, ""), &[]).await;
     let (main, _) = gw.addresses().await;
     assert_eq!(
         post(main, Some(ORDERS_KEY), body_for("A"), &[])
