@@ -40,11 +40,11 @@ impl RequestId {
         let prefix = *PREFIX.get_or_init(rand::random::<u64>);
         let n = COUNTER.fetch_add(1, Ordering::Relaxed);
         let mut buf = [0u8; 33];
-        let len = hex_u64(prefix, &mut buf[..16], 16);
-        buf[16] = b'-';
-        let tail = hex_u64(n, &mut buf[17..], 0);
-        let id = &buf[..len + 1 + tail];
-        RequestId(HeaderValue::from_bytes(id).unwrap_or(HeaderValue::from_static("-")))
+        let mut out = &mut buf[..];
+        // 16 + 1 + at most 16 hex digits: always fits.
+        let _ = std::io::Write::write_fmt(&mut out, format_args!("{prefix:016x}-{n:x}"));
+        let len = 33 - out.len();
+        RequestId(HeaderValue::from_bytes(&buf[..len]).unwrap_or(HeaderValue::from_static("-")))
     }
 
     pub fn as_str(&self) -> &str {
@@ -55,19 +55,6 @@ impl RequestId {
     pub fn header_value(&self) -> &HeaderValue {
         &self.0
     }
-}
-
-/// Writes `value` in lowercase hex into `out` (zero-padded to `width`, else shortest);
-/// returns the length written.
-fn hex_u64(value: u64, out: &mut [u8], width: usize) -> usize {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    let digits = ((64 - value.leading_zeros()).div_ceil(4) as usize)
-        .max(1)
-        .max(width);
-    for i in 0..digits {
-        out[digits - 1 - i] = DIGITS[((value >> (4 * i)) & 0xf) as usize];
-    }
-    digits
 }
 
 pub fn is_valid_request_id(bytes: &[u8]) -> bool {
@@ -256,15 +243,6 @@ mod tests {
             assert!(is_valid_request_id(id.as_bytes()), "{id}");
             assert_eq!(id.as_bytes()[16], b'-', "{id}");
         }
-        let hex = |v: u64, width: usize| {
-            let mut buf = [0u8; 16];
-            let n = hex_u64(v, &mut buf, width);
-            String::from_utf8_lossy(&buf[..n]).into_owned()
-        };
-        assert_eq!(hex(0, 0), "0");
-        assert_eq!(hex(0x1a, 0), "1a");
-        assert_eq!(hex(u64::MAX, 16), "ffffffffffffffff");
-        assert_eq!(hex(5, 4), "0005");
     }
 
     #[test]

@@ -46,8 +46,8 @@ pub async fn run(
         burst: 0,
         max_concurrent: 0,
     });
-    let main = bind_loopback(config.server.listen.port(), "server.listen").await?;
-    let admin = bind_loopback(config.server.admin_listen.port(), "server.admin_listen").await?;
+    let main = bind_loopback(config.server.listen.port(), "server.listen")?;
+    let admin = bind_loopback(config.server.admin_listen.port(), "server.admin_listen")?;
     let gateway = Gateway::from_listeners(config, main, admin)?;
     println!(
         "{}",
@@ -58,7 +58,7 @@ pub async fn run(
     result
 }
 
-async fn bind_loopback(port: u16, key: &'static str) -> Result<TcpListener, StartError> {
+fn bind_loopback(port: u16, key: &'static str) -> Result<TcpListener, StartError> {
     let preferred = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
     crate::server::listen(preferred).or_else(|_| {
         let any = SocketAddr::from((Ipv4Addr::LOCALHOST, 0));

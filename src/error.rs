@@ -6,6 +6,8 @@
 //! ([`render_body`]). So a layer that rejects a request (or the deadline that cuts one) needs
 //! nothing from the request to do it.
 
+use std::time::Duration;
+
 use bytes::Bytes;
 use http::header::{ALLOW, CONTENT_TYPE, RETRY_AFTER, WWW_AUTHENTICATE};
 use http::{HeaderValue, StatusCode};
@@ -27,9 +29,9 @@ pub enum GatewayError {
     #[error("missing or unknown caller key; send Authorization: Bearer <caller key>")]
     Unauthorized,
     #[error("caller is over its rate limit")]
-    RateLimited { retry_after_secs: u64 },
+    RateLimited { retry_after: Duration },
     #[error("caller has too many requests in flight")]
-    TooManyConcurrent { retry_after_secs: u64 },
+    TooManyConcurrent { retry_after: Duration },
     #[error("unsupported Content-Type; send application/json")]
     UnsupportedMediaType,
     #[error("request body is larger than {limit} bytes")]
@@ -75,11 +77,11 @@ impl GatewayError {
         }
     }
 
-    fn retry_after_secs(&self) -> Option<u64> {
+    fn retry_after(&self) -> Option<Duration> {
         match self {
-            GatewayError::RateLimited { retry_after_secs }
-            | GatewayError::TooManyConcurrent { retry_after_secs } => Some(*retry_after_secs),
-            GatewayError::Upstream(e) => e.retry_after_secs(),
+            GatewayError::RateLimited { retry_after }
+            | GatewayError::TooManyConcurrent { retry_after } => Some(*retry_after),
+            GatewayError::Upstream(e) => e.retry_after(),
             _ => None,
         }
     }
@@ -98,8 +100,8 @@ impl GatewayError {
             }
             _ => {}
         }
-        if let Some(secs) = self.retry_after_secs() {
-            headers.insert(RETRY_AFTER, HeaderValue::from(secs.max(1)));
+        if let Some(wait) = self.retry_after() {
+            headers.insert(RETRY_AFTER, HeaderValue::from(retry_after_secs(wait)));
         }
         response.extensions_mut().insert(ErrorReply {
             code: self.code(),
@@ -107,6 +109,11 @@ impl GatewayError {
         });
         response
     }
+}
+
+/// `Retry-After` in whole seconds: rounded up, at least 1.
+pub fn retry_after_secs(wait: Duration) -> u64 {
+    (wait.as_secs_f64().ceil() as u64).max(1)
 }
 
 /// An error answer waiting for its body (see the module docs).
@@ -176,11 +183,17 @@ mod tests {
         assert_eq!(r.status(), StatusCode::METHOD_NOT_ALLOWED);
         assert_eq!(r.headers()[ALLOW], "POST");
         let r = GatewayError::RateLimited {
-            retry_after_secs: 0,
+            retry_after: Duration::ZERO,
         }
         .into_response();
         assert_eq!(r.status(), StatusCode::TOO_MANY_REQUESTS);
         assert_eq!(r.headers()[RETRY_AFTER], "1", "Retry-After is at least 1s");
+        assert_eq!(
+            retry_after_secs(Duration::from_millis(1500)),
+            2,
+            "rounded up"
+        );
+        assert_eq!(retry_after_secs(Duration::from_secs(4)), 4);
         assert_eq!(
             GatewayError::PayloadTooLarge { limit: 1 }.status(),
             StatusCode::PAYLOAD_TOO_LARGE

@@ -108,8 +108,8 @@ impl Gateway {
     /// Binds `server.listen` and `server.admin_listen`, and starts the Bill24 client (whose
     /// token manager asks for a token at once). Must be called within a tokio runtime.
     pub async fn bind(config: Config) -> Result<Self, StartError> {
-        let main = bind(config.server.listen, "server.listen").await?;
-        let admin = bind(config.server.admin_listen, "server.admin_listen").await?;
+        let main = bind(config.server.listen, "server.listen")?;
+        let admin = bind(config.server.admin_listen, "server.admin_listen")?;
         Self::from_listeners(config, main, admin)
     }
 
@@ -274,6 +274,6 @@ impl Gateway {
     }
 }
 
-async fn bind(addr: SocketAddr, key: &'static str) -> Result<TcpListener, StartError> {
+fn bind(addr: SocketAddr, key: &'static str) -> Result<TcpListener, StartError> {
     server::listen(addr).map_err(|source| StartError::Bind { addr, key, source })
 }

@@ -68,10 +68,10 @@ fn every_gateway_error() -> Vec<GatewayError> {
         GatewayError::MethodNotAllowed,
         GatewayError::Unauthorized,
         GatewayError::RateLimited {
-            retry_after_secs: 1,
+            retry_after: Duration::from_secs(1),
         },
         GatewayError::TooManyConcurrent {
-            retry_after_secs: 1,
+            retry_after: Duration::from_secs(1),
         },
         GatewayError::UnsupportedMediaType,
         GatewayError::PayloadTooLarge { limit: 1 },
@@ -101,7 +101,7 @@ fn every_gateway_error() -> Vec<GatewayError> {
             UpstreamError::Token(TokenError::Abandoned),
             UpstreamError::Busy,
             UpstreamError::CircuitOpen {
-                retry_after_secs: 3,
+                retry_after: Duration::from_secs(3),
             },
         ]
         .map(GatewayError::Upstream),

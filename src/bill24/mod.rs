@@ -61,7 +61,7 @@ pub enum UpstreamError {
     #[error("too many requests to Bill24 in flight; try again shortly")]
     Busy,
     #[error("Bill24 is failing; requests are paused for a moment")]
-    CircuitOpen { retry_after_secs: u64 },
+    CircuitOpen { retry_after: Duration },
 }
 
 impl UpstreamError {
@@ -105,10 +105,11 @@ impl UpstreamError {
         )
     }
 
-    pub fn retry_after_secs(&self) -> Option<u64> {
+    /// How long a caller should wait before trying again, when that is known.
+    pub fn retry_after(&self) -> Option<Duration> {
         match self {
-            UpstreamError::Busy => Some(1),
-            UpstreamError::CircuitOpen { retry_after_secs } => Some(*retry_after_secs),
+            UpstreamError::Busy => Some(Duration::from_secs(1)),
+            UpstreamError::CircuitOpen { retry_after } => Some(*retry_after),
             _ => None,
         }
     }
@@ -186,7 +187,6 @@ impl Bill24 {
             cfg.token_refresh_margin,
             metrics.clone(),
         );
-        metrics.set_circuit_state(circuit::CircuitState::Closed);
         Ok(Bill24 {
             transport,
             tokens,
@@ -216,9 +216,7 @@ impl Bill24 {
             }
             Err(wait) => {
                 return Err(Failure::new(
-                    UpstreamError::CircuitOpen {
-                        retry_after_secs: wait.as_secs_f64().ceil().max(1.0) as u64,
-                    },
+                    UpstreamError::CircuitOpen { retry_after: wait },
                     None,
                     None,
                 ));
@@ -454,7 +452,7 @@ mod tests {
         assert!(!UpstreamError::Busy.counts_against_circuit());
         assert!(
             !UpstreamError::CircuitOpen {
-                retry_after_secs: 1
+                retry_after: Duration::from_secs(1)
             }
             .counts_against_circuit()
         );
