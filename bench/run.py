@@ -310,6 +310,11 @@ def main():
         "rps_vs_static": g["rps"] / s["rps"],
     }
 
+    if os.environ.get("PHASES") == "hits":
+        for key, value in results.items():
+            log(f"  {key:<22}{value:.2f}x")
+        return
+
     # --- stampede --------------------------------------------------------------------------
     log("\n== stampede: 200 concurrent requests, one cold key, Bill24 answering in 100 ms")
     log("   (floor: the same burst of 200 new connections answered from cache, measured first)")

@@ -14,6 +14,7 @@ use pin_project_lite::pin_project;
 use tower::{Layer, Service};
 
 use crate::balance::cache::CacheStatus;
+use crate::balance::request::SyncCode;
 use crate::correlation::RequestIds;
 use crate::error::Response;
 use crate::metrics::Metrics;
@@ -29,7 +30,7 @@ pub struct Annotations(Arc<Mutex<Notes>>);
 #[derive(Default)]
 struct Notes {
     caller: Option<Arc<str>>,
-    customer_sync_code: Option<Arc<str>>,
+    customer_sync_code: Option<SyncCode>,
     cache: Option<CacheStatus>,
     bill24_code: Option<Arc<str>>,
     upstream_status: Option<u16>,
@@ -47,7 +48,7 @@ impl Annotations {
         self.with(|n| n.caller = Some(name.clone()));
     }
 
-    pub fn customer_sync_code(&self, code: &Arc<str>) {
+    pub fn customer_sync_code(&self, code: &SyncCode) {
         self.with(|n| n.customer_sync_code = Some(code.clone()));
     }
 

@@ -82,8 +82,7 @@ impl Admin {
     }
 
     async fn metrics_page(&self) -> Response {
-        self.metrics
-            .set_cache_entries(self.balances.cache().len().await);
+        self.metrics.set_cache_entries(self.balances.cache().len());
         let tokens = self.balances.bill24().tokens();
         self.metrics
             .set_token_expires_in(match tokens.expires_in() {
@@ -109,7 +108,7 @@ impl Admin {
         if let Err(e) = validate_sync_code(&code) {
             return error(GatewayError::InvalidRequest(e));
         }
-        self.balances.cache().purge(&code).await;
+        self.balances.cache().purge(&code);
         tracing::info!(customer_sync_code = %code, "cache entry purged");
         no_content()
     }

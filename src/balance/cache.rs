@@ -9,6 +9,7 @@ use bytes::Bytes;
 use http::HeaderValue;
 use moka::Expiry;
 
+use super::request::SyncCode;
 use crate::config::CacheConfig;
 
 /// What `X-Cache` says, and the `cache` label/log field.
@@ -123,10 +124,10 @@ pub fn fresh_for(cfg: &CacheConfig, bill24_code: &str, jitter_draw: f64) -> Opti
 /// by the new entry's lifetime (moka's default would keep the old one's expiry).
 struct EntryLifetime;
 
-impl Expiry<Arc<str>, Arc<Entry>> for EntryLifetime {
+impl Expiry<SyncCode, Arc<Entry>> for EntryLifetime {
     fn expire_after_create(
         &self,
-        _key: &Arc<str>,
+        _key: &SyncCode,
         value: &Arc<Entry>,
         _created_at: Instant,
     ) -> Option<Duration> {
@@ -135,7 +136,7 @@ impl Expiry<Arc<str>, Arc<Entry>> for EntryLifetime {
 
     fn expire_after_update(
         &self,
-        _key: &Arc<str>,
+        _key: &SyncCode,
         value: &Arc<Entry>,
         _updated_at: Instant,
         _duration_until_expiry: Option<Duration>,
@@ -146,14 +147,17 @@ impl Expiry<Arc<str>, Arc<Entry>> for EntryLifetime {
 
 /// The moka cache plus a purge generation: a fetch that started before a purge does not store
 /// its (possibly pre-purge) answer.
+///
+/// moka's synchronous cache: a lookup is a plain function call, so a hit is answered without
+/// an `await` (moka's maintenance runs inline, a few entries at a time).
 pub struct BalanceCache {
-    entries: moka::future::Cache<Arc<str>, Arc<Entry>, foldhash::fast::RandomState>,
+    entries: moka::sync::Cache<SyncCode, Arc<Entry>, foldhash::fast::RandomState>,
     generation: AtomicU64,
 }
 
 impl BalanceCache {
     pub fn new(max_entries: u64) -> Self {
-        let entries = moka::future::Cache::builder()
+        let entries = moka::sync::Cache::builder()
             .max_capacity(max_entries)
             .expire_after(EntryLifetime)
             // Seeded per process; faster than SipHash on short keys.
@@ -164,8 +168,8 @@ impl BalanceCache {
         }
     }
 
-    pub async fn get(&self, code: &str) -> Option<Arc<Entry>> {
-        self.entries.get(code).await
+    pub fn get(&self, code: &str) -> Option<Arc<Entry>> {
+        self.entries.get(code)
     }
 
     /// The purge generation now; pass it back to [`BalanceCache::insert_if_current`].
@@ -174,15 +178,15 @@ impl BalanceCache {
     }
 
     /// Stores `entry` unless the cache was purged since `generation` was read.
-    pub async fn insert_if_current(&self, code: Arc<str>, entry: Arc<Entry>, generation: u64) {
+    pub fn insert_if_current(&self, code: SyncCode, entry: Arc<Entry>, generation: u64) {
         if self.generation() == generation {
-            self.entries.insert(code, entry).await;
+            self.entries.insert(code, entry);
         }
     }
 
-    pub async fn purge(&self, code: &str) {
+    pub fn purge(&self, code: &str) {
         self.generation.fetch_add(1, Ordering::AcqRel);
-        self.entries.invalidate(code).await;
+        self.entries.invalidate(code);
     }
 
     pub fn purge_all(&self) {
@@ -191,13 +195,13 @@ impl BalanceCache {
     }
 
     /// Entry count after pending maintenance (for the gauge).
-    pub async fn len(&self) -> u64 {
-        self.entries.run_pending_tasks().await;
+    pub fn len(&self) -> u64 {
+        self.entries.run_pending_tasks();
         self.entries.entry_count()
     }
 
-    pub async fn is_empty(&self) -> bool {
-        self.len().await == 0
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 }
 
@@ -304,38 +308,30 @@ mod tests {
             stale_for: Duration::ZERO,
             ..entry(Instant::now())
         };
-        cache
-            .insert_if_current(Arc::from("k"), Arc::new(short), cache.generation())
-            .await;
+        cache.insert_if_current("k".into(), Arc::new(short), cache.generation());
         let long = Entry {
             fresh_for: Duration::from_secs(30),
             ..entry(Instant::now())
         };
-        cache
-            .insert_if_current(Arc::from("k"), Arc::new(long), cache.generation())
-            .await;
+        cache.insert_if_current("k".into(), Arc::new(long), cache.generation());
         tokio::time::sleep(Duration::from_millis(250)).await;
         assert!(
-            cache.get("k").await.is_some(),
+            cache.get("k").is_some(),
             "not evicted at the old entry's expiry"
         );
     }
 
-    #[tokio::test]
-    async fn purge_discards_inserts_from_before_it() {
+    #[test]
+    fn purge_discards_inserts_from_before_it() {
         let cache = BalanceCache::new(10);
         let generation = cache.generation();
-        cache.purge("other").await;
-        cache
-            .insert_if_current(Arc::from("a"), Arc::new(entry(Instant::now())), generation)
-            .await;
-        assert!(cache.get("a").await.is_none());
+        cache.purge("other");
+        cache.insert_if_current("a".into(), Arc::new(entry(Instant::now())), generation);
+        assert!(cache.get("a").is_none());
         let generation = cache.generation();
-        cache
-            .insert_if_current(Arc::from("a"), Arc::new(entry(Instant::now())), generation)
-            .await;
-        assert!(cache.get("a").await.is_some());
+        cache.insert_if_current("a".into(), Arc::new(entry(Instant::now())), generation);
+        assert!(cache.get("a").is_some());
         cache.purge_all();
-        assert!(cache.get("a").await.is_none());
+        assert!(cache.get("a").is_none());
     }
 }

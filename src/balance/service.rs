@@ -20,6 +20,7 @@ use std::time::Instant;
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
+use futures_util::future::{Either, Ready, ready};
 use http::header::CONTENT_TYPE;
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use http_body_util::Full;
@@ -27,7 +28,7 @@ use tokio::sync::{Mutex, watch};
 use tower::Service;
 
 use super::cache::{BalanceCache, CacheStatus, Entry, Freshness, fresh_for};
-use super::request::BalanceQuery;
+use super::request::{BalanceQuery, SyncCode};
 use crate::bill24::{Answer, BalanceCall, Bill24, Failure};
 use crate::config::CacheConfig;
 use crate::error::{GatewayError, Response};
@@ -37,7 +38,7 @@ const X_CACHE: HeaderName = HeaderName::from_static("x-cache");
 const SHARDS: usize = 64;
 
 type FetchResult = Arc<Result<Answer, Failure>>;
-type FlightMap = HashMap<Arc<str>, Arc<Flight>>;
+type FlightMap = HashMap<SyncCode, Arc<Flight>>;
 
 struct Flight {
     result: watch::Receiver<Option<FetchResult>>,
@@ -53,6 +54,16 @@ pub struct Balances {
     flights: Box<[Mutex<FlightMap>]>,
     hasher: RandomState,
     metrics: Arc<Metrics>,
+}
+
+/// What the cache alone could do for a query.
+pub enum FromCache {
+    /// A fresh entry answered (HIT).
+    Answered(Response),
+    /// No fresh entry.
+    Missed,
+    /// A fresh entry the caller's `Cache-Control` does not accept.
+    Skipped,
 }
 
 enum Lookup {
@@ -91,34 +102,44 @@ impl Balances {
         &self.flights[(self.hasher.hash_one(code) as usize) % self.flights.len()]
     }
 
-    /// Answers one query.
-    pub async fn answer(self: Arc<Self>, q: BalanceQuery) -> Response {
-        let entry = self.cache.get(&q.customer_sync_code).await;
+    /// Answers a query from a fresh entry its `Cache-Control` accepts, without waiting on
+    /// anything.
+    pub fn answer_from_cache(self: &Arc<Self>, q: &BalanceQuery) -> FromCache {
+        let Some(entry) = self.cache.get(&q.customer_sync_code) else {
+            return FromCache::Missed;
+        };
         let now = Instant::now();
-        let fresh = entry
-            .as_ref()
-            .filter(|e| e.freshness(now) == Freshness::Fresh);
-        if let Some(e) = fresh
-            && q.directives.accepts(e.age(now))
-        {
-            if e.claim_refresh(now, self.cache_config.load().refresh_ahead) {
-                tokio::spawn(self.clone().refresh_ahead(q.clone(), e.clone()));
-            }
-            return cached(e, CacheStatus::Hit, now, &q);
+        if entry.freshness(now) != Freshness::Fresh {
+            return FromCache::Missed;
         }
-        // The caller's Cache-Control skipped a usable entry: BYPASS; no usable entry: MISS.
-        let status = if fresh.is_some() {
+        if !q.directives.accepts(entry.age(now)) {
+            return FromCache::Skipped;
+        }
+        if entry.claim_refresh(now, self.cache_config.load().refresh_ahead) {
+            tokio::spawn(self.clone().refresh_ahead(q.clone(), entry.clone()));
+        }
+        FromCache::Answered(cached(&entry, CacheStatus::Hit, now, q))
+    }
+
+    /// Answers a query the cache could not: one shared Bill24 call per key. `skipped_fresh`:
+    /// the caller's `Cache-Control` skipped a usable entry (BYPASS rather than MISS).
+    pub async fn answer_from_upstream(
+        self: Arc<Self>,
+        q: BalanceQuery,
+        skipped_fresh: bool,
+    ) -> Response {
+        let status = if skipped_fresh {
             CacheStatus::Bypass
         } else {
             CacheStatus::Miss
         };
-        let result = match self.clone().lookup(&q, fresh.is_none()).await {
+        let result = match self.clone().lookup(&q, !skipped_fresh).await {
             Lookup::Hit(e) => return cached(&e, CacheStatus::Hit, Instant::now(), &q),
             Lookup::Fetched(result) => result,
         };
         match &*result {
             Ok(answer) => fetched(answer, status, &q),
-            Err(failure) => self.failed(failure, status, &q).await,
+            Err(failure) => self.failed(failure, status, &q),
         }
     }
 
@@ -134,7 +155,7 @@ impl Balances {
             self.metrics.coalesced();
             flight.result.clone()
         } else {
-            if recheck && let Some(e) = self.cache.get(&q.customer_sync_code).await {
+            if recheck && let Some(e) = self.cache.get(&q.customer_sync_code) {
                 let now = Instant::now();
                 if e.freshness(now) == Freshness::Fresh && q.directives.accepts(e.age(now)) {
                     return Lookup::Hit(e);
@@ -209,8 +230,7 @@ impl Balances {
             && let Some(entry) = self.entry_for(answer)
         {
             self.cache
-                .insert_if_current(q.customer_sync_code.clone(), Arc::new(entry), generation)
-                .await;
+                .insert_if_current(q.customer_sync_code.clone(), Arc::new(entry), generation);
         }
         let _ = tx.send(Some(Arc::new(result)));
         let mut flights = self.shard(&q.customer_sync_code).lock().await;
@@ -244,9 +264,9 @@ impl Balances {
     }
 
     /// Bill24 failed: an entry still within `stale_if_error` answers (STALE), else the error.
-    async fn failed(&self, failure: &Failure, status: CacheStatus, q: &BalanceQuery) -> Response {
+    fn failed(&self, failure: &Failure, status: CacheStatus, q: &BalanceQuery) -> Response {
         q.notes.upstream(failure.upstream_status, failure.elapsed);
-        if let Some(e) = self.cache.get(&q.customer_sync_code).await {
+        if let Some(e) = self.cache.get(&q.customer_sync_code) {
             let now = Instant::now();
             if !e.stale_for.is_zero() && e.freshness(now) != Freshness::Expired {
                 return cached(&e, CacheStatus::Stale, now, q);
@@ -349,17 +369,30 @@ impl BalanceService {
     }
 }
 
+/// A hit is answered in `call` itself; only a miss becomes a (boxed) future.
+pub type BalanceFuture = Either<
+    Ready<Result<Response, Infallible>>,
+    Pin<Box<dyn Future<Output = Result<Response, Infallible>> + Send>>,
+>;
+
 impl Service<BalanceQuery> for BalanceService {
     type Response = Response;
     type Error = Infallible;
-    type Future = Pin<Box<dyn Future<Output = Result<Response, Infallible>> + Send>>;
+    type Future = BalanceFuture;
 
     fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
         Poll::Ready(Ok(()))
     }
 
     fn call(&mut self, q: BalanceQuery) -> Self::Future {
+        let skipped_fresh = match self.balances.answer_from_cache(&q) {
+            FromCache::Answered(response) => return Either::Left(ready(Ok(response))),
+            FromCache::Missed => false,
+            FromCache::Skipped => true,
+        };
         let balances = self.balances.clone();
-        Box::pin(async move { Ok(balances.answer(q).await) })
+        Either::Right(Box::pin(async move {
+            Ok(balances.answer_from_upstream(q, skipped_fresh).await)
+        }))
     }
 }
