@@ -4,80 +4,24 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, ready};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use http::Request;
 use pin_project_lite::pin_project;
 use tower::{Layer, Service};
 
 use crate::balance::cache::CacheStatus;
-use crate::balance::request::SyncCode;
-use crate::correlation::RequestIds;
+use crate::correlation::RequestId;
 use crate::error::Response;
 use crate::metrics::Metrics;
+use crate::request_state::{RequestState, millis};
 use crate::telemetry::ACCESS_TARGET;
 
 /// Status logged for a request whose client went away before the answer.
 const CLIENT_CLOSED: u16 = 499;
-
-/// What the layers below learned about a request, for its log line.
-#[derive(Clone, Default)]
-pub struct Annotations(Arc<Mutex<Notes>>);
-
-#[derive(Default)]
-struct Notes {
-    caller: Option<Arc<str>>,
-    customer_sync_code: Option<SyncCode>,
-    cache: Option<CacheStatus>,
-    bill24_code: Option<Arc<str>>,
-    upstream_status: Option<u16>,
-    upstream_ms: Option<f64>,
-}
-
-impl Annotations {
-    fn with(&self, f: impl FnOnce(&mut Notes)) {
-        if let Ok(mut notes) = self.0.lock() {
-            f(&mut notes);
-        }
-    }
-
-    pub fn caller(&self, name: &Arc<str>) {
-        self.with(|n| n.caller = Some(name.clone()));
-    }
-
-    pub fn customer_sync_code(&self, code: &SyncCode) {
-        self.with(|n| n.customer_sync_code = Some(code.clone()));
-    }
-
-    pub fn cache(&self, status: CacheStatus) {
-        self.with(|n| n.cache = Some(status));
-    }
-
-    pub fn bill24_code(&self, code: Option<&Arc<str>>) {
-        self.with(|n| n.bill24_code = code.cloned());
-    }
-
-    pub fn upstream(&self, status: Option<u16>, elapsed: Option<Duration>) {
-        self.with(|n| {
-            n.upstream_status = status;
-            n.upstream_ms = elapsed.map(millis);
-        });
-    }
-
-    fn take(&self) -> Notes {
-        self.0
-            .lock()
-            .map(|mut n| std::mem::take(&mut *n))
-            .unwrap_or_default()
-    }
-}
-
-fn millis(d: Duration) -> f64 {
-    (d.as_secs_f64() * 1_000_000.0).round() / 1_000.0
-}
 
 /// `log.access_sample`: the share of successful requests that get an access line (errors
 /// always do). Reloadable.
@@ -166,13 +110,19 @@ where
     }
 
     fn call(&mut self, mut req: Request<B>) -> Self::Future {
-        let notes = Annotations::default();
-        req.extensions_mut().insert(notes.clone());
+        let state = match req.extensions().get::<RequestState>() {
+            Some(state) => state.clone(),
+            None => {
+                // Without the correlation layer above: a state of its own.
+                let state = RequestState::new(RequestId::from_headers(req.headers()), None);
+                req.extensions_mut().insert(state.clone());
+                state
+            }
+        };
         self.in_flight.0.fetch_add(1, Ordering::AcqRel);
         let record = Record {
             start: Instant::now(),
-            ids: req.extensions().get::<RequestIds>().cloned(),
-            notes,
+            state,
             status: None,
             metrics: self.metrics.clone(),
             in_flight: self.in_flight.clone(),
@@ -211,8 +161,7 @@ where
 /// Writes the line when dropped: after the response, or when the client hung up.
 pub struct Record {
     start: Instant,
-    ids: Option<RequestIds>,
-    notes: Annotations,
+    state: RequestState,
     status: Option<u16>,
     metrics: Arc<Metrics>,
     in_flight: InFlight,
@@ -224,22 +173,19 @@ impl Drop for Record {
         self.in_flight.0.fetch_sub(1, Ordering::AcqRel);
         let elapsed = self.start.elapsed();
         let status = self.status.unwrap_or(CLIENT_CLOSED);
-        let notes = self.notes.take();
+        let notes = self.state.take_notes();
+        let caller = self.state.caller().map(|c| &*c.name);
         let cache = notes.cache.map(CacheStatus::label);
-        self.metrics.request(
-            notes.caller.as_deref().unwrap_or("-"),
-            status,
-            cache.unwrap_or("-"),
-            elapsed,
-        );
+        self.metrics
+            .request(caller.unwrap_or("-"), status, cache.unwrap_or("-"), elapsed);
         if !self.sample.keeps(status) {
             return;
         }
         tracing::info!(
             target: ACCESS_TARGET,
-            request_id = self.ids.as_ref().map(|ids| ids.id.as_str()),
-            trace_id = self.ids.as_ref().map(|ids| ids.trace.trace_id()),
-            caller = notes.caller.as_deref(),
+            request_id = self.state.id().as_str(),
+            trace_id = self.state.trace().trace_id(),
+            caller,
             customer_sync_code = notes.customer_sync_code.as_deref(),
             status,
             bill24_code = notes.bill24_code.as_deref(),

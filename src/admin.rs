@@ -137,7 +137,7 @@ fn not_allowed(allow: &'static str) -> Response {
 
 fn error(e: GatewayError) -> Response {
     let mut r = e.into_response();
-    render_body(&mut r, RequestId::generate().as_str());
+    render_body(&mut r, &RequestId::generate());
     r
 }
 

@@ -13,10 +13,11 @@ use sha2::{Digest, Sha256};
 use subtle::{ConditionallySelectable, ConstantTimeEq};
 use tower::{Layer, Service};
 
-use crate::access_log::Annotations;
 use crate::config::{CallerConfig, KeyHash};
+use crate::correlation::RequestId;
 use crate::error::{GatewayError, Response};
 use crate::limits::CallerLimits;
+use crate::request_state::RequestState;
 
 /// SHA-256 of a caller (or admin) key.
 pub fn hash_key(key: &[u8]) -> KeyHash {
@@ -113,8 +114,8 @@ pub fn bearer_key(headers: &HeaderMap) -> Option<&[u8]> {
     (!key.is_empty()).then_some(key)
 }
 
-/// Answers 401 unless the request carries a known caller key; puts [`Caller`] into the
-/// request's extensions.
+/// Answers 401 unless the request carries a known caller key; records the [`Caller`] in the
+/// request's [`RequestState`].
 #[derive(Clone)]
 pub struct AuthLayer {
     keys: Arc<ArcSwap<CallerKeys>>,
@@ -162,10 +163,14 @@ where
         let Some(caller) = caller else {
             return Either::Left(ready(Ok(GatewayError::Unauthorized.into_response())));
         };
-        if let Some(notes) = req.extensions().get::<Annotations>() {
-            notes.caller(&caller.name);
+        match req.extensions().get::<RequestState>() {
+            Some(state) => state.set_caller(&caller),
+            None => {
+                let state = RequestState::new(RequestId::from_headers(req.headers()), None);
+                state.set_caller(&caller);
+                req.extensions_mut().insert(state);
+            }
         }
-        req.extensions_mut().insert(caller);
         Either::Right(self.inner.call(req))
     }
 }

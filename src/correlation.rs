@@ -14,46 +14,77 @@ use pin_project_lite::pin_project;
 use tower::{Layer, Service};
 
 use crate::error::{Response, render_body};
+use crate::request_state::RequestState;
 
-pub const X_REQUEST_ID: &str = "x-request-id";
-const X_REQUEST_ID_HEADER: HeaderName = HeaderName::from_static(X_REQUEST_ID);
-pub const TRACEPARENT: &str = "traceparent";
+// As `HeaderName`s, a lookup hashes them without parsing the name first.
+pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+pub const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
 
 /// 1–128 visible ASCII characters, from the caller or generated.
 #[derive(Clone, Debug)]
-pub struct RequestId(HeaderValue);
+pub struct RequestId(Repr);
+
+#[derive(Clone, Debug)]
+enum Repr {
+    /// The caller's, as received.
+    Given(HeaderValue),
+    /// Made here, kept inline: `len` bytes of `text`.
+    Made { text: [u8; MADE_LEN], len: u8 },
+}
+
+/// 16 hex digits of prefix, `-`, up to 16 hex digits of counter.
+const MADE_LEN: usize = 33;
 
 impl RequestId {
     /// The caller's id when it is 1–128 visible ASCII characters (`!`..`~`), else a new one.
     pub fn from_headers(headers: &HeaderMap) -> Self {
         match headers.get(X_REQUEST_ID) {
-            Some(v) if is_valid_request_id(v.as_bytes()) => RequestId(v.clone()),
+            Some(v) if is_valid_request_id(v.as_bytes()) => RequestId(Repr::Given(v.clone())),
             _ => Self::generate(),
         }
     }
 
     /// A new id: this process's random 64-bit prefix and a counter, in hex
-    /// (`5f0c9e1a2b3c4d5e-1a`). Unique without a random draw per request.
+    /// (`5f0c9e1a2b3c4d5e-1a`). Unique without a random draw per request, and made without
+    /// an allocation.
     pub fn generate() -> Self {
-        static PREFIX: OnceLock<u64> = OnceLock::new();
+        static PREFIX: OnceLock<[u8; 17]> = OnceLock::new();
         static COUNTER: AtomicU64 = AtomicU64::new(0);
-        let prefix = *PREFIX.get_or_init(rand::random::<u64>);
+        let prefix = PREFIX.get_or_init(|| {
+            let mut prefix = [b'-'; 17];
+            prefix[..16].copy_from_slice(format!("{:016x}", rand::random::<u64>()).as_bytes());
+            prefix
+        });
         let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-        let mut buf = [0u8; 33];
-        let mut out = &mut buf[..];
-        // 16 + 1 + at most 16 hex digits: always fits.
-        let _ = std::io::Write::write_fmt(&mut out, format_args!("{prefix:016x}-{n:x}"));
-        let len = 33 - out.len();
-        RequestId(HeaderValue::from_bytes(&buf[..len]).unwrap_or(HeaderValue::from_static("-")))
+        let mut text = [0u8; MADE_LEN];
+        text[..17].copy_from_slice(prefix);
+        // The counter's hex digits, most significant first, without leading zeros.
+        let digits = (u64::BITS - n.leading_zeros()).div_ceil(4).max(1) as usize;
+        for (i, out) in text[17..17 + digits].iter_mut().rev().enumerate() {
+            *out = b"0123456789abcdef"[((n >> (4 * i)) & 0xf) as usize];
+        }
+        RequestId(Repr::Made {
+            text,
+            len: (17 + digits) as u8,
+        })
     }
 
     pub fn as_str(&self) -> &str {
         // Only visible ASCII is ever stored, so this never falls back.
-        self.0.to_str().unwrap_or("-")
+        match &self.0 {
+            Repr::Given(v) => v.to_str().unwrap_or("-"),
+            Repr::Made { text, len } => {
+                std::str::from_utf8(&text[..usize::from(*len)]).unwrap_or("-")
+            }
+        }
     }
 
-    pub fn header_value(&self) -> &HeaderValue {
-        &self.0
+    pub fn header_value(&self) -> HeaderValue {
+        match &self.0 {
+            Repr::Given(v) => v.clone(),
+            Repr::Made { text, len } => HeaderValue::from_bytes(&text[..usize::from(*len)])
+                .unwrap_or(HeaderValue::from_static("-")),
+        }
     }
 }
 
@@ -69,14 +100,15 @@ pub struct TraceContext {
 }
 
 impl TraceContext {
-    pub fn from_headers(headers: &HeaderMap) -> Self {
+    /// The caller's trace, when it sent a valid `traceparent`.
+    pub fn from_headers(headers: &HeaderMap) -> Option<Self> {
         headers
             .get(TRACEPARENT)
             .and_then(|v| Self::parse(v.as_bytes()))
-            .unwrap_or_else(Self::generate)
     }
 
-    fn generate() -> Self {
+    /// A new trace.
+    pub fn generate() -> Self {
         TraceContext {
             trace_id: rand::random::<u128>().max(1),
             flags: 0x01,
@@ -137,15 +169,8 @@ fn hex_field(text: &str, start: usize, len: usize) -> Option<&str> {
         .then_some(field)
 }
 
-/// A request's id and trace, as the layers below find them in the request's extensions.
-#[derive(Clone, Debug)]
-pub struct RequestIds {
-    pub id: RequestId,
-    pub trace: TraceContext,
-}
-
-/// Outermost layer: puts [`RequestIds`] into the request's extensions, and on the way out
-/// sets `X-Request-Id` and renders any pending error body.
+/// Outermost layer: puts the request's [`RequestState`] (id and trace) into its extensions,
+/// and on the way out sets `X-Request-Id` and renders any pending error body.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct CorrelationLayer;
 
@@ -175,15 +200,14 @@ where
     }
 
     fn call(&mut self, mut req: Request<B>) -> Self::Future {
-        let id = RequestId::from_headers(req.headers());
-        let trace = TraceContext::from_headers(req.headers());
-        req.extensions_mut().insert(RequestIds {
-            id: id.clone(),
-            trace,
-        });
+        let state = RequestState::new(
+            RequestId::from_headers(req.headers()),
+            TraceContext::from_headers(req.headers()),
+        );
+        req.extensions_mut().insert(state.clone());
         CorrelationFuture {
             inner: self.inner.call(req),
-            id,
+            state,
         }
     }
 }
@@ -193,7 +217,7 @@ pin_project! {
     pub struct CorrelationFuture<F> {
         #[pin]
         inner: F,
-        id: RequestId,
+        state: RequestState,
     }
 }
 
@@ -206,10 +230,11 @@ where
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
         let mut response = ready!(this.inner.poll(cx))?;
-        render_body(&mut response, this.id.as_str());
+        let id = this.state.id();
+        render_body(&mut response, id);
         response
             .headers_mut()
-            .insert(X_REQUEST_ID_HEADER, this.id.header_value().clone());
+            .insert(X_REQUEST_ID, id.header_value());
         Poll::Ready(Ok(response))
     }
 }
@@ -243,6 +268,17 @@ mod tests {
             assert!(is_valid_request_id(id.as_bytes()), "{id}");
             assert_eq!(id.as_bytes()[16], b'-', "{id}");
         }
+        // The counter, in hex without leading zeros, counting up (other tests draw ids too).
+        let a = RequestId::generate();
+        let b = RequestId::generate();
+        let counter = |id: &RequestId| {
+            let hex = &id.as_str()[17..];
+            assert!(hex == "0" || !hex.starts_with('0'), "{hex}");
+            u64::from_str_radix(hex, 16).expect("hex")
+        };
+        assert!(counter(&b) > counter(&a));
+        assert_eq!(a.header_value(), a.as_str());
+        assert_eq!(a.as_str()[..17], b.as_str()[..17], "one prefix per process");
     }
 
     #[test]

@@ -16,6 +16,7 @@ use serde::Serialize;
 
 use crate::balance::request::InvalidRequest;
 use crate::bill24::UpstreamError;
+use crate::correlation::RequestId;
 
 pub type Body = Full<Bytes>;
 pub type Response = http::Response<Body>;
@@ -132,14 +133,14 @@ struct ErrorBody<'a> {
 
 /// Writes the JSON error body of a response made by [`GatewayError::into_response`]; other
 /// responses pass unchanged.
-pub fn render_body(response: &mut Response, request_id: &str) {
+pub fn render_body(response: &mut Response, request_id: &RequestId) {
     let Some(reply) = response.extensions().get::<ErrorReply>() else {
         return;
     };
     let body = ErrorBody {
         code: reply.code,
         message: &reply.message,
-        request_id,
+        request_id: request_id.as_str(),
     };
     // Serializing three strings cannot fail; an empty body would still carry the status.
     let bytes = serde_json::to_vec(&body).unwrap_or_default();
@@ -167,7 +168,9 @@ mod tests {
     #[tokio::test]
     async fn error_bodies_carry_code_message_and_request_id() {
         let mut response = GatewayError::Unauthorized.into_response();
-        render_body(&mut response, "req-1");
+        let mut headers = http::HeaderMap::new();
+        headers.insert("x-request-id", HeaderValue::from_static("req-1"));
+        render_body(&mut response, &RequestId::from_headers(&headers));
         assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
         assert_eq!(response.headers()[WWW_AUTHENTICATE], "Bearer");
         assert_eq!(response.headers()[CONTENT_TYPE], "application/json");

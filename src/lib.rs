@@ -37,6 +37,7 @@ pub mod error;
 pub mod limits;
 pub mod metrics;
 pub mod reload;
+pub mod request_state;
 pub mod secret;
 pub mod server;
 pub mod sim;

@@ -17,9 +17,9 @@ use pin_project_lite::pin_project;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tower::{Layer, Service};
 
-use crate::auth::Caller;
 use crate::config::CallerConfig;
 use crate::error::{GatewayError, Response};
+use crate::request_state::RequestState;
 
 /// One caller's limits; either may be absent (0 = unlimited).
 #[derive(Debug, Default)]
@@ -92,7 +92,12 @@ where
     }
 
     fn call(&mut self, req: Request<B>) -> Self::Future {
-        let Some(limits) = req.extensions().get::<Caller>().map(|c| c.limits.clone()) else {
+        let Some(limits) = req
+            .extensions()
+            .get::<RequestState>()
+            .and_then(|s| s.caller())
+            .map(|c| c.limits.clone())
+        else {
             return Either::Right(Holding {
                 inner: self.inner.call(req),
                 permit: None,

@@ -17,9 +17,9 @@ use serde::Deserialize;
 use serde::de::{self, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use tower::{BoxError, Layer, Service, ServiceExt};
 
-use crate::access_log::Annotations;
-use crate::correlation::{RequestId, RequestIds, TraceContext};
+use crate::correlation::RequestId;
 use crate::error::{GatewayError, Response};
+use crate::request_state::RequestState;
 
 /// `customer_sync_code` is at most this many characters (Bill24's own limit).
 pub const MAX_SYNC_CODE_CHARS: usize = 50;
@@ -75,6 +75,10 @@ pub fn is_json_content_type(headers: &HeaderMap) -> bool {
         return true;
     }
     values.all(|v| {
+        // What nearly every caller sends.
+        if v.as_bytes().eq_ignore_ascii_case(b"application/json") {
+            return true;
+        }
         let Ok(text) = v.to_str() else { return false };
         let media = text.split(';').next().unwrap_or("").trim();
         let Some((kind, subtype)) = media.split_once('/') else {
@@ -312,9 +316,8 @@ pub struct BalanceQuery {
     /// The caller's deadline, `server.request_timeout` from when the body was read (no Bill24
     /// retry starts that could not end before it; the deadline layer answers 504 at it).
     pub deadline: Instant,
-    pub request_id: RequestId,
-    pub trace: TraceContext,
-    pub notes: Annotations,
+    /// The request's id, trace and log notes.
+    pub state: RequestState,
 }
 
 /// Turns an HTTP request into a [`BalanceQuery`]: 415, 413 and 400 in that order.
@@ -377,18 +380,10 @@ where
             return reject(GatewayError::PayloadTooLarge { limit });
         }
         let directives = CacheDirectives::from_headers(req.headers());
-        let (request_id, trace) = match req.extensions().get::<RequestIds>() {
-            Some(ids) => (ids.id.clone(), ids.trace),
-            None => (
-                RequestId::generate(),
-                TraceContext::from_headers(&HeaderMap::new()),
-            ),
+        let state = match req.extensions().get::<RequestState>() {
+            Some(state) => state.clone(),
+            None => RequestState::new(RequestId::from_headers(req.headers()), None),
         };
-        let notes = req
-            .extensions()
-            .get::<Annotations>()
-            .cloned()
-            .unwrap_or_default();
         let deadline = Instant::now() + self.request_timeout;
         let inner = self.inner.clone();
         Box::pin(async move {
@@ -400,15 +395,13 @@ where
                 Ok(code) => code,
                 Err(e) => return Ok(GatewayError::from(e).into_response()),
             };
-            notes.customer_sync_code(&customer_sync_code);
+            state.customer_sync_code(&customer_sync_code);
             inner
                 .oneshot(BalanceQuery {
                     customer_sync_code,
                     directives,
                     deadline,
-                    request_id,
-                    trace,
-                    notes,
+                    state,
                 })
                 .await
         })

@@ -191,7 +191,7 @@ impl Balances {
     /// flight already), so a hot key never falls back to a miss.
     async fn refresh_ahead(self: Arc<Self>, mut q: BalanceQuery, entry: Arc<Entry>) {
         q.deadline = Instant::now() + self.bill24.timeout();
-        q.notes = Default::default();
+        q.state = q.state.detached();
         let mut rx = {
             let mut flights = self.shard(&q.customer_sync_code).lock().await;
             if flights.contains_key(&q.customer_sync_code) {
@@ -220,8 +220,8 @@ impl Balances {
         let generation = self.cache.generation();
         let call = BalanceCall {
             customer_sync_code: &q.customer_sync_code,
-            request_id: q.request_id.header_value(),
-            traceparent: q.trace.child_header(),
+            request_id: &q.state.id().header_value(),
+            traceparent: q.state.trace().child_header(),
             deadline: q.deadline,
         };
         let result = self.bill24.balance(&call).await;
@@ -265,14 +265,14 @@ impl Balances {
 
     /// Bill24 failed: an entry still within `stale_if_error` answers (STALE), else the error.
     fn failed(&self, failure: &Failure, status: CacheStatus, q: &BalanceQuery) -> Response {
-        q.notes.upstream(failure.upstream_status, failure.elapsed);
+        q.state.upstream(failure.upstream_status, failure.elapsed);
         if let Some(e) = self.cache.get(&q.customer_sync_code) {
             let now = Instant::now();
             if !e.stale_for.is_zero() && e.freshness(now) != Freshness::Expired {
                 return cached(&e, CacheStatus::Stale, now, q);
             }
         }
-        q.notes.cache(status);
+        q.state.cache(status);
         GatewayError::Upstream(failure.error.clone()).into_response()
     }
 }
@@ -320,8 +320,7 @@ fn abandoned() -> FetchResult {
 
 /// An answer from the cache (HIT or STALE), with `Age`.
 fn cached(entry: &Entry, status: CacheStatus, now: Instant, q: &BalanceQuery) -> Response {
-    q.notes.cache(status);
-    q.notes.bill24_code(Some(&entry.bill24_code));
+    q.state.cached(status, &entry.bill24_code);
     cached_response(entry, status, now)
 }
 
@@ -339,9 +338,9 @@ pub fn cached_response(entry: &Entry, status: CacheStatus, now: Instant) -> Resp
 
 /// Bill24's answer, passed through byte for byte (MISS or BYPASS).
 fn fetched(answer: &Answer, status: CacheStatus, q: &BalanceQuery) -> Response {
-    q.notes.cache(status);
-    q.notes.bill24_code(answer.bill24_code.as_ref());
-    q.notes
+    q.state.cache(status);
+    q.state.bill24_code(answer.bill24_code.as_ref());
+    q.state
         .upstream(Some(answer.status.as_u16()), Some(answer.elapsed));
     let mut response = http::Response::new(Full::new(answer.body.clone()));
     *response.status_mut() = answer.status;

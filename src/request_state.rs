@@ -1,0 +1,160 @@
+//! What the layers of the stack know and learn about one request, in one shared allocation
+//! carried in the request's extensions: its id and trace (from the correlation layer), its
+//! caller (from authentication) and, for the access log line, what the balance path found.
+
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use crate::auth::Caller;
+use crate::balance::cache::CacheStatus;
+use crate::balance::request::SyncCode;
+use crate::correlation::{RequestId, TraceContext};
+
+#[derive(Clone)]
+pub struct RequestState(Arc<Inner>);
+
+struct Inner {
+    id: RequestId,
+    /// The caller's trace when it sent a valid `traceparent`; otherwise started on first use
+    /// (a cache hit with the access log off never needs one).
+    trace: OnceLock<TraceContext>,
+    caller: OnceLock<Caller>,
+    notes: Mutex<Notes>,
+}
+
+/// What the balance path found, for the access log line.
+#[derive(Default)]
+pub struct Notes {
+    pub customer_sync_code: Option<SyncCode>,
+    pub cache: Option<CacheStatus>,
+    pub bill24_code: Option<Arc<str>>,
+    pub upstream_status: Option<u16>,
+    pub upstream_ms: Option<f64>,
+}
+
+impl RequestState {
+    pub fn new(id: RequestId, trace: Option<TraceContext>) -> Self {
+        let cell = OnceLock::new();
+        if let Some(trace) = trace {
+            let _ = cell.set(trace);
+        }
+        RequestState(Arc::new(Inner {
+            id,
+            trace: cell,
+            caller: OnceLock::new(),
+            notes: Mutex::default(),
+        }))
+    }
+
+    /// A state for work done on this request's behalf after it was answered (a background
+    /// refresh): the same id and trace, its own notes, so it does not write into the
+    /// request's log line.
+    pub fn detached(&self) -> Self {
+        let state = RequestState::new(self.0.id.clone(), Some(self.trace()));
+        if let Some(caller) = self.caller() {
+            let _ = state.0.caller.set(caller.clone());
+        }
+        state
+    }
+
+    pub fn id(&self) -> &RequestId {
+        &self.0.id
+    }
+
+    pub fn trace(&self) -> TraceContext {
+        *self.0.trace.get_or_init(TraceContext::generate)
+    }
+
+    /// Records the authenticated caller (once; a later call is ignored).
+    pub fn set_caller(&self, caller: &Caller) {
+        let _ = self.0.caller.set(caller.clone());
+    }
+
+    pub fn caller(&self) -> Option<&Caller> {
+        self.0.caller.get()
+    }
+
+    fn note(&self, f: impl FnOnce(&mut Notes)) {
+        if let Ok(mut notes) = self.0.notes.lock() {
+            f(&mut notes);
+        }
+    }
+
+    pub fn customer_sync_code(&self, code: &SyncCode) {
+        self.note(|n| n.customer_sync_code = Some(code.clone()));
+    }
+
+    pub fn cache(&self, status: CacheStatus) {
+        self.note(|n| n.cache = Some(status));
+    }
+
+    pub fn bill24_code(&self, code: Option<&Arc<str>>) {
+        self.note(|n| n.bill24_code = code.cloned());
+    }
+
+    /// Both at once, for a cached answer.
+    pub fn cached(&self, status: CacheStatus, code: &Arc<str>) {
+        self.note(|n| {
+            n.cache = Some(status);
+            n.bill24_code = Some(code.clone());
+        });
+    }
+
+    pub fn upstream(&self, status: Option<u16>, elapsed: Option<Duration>) {
+        self.note(|n| {
+            n.upstream_status = status;
+            n.upstream_ms = elapsed.map(millis);
+        });
+    }
+
+    /// The notes so far, leaving none behind.
+    pub fn take_notes(&self) -> Notes {
+        self.0
+            .notes
+            .lock()
+            .map(|mut n| std::mem::take(&mut *n))
+            .unwrap_or_default()
+    }
+}
+
+/// Milliseconds with microsecond precision, as the access log writes durations.
+pub fn millis(d: Duration) -> f64 {
+    (d.as_secs_f64() * 1_000_000.0).round() / 1_000.0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_started_trace_stays_and_a_detached_state_shares_id_and_trace_only() {
+        let state = RequestState::new(RequestId::generate(), None);
+        let trace = state.trace();
+        assert_eq!(state.trace(), trace, "started once");
+        state.customer_sync_code(&SyncCode::new("M005T"));
+        state.cache(CacheStatus::Hit);
+
+        let detached = state.detached();
+        assert_eq!(detached.id().as_str(), state.id().as_str());
+        assert_eq!(detached.trace(), trace);
+        detached.cache(CacheStatus::Miss);
+        assert!(detached.take_notes().customer_sync_code.is_none());
+
+        let notes = state.take_notes();
+        assert_eq!(
+            notes.cache,
+            Some(CacheStatus::Hit),
+            "untouched by the detached state"
+        );
+        assert_eq!(notes.customer_sync_code.as_deref(), Some("M005T"));
+        assert!(state.take_notes().cache.is_none(), "taken");
+    }
+
+    #[test]
+    fn a_received_trace_is_kept() {
+        let received =
+            TraceContext::parse(b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01");
+        let state = RequestState::new(RequestId::generate(), received);
+        assert_eq!(Some(state.trace()), received);
+    }
+}
