@@ -409,7 +409,7 @@ where
 }
 
 /// Reads a whole body of at most `limit` bytes. A body that arrives in one frame (the usual
-/// case) is returned as is, without a copy.
+/// case) is returned as is, without a copy, as soon as that frame is in.
 pub async fn read_body<B>(body: B, limit: usize) -> Result<Bytes, GatewayError>
 where
     B: http_body::Body<Data = Bytes>,
@@ -437,6 +437,11 @@ where
                 joined = Some(buf);
             }
             (_, Some(buf)) => buf.extend_from_slice(&data),
+        }
+        // With a Content-Length, the body knows when its last byte has come: stop there
+        // rather than wait for the end-of-stream signal.
+        if body.is_end_stream() {
+            break;
         }
     }
     Ok(joined.map(BytesMut::freeze).or(first).unwrap_or_default())
@@ -472,6 +477,36 @@ mod tests {
         ));
         let empty = read_body(frames(vec![]), 6).await;
         assert_eq!(empty.ok().as_deref(), Some(&b""[..]));
+    }
+
+    /// A body that says it has ended once its one frame is taken, and never signals the end
+    /// otherwise.
+    struct EndsWithoutEof(Option<Bytes>);
+
+    impl http_body::Body for EndsWithoutEof {
+        type Data = Bytes;
+        type Error = Infallible;
+
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            _cx: &mut Context<'_>,
+        ) -> Poll<Option<Result<http_body::Frame<Bytes>, Infallible>>> {
+            match self.0.take() {
+                Some(data) => Poll::Ready(Some(Ok(http_body::Frame::data(data)))),
+                None => Poll::Pending,
+            }
+        }
+
+        fn is_end_stream(&self) -> bool {
+            self.0.is_none()
+        }
+    }
+
+    #[tokio::test]
+    async fn a_body_is_done_when_it_says_so() {
+        let body = EndsWithoutEof(Some(Bytes::from_static(b"{}")));
+        let read = tokio::time::timeout(Duration::from_secs(5), read_body(body, 16)).await;
+        assert_eq!(read.ok().and_then(Result::ok).as_deref(), Some(&b"{}"[..]));
     }
 
     #[test]
