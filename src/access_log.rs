@@ -121,7 +121,7 @@ where
         };
         self.in_flight.0.fetch_add(1, Ordering::AcqRel);
         let record = Record {
-            start: Instant::now(),
+            start: state.start(),
             state,
             status: None,
             metrics: self.metrics.clone(),

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use arc_swap::ArcSwap;
-use futures_util::future::{Either, Ready, ready};
+use futures_util::future::Either;
 use http::header::AUTHORIZATION;
 use http::{HeaderMap, Request};
 use sha2::{Digest, Sha256};
@@ -15,7 +15,7 @@ use tower::{Layer, Service};
 
 use crate::config::{CallerConfig, KeyHash};
 use crate::correlation::RequestId;
-use crate::error::{GatewayError, Response};
+use crate::error::{GatewayError, Rejection, Response, reject};
 use crate::limits::CallerLimits;
 use crate::request_state::RequestState;
 
@@ -151,7 +151,7 @@ where
 {
     type Response = Response;
     type Error = S::Error;
-    type Future = Either<Ready<Result<Response, S::Error>>, S::Future>;
+    type Future = Either<Rejection<S::Error>, S::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
         self.inner.poll_ready(cx)
@@ -161,7 +161,7 @@ where
         let caller =
             bearer_key(req.headers()).and_then(|key| self.keys.load().identify(key).cloned());
         let Some(caller) = caller else {
-            return Either::Left(ready(Ok(GatewayError::Unauthorized.into_response())));
+            return Either::Left(reject(GatewayError::Unauthorized));
         };
         match req.extensions().get::<RequestState>() {
             Some(state) => state.set_caller(&caller),

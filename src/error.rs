@@ -6,6 +6,10 @@
 //! ([`render_body`]). So a layer that rejects a request (or the deadline that cuts one) needs
 //! nothing from the request to do it.
 
+use std::future::Future;
+use std::marker::PhantomData;
+use std::pin::Pin;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -109,6 +113,33 @@ impl GatewayError {
             message: self.to_string(),
         });
         response
+    }
+}
+
+/// The future of a layer that refuses a request: it holds the (small) error and makes the
+/// response when polled, so the futures of the layers above stay small on the way in.
+#[derive(Debug)]
+pub struct Rejection<E> {
+    error: Option<GatewayError>,
+    _error_type: PhantomData<fn() -> E>,
+}
+
+pub fn reject<E>(error: GatewayError) -> Rejection<E> {
+    Rejection {
+        error: Some(error),
+        _error_type: PhantomData,
+    }
+}
+
+impl<E> Future for Rejection<E> {
+    type Output = Result<Response, E>;
+
+    fn poll(mut self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.error.take() {
+            Some(error) => Poll::Ready(Ok(error.into_response())),
+            // Polled again after it answered.
+            None => Poll::Pending,
+        }
     }
 }
 

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
-use futures_util::future::{Either, Ready};
+use futures_util::future::Either;
 use governor::clock::{Clock, DefaultClock};
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use http::Request;
@@ -18,7 +18,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tower::{Layer, Service};
 
 use crate::config::CallerConfig;
-use crate::error::{GatewayError, Response};
+use crate::error::{GatewayError, Rejection, Response, reject};
 use crate::request_state::RequestState;
 
 /// One caller's limits; either may be absent (0 = unlimited).
@@ -85,7 +85,7 @@ where
 {
     type Response = Response;
     type Error = S::Error;
-    type Future = Either<Ready<Result<Response, S::Error>>, Holding<S::Future>>;
+    type Future = Either<Rejection<S::Error>, Holding<S::Future>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
         self.inner.poll_ready(cx)
@@ -107,14 +107,14 @@ where
             && let Err(not_until) = bucket.check()
         {
             let wait = not_until.wait_time_from(DefaultClock::default().now());
-            return reject(GatewayError::RateLimited { retry_after: wait });
+            return refuse(GatewayError::RateLimited { retry_after: wait });
         }
         let permit = match &limits.in_flight {
             None => None,
             Some(slots) => match slots.clone().try_acquire_owned() {
                 Ok(permit) => Some(permit),
                 Err(_) => {
-                    return reject(GatewayError::TooManyConcurrent {
+                    return refuse(GatewayError::TooManyConcurrent {
                         retry_after: Duration::from_secs(1),
                     });
                 }
@@ -147,8 +147,8 @@ impl<F: Future> Future for Holding<F> {
     }
 }
 
-fn reject<F, E>(error: GatewayError) -> Either<Ready<Result<Response, E>>, F> {
-    Either::Left(futures_util::future::ready(Ok(error.into_response())))
+fn refuse<F, E>(error: GatewayError) -> Either<Rejection<E>, F> {
+    Either::Left(reject(error))
 }
 
 #[cfg(test)]

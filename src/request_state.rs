@@ -3,7 +3,7 @@
 //! caller (from authentication) and, for the access log line, what the balance path found.
 
 use std::sync::{Arc, Mutex, OnceLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::auth::Caller;
 use crate::balance::cache::CacheStatus;
@@ -14,6 +14,8 @@ use crate::correlation::{RequestId, TraceContext};
 pub struct RequestState(Arc<Inner>);
 
 struct Inner {
+    /// When the request came in: its latency and its deadline count from here.
+    start: Instant,
     id: RequestId,
     /// The caller's trace when it sent a valid `traceparent`; otherwise started on first use
     /// (a cache hit with the access log off never needs one).
@@ -39,6 +41,7 @@ impl RequestState {
             let _ = cell.set(trace);
         }
         RequestState(Arc::new(Inner {
+            start: Instant::now(),
             id,
             trace: cell,
             caller: OnceLock::new(),
@@ -55,6 +58,10 @@ impl RequestState {
             let _ = state.0.caller.set(caller.clone());
         }
         state
+    }
+
+    pub fn start(&self) -> Instant {
+        self.0.start
     }
 
     pub fn id(&self) -> &RequestId {

@@ -5,11 +5,11 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll, ready};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
-use futures_util::future::{Either, Ready, ready};
+use futures_util::future::Either;
 use http::{Method, Request};
 use pin_project_lite::pin_project;
 use tower::{BoxError, Layer, Service, ServiceBuilder};
@@ -19,9 +19,10 @@ use crate::auth::{AuthLayer, CallerKeys};
 use crate::balance::request::ParseLayer;
 use crate::balance::service::{BalanceService, Balances};
 use crate::correlation::CorrelationLayer;
-use crate::error::{GatewayError, Response};
+use crate::error::{GatewayError, Rejection, Response, reject};
 use crate::limits::CallerLimitLayer;
 use crate::metrics::Metrics;
+use crate::request_state::RequestState;
 
 /// The one endpoint: the same path as Bill24's, so a service switches by its base URL.
 pub const BALANCE_PATH: &str = "/instant_payment/get_wallet_balance";
@@ -124,17 +125,27 @@ where
     }
 
     fn call(&mut self, req: Request<B>) -> Self::Future {
+        // From when the request came in, as the deadline Bill24 retries keep to.
+        let start = req
+            .extensions()
+            .get::<RequestState>()
+            .map_or_else(Instant::now, RequestState::start);
         DeadlineFuture {
-            inner: tokio::time::timeout(self.deadline, self.inner.call(req)),
+            inner: self.inner.call(req),
+            deadline: start + self.deadline,
+            timer: None,
         }
     }
 }
 
 pin_project! {
-    /// The inner service's answer, or 504 once the deadline passes.
+    /// The inner service's answer, or 504 once the deadline passes. The timer is set only
+    /// when the answer is not ready at once (a cache hit never needs one).
     pub struct DeadlineFuture<F> {
         #[pin]
-        inner: tokio::time::Timeout<F>,
+        inner: F,
+        deadline: Instant,
+        timer: Option<Pin<Box<tokio::time::Sleep>>>,
     }
 }
 
@@ -142,10 +153,16 @@ impl<F: Future<Output = Result<Response, Infallible>>> Future for DeadlineFuture
     type Output = Result<Response, Infallible>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        Poll::Ready(match ready!(self.project().inner.poll(cx)) {
-            Ok(answer) => answer,
-            Err(_) => Ok(GatewayError::DeadlineExceeded.into_response()),
-        })
+        let this = self.project();
+        if let Poll::Ready(answer) = this.inner.poll(cx) {
+            return Poll::Ready(answer);
+        }
+        let deadline = *this.deadline;
+        let timer = this
+            .timer
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline.into())));
+        ready!(timer.as_mut().poll(cx));
+        Poll::Ready(Ok(GatewayError::DeadlineExceeded.into_response()))
     }
 }
 
@@ -172,7 +189,7 @@ where
 {
     type Response = Response;
     type Error = S::Error;
-    type Future = Either<Ready<Result<Response, S::Error>>, S::Future>;
+    type Future = Either<Rejection<S::Error>, S::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
         self.inner.poll_ready(cx)
@@ -187,7 +204,7 @@ where
             None
         };
         match rejection {
-            Some(e) => Either::Left(ready(Ok(e.into_response()))),
+            Some(e) => Either::Left(reject(e)),
             None => Either::Right(self.inner.call(req)),
         }
     }

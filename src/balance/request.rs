@@ -313,8 +313,8 @@ fn delta_seconds(text: &str) -> Option<u64> {
 pub struct BalanceQuery {
     pub customer_sync_code: SyncCode,
     pub directives: CacheDirectives,
-    /// The caller's deadline, `server.request_timeout` from when the body was read (no Bill24
-    /// retry starts that could not end before it; the deadline layer answers 504 at it).
+    /// The caller's deadline, `server.request_timeout` from when the request came in (no
+    /// Bill24 retry starts that could not end before it; the deadline layer answers 504 at it).
     pub deadline: Instant,
     /// The request's id, trace and log notes.
     pub state: RequestState,
@@ -384,7 +384,7 @@ where
             Some(state) => state.clone(),
             None => RequestState::new(RequestId::from_headers(req.headers()), None),
         };
-        let deadline = Instant::now() + self.request_timeout;
+        let deadline = state.start() + self.request_timeout;
         let inner = self.inner.clone();
         Box::pin(async move {
             let bytes = match read_body(req.into_body(), limit).await {
