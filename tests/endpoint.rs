@@ -3,7 +3,7 @@
 
 mod common;
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use common::*;
@@ -245,6 +245,21 @@ async fn oversized_bodies_are_413() {
     let _ = stream.write_all(b"0\r\n\r\n").await;
     let text = read_response(&mut stream).await;
     assert!(text.starts_with("HTTP/1.1 413"), "{text}");
+
+    // A Content-Length over the limit is refused before any of the body is sent.
+    let mut stream = TcpStream::connect(app.addr).await.expect("connect");
+    let head = format!(
+        "POST {PATH} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {ORDERS_KEY}\r\n\
+         Content-Type: application/json\r\nContent-Length: 1000000\r\n\r\n"
+    );
+    stream.write_all(head.as_bytes()).await.expect("write");
+    let started = Instant::now();
+    let text = read_response(&mut stream).await;
+    assert!(text.starts_with("HTTP/1.1 413"), "{text}");
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "answered at once"
+    );
 
     // Exactly at the limit is fine.
     let exact = format!(

@@ -10,7 +10,7 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
-use http::header::{CACHE_CONTROL, CONTENT_LENGTH, CONTENT_TYPE};
+use http::header::{CACHE_CONTROL, CONTENT_TYPE};
 use http::{HeaderMap, Request};
 use http_body_util::BodyExt;
 use serde::Deserialize;
@@ -96,13 +96,10 @@ pub fn is_json_content_type(headers: &HeaderMap) -> bool {
     })
 }
 
-/// A declared `Content-Length` above the limit (so the body need not be read to refuse it).
-fn declared_too_large(headers: &HeaderMap, limit: usize) -> bool {
-    headers
-        .get(CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().parse::<u64>().ok())
-        .is_some_and(|len| len > limit as u64)
+/// A body known to be larger than the limit before it is read: hyper has read its
+/// `Content-Length` already (and refused an invalid one), and says so in the size hint.
+fn declared_too_large(body: &impl http_body::Body, limit: usize) -> bool {
+    body.size_hint().lower() > limit as u64
 }
 
 /// Parses and validates the body; returns the `customer_sync_code`.
@@ -163,6 +160,17 @@ pub fn parse_body_json(body: &[u8]) -> Result<SyncCode, InvalidRequest> {
 pub fn validate_sync_code(code: &str) -> Result<(), InvalidRequest> {
     if code.is_empty() {
         return Err(InvalidRequest::SyncCodeEmpty);
+    }
+    if code.is_ascii() {
+        // One byte per character; the control characters are below 0x20 and DEL.
+        if code.bytes().any(|b| b < 0x20 || b == 0x7f) {
+            return Err(InvalidRequest::SyncCodeControlChar);
+        }
+        return if code.len() > MAX_SYNC_CODE_CHARS {
+            Err(InvalidRequest::SyncCodeTooLong)
+        } else {
+            Ok(())
+        };
     }
     if code.chars().any(char::is_control) {
         return Err(InvalidRequest::SyncCodeControlChar);
@@ -376,7 +384,7 @@ where
         if !is_json_content_type(req.headers()) {
             return reject(GatewayError::UnsupportedMediaType);
         }
-        if declared_too_large(req.headers(), limit) {
+        if declared_too_large(req.body(), limit) {
             return reject(GatewayError::PayloadTooLarge { limit });
         }
         let directives = CacheDirectives::from_headers(req.headers());
@@ -596,6 +604,20 @@ mod tests {
         }
         let long = format!(r#"{{"customer_sync_code":"{}"}}"#, "x".repeat(51));
         assert_eq!(parse_body(long.as_bytes()), Err(SyncCodeTooLong));
+        // Characters, not bytes: 50 of them pass however they are encoded.
+        assert!(validate_sync_code(&"x".repeat(50)).is_ok());
+        assert!(validate_sync_code(&format!("{}é", "x".repeat(49))).is_ok());
+        assert_eq!(
+            validate_sync_code(&format!("{}é", "x".repeat(50))),
+            Err(SyncCodeTooLong)
+        );
+        for control in ["x\u{1f}", "x\u{7f}y", "\u{0}", "é\u{1f}", "é\u{85}"] {
+            assert_eq!(
+                validate_sync_code(control),
+                Err(SyncCodeControlChar),
+                "{control:?}"
+            );
+        }
         let deep = format!("{{\"x\":{}{}}}", "[".repeat(10_000), "]".repeat(10_000));
         assert!(
             parse_body(deep.as_bytes()).is_err(),
