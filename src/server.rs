@@ -139,7 +139,9 @@ pub async fn accept_loop<S, F>(
         let conn = builder
             .serve_connection(TokioIo::new(io), TowerToHyperService::new(service))
             .into_owned();
-        let conn = graceful.watch(conn);
+        // Boxed once here: the connection's state is large (HTTP/1 and HTTP/2 both), and a
+        // task's future is otherwise moved several times as the task is set up.
+        let conn = Box::pin(graceful.watch(conn));
         tokio::spawn(async move {
             if let Err(e) = conn.await {
                 tracing::debug!(error = %e, "connection ended with an error");
