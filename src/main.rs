@@ -16,6 +16,8 @@ use bill24_gateway::sim::{self, SimConfig, Simulator};
 use bill24_gateway::{Gateway, Reloader, auth, demo, telemetry};
 
 /// mimalloc: measured faster than the system allocator on the hit path (README, Performance).
+/// Its v2 series: v3 serves many small allocations with an alignment on a slow over-allocating
+/// path (hyper's read buffers among them).
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
