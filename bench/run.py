@@ -199,8 +199,8 @@ def main():
     threads = int(os.environ.get("THREADS", "1"))
     conns = int(os.environ.get("CONNS", "64"))
     keys = int(os.environ.get("KEYS", "1000"))
-    rounds = int(os.environ.get("ROUNDS", "1" if quick else "3"))
-    duration = int(os.environ.get("DURATION", "4" if quick else "8").rstrip("s"))
+    rounds = int(os.environ.get("ROUNDS", "1" if quick else "5"))
+    duration = int(os.environ.get("DURATION", "4" if quick else "6").rstrip("s"))
     work = tempfile.mkdtemp(prefix="bill24-bench-")
     # nginx workers run as another user when started as root: they must reach the cache dir.
     os.chmod(work, 0o755)
@@ -301,14 +301,26 @@ def main():
         done = sum(json.loads(out).get("statusCodeDistribution", {}).values())
         fixed[name] = (c1 - c0) * 1e6 / max(done, 1)
         log(f"  {name:<18} {fixed[name]:6.2f} µs CPU/req over {done} requests")
+    # Ratios are taken within each round (the three targets ran back to back under the same
+    # conditions) and their median reported: the machine's load drifts between rounds.
+    def paired(key, base):
+        return statistics.median(g_r[key] / b_r[key] for g_r, b_r in zip(samples["bill24-gateway"], samples[base]))
+
+    def paired_range(key, base):
+        ratios = [g_r[key] / b_r[key] for g_r, b_r in zip(samples["bill24-gateway"], samples[base])]
+        return f"{min(ratios):.2f}-{max(ratios):.2f}"
+
     results = {
         "fixed_cpu_vs_nginx": fixed["bill24-gateway"] / fixed["nginx proxy_cache"],
         "fixed_cpu_vs_static": fixed["bill24-gateway"] / fixed["static hyper"],
-        "cpu_vs_nginx": g["cpu_us"] / n["cpu_us"],
-        "cpu_vs_static": g["cpu_us"] / s["cpu_us"],
-        "rps_vs_nginx": g["rps"] / n["rps"],
-        "rps_vs_static": g["rps"] / s["rps"],
+        "cpu_vs_nginx": paired("cpu_us", "nginx proxy_cache"),
+        "cpu_vs_static": paired("cpu_us", "static hyper"),
+        "rps_vs_nginx": paired("rps", "nginx proxy_cache"),
+        "rps_vs_static": paired("rps", "static hyper"),
     }
+    log(f"per-round ratios, gateway CPU/req vs nginx {paired_range('cpu_us', 'nginx proxy_cache')}, "
+        f"vs static {paired_range('cpu_us', 'static hyper')}; req/s vs nginx "
+        f"{paired_range('rps', 'nginx proxy_cache')}")
 
     if os.environ.get("PHASES") == "hits":
         for key, value in results.items():

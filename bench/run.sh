@@ -7,7 +7,7 @@
 #   QUICK=1 bench/run.sh    shorter phases, for a smoke test
 #
 # Settings (environment): THREADS (runtime threads of the gateway and the static server,
-# default 1), CONNS (wrk connections, 64), KEYS (1000), ROUNDS (3), DURATION (8s),
+# default 1), CONNS (wrk connections, 64), KEYS (1000), ROUNDS (5), DURATION (6s),
 # PHASES=hits (only the cache-hit phases).
 set -euo pipefail
 cd "$(dirname "$0")/.."
