@@ -11,12 +11,20 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     let mut headers = HeaderMap::new();
-    for name in ["content-type", "cache-control", "traceparent", "x-request-id"] {
+    for name in [
+        "content-type",
+        "cache-control",
+        "traceparent",
+        "x-request-id",
+    ] {
         headers.insert(name, value.clone());
     }
     let _ = is_json_content_type(&headers);
     let _ = CacheDirectives::from_headers(&headers).accepts(std::time::Duration::from_secs(1));
-    let _ = TraceContext::from_headers(&headers).child_header();
+    if let Some(trace) = TraceContext::from_headers(&headers) {
+        let child = trace.child_header();
+        assert!(TraceContext::parse(child.as_bytes()).is_some());
+    }
     let id = RequestId::from_headers(&headers);
     assert!(!id.as_str().is_empty() && id.as_str().len() <= 128);
 });
