@@ -1,6 +1,6 @@
 //! The access log and request metrics: one JSON line and one `gateway_requests_total` count per
 //! request, written when the response leaves (or, with status 499, when the client hangs up
-//! first). Inner layers add what they learn through the request's [`Annotations`].
+//! first). Inner layers add what they learn through the request's [`RequestState`].
 
 use std::future::Future;
 use std::pin::Pin;
