@@ -56,16 +56,17 @@ impl RequestId {
             prefix
         });
         let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+        let mut counter = [0u8; 16];
+        // 8 bytes make exactly 16 hex digits: cannot fail.
+        let _ = hex::encode_to_slice(n.to_be_bytes(), &mut counter);
+        // Without leading zeros (at least one digit).
+        let digits = &counter[counter.iter().position(|&d| d != b'0').unwrap_or(15)..];
         let mut text = [0u8; MADE_LEN];
         text[..17].copy_from_slice(prefix);
-        // The counter's hex digits, most significant first, without leading zeros.
-        let digits = (u64::BITS - n.leading_zeros()).div_ceil(4).max(1) as usize;
-        for (i, out) in text[17..17 + digits].iter_mut().rev().enumerate() {
-            *out = b"0123456789abcdef"[((n >> (4 * i)) & 0xf) as usize];
-        }
+        text[17..17 + digits.len()].copy_from_slice(digits);
         RequestId(Repr::Made {
             text,
-            len: (17 + digits) as u8,
+            len: (17 + digits.len()) as u8,
         })
     }
 
