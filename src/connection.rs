@@ -14,13 +14,14 @@ use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::task::{Context, Poll, ready};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
-use pin_project_lite::pin_project;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{Instant, Sleep};
 use tower::Service;
+
+use crate::holding::Holding;
 
 /// What the connection's service is doing, shared with its [`TimedIo`].
 #[derive(Debug)]
@@ -234,7 +235,8 @@ where
 {
     type Response = S::Response;
     type Error = S::Error;
-    type Future = TrackedFuture<S::Future>;
+    /// The request counts as in service until its answer is ready (or dropped).
+    type Future = Holding<S::Future, InService>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
         self.inner.poll_ready(cx)
@@ -243,29 +245,6 @@ where
     fn call(&mut self, req: R) -> Self::Future {
         self.activity.begin();
         let guard = InService(self.activity.clone());
-        TrackedFuture {
-            inner: self.inner.call(req),
-            guard: Some(guard),
-        }
-    }
-}
-
-pin_project! {
-    /// The service's answer; the request counts as in service until it is ready (or dropped).
-    pub struct TrackedFuture<F> {
-        #[pin]
-        inner: F,
-        guard: Option<InService>,
-    }
-}
-
-impl<F: Future> Future for TrackedFuture<F> {
-    type Output = F::Output;
-
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
-        let this = self.project();
-        let output = ready!(this.inner.poll(cx));
-        this.guard.take();
-        Poll::Ready(output)
+        Holding::new(self.inner.call(req), Some(guard))
     }
 }

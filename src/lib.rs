@@ -34,6 +34,7 @@ pub mod connection;
 pub mod correlation;
 pub mod demo;
 pub mod error;
+pub mod holding;
 pub mod limits;
 pub mod metrics;
 pub mod reload;

@@ -2,23 +2,21 @@
 //! (`rate_limit_rps`, `burst`) and a cap on requests in flight (`max_concurrent`). Over
 //! either, 429 with `Retry-After`.
 
-use std::future::Future;
 use std::num::NonZeroU32;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll, ready};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use futures_util::future::Either;
 use governor::clock::{Clock, DefaultClock};
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use http::Request;
-use pin_project_lite::pin_project;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tower::{Layer, Service};
 
 use crate::config::CallerConfig;
 use crate::error::{GatewayError, Rejection, Response, reject};
+use crate::holding::Holding;
 use crate::request_state::RequestState;
 
 /// One caller's limits; either may be absent (0 = unlimited).
@@ -85,7 +83,7 @@ where
 {
     type Response = Response;
     type Error = S::Error;
-    type Future = Either<Rejection<S::Error>, Holding<S::Future>>;
+    type Future = Either<Rejection<S::Error>, Holding<S::Future, OwnedSemaphorePermit>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
         self.inner.poll_ready(cx)
@@ -98,10 +96,7 @@ where
             .and_then(|s| s.caller())
             .map(|c| c.limits.clone())
         else {
-            return Either::Right(Holding {
-                inner: self.inner.call(req),
-                permit: None,
-            });
+            return Either::Right(Holding::new(self.inner.call(req), None));
         };
         if let Some(bucket) = &limits.bucket
             && let Err(not_until) = bucket.check()
@@ -120,30 +115,7 @@ where
                 }
             },
         };
-        Either::Right(Holding {
-            inner: self.inner.call(req),
-            permit,
-        })
-    }
-}
-
-pin_project! {
-    /// The inner service's answer, holding the caller's concurrency slot until it is ready.
-    pub struct Holding<F> {
-        #[pin]
-        inner: F,
-        permit: Option<OwnedSemaphorePermit>,
-    }
-}
-
-impl<F: Future> Future for Holding<F> {
-    type Output = F::Output;
-
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
-        let this = self.project();
-        let output = ready!(this.inner.poll(cx));
-        this.permit.take();
-        Poll::Ready(output)
+        Either::Right(Holding::new(self.inner.call(req), permit))
     }
 }
 
