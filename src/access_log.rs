@@ -7,14 +7,12 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::task::{Context, Poll, ready};
-use std::time::Instant;
 
 use http::Request;
 use pin_project_lite::pin_project;
 use tower::{Layer, Service};
 
 use crate::balance::cache::CacheStatus;
-use crate::correlation::RequestId;
 use crate::error::Response;
 use crate::metrics::Metrics;
 use crate::request_state::{RequestState, millis};
@@ -110,18 +108,9 @@ where
     }
 
     fn call(&mut self, mut req: Request<B>) -> Self::Future {
-        let state = match req.extensions().get::<RequestState>() {
-            Some(state) => state.clone(),
-            None => {
-                // Without the correlation layer above: a state of its own.
-                let state = RequestState::new(RequestId::from_headers(req.headers()), None);
-                req.extensions_mut().insert(state.clone());
-                state
-            }
-        };
+        let state = RequestState::of(&mut req);
         self.in_flight.0.fetch_add(1, Ordering::AcqRel);
         let record = Record {
-            start: state.start(),
             state,
             status: None,
             metrics: self.metrics.clone(),
@@ -160,7 +149,6 @@ where
 
 /// Writes the line when dropped: after the response, or when the client hung up.
 pub struct Record {
-    start: Instant,
     state: RequestState,
     status: Option<u16>,
     metrics: Arc<Metrics>,
@@ -171,7 +159,7 @@ pub struct Record {
 impl Drop for Record {
     fn drop(&mut self) {
         self.in_flight.0.fetch_sub(1, Ordering::AcqRel);
-        let elapsed = self.start.elapsed();
+        let elapsed = self.state.start().elapsed();
         let status = self.status.unwrap_or(CLIENT_CLOSED);
         let notes = self.state.take_notes();
         let caller = self.state.caller().map(|c| &*c.name);

@@ -14,7 +14,6 @@ use subtle::{ConditionallySelectable, ConstantTimeEq};
 use tower::{Layer, Service};
 
 use crate::config::{CallerConfig, KeyHash};
-use crate::correlation::RequestId;
 use crate::error::{GatewayError, Rejection, Response, reject};
 use crate::limits::CallerLimits;
 use crate::request_state::RequestState;
@@ -163,14 +162,7 @@ where
         let Some(caller) = caller else {
             return Either::Left(reject(GatewayError::Unauthorized));
         };
-        match req.extensions().get::<RequestState>() {
-            Some(state) => state.set_caller(&caller),
-            None => {
-                let state = RequestState::new(RequestId::from_headers(req.headers()), None);
-                state.set_caller(&caller);
-                req.extensions_mut().insert(state);
-            }
-        }
+        RequestState::of(&mut req).set_caller(&caller);
         Either::Right(self.inner.call(req))
     }
 }

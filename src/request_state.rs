@@ -5,6 +5,8 @@
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
+use http::Request;
+
 use crate::auth::Caller;
 use crate::balance::cache::CacheStatus;
 use crate::balance::request::SyncCode;
@@ -47,6 +49,17 @@ impl RequestState {
             caller: OnceLock::new(),
             notes: Mutex::default(),
         }))
+    }
+
+    /// The request's state, as the correlation layer put it into the request's extensions; a
+    /// layer used without that one above it starts the state itself.
+    pub fn of<B>(req: &mut Request<B>) -> Self {
+        if let Some(state) = req.extensions().get::<RequestState>() {
+            return state.clone();
+        }
+        let state = RequestState::new(RequestId::from_headers(req.headers()), None);
+        req.extensions_mut().insert(state.clone());
+        state
     }
 
     /// A state for work done on this request's behalf after it was answered (a background

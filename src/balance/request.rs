@@ -17,7 +17,6 @@ use serde::Deserialize;
 use serde::de::{self, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use tower::{BoxError, Layer, Service, ServiceExt};
 
-use crate::correlation::RequestId;
 use crate::error::{GatewayError, Response};
 use crate::request_state::RequestState;
 
@@ -379,7 +378,7 @@ where
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, req: Request<B>) -> Self::Future {
+    fn call(&mut self, mut req: Request<B>) -> Self::Future {
         let limit = self.max_body_bytes;
         if !is_json_content_type(req.headers()) {
             return reject(GatewayError::UnsupportedMediaType);
@@ -388,10 +387,7 @@ where
             return reject(GatewayError::PayloadTooLarge { limit });
         }
         let directives = CacheDirectives::from_headers(req.headers());
-        let state = match req.extensions().get::<RequestState>() {
-            Some(state) => state.clone(),
-            None => RequestState::new(RequestId::from_headers(req.headers()), None),
-        };
+        let state = RequestState::of(&mut req);
         let deadline = state.start() + self.request_timeout;
         let inner = self.inner.clone();
         Box::pin(async move {
