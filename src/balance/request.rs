@@ -17,7 +17,7 @@ use serde::Deserialize;
 use serde::de::{self, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use tower::{BoxError, Layer, Service, ServiceExt};
 
-use crate::error::{GatewayError, Response};
+use crate::error::{GatewayError, Response, reject};
 use crate::request_state::RequestState;
 
 /// `customer_sync_code` is at most this many characters (Bill24's own limit).
@@ -381,10 +381,10 @@ where
     fn call(&mut self, mut req: Request<B>) -> Self::Future {
         let limit = self.max_body_bytes;
         if !is_json_content_type(req.headers()) {
-            return reject(GatewayError::UnsupportedMediaType);
+            return refuse(GatewayError::UnsupportedMediaType);
         }
         if declared_too_large(req.body(), limit) {
-            return reject(GatewayError::PayloadTooLarge { limit });
+            return refuse(GatewayError::PayloadTooLarge { limit });
         }
         let directives = CacheDirectives::from_headers(req.headers());
         let state = RequestState::of(&mut req);
@@ -451,10 +451,11 @@ where
     Ok(joined.map(BytesMut::freeze).or(first).unwrap_or_default())
 }
 
-fn reject(
+/// This layer's future for a refused request (its futures are boxed).
+fn refuse(
     error: GatewayError,
 ) -> Pin<Box<dyn Future<Output = Result<Response, Infallible>> + Send>> {
-    Box::pin(std::future::ready(Ok(error.into_response())))
+    Box::pin(reject(error))
 }
 
 #[cfg(test)]
