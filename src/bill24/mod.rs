@@ -4,6 +4,7 @@
 //! failures, timeouts and 5xx, a circuit breaker, and each answer classified for the caller.
 //! Knows nothing of callers, the cache or serving.
 
+pub mod budget;
 pub mod circuit;
 pub mod client;
 pub mod token;
@@ -16,10 +17,10 @@ use bytes::Bytes;
 use http::header::{AUTHORIZATION, CONTENT_TYPE};
 use http::{HeaderMap, HeaderValue, StatusCode};
 use tokio::sync::Semaphore;
-use tower::retry::budget::{Budget, TpsBudget};
 
 use crate::config::UpstreamConfig;
 use crate::metrics::{Endpoint, Metrics};
+use budget::RetryBudget;
 use circuit::{Circuit, Transition};
 use client::{Reply, Transport, TransportError};
 use token::{AccessToken, Credentials, TokenError, TokenManager};
@@ -168,7 +169,7 @@ pub struct Bill24 {
     slots: Semaphore,
     queue_timeout: Duration,
     retries: u32,
-    budget: TpsBudget,
+    budget: RetryBudget,
     circuit: Circuit,
     metrics: Arc<Metrics>,
 }
@@ -193,10 +194,11 @@ impl Bill24 {
             slots: Semaphore::new(cfg.max_in_flight),
             queue_timeout: cfg.queue_timeout,
             retries: cfg.retries,
-            budget: TpsBudget::new(
+            budget: RetryBudget::new(
                 RETRY_BUDGET_WINDOW,
                 RETRY_BUDGET_MIN_PER_SEC,
-                cfg.retry_budget as f32,
+                cfg.retry_budget,
+                Instant::now(),
             ),
             circuit: Circuit::new(cfg.circuit_failures, cfg.circuit_cooldown),
             metrics,
@@ -222,7 +224,7 @@ impl Bill24 {
                 ));
             }
         };
-        self.budget.deposit();
+        self.budget.deposit(Instant::now());
         let mut retries = 0;
         let result = loop {
             // The first attempt may outlive the caller (its answer still fills the cache for
@@ -243,7 +245,7 @@ impl Bill24 {
             if Instant::now() + pause + MIN_ATTEMPT >= call.deadline {
                 break result;
             }
-            if !self.budget.withdraw() {
+            if !self.budget.withdraw(Instant::now()) {
                 self.metrics.retry_denied();
                 break result;
             }
