@@ -111,10 +111,16 @@ fn hash_key() -> Result<(), String> {
     Ok(())
 }
 
-/// The runtime: `threads` workers, or one per CPU when 0.
+/// The runtime: `threads` workers, or one per CPU when 0. One thread means a current-thread
+/// runtime: accepting and serving on the same thread, with no work-stealing machinery and no
+/// second thread running the accept loops.
 fn runtime(threads: usize) -> Result<tokio::runtime::Runtime, String> {
-    let mut builder = tokio::runtime::Builder::new_multi_thread();
-    if threads > 0 {
+    let mut builder = if threads == 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+    };
+    if threads > 1 {
         builder.worker_threads(threads);
     }
     builder

@@ -335,6 +335,27 @@ async fn post(
     send(&client(), req.body(body.into()).expect("request")).await
 }
 
+/// A GET to the gateway at `addr`.
+async fn get(addr: SocketAddr, path: &str) -> Reply {
+    let req = http::Request::get(format!("http://{addr}{path}"))
+        .body(Default::default())
+        .expect("request");
+    send(&client(), req).await
+}
+
+/// A balance request for "SLOW" that Bill24 takes 1.5 s to answer, once Bill24 has it.
+async fn slow_miss_in_flight(sim: &Simulator, main: SocketAddr) -> tokio::task::JoinHandle<Reply> {
+    sim.handle().set_latency(Duration::from_millis(1500));
+    let slow = tokio::spawn(post(main, Some(ORDERS_KEY), body_for("SLOW"), &[]));
+    let handle = sim.handle();
+    assert!(
+        eventually(Duration::from_secs(3), || handle.balance_calls_for("SLOW")
+            == 1)
+        .await
+    );
+    slow
+}
+
 /// One JSON line per request with every field (null where it does not apply); no secret and
 /// no balance anywhere in the output.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -489,29 +510,45 @@ async fn sigterm_lets_the_request_in_flight_finish_and_exits_zero() {
             .status,
         StatusCode::OK
     );
-    sim.handle().set_latency(Duration::from_millis(1500));
-    let slow = tokio::spawn(post(main, Some(ORDERS_KEY), body_for("SLOW"), &[]));
-    let handle = sim.handle();
-    assert!(
-        eventually(Duration::from_secs(3), || handle.balance_calls_for("SLOW")
-            == 1)
-        .await
-    );
+    let slow = slow_miss_in_flight(&sim, main).await;
     gw.signal("TERM");
     tokio::time::sleep(Duration::from_millis(100)).await;
-    let ready = send(
-        &client(),
-        http::Request::get(format!("http://{admin}/readyz"))
-            .body(Default::default())
-            .expect("req"),
-    )
-    .await;
+    let ready = get(admin, "/readyz").await;
     assert_eq!(ready.status, StatusCode::SERVICE_UNAVAILABLE);
     let slow = slow.await.expect("ran");
     assert_eq!(slow.status, StatusCode::OK);
     let status = gw.wait_exit(Duration::from_secs(10)).await;
     assert!(status.success(), "exit 0: {status:?}");
     assert!(gw.output().iter().any(|l| l.contains("shutdown started")));
+}
+
+/// `worker_threads = 1` runs everything on one thread: a slow Bill24 call does not hold up a
+/// hit or the admin endpoints, and SIGTERM still drains and exits 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_worker_thread_serves_hits_while_a_miss_waits() {
+    let (sim, mut gw, _dir) =
+        gateway_with_sim(|sim| gateway_toml(sim, "worker_threads = 1"), &[]).await;
+    let (main, admin) = gw.addresses().await;
+    let first = post(main, Some(ORDERS_KEY), body_for("W"), &[]).await;
+    assert_eq!(first.status, StatusCode::OK);
+    assert_eq!(first.header("x-cache"), Some("MISS"));
+    let slow = slow_miss_in_flight(&sim, main).await;
+    let start = std::time::Instant::now();
+    let hit = post(main, Some(ORDERS_KEY), body_for("W"), &[]).await;
+    assert_eq!(hit.status, StatusCode::OK);
+    assert_eq!(hit.header("x-cache"), Some("HIT"));
+    let health = get(admin, "/healthz").await;
+    assert_eq!(health.status, StatusCode::OK);
+    assert!(
+        start.elapsed() < Duration::from_millis(1000),
+        "answered while the miss waits"
+    );
+    assert!(!slow.is_finished(), "the miss is still waiting on Bill24");
+    gw.signal("TERM");
+    let slow = slow.await.expect("ran");
+    assert_eq!(slow.status, StatusCode::OK);
+    let status = gw.wait_exit(Duration::from_secs(10)).await;
+    assert!(status.success(), "exit 0: {status:?}");
 }
 
 /// When the grace runs out, the gateway exits 0 anyway and says how many requests were cut.
