@@ -41,7 +41,7 @@ fn entry() -> Entry {
     Entry {
         body: Bytes::from_static(BODY),
         content_type: HeaderValue::from_static("application/json; charset=utf-8"),
-        bill24_code: Arc::from("000"),
+        bill24_code: smol_str::SmolStr::new_static("000"),
         stored_at: Instant::now(),
         fresh_for: Duration::from_secs(3600),
         stale_for: Duration::ZERO,

@@ -11,6 +11,7 @@ use crate::auth::Caller;
 use crate::balance::cache::CacheStatus;
 use crate::balance::request::SyncCode;
 use crate::correlation::{RequestId, TraceContext};
+use smol_str::SmolStr;
 
 #[derive(Clone)]
 pub struct RequestState(Arc<Inner>);
@@ -31,7 +32,7 @@ struct Inner {
 pub struct Notes {
     pub customer_sync_code: Option<SyncCode>,
     pub cache: Option<CacheStatus>,
-    pub bill24_code: Option<Arc<str>>,
+    pub bill24_code: Option<SmolStr>,
     pub upstream_status: Option<u16>,
     pub upstream_ms: Option<f64>,
 }
@@ -108,12 +109,12 @@ impl RequestState {
         self.note(|n| n.cache = Some(status));
     }
 
-    pub fn bill24_code(&self, code: Option<&Arc<str>>) {
+    pub fn bill24_code(&self, code: Option<&SmolStr>) {
         self.note(|n| n.bill24_code = code.cloned());
     }
 
     /// Both at once, for a cached answer.
-    pub fn cached(&self, status: CacheStatus, code: &Arc<str>) {
+    pub fn cached(&self, status: CacheStatus, code: &SmolStr) {
         self.note(|n| {
             n.cache = Some(status);
             n.bill24_code = Some(code.clone());

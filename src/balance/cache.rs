@@ -11,6 +11,7 @@ use moka::Expiry;
 
 use super::request::SyncCode;
 use crate::config::CacheConfig;
+use smol_str::SmolStr;
 
 /// What `X-Cache` says, and the `cache` label/log field.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -50,7 +51,8 @@ impl CacheStatus {
 pub struct Entry {
     pub body: Bytes,
     pub content_type: HeaderValue,
-    pub bill24_code: Arc<str>,
+    /// Inline (codes are short): copying it into the log notes touches no shared counter.
+    pub bill24_code: SmolStr,
     pub stored_at: Instant,
     /// Served as a HIT while younger than this.
     pub fresh_for: Duration,
@@ -95,9 +97,29 @@ impl Entry {
 
     /// Whole seconds, rounded down, for the `Age` header.
     pub fn age_header(&self, now: Instant) -> HeaderValue {
-        /// The values of the first five minutes, made once.
-        static AGES: LazyLock<Vec<HeaderValue>> =
-            LazyLock::new(|| (0..300u64).map(HeaderValue::from).collect());
+        /// The digits of the first five minutes, written once.
+        static DIGITS: LazyLock<(String, Vec<usize>)> = LazyLock::new(|| {
+            let mut text = String::new();
+            let mut ends = Vec::with_capacity(300);
+            for secs in 0..300u32 {
+                text.push_str(&secs.to_string());
+                ends.push(text.len());
+            }
+            (text, ends)
+        });
+        /// Header values over those digits: static bytes, so a copy touches no reference
+        /// count shared between threads.
+        static AGES: LazyLock<Vec<HeaderValue>> = LazyLock::new(|| {
+            let (text, ends) = &*DIGITS;
+            let mut start = 0;
+            ends.iter()
+                .map(|&end| {
+                    let value = HeaderValue::from_static(&text[start..end]);
+                    start = end;
+                    value
+                })
+                .collect()
+        });
         let secs = self.age(now).as_secs();
         usize::try_from(secs)
             .ok()
@@ -224,7 +246,7 @@ mod tests {
         Entry {
             body: Bytes::from_static(b"{}"),
             content_type: HeaderValue::from_static("application/json"),
-            bill24_code: Arc::from("000"),
+            bill24_code: SmolStr::new_static("000"),
             stored_at,
             fresh_for: Duration::from_secs(10),
             stale_for: Duration::from_secs(30),
@@ -273,6 +295,10 @@ mod tests {
         assert_eq!(e.age_header(t0 + Duration::from_millis(2_999)), "2");
         assert_eq!(e.age_header(t0 + Duration::from_secs(299)), "299");
         assert_eq!(e.age_header(t0 + Duration::from_secs(300)), "300");
+        for secs in 0..400 {
+            let age = e.age_header(t0 + Duration::from_secs(secs));
+            assert_eq!(age.to_str().ok(), Some(secs.to_string().as_str()));
+        }
         let later = entry(t0 + Duration::from_secs(1));
         assert_eq!(later.age(t0), Duration::ZERO, "clock never runs backwards");
     }

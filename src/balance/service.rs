@@ -13,8 +13,8 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::hash::{BuildHasher, RandomState};
 use std::pin::Pin;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, LazyLock};
 use std::task::{Context, Poll};
 use std::time::Instant;
 
@@ -255,7 +255,7 @@ impl Balances {
             // read buffer, which a cached entry would otherwise keep alive in full.
             body: Bytes::copy_from_slice(&answer.body),
             content_type: stored_content_type(answer.content_type.as_ref()),
-            bill24_code: stored_code(code),
+            bill24_code: code.clone(),
             stored_at: Instant::now(),
             fresh_for,
             stale_for: cfg.stale_if_error,
@@ -296,17 +296,6 @@ fn stored_content_type(value: Option<&HeaderValue>) -> HeaderValue {
                 HeaderValue::from_bytes(v.as_bytes())
                     .unwrap_or(HeaderValue::from_static("application/json"))
             }),
-    }
-}
-
-/// The body code of a cached entry: one shared allocation for the codes that are cached.
-fn stored_code(code: &Arc<str>) -> Arc<str> {
-    static SUCCESS: LazyLock<Arc<str>> = LazyLock::new(|| Arc::from("000"));
-    static NOT_FOUND: LazyLock<Arc<str>> = LazyLock::new(|| Arc::from("311"));
-    match &**code {
-        "000" => SUCCESS.clone(),
-        "311" => NOT_FOUND.clone(),
-        _ => code.clone(),
     }
 }
 

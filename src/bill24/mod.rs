@@ -23,6 +23,7 @@ use crate::metrics::{Endpoint, Metrics};
 use budget::RetryBudget;
 use circuit::{Circuit, Transition};
 use client::{Reply, Transport, TransportError};
+use smol_str::SmolStr;
 use token::{AccessToken, Credentials, TokenError, TokenManager};
 
 /// Retries are spread over this window when counted against the budget.
@@ -149,7 +150,7 @@ pub struct Answer {
     pub content_type: Option<HeaderValue>,
     pub body: Bytes,
     /// The body's `code` (`"000"`, `"311"`, …) when the body is a JSON object that has one.
-    pub bill24_code: Option<Arc<str>>,
+    pub bill24_code: Option<SmolStr>,
     pub elapsed: Duration,
 }
 
@@ -386,11 +387,11 @@ impl Bill24 {
 
 struct Attempt {
     reply: Reply,
-    code: Result<Option<Arc<str>>, wire::NotJson>,
+    code: Result<Option<SmolStr>, wire::NotJson>,
 }
 
 /// The body code of a 2xx/4xx JSON answer (other answers are not read).
-fn read_code(reply: &Reply) -> Result<Option<Arc<str>>, wire::NotJson> {
+fn read_code(reply: &Reply) -> Result<Option<SmolStr>, wire::NotJson> {
     if reply.status.is_success() || reply.status.is_client_error() {
         wire::balance_code(&reply.body)
     } else {

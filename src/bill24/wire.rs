@@ -1,13 +1,12 @@
 //! Bill24's JSON shapes (BILL24.md): the authorize request and answer, the balance request, and
 //! the `code` of a balance answer.
 
-use std::sync::Arc;
-
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
 use crate::secret::Secret;
+use smol_str::SmolStr;
 
 #[derive(Serialize)]
 pub struct AuthorizeRequest<'a> {
@@ -136,7 +135,7 @@ struct BalanceHead {
 pub struct NotJson;
 
 /// Checks a balance answer is a JSON object and returns its `code` (None when absent).
-pub fn balance_code(body: &[u8]) -> Result<Option<Arc<str>>, NotJson> {
+pub fn balance_code(body: &[u8]) -> Result<Option<SmolStr>, NotJson> {
     if body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
         return Err(NotJson);
     }
@@ -146,7 +145,7 @@ pub fn balance_code(body: &[u8]) -> Result<Option<Arc<str>>, NotJson> {
         .as_ref()
         .map(code_text)
         .filter(|c| !c.is_empty())
-        .map(Arc::from))
+        .map(SmolStr::from))
 }
 
 #[cfg(test)]
