@@ -71,6 +71,21 @@ proptest! {
         prop_assert_eq!(parse_body(shaped.as_bytes()), parse_body_json(shaped.as_bytes()));
     }
 
+    /// The same with whitespace, JSON's and others, around and inside each token.
+    #[test]
+    fn spaced_plain_bodies_agree_with_the_json_parser(
+        gaps in prop::collection::vec(prop::sample::select(vec![
+            "", " ", "  ", "\t", "\n", "\r\n", "\u{c}", "\u{b}", "\u{a0}", "x",
+        ]), 6),
+        code in ".{0,60}",
+    ) {
+        let body = format!(
+            r#"{}{{{}"customer_sync_code"{}:{}"{code}"{}}}{}"#,
+            gaps[0], gaps[1], gaps[2], gaps[3], gaps[4], gaps[5]
+        );
+        prop_assert_eq!(parse_body(body.as_bytes()), parse_body_json(body.as_bytes()));
+    }
+
     /// Text that looks like JSON objects, mutated: same.
     #[test]
     fn request_parser_never_panics_on_near_json(text in r#"\{("[a-z_]{0,20}":( ?("[^"]{0,60}"|[0-9.eE+-]{1,20}|null|true|\[|\{|\}|\]),?){0,3}){0,3}\}?"#) {

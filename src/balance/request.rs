@@ -112,18 +112,36 @@ pub fn parse_body(body: &[u8]) -> Result<SyncCode, InvalidRequest> {
     }
 }
 
-/// The body every caller sends, `{"customer_sync_code":"<text>"}` to the byte, with a text
-/// free of quotes, backslashes and bytes below 0x20 (which JSON escapes): read without a JSON
-/// parser. Any other body, valid or not, goes to [`parse_body_json`], which gives the same
-/// answer for this one (a property test checks it).
+/// The body every caller sends, `{"customer_sync_code":"<text>"}` with any JSON whitespace
+/// between the tokens (as `json.dumps` or a pretty-printer writes it) and a text free of
+/// quotes, backslashes and bytes below 0x20 (which JSON escapes): read without a JSON parser.
+/// Any other body, valid or not, goes to [`parse_body_json`], which gives the same answer for
+/// this one (a property test checks it).
 fn plain_body(body: &[u8]) -> Option<&str> {
-    const HEAD: &[u8] = b"{\"customer_sync_code\":\"";
-    const TAIL: &[u8] = b"\"}";
-    let text = body.strip_prefix(HEAD)?.strip_suffix(TAIL)?;
-    if text.iter().any(|&b| b == b'"' || b == b'\\' || b < 0x20) {
+    let rest = json_ws(body).strip_prefix(b"{")?;
+    let rest = json_ws(rest).strip_prefix(b"\"customer_sync_code\"")?;
+    let rest = json_ws(rest).strip_prefix(b":")?;
+    let rest = json_ws(rest).strip_prefix(b"\"")?;
+    let end = rest
+        .iter()
+        .position(|&b| b == b'"' || b == b'\\' || b < 0x20)?;
+    let (text, rest) = rest.split_at(end);
+    // Stopped at a backslash or a control byte rather than the closing quote: not plain.
+    let rest = rest.strip_prefix(b"\"")?;
+    let rest = json_ws(rest).strip_prefix(b"}")?;
+    if !json_ws(rest).is_empty() {
         return None;
     }
     std::str::from_utf8(text).ok()
+}
+
+/// `bytes` past any leading JSON whitespace (space, tab, line feed, carriage return).
+fn json_ws(bytes: &[u8]) -> &[u8] {
+    let start = bytes
+        .iter()
+        .position(|b| !matches!(b, b' ' | b'\t' | b'\n' | b'\r'))
+        .unwrap_or(bytes.len());
+    &bytes[start..]
 }
 
 /// [`parse_body`] by way of serde_json, for any shape of body.
