@@ -5,7 +5,8 @@ Runs, on one machine and in one go:
   * cache hits: the gateway, nginx proxy_cache and a static-answer hyper server, all warm,
     driven alternately by wrk (uniform over KEYS keys) for ROUNDS rounds; medians of
     req/s, p50/p99/p99.9 and server CPU microseconds per request;
-  * a stampede: 200 concurrent requests for one cold key with a 100 ms Bill24 (oha);
+  * a stampede: 200 concurrent requests for one cold key with a 100 ms Bill24 (oha with new
+    connections, wrk with open ones);
   * a cold uniform phase and a Zipf-like phase over 10 000 keys with a 10 s TTL: hit ratio,
     Bill24 calls against the K x ceil(duration/TTL) bound, authorize calls per token lifetime;
   * memory: RSS per cached entry at 100 000 entries.
@@ -337,19 +338,33 @@ def main():
         return
 
     # --- stampede --------------------------------------------------------------------------
+    # Measured two ways, three times each with a fresh cold key: oha opens 200 connections and
+    # sends at once (its latency includes connecting and its own start-up of 200 tasks); wrk
+    # sends each request as soon as its connection is open and times from the send (wrk keeps
+    # asking for the same key for the rest of its second: answers from cache, far faster).
     log("\n== stampede: 200 concurrent requests, one cold key, Bill24 answering in 100 ms")
-    log("   (floor: the same burst of 200 new connections answered from cache, measured first)")
     sim_control(sim, {"latency_ms": 100})
     stampede = {}
     for name, url in (("bill24-gateway", gw_url), ("nginx proxy_cache", f"http://127.0.0.1:{nginx_port}")):
-        warm = "BENCH1"
-        floor = statistics.median(oha_stampede(url, warm)[0] for _ in range(3))
-        before = sim_stats(sim)["balance_calls"]
-        slowest, codes = oha_stampede(url, f"STAMPEDE-{name.split()[0]}-{time.time_ns()}")
-        calls = sim_stats(sim)["balance_calls"] - before
-        stampede[name] = (slowest, calls, floor)
-        log(f"  {name:<18} Bill24 calls {calls}, slowest answer {slowest * 1000:.1f} ms "
-            f"(floor {floor * 1000:.1f} ms), statuses {codes}")
+        tag = name.split()[0]
+        runs = {"oha": [], "wrk": []}
+        calls = []
+        for i in range(3):
+            before = sim_stats(sim)["balance_calls"]
+            # Keys of at most 50 characters, fresh each run.
+            slowest, codes = oha_stampede(url, f"ST-{tag[:5]}-o{i}-{time.time_ns()}")
+            calls.append(sim_stats(sim)["balance_calls"] - before)
+            runs["oha"].append(slowest)
+            before = sim_stats(sim)["balance_calls"]
+            res = wrk(url + PATH, 1, 200, 1, mix="single", prefix=f"ST-{tag[:5]}-w{i}-{time.time_ns()}-")
+            calls.append(sim_stats(sim)["balance_calls"] - before)
+            runs["wrk"].append(res["max_us"] / 1e6)
+            if codes.keys() - {"200"} or res["errors"]:
+                log(f"  {name}: unexpected answers: oha {codes}, wrk errors {res['errors']:.0f}")
+        stampede[name] = {"calls": calls, **runs}
+        log(f"  {name:<18} Bill24 calls per run {calls}; slowest answer, oha (new connections): "
+            f"{', '.join(f'{v * 1000:.1f}' for v in runs['oha'])} ms; "
+            f"wrk (open connections): {', '.join(f'{v * 1000:.1f}' for v in runs['wrk'])} ms")
     sim_control(sim, {"latency_ms": 0})
     stop(gateway)
 
@@ -418,16 +433,16 @@ def main():
         ("hit CPU vs static, fixed rate", f"{results['fixed_cpu_vs_static']:.2f}x", "<= 1.30x", results["fixed_cpu_vs_static"] <= 1.30),
         ("hit throughput vs nginx", f"{results['rps_vs_nginx']:.2f}x", ">= 1.30x", results["rps_vs_nginx"] >= 1.30),
         ("hit throughput vs static hyper", f"{results['rps_vs_static']:.2f}x", "", True),
-        ("stampede: Bill24 calls", f"{gs[1]}", "== 1", gs[1] == 1),
-        ("stampede: slowest answer", f"{gs[0] * 1000:.1f} ms (nginx {ns[0] * 1000:.1f} ms)", "<= 110 ms", gs[0] <= 0.110),
-        ("stampede: slowest minus floor", f"{(gs[0] - gs[2]) * 1000:.1f} ms (nginx {(ns[0] - ns[2]) * 1000:.1f} ms)", "<= 110 ms", gs[0] - gs[2] <= 0.110),
+        ("stampede: Bill24 calls, every run", f"{max(gs['calls'])}", "== 1", set(gs["calls"]) == {1}),
+        ("stampede: slowest, open connections (wrk)", f"{max(gs['wrk']) * 1000:.1f} ms (nginx {max(ns['wrk']) * 1000:.1f} ms)", "<= 110 ms", max(gs["wrk"]) <= 0.110),
+        ("stampede: slowest, connecting too (oha)", f"{max(gs['oha']) * 1000:.1f} ms (nginx {max(ns['oha']) * 1000:.1f} ms)", "", True),
         ("RSS per cached entry", f"{per_entry:.0f} B", "<= 1024 B", per_entry <= 1024),
         ("Bill24 calls, uniform cold", f"{uni[2]}", f"<= {uni[3]}", uni[2] <= uni[3]),
         ("Bill24 calls, Zipf", f"{zipf[2]}", f"<= {zipf[3]}", zipf[2] <= zipf[3]),
     ]
     log("\n== summary")
     for label, value, target, ok in rows:
-        log(f"  {label:<34}{value:>28}  {target:<10}{'ok' if ok else 'MISSED'}")
+        log(f"  {label:<44}{value:>28}  {target:<10}{'ok' if ok else 'MISSED'}")
     with open(os.path.join(work, "summary.json"), "w") as f:
         json.dump({"medians": med, "fixed_rate_medians": fixed, "ratios": results, "stampede": stampede,
                    "stewardship": {k: v[1:] for k, v in stewardship.items()},
