@@ -25,8 +25,24 @@ async fn answer(req: http::Request<Incoming>) -> Result<Response<Full<Bytes>>, I
     Ok(response)
 }
 
-#[tokio::main]
-async fn main() -> std::io::Result<()> {
+/// The runtime the gateway would use for the same thread count: with
+/// `TOKIO_WORKER_THREADS=1` a current-thread runtime (as `server.worker_threads = 1`), else a
+/// multi-thread one.
+fn main() -> std::io::Result<()> {
+    let one_thread = std::env::var("TOKIO_WORKER_THREADS").is_ok_and(|v| v.trim() == "1");
+    let runtime = if one_thread {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()?
+    };
+    runtime.block_on(serve())
+}
+
+async fn serve() -> std::io::Result<()> {
     let addr = std::env::args()
         .nth(1)
         .unwrap_or_else(|| "127.0.0.1:18400".into());
