@@ -13,8 +13,8 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::hash::{BuildHasher, RandomState};
 use std::pin::Pin;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 use std::time::Instant;
 
@@ -24,7 +24,7 @@ use futures_util::future::{Either, Ready, ready};
 use http::header::CONTENT_TYPE;
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use http_body_util::Full;
-use tokio::sync::{Mutex, watch};
+use tokio::sync::{Mutex, Notify};
 use tower::Service;
 
 use super::cache::{BalanceCache, CacheStatus, Entry, Freshness, fresh_for};
@@ -40,10 +40,57 @@ const SHARDS: usize = 64;
 type FetchResult = Arc<Result<Answer, Failure>>;
 type FlightMap = HashMap<SyncCode, Arc<Flight>>;
 
+/// One Bill24 call in flight and the requests waiting on it.
 struct Flight {
-    result: watch::Receiver<Option<FetchResult>>,
+    result: OnceLock<FetchResult>,
+    /// Wakes the waiters once `result` is set, the longest-waiting first: one `Notify` keeps
+    /// its waiters in arrival order (a `watch` channel spreads its receivers over several
+    /// lists and wakes them in no particular order, so the first request to arrive could be
+    /// answered last, a whole fan-out later).
+    done: Notify,
     /// Whether the answer may be stored: false only while every waiter said `no-store`.
     store: AtomicBool,
+}
+
+impl Flight {
+    fn new(store: bool) -> Arc<Self> {
+        Arc::new(Flight {
+            result: OnceLock::new(),
+            done: Notify::new(),
+            store: AtomicBool::new(store),
+        })
+    }
+
+    /// Sets the result (the first one set stays) and wakes every waiter.
+    fn finish(&self, result: FetchResult) {
+        let _ = self.result.set(result);
+        self.done.notify_waiters();
+    }
+
+    async fn wait(&self) -> FetchResult {
+        loop {
+            let notified = self.done.notified();
+            let mut notified = std::pin::pin!(notified);
+            // In the waiter list before looking, so a result set in between still wakes us.
+            notified.as_mut().enable();
+            if let Some(result) = self.result.get() {
+                return result.clone();
+            }
+            notified.await;
+        }
+    }
+}
+
+/// Finishes a flight whose fetch ended without a result (its task was dropped): the waiters
+/// get a failure rather than waiting forever.
+struct FinishOnDrop(Arc<Flight>);
+
+impl Drop for FinishOnDrop {
+    fn drop(&mut self) {
+        if self.0.result.get().is_none() {
+            self.0.finish(abandoned());
+        }
+    }
 }
 
 /// Everything the balance path shares: cache, upstream, fetches in flight.
@@ -148,12 +195,12 @@ impl Balances {
     async fn lookup(self: Arc<Self>, q: &BalanceQuery, recheck: bool) -> Lookup {
         let store = !q.directives.no_store;
         let mut flights = self.shard(&q.customer_sync_code).lock().await;
-        let mut result = if let Some(flight) = flights.get(&q.customer_sync_code) {
+        let flight = if let Some(flight) = flights.get(&q.customer_sync_code) {
             if store {
                 flight.store.store(true, Ordering::Release);
             }
             self.metrics.coalesced();
-            flight.result.clone()
+            flight.clone()
         } else {
             if recheck && let Some(e) = self.cache.get(&q.customer_sync_code) {
                 let now = Instant::now();
@@ -164,10 +211,7 @@ impl Balances {
             self.clone().start_flight(&mut flights, q, store)
         };
         drop(flights);
-        match result.wait_for(Option::is_some).await {
-            Ok(r) => Lookup::Fetched(r.clone().unwrap_or_else(abandoned)),
-            Err(_) => Lookup::Fetched(abandoned()),
-        }
+        Lookup::Fetched(flight.wait().await)
     }
 
     /// Registers a fetch for `q`'s key and starts it.
@@ -176,15 +220,13 @@ impl Balances {
         flights: &mut FlightMap,
         q: &BalanceQuery,
         store: bool,
-    ) -> watch::Receiver<Option<FetchResult>> {
-        let (tx, rx) = watch::channel(None);
-        let flight = Arc::new(Flight {
-            result: rx.clone(),
-            store: AtomicBool::new(store),
-        });
+    ) -> Arc<Flight> {
+        let flight = Flight::new(store);
         flights.insert(q.customer_sync_code.clone(), flight.clone());
-        tokio::spawn(self.fetch(q.clone(), flight, tx));
-        rx
+        // The guard is moved in with the future: even a fetch dropped before it first runs
+        // finishes its flight.
+        tokio::spawn(self.fetch(q.clone(), FinishOnDrop(flight.clone())));
+        flight
     }
 
     /// A hit close to expiry: fetch the key again in the background (unless a fetch is in
@@ -192,7 +234,7 @@ impl Balances {
     async fn refresh_ahead(self: Arc<Self>, mut q: BalanceQuery, entry: Arc<Entry>) {
         q.deadline = Instant::now() + self.bill24.timeout();
         q.state = q.state.detached();
-        let mut rx = {
+        let flight = {
             let mut flights = self.shard(&q.customer_sync_code).lock().await;
             if flights.contains_key(&q.customer_sync_code) {
                 return;
@@ -200,23 +242,15 @@ impl Balances {
             self.metrics.refresh_ahead();
             self.clone().start_flight(&mut flights, &q, true)
         };
-        let failed = match rx.wait_for(Option::is_some).await {
-            Ok(result) => !matches!(result.as_deref(), Some(Ok(_))),
-            Err(_) => true,
-        };
-        if failed {
+        if flight.wait().await.is_err() {
             // Let a later hit try again.
             entry.refreshing.store(false, Ordering::Release);
         }
     }
 
     /// One Bill24 call on behalf of every request waiting on `flight`.
-    async fn fetch(
-        self: Arc<Self>,
-        q: BalanceQuery,
-        flight: Arc<Flight>,
-        tx: watch::Sender<Option<FetchResult>>,
-    ) {
+    async fn fetch(self: Arc<Self>, q: BalanceQuery, guard: FinishOnDrop) {
+        let flight = &guard.0;
         let generation = self.cache.generation();
         let call = BalanceCall {
             customer_sync_code: &q.customer_sync_code,
@@ -232,11 +266,11 @@ impl Balances {
             self.cache
                 .insert_if_current(q.customer_sync_code.clone(), Arc::new(entry), generation);
         }
-        let _ = tx.send(Some(Arc::new(result)));
+        flight.finish(Arc::new(result));
         let mut flights = self.shard(&q.customer_sync_code).lock().await;
         if flights
             .get(&q.customer_sync_code)
-            .is_some_and(|f| Arc::ptr_eq(f, &flight))
+            .is_some_and(|f| Arc::ptr_eq(f, flight))
         {
             flights.remove(&q.customer_sync_code);
         }
@@ -382,5 +416,87 @@ impl Service<BalanceQuery> for BalanceService {
         Either::Right(Box::pin(async move {
             Ok(balances.answer_from_upstream(q, skipped_fresh).await)
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex as StdMutex;
+    use std::time::Duration;
+
+    fn answer(code: &str) -> FetchResult {
+        Arc::new(Ok(Answer {
+            status: StatusCode::OK,
+            content_type: None,
+            body: Bytes::from(format!(r#"{{"code":"{code}"}}"#)),
+            bill24_code: Some(code.into()),
+            elapsed: Duration::ZERO,
+        }))
+    }
+
+    /// Waiters that arrived one after another, woken by one finish: the order they resume in.
+    async fn wake_order(waiters: usize) -> Vec<usize> {
+        let flight = Flight::new(true);
+        let order = Arc::new(StdMutex::new(Vec::new()));
+        let mut tasks = Vec::new();
+        for i in 0..waiters {
+            let (flight, order) = (flight.clone(), order.clone());
+            tasks.push(tokio::spawn(async move {
+                let result = flight.wait().await;
+                assert!(result.is_ok());
+                order.lock().expect("order").push(i);
+            }));
+            // Let it run up to its wait before the next one arrives.
+            tokio::task::yield_now().await;
+        }
+        flight.finish(answer("000"));
+        for task in tasks {
+            task.await.expect("waiter");
+        }
+        order.lock().expect("order").clone()
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn waiters_resume_in_the_order_they_came() {
+        // More than one batch of tokio's wake-ups (32).
+        assert_eq!(wake_order(200).await, (0..200).collect::<Vec<_>>());
+    }
+
+    #[tokio::test]
+    async fn a_late_waiter_gets_the_result_at_once_and_the_first_result_stays() {
+        let flight = Flight::new(true);
+        flight.finish(answer("000"));
+        flight.finish(answer("311"));
+        let result = tokio::time::timeout(Duration::from_secs(1), flight.wait())
+            .await
+            .expect("no wait");
+        let Ok(answer) = &*result else {
+            panic!("the first result")
+        };
+        assert_eq!(answer.bill24_code.as_deref(), Some("000"));
+    }
+
+    #[tokio::test]
+    async fn a_fetch_dropped_unfinished_fails_its_waiters() {
+        let flight = Flight::new(true);
+        let waiter = tokio::spawn({
+            let flight = flight.clone();
+            async move { flight.wait().await }
+        });
+        tokio::task::yield_now().await;
+        // As `start_flight` does: the guard made first and moved into the fetch, so even a
+        // fetch dropped before it ever ran finishes the flight.
+        let guard = FinishOnDrop(flight);
+        let fetch = async move {
+            let _guard = guard;
+            std::future::pending::<()>().await;
+        };
+        drop(fetch);
+        let result = tokio::time::timeout(Duration::from_secs(1), waiter)
+            .await
+            .expect("woken")
+            .expect("waiter");
+        assert!(result.is_err());
     }
 }
