@@ -6,12 +6,12 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use http::Request;
+use smol_str::SmolStr;
 
 use crate::auth::Caller;
 use crate::balance::cache::CacheStatus;
 use crate::balance::request::SyncCode;
 use crate::correlation::{RequestId, TraceContext};
-use smol_str::SmolStr;
 
 #[derive(Clone)]
 pub struct RequestState(Arc<Inner>);

@@ -8,10 +8,10 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http::HeaderValue;
 use moka::Expiry;
+use smol_str::SmolStr;
 
 use super::request::SyncCode;
 use crate::config::CacheConfig;
-use smol_str::SmolStr;
 
 /// What `X-Cache` says, and the `cache` label/log field.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

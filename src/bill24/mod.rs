@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http::header::{AUTHORIZATION, CONTENT_TYPE};
 use http::{HeaderMap, HeaderValue, StatusCode};
+use smol_str::SmolStr;
 use tokio::sync::Semaphore;
 
 use crate::config::UpstreamConfig;
@@ -23,7 +24,6 @@ use crate::metrics::{Endpoint, Metrics};
 use budget::RetryBudget;
 use circuit::{Circuit, Transition};
 use client::{Reply, Transport, TransportError};
-use smol_str::SmolStr;
 use token::{AccessToken, Credentials, TokenError, TokenManager};
 
 /// Retries are spread over this window when counted against the budget.

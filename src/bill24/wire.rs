@@ -2,11 +2,11 @@
 //! the `code` of a balance answer.
 
 use serde::{Deserialize, Serialize};
+use smol_str::SmolStr;
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
 use crate::secret::Secret;
-use smol_str::SmolStr;
 
 #[derive(Serialize)]
 pub struct AuthorizeRequest<'a> {
