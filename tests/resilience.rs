@@ -134,6 +134,60 @@ async fn retry_budget_caps_the_extra_load() {
     assert!(app.metric("gateway_upstream_retries_denied_total").await > 0.0);
 }
 
+/// The 10 retries a second always allowed are counted over a 10 s window: retries the reserve
+/// paid for still count 6 s later, and no longer once the window has moved past them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn retry_reserve_is_counted_over_ten_seconds() {
+    let app = Arc::new(
+        spawn_app_with(|c| {
+            c.upstream.circuit_failures = 0;
+            c.upstream.retries = 1;
+            // No share of requests: only the reserve of 100 per 10 s.
+            c.upstream.retry_budget = 0.0;
+        })
+        .await,
+    );
+    app.balance("warm-up").await;
+    app.sim.set_balance_fault(Some(Fault::Status(500)));
+    // `n` failing requests in ten lanes; the Bill24 calls they made.
+    let failing = |prefix: &'static str, n: usize| {
+        let app = app.clone();
+        async move {
+            let before = app.sim.balance_calls();
+            join_all((0..10).map(|lane| {
+                let app = app.clone();
+                async move {
+                    for i in (lane..n).step_by(10) {
+                        let r = app.balance(&format!("{prefix}{i}")).await;
+                        assert_eq!(r.status, StatusCode::BAD_GATEWAY);
+                    }
+                }
+            }))
+            .await;
+            app.sim.balance_calls() - before
+        }
+    };
+    assert_eq!(failing("A", 150).await, 250, "100 retries, then none");
+    let spent = Instant::now();
+    // A request every half second for 8.5 s: none gets a retry (a window that slid faster
+    // than the clock would hand the reserve back after 5 or 6 s of such traffic).
+    let before = app.sim.balance_calls();
+    let mut requests = 0;
+    while spent.elapsed() < Duration::from_millis(8_500) {
+        let r = app.balance(&format!("B{requests}")).await;
+        assert_eq!(r.status, StatusCode::BAD_GATEWAY);
+        requests += 1;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert_eq!(
+        app.sim.balance_calls() - before,
+        requests,
+        "the reserve stays spent"
+    );
+    tokio::time::sleep(Duration::from_secs(11).saturating_sub(spent.elapsed())).await;
+    assert_eq!(failing("C", 10).await, 20, "11 s on, it is back");
+}
+
 // ---------------------------------------------------------------------------------------------
 // Circuit breaker
 // ---------------------------------------------------------------------------------------------
