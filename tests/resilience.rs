@@ -135,7 +135,7 @@ async fn retry_budget_caps_the_extra_load() {
 }
 
 /// The 10 retries a second always allowed are counted over a 10 s window: retries the reserve
-/// paid for still count 6 s later, and no longer once the window has moved past them.
+/// paid for still count 8 s later, and no longer once the window has moved past them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn retry_reserve_is_counted_over_ten_seconds() {
     let app = Arc::new(
@@ -167,13 +167,15 @@ async fn retry_reserve_is_counted_over_ten_seconds() {
             app.sim.balance_calls() - before
         }
     };
+    let first = Instant::now();
     assert_eq!(failing("A", 150).await, 250, "100 retries, then none");
     let spent = Instant::now();
-    // A request every half second for 8.5 s: none gets a retry (a window that slid faster
-    // than the clock would hand the reserve back after 5 or 6 s of such traffic).
+    // A request every half second until 8.5 s after the first retry (each counts for at least
+    // 9 s): none gets a retry. A window that slid faster than the clock would hand the reserve
+    // back after 5 or 6 s of such traffic.
     let before = app.sim.balance_calls();
     let mut requests = 0;
-    while spent.elapsed() < Duration::from_millis(8_500) {
+    while first.elapsed() < Duration::from_millis(8_500) {
         let r = app.balance(&format!("B{requests}")).await;
         assert_eq!(r.status, StatusCode::BAD_GATEWAY);
         requests += 1;
@@ -184,8 +186,9 @@ async fn retry_reserve_is_counted_over_ten_seconds() {
         requests,
         "the reserve stays spent"
     );
-    tokio::time::sleep(Duration::from_secs(11).saturating_sub(spent.elapsed())).await;
-    assert_eq!(failing("C", 10).await, 20, "11 s on, it is back");
+    // Every retry counts for at most 10 s.
+    tokio::time::sleep(Duration::from_millis(10_500).saturating_sub(spent.elapsed())).await;
+    assert_eq!(failing("C", 10).await, 20, "10 s on, it is back");
 }
 
 // ---------------------------------------------------------------------------------------------
