@@ -343,9 +343,13 @@ async fn get(addr: SocketAddr, path: &str) -> Reply {
     send(&client(), req).await
 }
 
-/// A balance request for "SLOW" that Bill24 takes 1.5 s to answer, once Bill24 has it.
-async fn slow_miss_in_flight(sim: &Simulator, main: SocketAddr) -> tokio::task::JoinHandle<Reply> {
-    sim.handle().set_latency(Duration::from_millis(1500));
+/// A balance request for "SLOW" that Bill24 takes `latency` to answer, once Bill24 has it.
+async fn slow_miss_in_flight(
+    sim: &Simulator,
+    main: SocketAddr,
+    latency: Duration,
+) -> tokio::task::JoinHandle<Reply> {
+    sim.handle().set_latency(latency);
     let slow = tokio::spawn(post(main, Some(ORDERS_KEY), body_for("SLOW"), &[]));
     let handle = sim.handle();
     assert!(
@@ -510,7 +514,7 @@ async fn sigterm_lets_the_request_in_flight_finish_and_exits_zero() {
             .status,
         StatusCode::OK
     );
-    let slow = slow_miss_in_flight(&sim, main).await;
+    let slow = slow_miss_in_flight(&sim, main, Duration::from_millis(1500)).await;
     gw.signal("TERM");
     tokio::time::sleep(Duration::from_millis(100)).await;
     let ready = get(admin, "/readyz").await;
@@ -532,7 +536,7 @@ async fn one_worker_thread_serves_hits_while_a_miss_waits() {
     let first = post(main, Some(ORDERS_KEY), body_for("W"), &[]).await;
     assert_eq!(first.status, StatusCode::OK);
     assert_eq!(first.header("x-cache"), Some("MISS"));
-    let slow = slow_miss_in_flight(&sim, main).await;
+    let slow = slow_miss_in_flight(&sim, main, Duration::from_millis(1500)).await;
     let start = std::time::Instant::now();
     let hit = post(main, Some(ORDERS_KEY), body_for("W"), &[]).await;
     assert_eq!(hit.status, StatusCode::OK);
@@ -561,14 +565,7 @@ async fn grace_running_out_still_exits_zero_and_counts_cut_requests() {
     .await;
     let (main, _) = gw.addresses().await;
     post(main, Some(ORDERS_KEY), body_for("W"), &[]).await;
-    sim.handle().set_latency(Duration::from_secs(10));
-    let _slow = tokio::spawn(post(main, Some(ORDERS_KEY), body_for("SLOW"), &[]));
-    let handle = sim.handle();
-    assert!(
-        eventually(Duration::from_secs(3), || handle.balance_calls_for("SLOW")
-            == 1)
-        .await
-    );
+    let _slow = slow_miss_in_flight(&sim, main, Duration::from_secs(10)).await;
     let start = Instant::now();
     gw.signal("INT");
     let status = gw.wait_exit(Duration::from_secs(5)).await;

@@ -101,33 +101,44 @@ async fn retries_stay_inside_the_request_deadline() {
     );
 }
 
-/// The retry budget bounds the extra load: retries are at most `retry_budget` of requests
-/// (plus 10 per second), however many fail.
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn retry_budget_caps_the_extra_load() {
-    let app = Arc::new(
-        spawn_app_with(|c| {
-            c.upstream.circuit_failures = 0;
-            c.upstream.retries = 2;
-            c.upstream.retry_budget = 0.2;
-        })
-        .await,
-    );
+/// A gateway with `retries` and `retry_budget` (circuit breaker off) in front of a Bill24 that
+/// answers every balance call with a 500.
+async fn failing_bill24(retries: u32, retry_budget: f64) -> Arc<TestApp> {
+    let app = spawn_app_with(|c| {
+        c.upstream.circuit_failures = 0;
+        c.upstream.retries = retries;
+        c.upstream.retry_budget = retry_budget;
+    })
+    .await;
     app.balance("warm-up").await;
     app.sim.set_balance_fault(Some(Fault::Status(500)));
-    let requests = 400;
-    join_all((0..40).map(|t| {
+    Arc::new(app)
+}
+
+/// `n` requests for distinct keys (`prefix` and a number) in `lanes` concurrent lanes, each
+/// answered 502; the Bill24 calls they made.
+async fn failing_requests(app: &Arc<TestApp>, prefix: &str, n: usize, lanes: usize) -> u64 {
+    let before = app.sim.balance_calls();
+    join_all((0..lanes).map(|lane| {
         let app = app.clone();
         async move {
-            for i in 0..requests / 40 {
-                let r = app.balance(&format!("B{t}-{i}")).await;
+            for i in (lane..n).step_by(lanes) {
+                let r = app.balance(&format!("{prefix}{i}")).await;
                 assert_eq!(r.status, StatusCode::BAD_GATEWAY);
             }
         }
     }))
     .await;
-    let calls = app.sim.balance_calls() - 1;
-    let retries = calls - requests;
+    app.sim.balance_calls() - before
+}
+
+/// The retry budget bounds the extra load: retries are at most `retry_budget` of requests
+/// (plus 10 per second), however many fail.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn retry_budget_caps_the_extra_load() {
+    let app = failing_bill24(2, 0.2).await;
+    let requests = 400;
+    let retries = failing_requests(&app, "B", requests, 40).await - requests as u64;
     // 20 % of 400 plus the 10/s reserve over the 10 s window: 180 at most (vs 800 unbudgeted).
     assert!(retries <= 180, "{retries} retries for {requests} requests");
     assert!(retries >= 80, "the budget still allows retries: {retries}");
@@ -138,37 +149,14 @@ async fn retry_budget_caps_the_extra_load() {
 /// paid for still count 8 s later, and no longer once the window has moved past them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn retry_reserve_is_counted_over_ten_seconds() {
-    let app = Arc::new(
-        spawn_app_with(|c| {
-            c.upstream.circuit_failures = 0;
-            c.upstream.retries = 1;
-            // No share of requests: only the reserve of 100 per 10 s.
-            c.upstream.retry_budget = 0.0;
-        })
-        .await,
-    );
-    app.balance("warm-up").await;
-    app.sim.set_balance_fault(Some(Fault::Status(500)));
-    // `n` failing requests in ten lanes; the Bill24 calls they made.
-    let failing = |prefix: &'static str, n: usize| {
-        let app = app.clone();
-        async move {
-            let before = app.sim.balance_calls();
-            join_all((0..10).map(|lane| {
-                let app = app.clone();
-                async move {
-                    for i in (lane..n).step_by(10) {
-                        let r = app.balance(&format!("{prefix}{i}")).await;
-                        assert_eq!(r.status, StatusCode::BAD_GATEWAY);
-                    }
-                }
-            }))
-            .await;
-            app.sim.balance_calls() - before
-        }
-    };
+    // No share of requests: only the reserve of 100 per 10 s.
+    let app = failing_bill24(1, 0.0).await;
     let first = Instant::now();
-    assert_eq!(failing("A", 150).await, 250, "100 retries, then none");
+    assert_eq!(
+        failing_requests(&app, "A", 150, 10).await,
+        250,
+        "100 retries, then none"
+    );
     let spent = Instant::now();
     // A request every half second until 8.5 s after the first retry (each counts for at least
     // 9 s): none gets a retry. A window that slid faster than the clock would hand the reserve
@@ -188,7 +176,11 @@ async fn retry_reserve_is_counted_over_ten_seconds() {
     );
     // Every retry counts for at most 10 s.
     tokio::time::sleep(Duration::from_millis(10_500).saturating_sub(spent.elapsed())).await;
-    assert_eq!(failing("C", 10).await, 20, "10 s on, it is back");
+    assert_eq!(
+        failing_requests(&app, "C", 10, 10).await,
+        20,
+        "10 s on, it is back"
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
