@@ -39,7 +39,7 @@ impl Window {
         if elapsed < slot_len {
             return;
         }
-        let steps = elapsed.as_nanos() / slot_len.as_nanos().max(1);
+        let steps = elapsed.as_nanos() / slot_len.as_nanos();
         for _ in 0..steps.min(SLOTS as u128) {
             self.current = (self.current + 1) % SLOTS;
             self.deposits[self.current] = 0;
@@ -57,6 +57,7 @@ impl Window {
 impl RetryBudget {
     /// `ratio` retries per request over `window`, plus `min_per_sec` retries a second.
     pub fn new(window: Duration, min_per_sec: u32, ratio: f64, now: Instant) -> Self {
+        // Slots of at least a millisecond (`advance` divides by their length).
         let window = window.max(Duration::from_millis(SLOTS as u64));
         RetryBudget {
             ratio: ratio.max(0.0),
@@ -111,6 +112,12 @@ mod tests {
         (0..tries).filter(|_| budget.withdraw(now)).count()
     }
 
+    fn requests(budget: &RetryBudget, now: Instant, n: usize) {
+        for _ in 0..n {
+            budget.deposit(now);
+        }
+    }
+
     #[test]
     fn the_reserve_alone_without_requests() {
         let t0 = Instant::now();
@@ -122,14 +129,10 @@ mod tests {
     fn a_fraction_of_the_requests_on_top_of_the_reserve() {
         let t0 = Instant::now();
         let budget = RetryBudget::new(WINDOW, 10, 0.2, t0);
-        for _ in 0..400 {
-            budget.deposit(t0);
-        }
+        requests(&budget, t0, 400);
         assert_eq!(taken(&budget, t0, 1000), 180);
         // One more request earns a fifth of a retry: four more, no retry; the fifth, one.
-        for _ in 0..4 {
-            budget.deposit(t0);
-        }
+        requests(&budget, t0, 4);
         assert!(!budget.withdraw(t0));
         budget.deposit(t0);
         assert!(budget.withdraw(t0));
@@ -139,9 +142,7 @@ mod tests {
     fn a_zero_ratio_leaves_only_the_reserve() {
         let t0 = Instant::now();
         let budget = RetryBudget::new(WINDOW, 10, 0.0, t0);
-        for _ in 0..10_000 {
-            budget.deposit(t0);
-        }
+        requests(&budget, t0, 10_000);
         assert_eq!(taken(&budget, t0, 500), 100);
     }
 
@@ -161,21 +162,15 @@ mod tests {
     fn deposits_expire_with_their_slot() {
         let t0 = Instant::now();
         let budget = RetryBudget::new(WINDOW, 0, 0.5, t0);
-        for _ in 0..10 {
-            budget.deposit(t0);
-        }
+        requests(&budget, t0, 10);
         let later = t0 + Duration::from_secs(5);
-        for _ in 0..10 {
-            budget.deposit(later);
-        }
+        requests(&budget, later, 10);
         assert_eq!(taken(&budget, later, 100), 10);
         // t0's deposits have left the window; later's and its withdrawals remain.
         assert_eq!(taken(&budget, t0 + Duration::from_secs(10), 100), 0);
         // Everything has left it.
         let quiet = t0 + Duration::from_secs(60);
-        for _ in 0..4 {
-            budget.deposit(quiet);
-        }
+        requests(&budget, quiet, 4);
         assert_eq!(taken(&budget, quiet, 100), 2);
     }
 
@@ -192,9 +187,7 @@ mod tests {
         for _ in 0..20 {
             let t0 = Instant::now();
             let budget = Arc::new(RetryBudget::new(WINDOW, 10, 0.2, t0));
-            for _ in 0..400 {
-                budget.deposit(t0);
-            }
+            requests(&budget, t0, 400);
             let handles: Vec<_> = (0..8)
                 .map(|_| {
                     let budget = budget.clone();
