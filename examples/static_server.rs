@@ -25,21 +25,14 @@ async fn answer(req: http::Request<Incoming>) -> Result<Response<Full<Bytes>>, I
     Ok(response)
 }
 
-/// The runtime the gateway would use for the same thread count: with
-/// `TOKIO_WORKER_THREADS=1` a current-thread runtime (as `server.worker_threads = 1`), else a
-/// multi-thread one.
+/// The gateway's runtime for the same thread count (`TOKIO_WORKER_THREADS`, else one per
+/// CPU): with 1, a current-thread runtime, as `server.worker_threads = 1`.
 fn main() -> std::io::Result<()> {
-    let one_thread = std::env::var("TOKIO_WORKER_THREADS").is_ok_and(|v| v.trim() == "1");
-    let runtime = if one_thread {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()?
-    } else {
-        tokio::runtime::Builder::new_multi_thread()
-            .enable_all()
-            .build()?
-    };
-    runtime.block_on(serve())
+    let threads = std::env::var("TOKIO_WORKER_THREADS")
+        .ok()
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0);
+    bill24_gateway::server::runtime(threads)?.block_on(serve())
 }
 
 async fn serve() -> std::io::Result<()> {

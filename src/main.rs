@@ -13,7 +13,7 @@ use clap::{Parser, Subcommand};
 
 use bill24_gateway::config::{self, Loaded};
 use bill24_gateway::sim::{self, SimConfig, Simulator};
-use bill24_gateway::{Gateway, Reloader, auth, demo, telemetry};
+use bill24_gateway::{Gateway, Reloader, auth, demo, server, telemetry};
 
 /// mimalloc: measured faster than the system allocator on the hit path (README, Performance).
 /// Its v2 series: v3 serves many small allocations with an alignment on a slow over-allocating
@@ -111,22 +111,9 @@ fn hash_key() -> Result<(), String> {
     Ok(())
 }
 
-/// The runtime: `threads` workers, or one per CPU when 0. One thread means a current-thread
-/// runtime: accepting and serving on the same thread, with no work-stealing machinery and no
-/// second thread running the accept loops.
+/// The runtime for `threads` (see [`server::runtime`]).
 fn runtime(threads: usize) -> Result<tokio::runtime::Runtime, String> {
-    let mut builder = if threads == 1 {
-        tokio::runtime::Builder::new_current_thread()
-    } else {
-        tokio::runtime::Builder::new_multi_thread()
-    };
-    if threads > 1 {
-        builder.worker_threads(threads);
-    }
-    builder
-        .enable_all()
-        .build()
-        .map_err(|e| format!("cannot start the runtime: {e}"))
+    server::runtime(threads).map_err(|e| format!("cannot start the runtime: {e}"))
 }
 
 fn serve(path: Option<PathBuf>, demo: bool) -> Result<(), String> {

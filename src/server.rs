@@ -21,6 +21,21 @@ use crate::config::ServerConfig;
 use crate::connection::{Activity, TimedIo, Tracked};
 use crate::error::Response;
 
+/// The runtime for `server.worker_threads`: that many workers, or one per CPU when 0. One
+/// thread means a current-thread runtime: accepting and serving on the same thread, with no
+/// work-stealing machinery and no second thread running the accept loops.
+pub fn runtime(threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
+    let mut builder = if threads == 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+    };
+    if threads > 1 {
+        builder.worker_threads(threads);
+    }
+    builder.enable_all().build()
+}
+
 /// Largest request head accepted (HTTP/1 read buffer; HTTP/2 header list).
 pub const MAX_HEADER_BYTES: usize = 16 * 1024;
 /// HTTP/2 streams a client may have open on one connection.
