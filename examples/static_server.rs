@@ -13,7 +13,7 @@ use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 
-const BODY: &[u8] = br#"{"code":"000","message":"Success","message_kh":"\xe1\x9e\x87\xe1\x9f\x84\xe1\x9e\x82\xe1\x9e\x87\xe1\x9f\x90\xe1\x9e\x99","data":[{"id":"w-6-khr","name":"BENCH1's Wallet(KHR)","balance":620100,"currency":"KHR"}]}"#;
+const BODY: &[u8] = r#"{"code":"000","message":"Success","message_kh":"ជោគជ័យ","data":[{"id":"w-6-khr","name":"BENCH1's Wallet(KHR)","balance":620100,"currency":"KHR"}]}"#.as_bytes();
 
 async fn answer(req: http::Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
     // Read the body, as a real handler must.
