@@ -169,11 +169,11 @@ key_sha256 = "{key_hash}"
 """)
 
 
-def start_gateway(work, name, sim_port, threads, ttl="1h", extra=""):
+def start_gateway(work, name, sim_port, threads, ttl="1h", extra="", binary=None):
     port, admin_port = free_port(), free_port()
     config = os.path.join(work, f"{name}.toml")
     gateway_config(config, port, admin_port, sim_port, threads, ttl, extra)
-    p = start([ARGS.bin, "--config", config], os.path.join(work, f"{name}.log"))
+    p = start([binary or ARGS.bin, "--config", config], os.path.join(work, f"{name}.log"))
     admin = f"http://127.0.0.1:{admin_port}"
     wait_ready(f"{admin}/readyz")
     return p, f"http://127.0.0.1:{port}", admin
@@ -247,6 +247,10 @@ def main():
         "nginx proxy_cache": (f"http://127.0.0.1:{nginx_port}{PATH}", lambda: [nginx.pid] + children(nginx.pid)),
         "bill24-gateway": (gw_url + PATH, lambda: [gateway.pid]),
     }
+    if ARGS.baseline_bin:
+        # Another build of the gateway (before a change), measured in the same rounds.
+        before, before_url, _ = start_gateway(work, "baseline", sim_port, threads, binary=ARGS.baseline_bin)
+        targets["gateway (baseline)"] = (before_url + PATH, lambda: [before.pid])
 
     # --- hit path --------------------------------------------------------------------------
     log("\n== warm-up: every key once, then some")
@@ -259,7 +263,7 @@ def main():
     samples = {name: [] for name in targets}
     order = list(targets)
     for r in range(rounds):
-        for name in order[r % 3:] + order[:r % 3]:
+        for name in order[r % len(order):] + order[:r % len(order)]:
             url, pids = targets[name]
             c0 = cpu_seconds(pids())
             res = wrk(url, duration, conns, keys)
@@ -291,7 +295,7 @@ def main():
     fixed_rounds = max(1, rounds // 2 + 1)
     fixed_samples = {name: [] for name in targets}
     for r in range(fixed_rounds):
-        for name in order[r % 3:] + order[:r % 3]:
+        for name in order[r % len(order):] + order[:r % len(order)]:
             url, pids = targets[name]
             c0 = cpu_seconds(pids())
             out = subprocess.run(
@@ -331,6 +335,15 @@ def main():
     log(f"per-round ratios, gateway CPU/req vs nginx {paired_range('cpu_us', 'nginx proxy_cache')}, "
         f"vs static {paired_range('cpu_us', 'static hyper')}; req/s vs nginx "
         f"{paired_range('rps', 'nginx proxy_cache')}")
+    if ARGS.baseline_bin:
+        base = "gateway (baseline)"
+        results["cpu_vs_baseline"] = paired("cpu_us", base)
+        results["rps_vs_baseline"] = paired("rps", base)
+        results["fixed_cpu_vs_baseline"] = fixed_paired(base)
+        log(f"vs the baseline build: CPU/req {results['cpu_vs_baseline']:.3f}x "
+            f"(per round {paired_range('cpu_us', base)}), req/s {results['rps_vs_baseline']:.3f}x "
+            f"(per round {paired_range('rps', base)}), CPU/req at a fixed rate "
+            f"{results['fixed_cpu_vs_baseline']:.3f}x")
 
     if os.environ.get("PHASES") == "hits":
         for key, value in results.items():
@@ -454,6 +467,7 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("--bin", required=True)
     parser.add_argument("--static", required=True)
+    parser.add_argument("--baseline-bin", help="another gateway build, measured beside this one in the hit rounds")
     ARGS = parser.parse_args()
     try:
         main()

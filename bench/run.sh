@@ -8,7 +8,8 @@
 #
 # Settings (environment): THREADS (runtime threads of the gateway and the static server,
 # default 1), CONNS (wrk connections, 64), KEYS (1000), ROUNDS (5), DURATION (6s),
-# PHASES=hits (only the cache-hit phases).
+# PHASES=hits (only the cache-hit phases). Extra arguments go to bench/run.py, e.g.
+# `--baseline-bin path/to/other/bill24-gateway` measures another build beside this one.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -20,7 +21,8 @@ if ! need wrk || ! need nginx; then
 fi
 need oha || cargo install oha --locked --quiet
 
-cargo build --release --quiet --bin bill24-gateway --example static_server
+# The `dist` profile, as the shipped binary (Cargo.toml).
+cargo build --profile dist --locked --quiet --bin bill24-gateway --example static_server
 target_dir="${CARGO_TARGET_DIR:-target}"
-exec python3 bench/run.py --bin "$target_dir/release/bill24-gateway" \
-    --static "$target_dir/release/examples/static_server" "$@"
+exec python3 bench/run.py --bin "$target_dir/dist/bill24-gateway" \
+    --static "$target_dir/dist/examples/static_server" "$@"

@@ -5,22 +5,22 @@
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use bill24_gateway::access_log::{AccessSample, InFlight};
-use bill24_gateway::auth::{CallerKeys, bearer_key, hash_key};
-use bill24_gateway::balance::cache::{BalanceCache, CacheStatus, Entry};
-use bill24_gateway::balance::request::{CacheDirectives, is_json_content_type, parse_body};
-use bill24_gateway::balance::service::{Balances, cached_response};
-use bill24_gateway::bill24::Bill24;
+use bill24::Bill24;
 use bill24_gateway::config::{CallerConfig, RawConfig};
-use bill24_gateway::metrics::Metrics;
-use bill24_gateway::stack::{self, StackParts};
+use bill24_gateway::hash_key;
+use bill24_gateway::internals::{
+    AccessSample, BalanceCache, Balances, CacheDirectives, CacheStatus, CallerKeys, Entry,
+    InFlight, Metrics, StackParts, bearer_key, build_stack, cached_response, is_json_content_type,
+    parse_body,
+};
 use bytes::Bytes;
 use criterion::{Criterion, criterion_group, criterion_main};
 use http::{HeaderMap, HeaderValue, Request};
 use http_body_util::Full;
+use tokio::time::Instant;
 use tower::{Service, ServiceExt};
 
 const BODY: &[u8] = br#"{"code":"000","message":"Success","message_kh":"ok","data":[{"id":"w-6-khr","name":"BENCH1's Wallet(KHR)","balance":620100,"currency":"KHR"}]}"#;
@@ -118,7 +118,7 @@ fn full_hit(c: &mut Criterion) {
             request_timeout: Duration::from_secs(10),
             max_body_bytes: 8192,
         };
-        stack::build::<Full<Bytes>>(&parts)
+        build_stack::<Full<Bytes>>(&parts)
     });
     let mut i = 0usize;
     c.bench_function(
@@ -126,7 +126,7 @@ fn full_hit(c: &mut Criterion) {
         |b| {
             b.iter(|| {
                 i = (i + 1) % 1000;
-                let req = Request::post("/instant_payment/get_wallet_balance")
+                let req = Request::post(bill24::BALANCE_PATH)
                     .header("authorization", "Bearer key-7")
                     .header("content-type", "application/json")
                     .body(Full::new(Bytes::from(format!(

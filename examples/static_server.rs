@@ -32,7 +32,7 @@ fn main() -> std::io::Result<()> {
         .ok()
         .and_then(|v| v.trim().parse().ok())
         .unwrap_or(0);
-    bill24_gateway::server::runtime(threads)?.block_on(serve())
+    bill24_gateway::runtime(threads)?.block_on(serve())
 }
 
 async fn serve() -> std::io::Result<()> {

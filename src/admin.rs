@@ -7,19 +7,66 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
-use http::header::{ALLOW, CONTENT_TYPE};
-use http::{HeaderValue, Method, Request, StatusCode};
+use http::header::{ALLOW, CONTENT_TYPE, WWW_AUTHENTICATE};
+use http::{HeaderMap, HeaderValue, Method, Request, StatusCode};
 use http_body_util::Full;
 use percent_encoding::percent_decode_str;
 use subtle::ConstantTimeEq;
 
 use crate::auth::{bearer_key, hash_key};
-use crate::balance::request::validate_sync_code;
+use crate::balance::code::{InvalidSyncCode, validate_sync_code};
 use crate::balance::service::Balances;
 use crate::config::KeyHash;
-use crate::correlation::RequestId;
-use crate::error::{GatewayError, Response, render_body};
+use crate::correlation::context::RequestId;
+use crate::error::{ErrorResponse, Response, render_body};
 use crate::metrics::Metrics;
+
+/// The admin listener's refusals.
+#[derive(Debug, Clone, thiserror::Error, strum::EnumIter)]
+pub enum AdminError {
+    #[error("no such admin endpoint")]
+    NotFound,
+    #[error("method not allowed; use {allow}")]
+    MethodNotAllowed { allow: &'static str },
+    #[error("missing or wrong admin key; send Authorization: Bearer <admin key>")]
+    Unauthorized,
+    #[error("the customer_sync_code in the path is not UTF-8 once percent-decoded")]
+    CodeNotUtf8,
+    #[error(transparent)]
+    InvalidCode(#[from] InvalidSyncCode),
+}
+
+impl ErrorResponse for AdminError {
+    fn status(&self) -> StatusCode {
+        match self {
+            AdminError::NotFound => StatusCode::NOT_FOUND,
+            AdminError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
+            AdminError::Unauthorized => StatusCode::UNAUTHORIZED,
+            AdminError::CodeNotUtf8 | AdminError::InvalidCode(_) => StatusCode::BAD_REQUEST,
+        }
+    }
+
+    fn code(&self) -> &'static str {
+        match self {
+            AdminError::NotFound => "not_found",
+            AdminError::MethodNotAllowed { .. } => "method_not_allowed",
+            AdminError::Unauthorized => "unauthorized",
+            AdminError::CodeNotUtf8 | AdminError::InvalidCode(_) => "invalid_customer_sync_code",
+        }
+    }
+
+    fn headers(&self, headers: &mut HeaderMap) {
+        match self {
+            AdminError::MethodNotAllowed { allow } => {
+                headers.insert(ALLOW, HeaderValue::from_static(allow));
+            }
+            AdminError::Unauthorized => {
+                headers.insert(WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            }
+            _ => {}
+        }
+    }
+}
 
 /// What the admin endpoints read and act on.
 pub struct Admin {
@@ -56,7 +103,7 @@ impl Admin {
             }
             "/cache" => {
                 if method != Method::DELETE {
-                    not_allowed("DELETE")
+                    error(AdminError::MethodNotAllowed { allow: "DELETE" })
                 } else if let Some(denied) = self.check_admin_key(&req) {
                     denied
                 } else {
@@ -68,14 +115,14 @@ impl Admin {
             _ => match path.strip_prefix("/cache/") {
                 Some(encoded) => {
                     if method != Method::DELETE {
-                        not_allowed("DELETE")
+                        error(AdminError::MethodNotAllowed { allow: "DELETE" })
                     } else if let Some(denied) = self.check_admin_key(&req) {
                         denied
                     } else {
                         self.purge_one(encoded).await
                     }
                 }
-                None => error(GatewayError::NotFound),
+                None => error(AdminError::NotFound),
             },
         };
         Ok(response)
@@ -101,12 +148,10 @@ impl Admin {
 
     async fn purge_one(&self, encoded: &str) -> Response {
         let Ok(code) = percent_decode_str(encoded).decode_utf8() else {
-            return error(GatewayError::InvalidRequest(
-                crate::balance::request::InvalidRequest::SyncCodeNotString,
-            ));
+            return error(AdminError::CodeNotUtf8);
         };
         if let Err(e) = validate_sync_code(&code) {
-            return error(GatewayError::InvalidRequest(e));
+            return error(AdminError::from(e));
         }
         self.balances.cache().purge(&code);
         tracing::info!(customer_sync_code = %code, "cache entry purged");
@@ -119,25 +164,19 @@ impl Admin {
         let presented = bearer_key(req.headers()).map(hash_key);
         match presented {
             Some(hash) if bool::from(hash.ct_eq(&expected)) => None,
-            _ => Some(error(GatewayError::Unauthorized)),
+            _ => Some(error(AdminError::Unauthorized)),
         }
     }
 }
 
 fn only_get(method: &Method) -> Option<Response> {
-    (method != Method::GET && method != Method::HEAD).then(|| not_allowed("GET, HEAD"))
+    (method != Method::GET && method != Method::HEAD)
+        .then(|| error(AdminError::MethodNotAllowed { allow: "GET, HEAD" }))
 }
 
-fn not_allowed(allow: &'static str) -> Response {
-    let mut r = error(GatewayError::MethodNotAllowed);
-    r.headers_mut()
-        .insert(ALLOW, HeaderValue::from_static(allow));
-    r
-}
-
-fn error(e: GatewayError) -> Response {
+fn error(e: AdminError) -> Response {
     let mut r = e.into_response();
-    render_body(&mut r, &RequestId::generate());
+    render_body(&mut r, RequestId::generate().as_str());
     r
 }
 

@@ -13,23 +13,14 @@ use sha2::{Digest, Sha256};
 use subtle::{ConditionallySelectable, ConstantTimeEq};
 use tower::{Layer, Service};
 
+use crate::caller::{Caller, CallerLimits};
 use crate::config::{CallerConfig, KeyHash};
 use crate::error::{GatewayError, Rejection, Response, reject};
-use crate::limits::CallerLimits;
 use crate::request_state::RequestState;
 
 /// SHA-256 of a caller (or admin) key.
 pub fn hash_key(key: &[u8]) -> KeyHash {
     Sha256::digest(key).into()
-}
-
-/// An authenticated caller.
-#[derive(Clone, Debug)]
-pub struct Caller {
-    pub name: Arc<str>,
-    /// Position in `[[callers]]`.
-    pub index: usize,
-    pub limits: Arc<CallerLimits>,
 }
 
 /// The configured callers' key hashes.
@@ -91,14 +82,6 @@ impl CallerKeys {
         }
         self.callers.get(usize::try_from(found).ok()?)
     }
-
-    pub fn is_empty(&self) -> bool {
-        self.callers.is_empty()
-    }
-
-    pub fn len(&self) -> usize {
-        self.callers.len()
-    }
 }
 
 /// The key of `Authorization: Bearer <key>` (scheme in any case).
@@ -150,7 +133,7 @@ where
 {
     type Response = Response;
     type Error = S::Error;
-    type Future = Either<Rejection<S::Error>, S::Future>;
+    type Future = Either<Rejection<GatewayError, S::Error>, S::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
         self.inner.poll_ready(cx)

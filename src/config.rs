@@ -13,7 +13,8 @@ use figment::value::{Dict, Map, Value};
 use figment::{Figment, Metadata, Profile, Provider};
 use serde::{Deserialize, Serialize};
 
-use crate::secret::Secret;
+pub use bill24::Config as UpstreamConfig;
+use bill24::Secret;
 
 /// Read when neither `--config` nor `$GATEWAY_CONFIG` names a file, if it exists.
 pub const DEFAULT_CONFIG_PATH: &str = "config/default.toml";
@@ -238,24 +239,6 @@ pub struct ServerConfig {
     pub admin_key_sha256: Option<KeyHash>,
     /// Runtime worker threads; 0 = one per CPU.
     pub worker_threads: usize,
-}
-
-#[derive(Clone, Debug, PartialEq)]
-pub struct UpstreamConfig {
-    /// `http://` or `https://` origin (plus optional path prefix), without a trailing `/`.
-    pub base_url: String,
-    pub merchant_token: Secret,
-    pub client_id: String,
-    pub client_secret: Secret,
-    pub timeout: Duration,
-    pub connect_timeout: Duration,
-    pub max_in_flight: usize,
-    pub queue_timeout: Duration,
-    pub token_refresh_margin: Duration,
-    pub retries: u32,
-    pub retry_budget: f64,
-    pub circuit_failures: u32,
-    pub circuit_cooldown: Duration,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -506,23 +489,47 @@ fn known_keys() -> BTreeMap<String, KeyKind> {
 
 impl RawConfig {
     /// Checks every key and builds the runtime config; reads `*_file` secrets.
+    ///
+    /// Every section is taken apart field by field (no `..`) and every runtime struct is built
+    /// field by field, so a key added to either side and forgotten on the other does not
+    /// compile (or trips the unused-variable lint).
     pub fn validate(&self) -> Result<Config, ConfigError> {
-        let s = &self.server;
+        let RawConfig {
+            server,
+            upstream,
+            cache,
+            log,
+            callers: raw_callers,
+        } = self;
+
+        let RawServer {
+            listen,
+            admin_listen,
+            max_body_bytes,
+            request_timeout,
+            shutdown_grace,
+            drain_delay,
+            header_read_timeout,
+            idle_timeout,
+            max_connections,
+            admin_key_sha256,
+            worker_threads,
+        } = server;
         let server = ServerConfig {
-            listen: socket_addr("server.listen", &s.listen)?,
-            admin_listen: socket_addr("server.admin_listen", &s.admin_listen)?,
-            max_body_bytes: positive("server.max_body_bytes", s.max_body_bytes)?,
-            request_timeout: nonzero("server.request_timeout", s.request_timeout)?,
-            shutdown_grace: s.shutdown_grace,
-            drain_delay: s.drain_delay,
-            header_read_timeout: nonzero("server.header_read_timeout", s.header_read_timeout)?,
-            idle_timeout: nonzero("server.idle_timeout", s.idle_timeout)?,
-            max_connections: positive("server.max_connections", s.max_connections)?,
-            admin_key_sha256: match s.admin_key_sha256.trim() {
+            listen: socket_addr("server.listen", listen)?,
+            admin_listen: socket_addr("server.admin_listen", admin_listen)?,
+            max_body_bytes: positive("server.max_body_bytes", *max_body_bytes)?,
+            request_timeout: nonzero("server.request_timeout", *request_timeout)?,
+            shutdown_grace: *shutdown_grace,
+            drain_delay: *drain_delay,
+            header_read_timeout: nonzero("server.header_read_timeout", *header_read_timeout)?,
+            idle_timeout: nonzero("server.idle_timeout", *idle_timeout)?,
+            max_connections: positive("server.max_connections", *max_connections)?,
+            admin_key_sha256: match admin_key_sha256.trim() {
                 "" => None,
                 hex => Some(key_hash("server.admin_key_sha256", hex)?),
             },
-            worker_threads: usize::try_from(s.worker_threads)
+            worker_threads: usize::try_from(*worker_threads)
                 .ok()
                 .filter(|n| *n <= 1024)
                 .ok_or_else(|| {
@@ -530,57 +537,86 @@ impl RawConfig {
                 })?,
         };
 
-        let u = &self.upstream;
+        let RawUpstream {
+            base_url: raw_base_url,
+            merchant_token,
+            merchant_token_file,
+            client_id,
+            client_secret,
+            client_secret_file,
+            timeout,
+            connect_timeout,
+            max_in_flight,
+            queue_timeout,
+            token_refresh_margin,
+            retries,
+            retry_budget,
+            circuit_failures,
+            circuit_cooldown,
+        } = upstream;
         let upstream = UpstreamConfig {
-            base_url: base_url("upstream.base_url", &u.base_url)?,
+            base_url: base_url("upstream.base_url", raw_base_url)?,
             merchant_token: secret(
                 "upstream.merchant_token",
-                &u.merchant_token,
-                u.merchant_token_file.as_deref(),
+                merchant_token,
+                merchant_token_file.as_deref(),
             )?,
-            client_id: u.client_id.clone(),
+            client_id: client_id.clone(),
             client_secret: secret(
                 "upstream.client_secret",
-                &u.client_secret,
-                u.client_secret_file.as_deref(),
+                client_secret,
+                client_secret_file.as_deref(),
             )?,
-            timeout: nonzero("upstream.timeout", u.timeout)?,
-            connect_timeout: nonzero("upstream.connect_timeout", u.connect_timeout)?,
-            max_in_flight: positive("upstream.max_in_flight", u.max_in_flight)?,
-            queue_timeout: u.queue_timeout,
-            token_refresh_margin: u.token_refresh_margin,
-            retries: u.retries,
-            retry_budget: fraction("upstream.retry_budget", u.retry_budget, 1000.0)?,
-            circuit_failures: u.circuit_failures,
-            circuit_cooldown: nonzero("upstream.circuit_cooldown", u.circuit_cooldown)?,
+            timeout: nonzero("upstream.timeout", *timeout)?,
+            connect_timeout: nonzero("upstream.connect_timeout", *connect_timeout)?,
+            max_in_flight: positive("upstream.max_in_flight", *max_in_flight)?,
+            queue_timeout: *queue_timeout,
+            token_refresh_margin: *token_refresh_margin,
+            retries: *retries,
+            retry_budget: fraction("upstream.retry_budget", *retry_budget, 1000.0)?,
+            circuit_failures: *circuit_failures,
+            circuit_cooldown: nonzero("upstream.circuit_cooldown", *circuit_cooldown)?,
         };
 
-        let c = &self.cache;
-        let cache = CacheConfig {
-            ttl: c.ttl,
-            max_entries: c.max_entries,
-            negative_ttl: c.negative_ttl,
-            stale_if_error: c.stale_if_error,
-            refresh_ahead: c.refresh_ahead,
-            ttl_jitter: fraction("cache.ttl_jitter", c.ttl_jitter, 1.0)?,
-        };
-        if cache.ttl_jitter >= 1.0 {
+        let RawCache {
+            ttl,
+            max_entries,
+            negative_ttl,
+            stale_if_error,
+            refresh_ahead,
+            ttl_jitter,
+        } = cache;
+        let ttl_jitter = fraction("cache.ttl_jitter", *ttl_jitter, 1.0)?;
+        if ttl_jitter >= 1.0 {
             return Err(ConfigError::invalid(
                 "cache.ttl_jitter",
                 "must be below 1.0 (a fraction of cache.ttl)",
             ));
         }
+        let cache = CacheConfig {
+            ttl: *ttl,
+            max_entries: *max_entries,
+            negative_ttl: *negative_ttl,
+            stale_if_error: *stale_if_error,
+            refresh_ahead: *refresh_ahead,
+            ttl_jitter,
+        };
 
-        if let Err(err) = tracing_subscriber::EnvFilter::builder().parse(&self.log.level) {
+        let RawLog {
+            format,
+            level,
+            access_sample,
+        } = log;
+        if let Err(err) = tracing_subscriber::EnvFilter::builder().parse(level) {
             return Err(ConfigError::invalid(
                 "log.level",
                 format!("not a valid level or filter directive: {err}"),
             ));
         }
         let log = LogConfig {
-            format: self.log.format,
-            level: self.log.level.clone(),
-            access_sample: fraction("log.access_sample", self.log.access_sample, 1.0)?,
+            format: *format,
+            level: level.clone(),
+            access_sample: fraction("log.access_sample", *access_sample, 1.0)?,
         };
 
         Ok(Config {
@@ -588,7 +624,7 @@ impl RawConfig {
             upstream,
             cache,
             log,
-            callers: callers(&self.callers)?,
+            callers: callers(raw_callers)?,
         })
     }
 }
@@ -717,8 +753,15 @@ fn callers(raw: &[RawCaller]) -> Result<Vec<CallerConfig>, ConfigError> {
     let mut names = BTreeSet::new();
     let mut hashes: BTreeMap<KeyHash, String> = BTreeMap::new();
     let mut out = Vec::with_capacity(raw.len());
-    for (i, c) in raw.iter().enumerate() {
-        let name = c.name.trim();
+    for (i, caller) in raw.iter().enumerate() {
+        let RawCaller {
+            name,
+            key_sha256,
+            rate_limit_rps,
+            burst,
+            max_concurrent,
+        } = caller;
+        let name = name.trim();
         if name.is_empty() {
             return Err(ConfigError::invalid(
                 format!("callers[{i}].name"),
@@ -731,7 +774,7 @@ fn callers(raw: &[RawCaller]) -> Result<Vec<CallerConfig>, ConfigError> {
                 format!("{name:?} is used by another caller"),
             ));
         }
-        let listed = c.key_sha256.as_slice();
+        let listed = key_sha256.as_slice();
         if listed.is_empty() {
             return Err(ConfigError::invalid(
                 format!("callers[{i}].key_sha256"),
@@ -740,7 +783,7 @@ fn callers(raw: &[RawCaller]) -> Result<Vec<CallerConfig>, ConfigError> {
         }
         let mut keys = Vec::with_capacity(listed.len());
         for (j, hex_digest) in listed.iter().enumerate() {
-            let key = if matches!(c.key_sha256, KeyHashes::One(_)) {
+            let key = if matches!(key_sha256, KeyHashes::One(_)) {
                 format!("callers[{i}].key_sha256")
             } else {
                 format!("callers[{i}].key_sha256[{j}]")
@@ -756,7 +799,7 @@ fn callers(raw: &[RawCaller]) -> Result<Vec<CallerConfig>, ConfigError> {
             }
             keys.push(hash);
         }
-        if !c.rate_limit_rps.is_finite() || c.rate_limit_rps < 0.0 {
+        if !rate_limit_rps.is_finite() || *rate_limit_rps < 0.0 {
             return Err(ConfigError::invalid(
                 format!("callers[{i}].rate_limit_rps"),
                 "must be 0 (unlimited) or a positive rate",
@@ -765,9 +808,9 @@ fn callers(raw: &[RawCaller]) -> Result<Vec<CallerConfig>, ConfigError> {
         out.push(CallerConfig {
             name: Arc::from(name),
             key_sha256: keys,
-            rate_limit_rps: c.rate_limit_rps,
-            burst: c.burst,
-            max_concurrent: c.max_concurrent,
+            rate_limit_rps: *rate_limit_rps,
+            burst: *burst,
+            max_concurrent: *max_concurrent,
         });
     }
     Ok(out)

@@ -7,11 +7,11 @@ use std::sync::Arc;
 
 use tokio::net::TcpListener;
 
+use bill24::{BALANCE_PATH, Secret};
+use bill24_sim::{self as sim, SimConfig, Simulator};
+
 use crate::auth::hash_key;
 use crate::config::{CallerConfig, Config};
-use crate::secret::Secret;
-use crate::sim::{self, SimConfig, Simulator};
-use crate::stack::BALANCE_PATH;
 use crate::{Gateway, StartError};
 
 /// The demo caller's key (its SHA-256 is added to `[[callers]]` as caller `demo`).

@@ -1,10 +1,16 @@
-//! The gateway's own errors, in one place: each leaf error becomes a status, its headers and a
-//! JSON body `{"code": "...", "message": "...", "request_id": "..."}`.
+//! Error answers, rendered in one place: an error becomes a status, its headers and a JSON body
+//! `{"code": "...", "message": "...", "request_id": "..."}`.
 //!
-//! Layers answer with [`GatewayError::into_response`], which carries the code and message in
-//! the response's extensions; the request-id layer, which knows the id, renders the body
-//! ([`render_body`]). So a layer that rejects a request (or the deadline that cuts one) needs
-//! nothing from the request to do it.
+//! Each error type says its own status, code and headers by implementing [`ErrorResponse`]
+//! next to where it is defined (the request parser's, the admin listener's, Bill24's in the
+//! balance service); this module names none of them, so it imports nothing of the gateway.
+//! [`GatewayError`] holds the refusals of the serving layers themselves (route, caller, limits,
+//! deadline).
+//!
+//! Layers answer with [`ErrorResponse::into_response`], which carries the code and message in
+//! the response's extensions; the correlation layer, which knows the request id, renders the
+//! body ([`render_body`]). So a layer that rejects a request (or the deadline that cuts one)
+//! needs nothing from the request to do it.
 
 use std::future::Future;
 use std::marker::PhantomData;
@@ -14,20 +20,45 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::{ALLOW, CONTENT_TYPE, RETRY_AFTER, WWW_AUTHENTICATE};
-use http::{HeaderValue, StatusCode};
+use http::{HeaderMap, HeaderValue, StatusCode};
 use http_body_util::Full;
 use serde::Serialize;
-
-use crate::balance::request::InvalidRequest;
-use crate::bill24::UpstreamError;
-use crate::correlation::RequestId;
 
 pub type Body = Full<Bytes>;
 pub type Response = http::Response<Body>;
 
-#[derive(Debug, Clone, thiserror::Error)]
+/// An error that is answered to the client: its status, stable code and headers; its
+/// `Display` is the message.
+pub trait ErrorResponse: std::fmt::Display {
+    fn status(&self) -> StatusCode;
+
+    /// The stable, machine-readable `code` of the error body.
+    fn code(&self) -> &'static str;
+
+    /// Headers that belong to the status (`WWW-Authenticate`, `Allow`, `Retry-After`).
+    fn headers(&self, _headers: &mut HeaderMap) {}
+
+    /// The error as a response: status and headers now, the body once the request id is
+    /// known ([`render_body`]).
+    fn into_response(self) -> Response
+    where
+        Self: Sized,
+    {
+        let mut response = http::Response::new(Body::default());
+        *response.status_mut() = self.status();
+        self.headers(response.headers_mut());
+        response.extensions_mut().insert(ErrorReply {
+            code: self.code(),
+            message: self.to_string(),
+        });
+        response
+    }
+}
+
+/// The refusals of the serving layers.
+#[derive(Debug, Clone, thiserror::Error, strum::EnumIter)]
 pub enum GatewayError {
-    #[error("no such endpoint; the gateway serves POST /instant_payment/get_wallet_balance")]
+    #[error("no such endpoint; the gateway serves POST {}", bill24::BALANCE_PATH)]
     NotFound,
     #[error("method not allowed; use POST")]
     MethodNotAllowed,
@@ -41,16 +72,12 @@ pub enum GatewayError {
     UnsupportedMediaType,
     #[error("request body is larger than {limit} bytes")]
     PayloadTooLarge { limit: usize },
-    #[error("{0}")]
-    InvalidRequest(#[from] InvalidRequest),
-    #[error("{0}")]
-    Upstream(#[from] UpstreamError),
     #[error("the request did not complete within the gateway's deadline")]
     DeadlineExceeded,
 }
 
-impl GatewayError {
-    pub fn status(&self) -> StatusCode {
+impl ErrorResponse for GatewayError {
+    fn status(&self) -> StatusCode {
         match self {
             GatewayError::NotFound => StatusCode::NOT_FOUND,
             GatewayError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
@@ -60,14 +87,11 @@ impl GatewayError {
             }
             GatewayError::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             GatewayError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
-            GatewayError::InvalidRequest(_) => StatusCode::BAD_REQUEST,
-            GatewayError::Upstream(e) => e.status(),
             GatewayError::DeadlineExceeded => StatusCode::GATEWAY_TIMEOUT,
         }
     }
 
-    /// The stable, machine-readable `code` of the error body.
-    pub fn code(&self) -> &'static str {
+    fn code(&self) -> &'static str {
         match self {
             GatewayError::NotFound => "not_found",
             GatewayError::MethodNotAllowed => "method_not_allowed",
@@ -76,62 +100,43 @@ impl GatewayError {
             GatewayError::TooManyConcurrent { .. } => "too_many_concurrent_requests",
             GatewayError::UnsupportedMediaType => "unsupported_media_type",
             GatewayError::PayloadTooLarge { .. } => "payload_too_large",
-            GatewayError::InvalidRequest(e) => e.code(),
-            GatewayError::Upstream(e) => e.code(),
             GatewayError::DeadlineExceeded => "deadline_exceeded",
         }
     }
 
-    fn retry_after(&self) -> Option<Duration> {
+    fn headers(&self, headers: &mut HeaderMap) {
         match self {
-            GatewayError::RateLimited { retry_after }
-            | GatewayError::TooManyConcurrent { retry_after } => Some(*retry_after),
-            GatewayError::Upstream(e) => e.retry_after(),
-            _ => None,
-        }
-    }
-
-    /// The error as a response: status and headers now, the body once the request id is known.
-    pub fn into_response(self) -> Response {
-        let mut response = http::Response::new(Body::default());
-        *response.status_mut() = self.status();
-        let headers = response.headers_mut();
-        match &self {
             GatewayError::Unauthorized => {
                 headers.insert(WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
             }
             GatewayError::MethodNotAllowed => {
                 headers.insert(ALLOW, HeaderValue::from_static("POST"));
             }
+            GatewayError::RateLimited { retry_after }
+            | GatewayError::TooManyConcurrent { retry_after } => {
+                set_retry_after(headers, *retry_after);
+            }
             _ => {}
         }
-        if let Some(wait) = self.retry_after() {
-            headers.insert(RETRY_AFTER, HeaderValue::from(retry_after_secs(wait)));
-        }
-        response.extensions_mut().insert(ErrorReply {
-            code: self.code(),
-            message: self.to_string(),
-        });
-        response
     }
 }
 
 /// The future of a layer that refuses a request: it holds the (small) error and makes the
 /// response when polled, so the futures of the layers above stay small on the way in.
 #[derive(Debug)]
-pub struct Rejection<E> {
-    error: Option<GatewayError>,
+pub struct Rejection<R, E> {
+    error: Option<R>,
     _error_type: PhantomData<fn() -> E>,
 }
 
-pub fn reject<E>(error: GatewayError) -> Rejection<E> {
+pub fn reject<R, E>(error: R) -> Rejection<R, E> {
     Rejection {
         error: Some(error),
         _error_type: PhantomData,
     }
 }
 
-impl<E> Future for Rejection<E> {
+impl<R: ErrorResponse + Unpin, E> Future for Rejection<R, E> {
     type Output = Result<Response, E>;
 
     fn poll(mut self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<Self::Output> {
@@ -143,9 +148,10 @@ impl<E> Future for Rejection<E> {
     }
 }
 
-/// `Retry-After` in whole seconds: rounded up, at least 1.
-pub fn retry_after_secs(wait: Duration) -> u64 {
-    (wait.as_secs_f64().ceil() as u64).max(1)
+/// Sets `Retry-After` in whole seconds: rounded up, at least 1.
+pub fn set_retry_after(headers: &mut HeaderMap, wait: Duration) {
+    let secs = (wait.as_secs_f64().ceil() as u64).max(1);
+    headers.insert(RETRY_AFTER, HeaderValue::from(secs));
 }
 
 /// An error answer waiting for its body (see the module docs).
@@ -162,16 +168,16 @@ struct ErrorBody<'a> {
     request_id: &'a str,
 }
 
-/// Writes the JSON error body of a response made by [`GatewayError::into_response`]; other
+/// Writes the JSON error body of a response made by [`ErrorResponse::into_response`]; other
 /// responses pass unchanged.
-pub fn render_body(response: &mut Response, request_id: &RequestId) {
+pub fn render_body(response: &mut Response, request_id: &str) {
     let Some(reply) = response.extensions().get::<ErrorReply>() else {
         return;
     };
     let body = ErrorBody {
         code: reply.code,
         message: &reply.message,
-        request_id: request_id.as_str(),
+        request_id,
     };
     // Serializing three strings cannot fail; an empty body would still carry the status.
     let bytes = serde_json::to_vec(&body).unwrap_or_default();
@@ -199,16 +205,24 @@ mod tests {
     #[tokio::test]
     async fn error_bodies_carry_code_message_and_request_id() {
         let mut response = GatewayError::Unauthorized.into_response();
-        let mut headers = http::HeaderMap::new();
-        headers.insert("x-request-id", HeaderValue::from_static("req-1"));
-        render_body(&mut response, &RequestId::from_headers(&headers));
+        render_body(&mut response, "req-1");
         assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
         assert_eq!(response.headers()[WWW_AUTHENTICATE], "Bearer");
         assert_eq!(response.headers()[CONTENT_TYPE], "application/json");
         let json = body_json(response).await;
         assert_eq!(json["code"], "unauthorized");
         assert_eq!(json["request_id"], "req-1");
-        assert!(json["message"].as_str().is_some_and(|m| !m.is_empty()));
+        assert_eq!(
+            json["message"],
+            "missing or unknown caller key; send Authorization: Bearer <caller key>"
+        );
+    }
+
+    #[test]
+    fn a_response_without_an_error_is_left_alone() {
+        let mut response = Response::new(Full::new(Bytes::from_static(b"{}")));
+        render_body(&mut response, "req-1");
+        assert!(response.headers().get(CONTENT_TYPE).is_none());
     }
 
     #[test]
@@ -222,12 +236,11 @@ mod tests {
         .into_response();
         assert_eq!(r.status(), StatusCode::TOO_MANY_REQUESTS);
         assert_eq!(r.headers()[RETRY_AFTER], "1", "Retry-After is at least 1s");
-        assert_eq!(
-            retry_after_secs(Duration::from_millis(1500)),
-            2,
-            "rounded up"
-        );
-        assert_eq!(retry_after_secs(Duration::from_secs(4)), 4);
+        let mut headers = HeaderMap::new();
+        set_retry_after(&mut headers, Duration::from_millis(1500));
+        assert_eq!(headers[RETRY_AFTER], "2", "rounded up");
+        set_retry_after(&mut headers, Duration::from_secs(4));
+        assert_eq!(headers[RETRY_AFTER], "4");
         assert_eq!(
             GatewayError::PayloadTooLarge { limit: 1 }.status(),
             StatusCode::PAYLOAD_TOO_LARGE

@@ -3,47 +3,88 @@
 //!
 //! # Layout
 //!
-//! A request on the main listener ([`server`]) goes down the tower stack that [`stack`] builds,
-//! in this order: [`correlation`] (request id, trace context, error bodies) → [`access_log`]
-//! (one line and the request metrics) → route → [`auth`] (caller key) → [`limits`] (per-caller
-//! rate and concurrency) → deadline →
-//! [`balance::request`] (Content-Type, size, body) → [`balance::service`], which answers from
-//! [`balance::cache`] or through one shared call to [`bill24`]. The `bill24` module holds the
-//! pooled client ([`bill24::client`]), the merchant token ([`bill24::token`]) and Bill24's JSON
-//! shapes ([`bill24::wire`]); it knows nothing of callers, the cache or serving.
+//! The workspace has four crates, and dependencies point one way:
 //!
-//! Errors from every layer become one JSON shape in [`error`]. [`config`] loads and validates
-//! the layered configuration and depends on nothing else here; [`telemetry`] sets up logging,
-//! [`metrics`] the Prometheus registry that [`admin`] serves next to health, readiness and
-//! purge. [`sim`] is the Bill24 simulator for the demo, the tests and load tests; [`demo`]
-//! wires it to a gateway.
+//! ```text
+//! bill24-gateway (this crate) ──> bill24 ──> singleflight
+//!        │                          (the Bill24 client: pooled transport, merchant token,
+//!        │                           retries, circuit breaker, wire shapes)
+//!        └──> bill24-sim             (the Bill24 simulator: demo, tests, load tests)
+//! ```
+//!
+//! `bill24` knows nothing of callers, the cache or serving: it takes a [`bill24::Config`] and an
+//! observer for its metrics ([`bill24::Observer`], which [`metrics`] implements) and answers
+//! balance calls with an [`bill24::Answer`] or a [`bill24::Failure`]. The simulator knows
+//! nothing of either; it speaks BILL24.md.
+//!
+//! Inside this crate, a request on the main listener ([`server`], with per-connection timers
+//! in [`connection`]) goes down the tower stack that [`stack`] builds, in this order:
+//! [`correlation`] (request id, trace context, error bodies) → [`access_log`] (one line and the
+//! request metrics) → route → [`auth`] (caller key) → [`limits`] (per-caller rate and
+//! concurrency) → deadline → [`balance::request`] (Content-Type, size, body) →
+//! [`balance::service`], which answers from [`balance::cache`] or through one shared call to
+//! `bill24`. [`admin`] serves health, readiness, metrics and purge on its own listener;
+//! [`reload`] applies a re-read config; [`demo`] wires the simulator to a gateway.
+//!
+//! The files import each other in layers, lower never importing higher:
+//!
+//! 1. leaves, which import no layer: [`config`], [`error`] (the [`error::ErrorResponse`]
+//!    trait that each error type implements where it is defined, and the one renderer),
+//!    [`caller`] (who a caller is and its limits), [`correlation::context`] (request id and
+//!    trace), [`balance::code`] (`customer_sync_code`), [`balance::cache`], [`holding`],
+//!    [`metrics`], [`telemetry`];
+//! 2. [`request_state`], the one value the layers share about a request;
+//! 3. the layers and services: [`correlation`], [`access_log`], [`auth`], [`limits`],
+//!    [`balance::request`], [`balance::service`], [`stack`], [`admin`], [`connection`],
+//!    [`server`], [`reload`], [`demo`].
 //!
 //! [`Gateway::bind`] binds the sockets (port 0 works, for tests) and [`Gateway::run`] serves
-//! until the shutdown future resolves; a [`Reloader`] applies a re-read config meanwhile
-//! ([`reload`]).
+//! until the shutdown future resolves; a [`Reloader`] applies a re-read config meanwhile.
 
 #![forbid(unsafe_code)]
 
-pub mod access_log;
-pub mod admin;
-pub mod auth;
-pub mod balance;
-pub mod bill24;
+pub(crate) mod access_log;
+pub(crate) mod admin;
+pub(crate) mod auth;
+pub(crate) mod balance;
+pub(crate) mod caller;
 pub mod config;
-pub mod connection;
-pub mod correlation;
+pub(crate) mod connection;
+pub(crate) mod correlation;
 pub mod demo;
-pub mod error;
-pub mod holding;
-pub mod limits;
-pub mod metrics;
-pub mod reload;
-pub mod request_state;
-pub mod secret;
-pub mod server;
-pub mod sim;
-pub mod stack;
-pub mod telemetry;
+pub(crate) mod error;
+pub(crate) mod holding;
+pub(crate) mod limits;
+pub(crate) mod metrics;
+#[cfg(test)]
+mod openapi_docs;
+pub(crate) mod reload;
+pub(crate) mod request_state;
+pub(crate) mod server;
+pub(crate) mod stack;
+pub(crate) mod telemetry;
+
+pub use auth::hash_key;
+pub use bill24::Secret;
+pub use reload::{ReloadReport, Reloader};
+pub use server::runtime;
+pub use telemetry::{LogHandle, init as init_logging};
+
+/// Internals the benchmarks and fuzz targets reach into; not an interface.
+#[doc(hidden)]
+pub mod internals {
+    pub use crate::access_log::{AccessSample, InFlight};
+    pub use crate::auth::{CallerKeys, bearer_key};
+    pub use crate::balance::cache::{BalanceCache, CacheStatus, Entry};
+    pub use crate::balance::code::validate_sync_code;
+    pub use crate::balance::request::{
+        CacheDirectives, is_json_content_type, parse_body, parse_body_json,
+    };
+    pub use crate::balance::service::{Balances, cached_response};
+    pub use crate::correlation::context::{RequestId, TraceContext};
+    pub use crate::metrics::Metrics;
+    pub use crate::stack::{StackParts, build as build_stack};
+}
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -56,14 +97,14 @@ use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+use bill24::Bill24;
+
 use crate::access_log::{AccessSample, InFlight};
 use crate::admin::Admin;
 use crate::auth::CallerKeys;
 use crate::balance::service::Balances;
-use crate::bill24::Bill24;
 use crate::config::Config;
 use crate::metrics::Metrics;
-pub use crate::reload::{ReloadReport, Reloader};
 
 /// Why the gateway could not start.
 #[derive(Debug, thiserror::Error)]

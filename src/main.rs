@@ -12,8 +12,8 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 
 use bill24_gateway::config::{self, Loaded};
-use bill24_gateway::sim::{self, SimConfig, Simulator};
-use bill24_gateway::{Gateway, Reloader, auth, demo, server, telemetry};
+use bill24_gateway::{Gateway, LogHandle, Reloader, demo, hash_key, init_logging};
+use bill24_sim::{self as sim, SimConfig, Simulator};
 
 /// mimalloc: measured faster than the system allocator on the hit path (README, Performance).
 /// Its v2 series: v3 serves many small allocations with an alignment on a slow over-allocating
@@ -64,7 +64,7 @@ struct SimulateArgs {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Some(Command::HashKey) => hash_key(),
+        Some(Command::HashKey) => print_key_hash(),
         Some(Command::Simulate(args)) => simulate(args),
         None if cli.check_config => check_config(cli.config),
         None => serve(cli.config, cli.demo),
@@ -92,7 +92,7 @@ fn check_config(path: Option<PathBuf>) -> Result<(), String> {
     Ok(())
 }
 
-fn hash_key() -> Result<(), String> {
+fn print_key_hash() -> Result<(), String> {
     const MAX_KEY_BYTES: u64 = 64 * 1024;
     let mut input = Vec::new();
     std::io::stdin()
@@ -107,18 +107,18 @@ fn hash_key() -> Result<(), String> {
     if key.is_empty() {
         return Err("no key on stdin (try: echo my-key | bill24-gateway hash-key)".into());
     }
-    println!("{}", hex::encode(auth::hash_key(key.as_bytes())));
+    println!("{}", hex::encode(hash_key(key.as_bytes())));
     Ok(())
 }
 
-/// The runtime for `threads` (see [`server::runtime`]).
+/// The runtime for `threads` (see [`bill24_gateway::runtime`]).
 fn runtime(threads: usize) -> Result<tokio::runtime::Runtime, String> {
-    server::runtime(threads).map_err(|e| format!("cannot start the runtime: {e}"))
+    bill24_gateway::runtime(threads).map_err(|e| format!("cannot start the runtime: {e}"))
 }
 
 fn serve(path: Option<PathBuf>, demo: bool) -> Result<(), String> {
     let loaded = load(path.clone())?;
-    let log = telemetry::init(&loaded.config.log)?;
+    let log = init_logging(&loaded.config.log)?;
     for warning in &loaded.warnings {
         tracing::warn!("{warning}");
     }
@@ -148,7 +148,7 @@ fn serve(path: Option<PathBuf>, demo: bool) -> Result<(), String> {
 
 /// On each SIGHUP, re-reads the config (file and environment) and applies it; an invalid one
 /// is rejected with a log line and the running config stays.
-async fn reload_on_sighup(path: Option<PathBuf>, reloader: Reloader, log: telemetry::LogHandle) {
+async fn reload_on_sighup(path: Option<PathBuf>, reloader: Reloader, log: LogHandle) {
     use tokio::signal::unix::{SignalKind, signal};
     let mut hangups = match signal(SignalKind::hangup()) {
         Ok(s) => s,

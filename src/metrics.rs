@@ -2,8 +2,11 @@
 //! listener. Names and labels are listed in README.md.
 
 use std::collections::HashMap;
-use std::sync::{Arc, RwLock};
+use std::sync::RwLock;
 use std::time::Duration;
+
+use bill24::circuit::CircuitState;
+use bill24::{Endpoint, Observer};
 
 use metrics::{Counter, Gauge, Histogram, Key, KeyName, Label, Metadata, Recorder, SharedString};
 use metrics_exporter_prometheus::{
@@ -34,22 +37,6 @@ const UPSTREAM_BUCKETS: &[f64] = &[
     0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
 ];
 
-/// Which Bill24 endpoint an upstream metric is about.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Endpoint {
-    Balance,
-    Authorize,
-}
-
-impl Endpoint {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Endpoint::Balance => "balance",
-            Endpoint::Authorize => "authorize",
-        }
-    }
-}
-
 /// Counters of `gateway_requests_total`, by caller, then (status, cache).
 type RequestSeries =
     HashMap<Box<str>, Vec<(u16, &'static str, Counter)>, foldhash::fast::RandomState>;
@@ -78,13 +65,11 @@ impl std::fmt::Debug for Metrics {
     }
 }
 
-impl Default for Metrics {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
 impl Metrics {
+    #[expect(
+        clippy::new_without_default,
+        reason = "one registry per gateway, made where the gateway is built; no default one"
+    )]
     pub fn new() -> Self {
         let builder = PrometheusBuilder::new()
             .set_buckets_for_metric(Matcher::Full(REQUEST_DURATION.into()), REQUEST_BUCKETS)
@@ -246,57 +231,12 @@ impl Metrics {
         counter
     }
 
-    /// One request sent to Bill24; `status` is the HTTP status, or `error` / `timeout`.
-    pub fn upstream(&self, endpoint: Endpoint, status: &str, bill24_code: &str, elapsed: Duration) {
-        let labels = vec![
-            Label::new("endpoint", endpoint.as_str()),
-            Label::new("status", status.to_string()),
-            Label::new("bill24_code", bill24_code.to_string()),
-        ];
-        register_counter(&self.recorder, UPSTREAM_REQUESTS_TOTAL, labels).increment(1);
-        self.recorder
-            .register_histogram(
-                &Key::from_parts(
-                    UPSTREAM_DURATION,
-                    vec![Label::new("endpoint", endpoint.as_str())],
-                ),
-                &metadata(),
-            )
-            .record(elapsed.as_secs_f64());
-    }
-
     pub fn coalesced(&self) {
         self.coalesced.increment(1);
     }
 
-    pub fn retry(&self) {
-        self.retries.increment(1);
-    }
-
-    pub fn retry_denied(&self) {
-        self.retries_denied.increment(1);
-    }
-
-    pub fn set_circuit_state(&self, state: crate::bill24::circuit::CircuitState) {
-        self.circuit_state.set(state as u8 as f64);
-    }
-
     pub fn refresh_ahead(&self) {
         self.refresh_ahead.increment(1);
-    }
-
-    pub fn circuit_opened(&self) {
-        self.circuit_opened.increment(1);
-    }
-
-    pub fn token_refresh(&self, success: bool) {
-        let result = if success { "success" } else { "failure" };
-        register_counter(
-            &self.recorder,
-            TOKEN_REFRESHES_TOTAL,
-            vec![Label::new("result", result)],
-        )
-        .increment(1);
     }
 
     pub fn set_cache_entries(&self, entries: u64) {
@@ -319,6 +259,52 @@ impl Metrics {
     }
 }
 
+/// What the Bill24 client reports.
+impl Observer for Metrics {
+    fn upstream(&self, endpoint: Endpoint, status: &str, bill24_code: &str, elapsed: Duration) {
+        let labels = vec![
+            Label::new("endpoint", endpoint.as_str()),
+            Label::new("status", status.to_string()),
+            Label::new("bill24_code", bill24_code.to_string()),
+        ];
+        register_counter(&self.recorder, UPSTREAM_REQUESTS_TOTAL, labels).increment(1);
+        self.recorder
+            .register_histogram(
+                &Key::from_parts(
+                    UPSTREAM_DURATION,
+                    vec![Label::new("endpoint", endpoint.as_str())],
+                ),
+                &metadata(),
+            )
+            .record(elapsed.as_secs_f64());
+    }
+
+    fn retry(&self) {
+        self.retries.increment(1);
+    }
+
+    fn retry_denied(&self) {
+        self.retries_denied.increment(1);
+    }
+
+    fn circuit(&self, state: CircuitState, opened: bool) {
+        self.circuit_state.set(state as u8 as f64);
+        if opened {
+            self.circuit_opened.increment(1);
+        }
+    }
+
+    fn token_refresh(&self, success: bool) {
+        let result = if success { "success" } else { "failure" };
+        register_counter(
+            &self.recorder,
+            TOKEN_REFRESHES_TOTAL,
+            vec![Label::new("result", result)],
+        )
+        .increment(1);
+    }
+}
+
 fn metadata() -> Metadata<'static> {
     Metadata::new(module_path!(), metrics::Level::INFO, Some(module_path!()))
 }
@@ -330,9 +316,6 @@ fn register_counter(
 ) -> Counter {
     recorder.register_counter(&Key::from_parts(name, labels), &metadata())
 }
-
-/// Shared handle, as the request path holds it.
-pub type SharedMetrics = Arc<Metrics>;
 
 #[cfg(test)]
 mod tests {

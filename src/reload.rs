@@ -10,7 +10,7 @@ use arc_swap::ArcSwap;
 use crate::access_log::AccessSample;
 use crate::auth::CallerKeys;
 use crate::balance::service::Balances;
-use crate::config::{Config, KeyHash};
+use crate::config::{CacheConfig, Config, KeyHash, LogConfig, ServerConfig, UpstreamConfig};
 
 /// What a reload did.
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -92,44 +92,119 @@ impl Reloader {
 }
 
 /// The changed keys that a running gateway cannot adopt.
+///
+/// Every field of every section is named here (no `..`): a key added to the config does not
+/// compile until it is listed, as restart-only or as applied by [`Reloader::apply`].
 fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
     let mut keys = Vec::new();
-    macro_rules! compare {
-        ($($section:ident . $key:ident),* $(,)?) => {
-            $(
-                if old.$section.$key != new.$section.$key {
-                    keys.push(concat!(stringify!($section), ".", stringify!($key)));
-                }
-            )*
-        };
-    }
-    compare!(
-        server.listen,
-        server.admin_listen,
-        server.max_body_bytes,
-        server.request_timeout,
-        server.shutdown_grace,
-        server.drain_delay,
-        server.header_read_timeout,
-        server.idle_timeout,
-        server.max_connections,
-        server.worker_threads,
-        upstream.base_url,
-        upstream.merchant_token,
-        upstream.client_id,
-        upstream.client_secret,
-        upstream.timeout,
-        upstream.connect_timeout,
-        upstream.max_in_flight,
-        upstream.queue_timeout,
-        upstream.token_refresh_margin,
-        upstream.retries,
-        upstream.retry_budget,
-        upstream.circuit_failures,
-        upstream.circuit_cooldown,
-        cache.max_entries,
-        log.format,
+    let mut compare = |key: &'static str, changed: bool| {
+        if changed {
+            keys.push(key);
+        }
+    };
+    let Config {
+        server,
+        upstream,
+        cache,
+        log,
+        callers: _, // applied
+    } = old;
+
+    let ServerConfig {
+        listen,
+        admin_listen,
+        max_body_bytes,
+        request_timeout,
+        shutdown_grace,
+        drain_delay,
+        header_read_timeout,
+        idle_timeout,
+        max_connections,
+        admin_key_sha256: _, // applied
+        worker_threads,
+    } = server;
+    let n = &new.server;
+    compare("server.listen", *listen != n.listen);
+    compare("server.admin_listen", *admin_listen != n.admin_listen);
+    compare("server.max_body_bytes", *max_body_bytes != n.max_body_bytes);
+    compare(
+        "server.request_timeout",
+        *request_timeout != n.request_timeout,
     );
+    compare("server.shutdown_grace", *shutdown_grace != n.shutdown_grace);
+    compare("server.drain_delay", *drain_delay != n.drain_delay);
+    compare(
+        "server.header_read_timeout",
+        *header_read_timeout != n.header_read_timeout,
+    );
+    compare("server.idle_timeout", *idle_timeout != n.idle_timeout);
+    compare(
+        "server.max_connections",
+        *max_connections != n.max_connections,
+    );
+    compare("server.worker_threads", *worker_threads != n.worker_threads);
+
+    let UpstreamConfig {
+        base_url,
+        merchant_token,
+        client_id,
+        client_secret,
+        timeout,
+        connect_timeout,
+        max_in_flight,
+        queue_timeout,
+        token_refresh_margin,
+        retries,
+        retry_budget,
+        circuit_failures,
+        circuit_cooldown,
+    } = upstream;
+    let n = &new.upstream;
+    compare("upstream.base_url", *base_url != n.base_url);
+    compare(
+        "upstream.merchant_token",
+        *merchant_token != n.merchant_token,
+    );
+    compare("upstream.client_id", *client_id != n.client_id);
+    compare("upstream.client_secret", *client_secret != n.client_secret);
+    compare("upstream.timeout", *timeout != n.timeout);
+    compare(
+        "upstream.connect_timeout",
+        *connect_timeout != n.connect_timeout,
+    );
+    compare("upstream.max_in_flight", *max_in_flight != n.max_in_flight);
+    compare("upstream.queue_timeout", *queue_timeout != n.queue_timeout);
+    compare(
+        "upstream.token_refresh_margin",
+        *token_refresh_margin != n.token_refresh_margin,
+    );
+    compare("upstream.retries", *retries != n.retries);
+    compare("upstream.retry_budget", *retry_budget != n.retry_budget);
+    compare(
+        "upstream.circuit_failures",
+        *circuit_failures != n.circuit_failures,
+    );
+    compare(
+        "upstream.circuit_cooldown",
+        *circuit_cooldown != n.circuit_cooldown,
+    );
+
+    let CacheConfig {
+        ttl: _, // applied
+        max_entries,
+        negative_ttl: _,   // applied
+        stale_if_error: _, // applied
+        refresh_ahead: _,  // applied
+        ttl_jitter: _,     // applied
+    } = cache;
+    compare("cache.max_entries", *max_entries != new.cache.max_entries);
+
+    let LogConfig {
+        format,
+        level: _,         // applied
+        access_sample: _, // applied
+    } = log;
+    compare("log.format", *format != new.log.format);
     keys
 }
 
@@ -148,7 +223,7 @@ mod tests {
         let mut new = config();
         new.server.listen = "127.0.0.1:1".parse().expect("addr");
         new.upstream.timeout = std::time::Duration::from_secs(1);
-        new.upstream.client_secret = crate::secret::Secret::new("other");
+        new.upstream.client_secret = bill24::Secret::new("other");
         new.cache.max_entries = 5;
         new.log.format = crate::config::LogFormat::Text;
         assert_eq!(

@@ -3,22 +3,30 @@
 //! caller (from authentication) and, for the access log line, what the balance path found.
 
 use std::sync::{Arc, Mutex, OnceLock};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use http::Request;
 use smol_str::SmolStr;
+use tokio::time::Instant;
 
-use crate::auth::Caller;
 use crate::balance::cache::CacheStatus;
-use crate::balance::request::SyncCode;
-use crate::correlation::{RequestId, TraceContext};
+use crate::balance::code::SyncCode;
+use crate::caller::Caller;
+use crate::correlation::context::{RequestId, TraceContext};
 
 #[derive(Clone)]
 pub struct RequestState(Arc<Inner>);
 
+/// The deadline of a request that went through no deadline layer (`server.request_timeout`'s
+/// default).
+const UNSET_DEADLINE: Duration = Duration::from_secs(10);
+
 struct Inner {
     /// When the request came in: its latency and its deadline count from here.
     start: Instant,
+    /// When the gateway gives up on it (504), as the deadline layer set it; Bill24 retries
+    /// keep to it too.
+    deadline: OnceLock<Instant>,
     id: RequestId,
     /// The caller's trace when it sent a valid `traceparent`; otherwise started on first use
     /// (a cache hit with the access log off never needs one).
@@ -45,6 +53,7 @@ impl RequestState {
         }
         RequestState(Arc::new(Inner {
             start: Instant::now(),
+            deadline: OnceLock::new(),
             id,
             trace: cell,
             caller: OnceLock::new(),
@@ -76,6 +85,19 @@ impl RequestState {
 
     pub fn start(&self) -> Instant {
         self.0.start
+    }
+
+    /// Sets the deadline, `timeout` from the start (once; a later call is ignored), and
+    /// returns the one in force.
+    pub fn set_deadline(&self, timeout: Duration) -> Instant {
+        *self.0.deadline.get_or_init(|| self.0.start + timeout)
+    }
+
+    pub fn deadline(&self) -> Instant {
+        *self
+            .0
+            .deadline
+            .get_or_init(|| self.0.start + UNSET_DEADLINE)
     }
 
     pub fn id(&self) -> &RequestId {

@@ -5,13 +5,14 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll, ready};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
 use futures_util::future::Either;
 use http::{Method, Request};
 use pin_project_lite::pin_project;
+use tokio::time::Instant;
 use tower::{BoxError, Layer, Service, ServiceBuilder};
 
 use crate::access_log::{AccessLogLayer, AccessSample, InFlight};
@@ -19,13 +20,13 @@ use crate::auth::{AuthLayer, CallerKeys};
 use crate::balance::request::ParseLayer;
 use crate::balance::service::{BalanceService, Balances};
 use crate::correlation::CorrelationLayer;
-use crate::error::{GatewayError, Rejection, Response, reject};
+use crate::error::{ErrorResponse, GatewayError, Rejection, Response, reject};
 use crate::limits::CallerLimitLayer;
 use crate::metrics::Metrics;
 use crate::request_state::RequestState;
 
 /// The one endpoint: the same path as Bill24's, so a service switches by its base URL.
-pub const BALANCE_PATH: &str = "/instant_payment/get_wallet_balance";
+pub use bill24::BALANCE_PATH;
 
 /// What the stack is built from.
 #[derive(Clone)]
@@ -76,7 +77,7 @@ where
         // 504 once `server.request_timeout` has passed.
         .layer(DeadlineLayer::new(parts.request_timeout))
         // 415, 413, 400; the validated query.
-        .layer(ParseLayer::new(parts.max_body_bytes, parts.request_timeout))
+        .layer(ParseLayer::new(parts.max_body_bytes))
         // Cache, coalescing, Bill24.
         .service(BalanceService::new(parts.balances.clone()))
 }
@@ -124,15 +125,13 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, req: Request<B>) -> Self::Future {
-        // From when the request came in, as the deadline Bill24 retries keep to.
-        let start = req
-            .extensions()
-            .get::<RequestState>()
-            .map_or_else(Instant::now, RequestState::start);
+    fn call(&mut self, mut req: Request<B>) -> Self::Future {
+        // From when the request came in; recorded in the request's state, where the balance
+        // path reads it for the deadline Bill24 retries keep to.
+        let deadline = RequestState::of(&mut req).set_deadline(self.deadline);
         DeadlineFuture {
             inner: self.inner.call(req),
-            deadline: start + self.deadline,
+            deadline,
             timer: None,
         }
     }
@@ -160,7 +159,7 @@ impl<F: Future<Output = Result<Response, Infallible>>> Future for DeadlineFuture
         let deadline = *this.deadline;
         let timer = this
             .timer
-            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline.into())));
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
         ready!(timer.as_mut().poll(cx));
         Poll::Ready(Ok(GatewayError::DeadlineExceeded.into_response()))
     }
@@ -189,7 +188,7 @@ where
 {
     type Response = Response;
     type Error = S::Error;
-    type Future = Either<Rejection<S::Error>, S::Future>;
+    type Future = Either<Rejection<GatewayError, S::Error>, S::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
         self.inner.poll_ready(cx)

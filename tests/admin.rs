@@ -4,7 +4,7 @@ mod common;
 
 use std::time::Duration;
 
-use bill24_gateway::sim::Fault;
+use bill24_sim::Fault;
 use common::*;
 use http::{Method, StatusCode};
 
@@ -192,7 +192,7 @@ async fn send_owned(req: http::Request<http_body_util::Full<bytes::Bytes>>) -> R
 async fn admin_key_guards_purges_only() {
     let admin_key = "admin-key-xyz";
     let app = spawn_app_with(|c| {
-        c.server.admin_key_sha256 = Some(bill24_gateway::auth::hash_key(admin_key.as_bytes()));
+        c.server.admin_key_sha256 = Some(bill24_gateway::hash_key(admin_key.as_bytes()));
     })
     .await;
     app.balance("A").await;
@@ -251,7 +251,7 @@ async fn reload_applies_in_place_and_reports_restart_only_keys() {
     let mut new = app.config.clone();
     new.callers.retain(|c| &*c.name == "billing");
     new.cache.ttl = Duration::ZERO;
-    new.server.admin_key_sha256 = Some(bill24_gateway::auth::hash_key(b"rotated-admin-key"));
+    new.server.admin_key_sha256 = Some(bill24_gateway::hash_key(b"rotated-admin-key"));
     new.server.request_timeout = Duration::from_secs(1);
     new.cache.max_entries = 7;
     let report = app.reloader.apply(new);
@@ -287,7 +287,7 @@ async fn reload_applies_in_place_and_reports_restart_only_keys() {
     let mut same = app.config.clone();
     same.callers.retain(|c| &*c.name == "billing");
     same.cache.ttl = Duration::ZERO;
-    same.server.admin_key_sha256 = Some(bill24_gateway::auth::hash_key(b"rotated-admin-key"));
+    same.server.admin_key_sha256 = Some(bill24_gateway::hash_key(b"rotated-admin-key"));
     same.server.request_timeout = Duration::from_secs(1);
     let report = app.reloader.apply(same);
     assert!(report.applied.is_empty(), "{report:?}");

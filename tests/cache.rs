@@ -6,7 +6,7 @@ mod common;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bill24_gateway::sim::Fault;
+use bill24_sim::Fault;
 use common::*;
 use futures_util::future::join_all;
 use http::{Method, StatusCode};

@@ -8,9 +8,11 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use bill24_gateway::sim::{SimConfig, Simulator};
+use tokio::time::Instant;
+
+use bill24_sim::{SimConfig, Simulator};
 use common::*;
 use http::StatusCode;
 
@@ -45,7 +47,7 @@ fn assert_one_line_failure(out: &Output, mentions: &str) {
 fn caller_block(name: &str, key: &str) -> String {
     format!(
         "[[callers]]\nname = \"{name}\"\nkey_sha256 = \"{}\"\n",
-        hex::encode(bill24_gateway::auth::hash_key(key.as_bytes()))
+        hex::encode(bill24_gateway::hash_key(key.as_bytes()))
     )
 }
 
@@ -293,8 +295,8 @@ fn gateway_toml(sim: &Simulator, extra: &str) -> String {
         "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n{extra}\n\
          [upstream]\nbase_url = \"{}\"\nmerchant_token = \"{}\"\nclient_id = \"{}\"\n\n{}{}",
         sim.base_url(),
-        bill24_gateway::sim::DEMO_MERCHANT_TOKEN,
-        bill24_gateway::sim::DEMO_CLIENT_ID,
+        bill24_sim::DEMO_MERCHANT_TOKEN,
+        bill24_sim::DEMO_CLIENT_ID,
         caller_block("orders", ORDERS_KEY),
         caller_block("billing", BILLING_KEY),
     )
@@ -311,7 +313,7 @@ async fn gateway_with_sim(
         .expect("sim");
     let mut all = vec![(
         "GATEWAY_UPSTREAM__CLIENT_SECRET",
-        bill24_gateway::sim::DEMO_CLIENT_SECRET,
+        bill24_sim::DEMO_CLIENT_SECRET,
     )];
     all.extend_from_slice(envs);
     let (gateway, dir) = Running::start(&[], &config(&sim), &all);
@@ -489,8 +491,8 @@ async fn access_log_lines_are_complete_and_output_has_no_secrets() {
     );
     let all = output.join("\n");
     for secret in [
-        bill24_gateway::sim::DEMO_MERCHANT_TOKEN,
-        bill24_gateway::sim::DEMO_CLIENT_SECRET,
+        bill24_sim::DEMO_MERCHANT_TOKEN,
+        bill24_sim::DEMO_CLIENT_SECRET,
         ORDERS_KEY,
         BILLING_KEY,
         wrong_key,
@@ -537,7 +539,7 @@ async fn one_worker_thread_serves_hits_while_a_miss_waits() {
     assert_eq!(first.status, StatusCode::OK);
     assert_eq!(first.header("x-cache"), Some("MISS"));
     let slow = slow_miss_in_flight(&sim, main, Duration::from_millis(1500)).await;
-    let start = std::time::Instant::now();
+    let start = Instant::now();
     let hit = post(main, Some(ORDERS_KEY), body_for("W"), &[]).await;
     assert_eq!(hit.status, StatusCode::OK);
     assert_eq!(hit.header("x-cache"), Some("HIT"));
@@ -680,10 +682,10 @@ async fn sighup_reloads_callers_cache_and_log_level() {
          [cache]\nttl = \"0s\"\n[log]\nlevel = \"warn\"\n\
          [[callers]]\nname = \"orders\"\nkey_sha256 = [\"{}\", \"{}\"]\n",
         sim.base_url(),
-        bill24_gateway::sim::DEMO_MERCHANT_TOKEN,
-        bill24_gateway::sim::DEMO_CLIENT_ID,
-        hex::encode(bill24_gateway::auth::hash_key(ORDERS_KEY.as_bytes())),
-        hex::encode(bill24_gateway::auth::hash_key(new_key.as_bytes())),
+        bill24_sim::DEMO_MERCHANT_TOKEN,
+        bill24_sim::DEMO_CLIENT_ID,
+        hex::encode(bill24_gateway::hash_key(ORDERS_KEY.as_bytes())),
+        hex::encode(bill24_gateway::hash_key(new_key.as_bytes())),
     );
     std::fs::write(dir.path().join("gw.toml"), rotated).expect("write");
     gw.signal("HUP");

@@ -3,7 +3,8 @@
 
 mod common;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
+use tokio::time::Instant;
 
 use bytes::Bytes;
 use common::*;
@@ -47,13 +48,13 @@ async fn known_caller_gets_bill24_body_byte_for_byte() {
     app.sim.set_wallets(
         "M005T",
         vec![
-            bill24_gateway::sim::Wallet {
+            bill24_sim::Wallet {
                 id: "w1".into(),
                 name: "Kouern Deav's Wallet(KHR)".into(),
                 balance: serde_json::Number::from(123_456_789_012_345_678i64),
                 currency: "KHR".into(),
             },
-            bill24_gateway::sim::Wallet {
+            bill24_sim::Wallet {
                 id: "w2".into(),
                 name: "Kouern Deav's Wallet(USD)".into(),
                 balance: serde_json::Number::from_f64(12.5).expect("finite"),

@@ -6,10 +6,11 @@ mod common;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+use tokio::time::Instant;
 
 use bill24_gateway::config::Config;
-use bill24_gateway::sim::{Fault, SimConfig, SimHandle, Simulator};
+use bill24_sim::{Fault, SimConfig, SimHandle, Simulator};
 use common::*;
 use futures_util::future::join_all;
 use http::StatusCode;

@@ -4,9 +4,10 @@
 mod common;
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+use tokio::time::Instant;
 
-use bill24_gateway::sim::{ExpireFormat, Fault, RefusalStyle, SimConfig};
+use bill24_sim::{ExpireFormat, Fault, RefusalStyle, SimConfig};
 use common::*;
 use futures_util::future::join_all;
 use http::StatusCode;
@@ -229,9 +230,9 @@ async fn authorize_request_has_bill24s_shape() {
     app.balance("C1").await;
     let auth = app.sim.last_authorize_request().expect("authorized");
     let body: serde_json::Value = serde_json::from_slice(&auth.body).expect("json");
-    assert_eq!(body["token"], bill24_gateway::sim::DEMO_MERCHANT_TOKEN);
-    assert_eq!(body["clientId"], bill24_gateway::sim::DEMO_CLIENT_ID);
-    assert_eq!(body["secret"], bill24_gateway::sim::DEMO_CLIENT_SECRET);
+    assert_eq!(body["token"], bill24_sim::DEMO_MERCHANT_TOKEN);
+    assert_eq!(body["clientId"], bill24_sim::DEMO_CLIENT_ID);
+    assert_eq!(body["secret"], bill24_sim::DEMO_CLIENT_SECRET);
     assert!(
         body.get("refreshToken").is_none(),
         "first authorize has no refresh token"
@@ -466,7 +467,7 @@ async fn authorize_down_at_start_then_recovers() {
 async fn bad_credentials_never_cost_one_authorize_per_request() {
     let app = Arc::new(
         spawn_app_with(|c| {
-            c.upstream.client_secret = bill24_gateway::secret::Secret::new("wrong");
+            c.upstream.client_secret = bill24_gateway::Secret::new("wrong");
         })
         .await,
     );

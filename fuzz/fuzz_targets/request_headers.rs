@@ -1,8 +1,7 @@
 //! The header parsers (Content-Type, Cache-Control, traceparent, X-Request-Id) on any value.
 #![no_main]
 
-use bill24_gateway::balance::request::{CacheDirectives, is_json_content_type};
-use bill24_gateway::correlation::{RequestId, TraceContext};
+use bill24_gateway::internals::{CacheDirectives, RequestId, TraceContext, is_json_content_type};
 use http::{HeaderMap, HeaderValue};
 use libfuzzer_sys::fuzz_target;
 

@@ -1,7 +1,7 @@
 //! Bill24's answers: the authorize answer (token, expiry) and a balance answer's code.
 #![no_main]
 
-use bill24_gateway::bill24::wire::{balance_code, parse_authorize, parse_expire_time};
+use bill24::wire::{balance_code, parse_authorize, parse_expire_time};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

@@ -3,14 +3,15 @@
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, LazyLock};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::HeaderValue;
 use moka::Expiry;
 use smol_str::SmolStr;
+use tokio::time::Instant;
 
-use super::request::SyncCode;
+use super::code::SyncCode;
 use crate::config::CacheConfig;
 
 /// What `X-Cache` says, and the `cache` label/log field.
@@ -144,14 +145,19 @@ pub fn fresh_for(cfg: &CacheConfig, bill24_code: &str, jitter_draw: f64) -> Opti
 
 /// Evicts each entry once it is neither fresh nor servable as stale. A replaced entry lives
 /// by the new entry's lifetime (moka's default would keep the old one's expiry).
+///
+/// moka evicts on its own clock (the std one, which paused test time does not move); whether
+/// an entry answers is decided by [`Entry::freshness`] on tokio's, so eviction only frees
+/// memory.
 struct EntryLifetime;
 
+#[allow(clippy::disallowed_types)] // moka's trait takes std's `Instant`.
 impl Expiry<SyncCode, Arc<Entry>> for EntryLifetime {
     fn expire_after_create(
         &self,
         _key: &SyncCode,
         value: &Arc<Entry>,
-        _created_at: Instant,
+        _created_at: std::time::Instant,
     ) -> Option<Duration> {
         Some(value.fresh_for + value.stale_for)
     }
@@ -160,7 +166,7 @@ impl Expiry<SyncCode, Arc<Entry>> for EntryLifetime {
         &self,
         _key: &SyncCode,
         value: &Arc<Entry>,
-        _updated_at: Instant,
+        _updated_at: std::time::Instant,
         _duration_until_expiry: Option<Duration>,
     ) -> Option<Duration> {
         Some(value.fresh_for + value.stale_for)

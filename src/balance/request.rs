@@ -7,29 +7,24 @@ use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use bytes::{Bytes, BytesMut};
 use http::header::{CACHE_CONTROL, CONTENT_TYPE};
-use http::{HeaderMap, Request};
+use http::{HeaderMap, Request, StatusCode};
 use http_body_util::BodyExt;
 use serde::Deserialize;
 use serde::de::{self, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use tower::{BoxError, Layer, Service, ServiceExt};
 
-use crate::error::{GatewayError, Response, reject};
+use super::code::{InvalidSyncCode, SyncCode, validate_sync_code};
+use crate::error::{ErrorResponse, GatewayError, Response, reject};
 use crate::request_state::RequestState;
 
-/// `customer_sync_code` is at most this many characters (Bill24's own limit).
-pub const MAX_SYNC_CODE_CHARS: usize = 50;
-
-/// A validated `customer_sync_code`: the cache key. Codes of up to 23 bytes (all the usual
-/// ones) are stored inline, so reading one from a request allocates nothing and a cache
-/// lookup compares it without following another pointer.
-pub type SyncCode = smol_str::SmolStr;
-
 /// Why a body was refused (all 400).
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, strum::EnumIter)]
 pub enum InvalidRequest {
     #[error("request body is not valid JSON")]
     NotJson,
@@ -43,26 +38,25 @@ pub enum InvalidRequest {
     MissingSyncCode,
     #[error("customer_sync_code must be a string")]
     SyncCodeNotString,
-    #[error("customer_sync_code must not be empty")]
-    SyncCodeEmpty,
-    #[error("customer_sync_code is longer than 50 characters")]
-    SyncCodeTooLong,
-    #[error("customer_sync_code must not contain control characters")]
-    SyncCodeControlChar,
+    #[error(transparent)]
+    SyncCode(#[from] InvalidSyncCode),
 }
 
-impl InvalidRequest {
-    pub fn code(&self) -> &'static str {
+impl ErrorResponse for InvalidRequest {
+    fn status(&self) -> StatusCode {
+        StatusCode::BAD_REQUEST
+    }
+
+    fn code(&self) -> &'static str {
         match self {
             InvalidRequest::NotJson => "invalid_json",
             InvalidRequest::NotObject
             | InvalidRequest::DuplicateField
             | InvalidRequest::Unreadable => "invalid_body",
             InvalidRequest::MissingSyncCode => "missing_customer_sync_code",
-            InvalidRequest::SyncCodeNotString
-            | InvalidRequest::SyncCodeEmpty
-            | InvalidRequest::SyncCodeTooLong
-            | InvalidRequest::SyncCodeControlChar => "invalid_customer_sync_code",
+            InvalidRequest::SyncCodeNotString | InvalidRequest::SyncCode(_) => {
+                "invalid_customer_sync_code"
+            }
         }
     }
 }
@@ -171,31 +165,6 @@ pub fn parse_body_json(body: &[u8]) -> Result<SyncCode, InvalidRequest> {
     };
     validate_sync_code(&code)?;
     Ok(SyncCode::new(code))
-}
-
-/// 1 to 50 Unicode scalar values, none of them a control character (category Cc).
-pub fn validate_sync_code(code: &str) -> Result<(), InvalidRequest> {
-    if code.is_empty() {
-        return Err(InvalidRequest::SyncCodeEmpty);
-    }
-    if code.is_ascii() {
-        // One byte per character; the control characters are below 0x20 and DEL.
-        if code.bytes().any(|b| b < 0x20 || b == 0x7f) {
-            return Err(InvalidRequest::SyncCodeControlChar);
-        }
-        return if code.len() > MAX_SYNC_CODE_CHARS {
-            Err(InvalidRequest::SyncCodeTooLong)
-        } else {
-            Ok(())
-        };
-    }
-    if code.chars().any(char::is_control) {
-        return Err(InvalidRequest::SyncCodeControlChar);
-    }
-    if code.chars().count() > MAX_SYNC_CODE_CHARS {
-        return Err(InvalidRequest::SyncCodeTooLong);
-    }
-    Ok(())
 }
 
 #[derive(Deserialize)]
@@ -349,15 +318,11 @@ pub struct BalanceQuery {
 #[derive(Clone, Copy, Debug)]
 pub struct ParseLayer {
     max_body_bytes: usize,
-    request_timeout: Duration,
 }
 
 impl ParseLayer {
-    pub fn new(max_body_bytes: usize, request_timeout: Duration) -> Self {
-        ParseLayer {
-            max_body_bytes,
-            request_timeout,
-        }
+    pub fn new(max_body_bytes: usize) -> Self {
+        ParseLayer { max_body_bytes }
     }
 }
 
@@ -368,7 +333,6 @@ impl<S> Layer<S> for ParseLayer {
         Parse {
             inner,
             max_body_bytes: self.max_body_bytes,
-            request_timeout: self.request_timeout,
         }
     }
 }
@@ -377,7 +341,6 @@ impl<S> Layer<S> for ParseLayer {
 pub struct Parse<S> {
     inner: S,
     max_body_bytes: usize,
-    request_timeout: Duration,
 }
 
 impl<S, B> Service<Request<B>> for Parse<S>
@@ -406,16 +369,21 @@ where
         }
         let directives = CacheDirectives::from_headers(req.headers());
         let state = RequestState::of(&mut req);
-        let deadline = state.start() + self.request_timeout;
+        let deadline = state.deadline();
         let inner = self.inner.clone();
         Box::pin(async move {
             let bytes = match read_body(req.into_body(), limit).await {
                 Ok(bytes) => bytes,
-                Err(e) => return Ok(e.into_response()),
+                Err(BodyError::TooLarge) => {
+                    return Ok(GatewayError::PayloadTooLarge { limit }.into_response());
+                }
+                Err(BodyError::Unreadable) => {
+                    return Ok(InvalidRequest::Unreadable.into_response());
+                }
             };
             let customer_sync_code = match parse_body(&bytes) {
                 Ok(code) => code,
-                Err(e) => return Ok(GatewayError::from(e).into_response()),
+                Err(e) => return Ok(e.into_response()),
             };
             state.customer_sync_code(&customer_sync_code);
             inner
@@ -430,9 +398,16 @@ where
     }
 }
 
+/// Why a body could not be read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BodyError {
+    TooLarge,
+    Unreadable,
+}
+
 /// Reads a whole body of at most `limit` bytes. A body that arrives in one frame (the usual
 /// case) is returned as is, without a copy, as soon as that frame is in.
-pub async fn read_body<B>(body: B, limit: usize) -> Result<Bytes, GatewayError>
+pub async fn read_body<B>(body: B, limit: usize) -> Result<Bytes, BodyError>
 where
     B: http_body::Body<Data = Bytes>,
     B::Error: Into<BoxError>,
@@ -442,13 +417,13 @@ where
     let mut joined: Option<BytesMut> = None;
     let mut total = 0usize;
     while let Some(frame) = body.as_mut().frame().await {
-        let frame = frame.map_err(|_| GatewayError::from(InvalidRequest::Unreadable))?;
+        let frame = frame.map_err(|_| BodyError::Unreadable)?;
         let Ok(data) = frame.into_data() else {
             continue; // trailers
         };
         total = total.saturating_add(data.len());
         if total > limit {
-            return Err(GatewayError::PayloadTooLarge { limit });
+            return Err(BodyError::TooLarge);
         }
         match (&first, &mut joined) {
             (None, _) => first = Some(data),
@@ -494,10 +469,7 @@ mod tests {
         let many = read_body(frames(vec![b"ab", b"cd", b"ef"]), 6).await;
         assert_eq!(many.ok().as_deref(), Some(&b"abcdef"[..]));
         let over = read_body(frames(vec![b"ab", b"cd", b"efg"]), 6).await;
-        assert!(matches!(
-            over,
-            Err(GatewayError::PayloadTooLarge { limit: 6 })
-        ));
+        assert_eq!(over, Err(BodyError::TooLarge));
         let empty = read_body(frames(vec![]), 6).await;
         assert_eq!(empty.ok().as_deref(), Some(&b""[..]));
     }
@@ -582,6 +554,7 @@ mod tests {
     #[test]
     fn invalid_bodies() {
         use InvalidRequest::*;
+        use InvalidSyncCode::*;
         let cases: &[(&[u8], InvalidRequest)] = &[
             (b"", NotJson),
             (b"   ", NotJson),
@@ -599,11 +572,20 @@ mod tests {
             (br#"{"customer_sync_code":["a"]}"#, SyncCodeNotString),
             (br#"{"customer_sync_code":{"a":1}}"#, SyncCodeNotString),
             (br#"{"customer_sync_code":true}"#, SyncCodeNotString),
-            (br#"{"customer_sync_code":""}"#, SyncCodeEmpty),
-            (br#"{"customer_sync_code":"a\u0000b"}"#, SyncCodeControlChar),
-            (br#"{"customer_sync_code":"a\nb"}"#, SyncCodeControlChar),
-            (br#"{"customer_sync_code":"a\u007fb"}"#, SyncCodeControlChar),
-            (br#"{"customer_sync_code":"a\u0085b"}"#, SyncCodeControlChar),
+            (br#"{"customer_sync_code":""}"#, SyncCode(Empty)),
+            (
+                br#"{"customer_sync_code":"a\u0000b"}"#,
+                SyncCode(ControlChar),
+            ),
+            (br#"{"customer_sync_code":"a\nb"}"#, SyncCode(ControlChar)),
+            (
+                br#"{"customer_sync_code":"a\u007fb"}"#,
+                SyncCode(ControlChar),
+            ),
+            (
+                br#"{"customer_sync_code":"a\u0085b"}"#,
+                SyncCode(ControlChar),
+            ),
             (
                 br#"{"customer_sync_code":"a","customer_sync_code":"b"}"#,
                 DuplicateField,
@@ -618,21 +600,7 @@ mod tests {
             );
         }
         let long = format!(r#"{{"customer_sync_code":"{}"}}"#, "x".repeat(51));
-        assert_eq!(parse_body(long.as_bytes()), Err(SyncCodeTooLong));
-        // Characters, not bytes: 50 of them pass however they are encoded.
-        assert!(validate_sync_code(&"x".repeat(50)).is_ok());
-        assert!(validate_sync_code(&format!("{}é", "x".repeat(49))).is_ok());
-        assert_eq!(
-            validate_sync_code(&format!("{}é", "x".repeat(50))),
-            Err(SyncCodeTooLong)
-        );
-        for control in ["x\u{1f}", "x\u{7f}y", "\u{0}", "é\u{1f}", "é\u{85}"] {
-            assert_eq!(
-                validate_sync_code(control),
-                Err(SyncCodeControlChar),
-                "{control:?}"
-            );
-        }
+        assert_eq!(parse_body(long.as_bytes()), Err(SyncCode(TooLong)));
         let deep = format!("{{\"x\":{}{}}}", "[".repeat(10_000), "]".repeat(10_000));
         assert!(
             parse_body(deep.as_bytes()).is_err(),

@@ -8,88 +8,66 @@
 //! shard's lock, and a finished fetch stores its answer before leaving the map, so a request
 //! sees either the fetch or its stored answer — never neither, which would cost a second call.
 
-use std::collections::HashMap;
 use std::convert::Infallible;
 use std::future::Future;
-use std::hash::{BuildHasher, RandomState};
 use std::pin::Pin;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
-use std::time::Instant;
 
 use arc_swap::ArcSwap;
+use bill24::{Answer, BalanceCall, Bill24, Failure, UpstreamError};
 use bytes::Bytes;
 use futures_util::future::{Either, Ready, ready};
 use http::header::CONTENT_TYPE;
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use http_body_util::Full;
-use tokio::sync::{Mutex, Notify};
+use singleflight::{Flight, Flights, Guard};
+use tokio::time::Instant;
 use tower::Service;
 
 use super::cache::{BalanceCache, CacheStatus, Entry, Freshness, fresh_for};
-use super::request::{BalanceQuery, SyncCode};
-use crate::bill24::{Answer, BalanceCall, Bill24, Failure};
+use super::code::SyncCode;
+use super::request::BalanceQuery;
 use crate::config::CacheConfig;
-use crate::error::{GatewayError, Response};
+use crate::error::{ErrorResponse, Response, set_retry_after};
 use crate::metrics::Metrics;
 
 const X_CACHE: HeaderName = HeaderName::from_static("x-cache");
 const SHARDS: usize = 64;
 
 type FetchResult = Arc<Result<Answer, Failure>>;
-type FlightMap = HashMap<SyncCode, Arc<Flight>>;
 
-/// One Bill24 call in flight and the requests waiting on it.
-struct Flight {
-    result: OnceLock<FetchResult>,
-    /// Wakes the waiters once `result` is set, the longest-waiting first: one `Notify` keeps
-    /// its waiters in arrival order (a `watch` channel spreads its receivers over several
-    /// lists and wakes them in no particular order, so the first request to arrive could be
-    /// answered last, a whole fan-out later).
-    done: Notify,
-    /// Whether the answer may be stored: false only while every waiter said `no-store`.
+/// Bill24's failures, as the caller gets them (the statuses are Bill24's own to say).
+impl ErrorResponse for UpstreamError {
+    fn status(&self) -> StatusCode {
+        UpstreamError::status(self)
+    }
+
+    fn code(&self) -> &'static str {
+        UpstreamError::code(self)
+    }
+
+    fn headers(&self, headers: &mut HeaderMap) {
+        if let Some(wait) = self.retry_after() {
+            set_retry_after(headers, wait);
+        }
+    }
+}
+
+/// One Bill24 call in flight for a key, and whether its answer may be stored.
+struct Fill {
+    flight: Arc<Flight<FetchResult>>,
+    /// False only while every waiter said `no-store`.
     store: AtomicBool,
 }
 
-impl Flight {
+impl Fill {
     fn new(store: bool) -> Arc<Self> {
-        Arc::new(Flight {
-            result: OnceLock::new(),
-            done: Notify::new(),
+        Arc::new(Fill {
+            flight: Arc::new(Flight::new()),
             store: AtomicBool::new(store),
         })
-    }
-
-    /// Sets the result (the first one set stays) and wakes every waiter.
-    fn finish(&self, result: FetchResult) {
-        let _ = self.result.set(result);
-        self.done.notify_waiters();
-    }
-
-    async fn wait(&self) -> FetchResult {
-        loop {
-            let notified = self.done.notified();
-            let mut notified = std::pin::pin!(notified);
-            // In the waiter list before looking, so a result set in between still wakes us.
-            notified.as_mut().enable();
-            if let Some(result) = self.result.get() {
-                return result.clone();
-            }
-            notified.await;
-        }
-    }
-}
-
-/// Finishes a flight whose fetch ended without a result (its task was dropped): the waiters
-/// get a failure rather than waiting forever.
-struct FinishOnDrop(Arc<Flight>);
-
-impl Drop for FinishOnDrop {
-    fn drop(&mut self) {
-        if self.0.result.get().is_none() {
-            self.0.finish(abandoned());
-        }
     }
 }
 
@@ -98,8 +76,7 @@ pub struct Balances {
     cache: BalanceCache,
     bill24: Arc<Bill24>,
     cache_config: ArcSwap<CacheConfig>,
-    flights: Box<[Mutex<FlightMap>]>,
-    hasher: RandomState,
+    fills: Flights<SyncCode, Fill>,
     metrics: Arc<Metrics>,
 }
 
@@ -111,6 +88,13 @@ pub enum FromCache {
     Missed,
     /// A fresh entry the caller's `Cache-Control` does not accept.
     Skipped,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Usable {
+    Yes,
+    Skipped,
+    No,
 }
 
 enum Lookup {
@@ -126,8 +110,7 @@ impl Balances {
             cache: BalanceCache::new(cache_config.max_entries),
             bill24,
             cache_config: ArcSwap::from_pointee(cache_config),
-            flights: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
-            hasher: RandomState::new(),
+            fills: Flights::new(SHARDS),
             metrics,
         })
     }
@@ -145,8 +128,16 @@ impl Balances {
         self.cache_config.store(Arc::new(cfg));
     }
 
-    fn shard(&self, code: &str) -> &Mutex<FlightMap> {
-        &self.flights[(self.hasher.hash_one(code) as usize) % self.flights.len()]
+    /// What a cached entry can do for `q` at `now`: answer it (fresh, and the caller's
+    /// `Cache-Control` accepts its age), be skipped by the caller, or nothing.
+    fn usable(entry: &Entry, q: &BalanceQuery, now: Instant) -> Usable {
+        if entry.freshness(now) != Freshness::Fresh {
+            Usable::No
+        } else if q.directives.accepts(entry.age(now)) {
+            Usable::Yes
+        } else {
+            Usable::Skipped
+        }
     }
 
     /// Answers a query from a fresh entry its `Cache-Control` accepts, without waiting on
@@ -156,11 +147,10 @@ impl Balances {
             return FromCache::Missed;
         };
         let now = Instant::now();
-        if entry.freshness(now) != Freshness::Fresh {
-            return FromCache::Missed;
-        }
-        if !q.directives.accepts(entry.age(now)) {
-            return FromCache::Skipped;
+        match Self::usable(&entry, q, now) {
+            Usable::No => return FromCache::Missed,
+            Usable::Skipped => return FromCache::Skipped,
+            Usable::Yes => {}
         }
         if entry.claim_refresh(now, self.cache_config.load().refresh_ahead) {
             tokio::spawn(self.clone().refresh_ahead(q.clone(), entry.clone()));
@@ -194,38 +184,42 @@ impl Balances {
     /// that appeared meanwhile answers instead.
     async fn lookup(self: Arc<Self>, q: &BalanceQuery, recheck: bool) -> Lookup {
         let store = !q.directives.no_store;
-        let mut flights = self.shard(&q.customer_sync_code).lock().await;
-        let flight = if let Some(flight) = flights.get(&q.customer_sync_code) {
-            if store {
-                flight.store.store(true, Ordering::Release);
-            }
-            self.metrics.coalesced();
-            flight.clone()
-        } else {
-            if recheck && let Some(e) = self.cache.get(&q.customer_sync_code) {
-                let now = Instant::now();
-                if e.freshness(now) == Freshness::Fresh && q.directives.accepts(e.age(now)) {
-                    return Lookup::Hit(e);
+        let joined = self.fills.with(&q.customer_sync_code, |fills| {
+            if let Some(fill) = fills.get(&q.customer_sync_code) {
+                if store {
+                    fill.store.store(true, Ordering::Release);
                 }
+                self.metrics.coalesced();
+                return Ok(fill.flight.clone());
             }
-            self.clone().start_flight(&mut flights, q, store)
-        };
-        drop(flights);
-        Lookup::Fetched(flight.wait().await)
+            if recheck
+                && let Some(e) = self.cache.get(&q.customer_sync_code)
+                && Self::usable(&e, q, Instant::now()) == Usable::Yes
+            {
+                return Err(e);
+            }
+            Ok(self.clone().start_fill(fills, q, store))
+        });
+        match joined {
+            Ok(flight) => Lookup::Fetched(flight.wait().await),
+            Err(entry) => Lookup::Hit(entry),
+        }
     }
 
-    /// Registers a fetch for `q`'s key and starts it.
-    fn start_flight(
+    /// Registers a fetch for `q`'s key (in its shard, locked by the caller) and starts it.
+    fn start_fill(
         self: Arc<Self>,
-        flights: &mut FlightMap,
+        fills: &mut std::collections::HashMap<SyncCode, Arc<Fill>>,
         q: &BalanceQuery,
         store: bool,
-    ) -> Arc<Flight> {
-        let flight = Flight::new(store);
-        flights.insert(q.customer_sync_code.clone(), flight.clone());
+    ) -> Arc<Flight<FetchResult>> {
+        let fill = Fill::new(store);
+        fills.insert(q.customer_sync_code.clone(), fill.clone());
+        let flight = fill.flight.clone();
         // The guard is moved in with the future: even a fetch dropped before it first runs
         // finishes its flight.
-        tokio::spawn(self.fetch(q.clone(), FinishOnDrop(flight.clone())));
+        let guard = Guard::new(flight.clone(), abandoned);
+        tokio::spawn(self.fetch(q.clone(), fill, guard));
         flight
     }
 
@@ -234,23 +228,23 @@ impl Balances {
     async fn refresh_ahead(self: Arc<Self>, mut q: BalanceQuery, entry: Arc<Entry>) {
         q.deadline = Instant::now() + self.bill24.timeout();
         q.state = q.state.detached();
-        let flight = {
-            let mut flights = self.shard(&q.customer_sync_code).lock().await;
-            if flights.contains_key(&q.customer_sync_code) {
-                return;
+        let flight = self.fills.with(&q.customer_sync_code, |fills| {
+            if fills.contains_key(&q.customer_sync_code) {
+                return None;
             }
             self.metrics.refresh_ahead();
-            self.clone().start_flight(&mut flights, &q, true)
-        };
+            Some(self.clone().start_fill(fills, &q, true))
+        });
+        let Some(flight) = flight else { return };
         if flight.wait().await.is_err() {
             // Let a later hit try again.
             entry.refreshing.store(false, Ordering::Release);
         }
     }
 
-    /// One Bill24 call on behalf of every request waiting on `flight`.
-    async fn fetch(self: Arc<Self>, q: BalanceQuery, guard: FinishOnDrop) {
-        let flight = &guard.0;
+    /// One Bill24 call on behalf of every request waiting on `fill`.
+    async fn fetch(self: Arc<Self>, q: BalanceQuery, fill: Arc<Fill>, guard: Guard<FetchResult>) {
+        let flight = guard.flight();
         let generation = self.cache.generation();
         let call = BalanceCall {
             customer_sync_code: &q.customer_sync_code,
@@ -260,20 +254,16 @@ impl Balances {
         };
         let result = self.bill24.balance(&call).await;
         if let Ok(answer) = &result
-            && flight.store.load(Ordering::Acquire)
+            && fill.store.load(Ordering::Acquire)
             && let Some(entry) = self.entry_for(answer)
         {
             self.cache
                 .insert_if_current(q.customer_sync_code.clone(), Arc::new(entry), generation);
         }
+        // Stored before the fill leaves the map, so a request sees either the fill or its
+        // stored answer.
         flight.finish(Arc::new(result));
-        let mut flights = self.shard(&q.customer_sync_code).lock().await;
-        if flights
-            .get(&q.customer_sync_code)
-            .is_some_and(|f| Arc::ptr_eq(f, flight))
-        {
-            flights.remove(&q.customer_sync_code);
-        }
+        self.fills.remove(&q.customer_sync_code, &fill);
     }
 
     /// The cache entry for an answer, when it may be cached at all.
@@ -307,7 +297,7 @@ impl Balances {
             }
         }
         q.state.cache(status);
-        GatewayError::Upstream(failure.error.clone()).into_response()
+        failure.error.clone().into_response()
     }
 }
 
@@ -335,7 +325,7 @@ fn stored_content_type(value: Option<&HeaderValue>) -> HeaderValue {
 
 fn abandoned() -> FetchResult {
     Arc::new(Err(Failure {
-        error: crate::bill24::UpstreamError::Unreachable,
+        error: UpstreamError::Unreachable,
         upstream_status: None,
         elapsed: None,
     }))
@@ -416,87 +406,5 @@ impl Service<BalanceQuery> for BalanceService {
         Either::Right(Box::pin(async move {
             Ok(balances.answer_from_upstream(q, skipped_fresh).await)
         }))
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use std::sync::Mutex as StdMutex;
-    use std::time::Duration;
-
-    fn answer(code: &str) -> FetchResult {
-        Arc::new(Ok(Answer {
-            status: StatusCode::OK,
-            content_type: None,
-            body: Bytes::from(format!(r#"{{"code":"{code}"}}"#)),
-            bill24_code: Some(code.into()),
-            elapsed: Duration::ZERO,
-        }))
-    }
-
-    /// Waiters that arrived one after another, woken by one finish: the order they resume in.
-    async fn wake_order(waiters: usize) -> Vec<usize> {
-        let flight = Flight::new(true);
-        let order = Arc::new(StdMutex::new(Vec::new()));
-        let mut tasks = Vec::new();
-        for i in 0..waiters {
-            let (flight, order) = (flight.clone(), order.clone());
-            tasks.push(tokio::spawn(async move {
-                let result = flight.wait().await;
-                assert!(result.is_ok());
-                order.lock().expect("order").push(i);
-            }));
-            // Let it run up to its wait before the next one arrives.
-            tokio::task::yield_now().await;
-        }
-        flight.finish(answer("000"));
-        for task in tasks {
-            task.await.expect("waiter");
-        }
-        order.lock().expect("order").clone()
-    }
-
-    #[tokio::test(flavor = "current_thread")]
-    async fn waiters_resume_in_the_order_they_came() {
-        // More than one batch of tokio's wake-ups (32).
-        assert_eq!(wake_order(200).await, (0..200).collect::<Vec<_>>());
-    }
-
-    #[tokio::test]
-    async fn a_late_waiter_gets_the_result_at_once_and_the_first_result_stays() {
-        let flight = Flight::new(true);
-        flight.finish(answer("000"));
-        flight.finish(answer("311"));
-        let result = tokio::time::timeout(Duration::from_secs(1), flight.wait())
-            .await
-            .expect("no wait");
-        let Ok(answer) = &*result else {
-            panic!("the first result")
-        };
-        assert_eq!(answer.bill24_code.as_deref(), Some("000"));
-    }
-
-    #[tokio::test]
-    async fn a_fetch_dropped_unfinished_fails_its_waiters() {
-        let flight = Flight::new(true);
-        let waiter = tokio::spawn({
-            let flight = flight.clone();
-            async move { flight.wait().await }
-        });
-        tokio::task::yield_now().await;
-        // As `start_flight` does: the guard made first and moved into the fetch, so even a
-        // fetch dropped before it ever ran finishes the flight.
-        let guard = FinishOnDrop(flight);
-        let fetch = async move {
-            let _guard = guard;
-            std::future::pending::<()>().await;
-        };
-        drop(fetch);
-        let result = tokio::time::timeout(Duration::from_secs(1), waiter)
-            .await
-            .expect("woken")
-            .expect("waiter");
-        assert!(result.is_err());
     }
 }

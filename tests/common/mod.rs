@@ -8,8 +8,8 @@ use std::sync::Once;
 use std::time::Duration;
 
 use bill24_gateway::config::{Config, KeyHashes, RawCaller, RawConfig};
-use bill24_gateway::sim::{SimConfig, SimHandle, Simulator};
-use bill24_gateway::{Gateway, StartError, auth};
+use bill24_gateway::{Gateway, StartError, hash_key};
+use bill24_sim::{SimConfig, SimHandle, Simulator};
 use bytes::Bytes;
 use http::{HeaderMap, Method, Request, StatusCode};
 use http_body_util::{BodyExt, Full};
@@ -27,7 +27,7 @@ pub fn init_test_log() {
     static ONCE: Once = Once::new();
     ONCE.call_once(|| {
         if std::env::var_os("TEST_LOG").is_some() {
-            let _ = bill24_gateway::telemetry::init(&bill24_gateway::config::LogConfig {
+            let _ = bill24_gateway::init_logging(&bill24_gateway::config::LogConfig {
                 format: bill24_gateway::config::LogFormat::Text,
                 level: "debug,hyper=info,h2=info".into(),
                 access_sample: 1.0,
@@ -42,22 +42,20 @@ pub fn raw_config(base_url: &str) -> RawConfig {
     raw.server.listen = "127.0.0.1:0".into();
     raw.server.admin_listen = "127.0.0.1:0".into();
     raw.upstream.base_url = base_url.into();
-    raw.upstream.merchant_token =
-        bill24_gateway::secret::Secret::new(bill24_gateway::sim::DEMO_MERCHANT_TOKEN);
-    raw.upstream.client_id = bill24_gateway::sim::DEMO_CLIENT_ID.into();
-    raw.upstream.client_secret =
-        bill24_gateway::secret::Secret::new(bill24_gateway::sim::DEMO_CLIENT_SECRET);
+    raw.upstream.merchant_token = bill24_gateway::Secret::new(bill24_sim::DEMO_MERCHANT_TOKEN);
+    raw.upstream.client_id = bill24_sim::DEMO_CLIENT_ID.into();
+    raw.upstream.client_secret = bill24_gateway::Secret::new(bill24_sim::DEMO_CLIENT_SECRET);
     raw.callers = vec![
         RawCaller {
             name: "orders".into(),
-            key_sha256: KeyHashes::One(hex::encode(auth::hash_key(ORDERS_KEY.as_bytes()))),
+            key_sha256: KeyHashes::One(hex::encode(hash_key(ORDERS_KEY.as_bytes()))),
             rate_limit_rps: 0.0,
             burst: 0,
             max_concurrent: 0,
         },
         RawCaller {
             name: "billing".into(),
-            key_sha256: KeyHashes::One(hex::encode(auth::hash_key(BILLING_KEY.as_bytes()))),
+            key_sha256: KeyHashes::One(hex::encode(hash_key(BILLING_KEY.as_bytes()))),
             rate_limit_rps: 0.0,
             burst: 0,
             max_concurrent: 0,

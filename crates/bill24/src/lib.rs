@@ -2,29 +2,88 @@
 //! `upstream.max_in_flight` at once, one shared token refresh and one retry on HTTP 401,
 //! retries (with backoff, within the caller's deadline and a retry budget) on connection
 //! failures, timeouts and 5xx, a circuit breaker, and each answer classified for the caller.
-//! Knows nothing of callers, the cache or serving.
+//! Knows nothing of callers, the cache or serving: the gateway hands it a [`Config`] and an
+//! [`Observer`] for its metrics, and gets [`Answer`]s or [`Failure`]s back.
+
+#![forbid(unsafe_code)]
 
 pub mod budget;
 pub mod circuit;
 pub mod client;
+mod secret;
 pub mod token;
 pub mod wire;
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::{AUTHORIZATION, CONTENT_TYPE};
-use http::{HeaderMap, HeaderValue, StatusCode};
+use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use smol_str::SmolStr;
 use tokio::sync::Semaphore;
+use tokio::time::Instant;
 
-use crate::config::UpstreamConfig;
-use crate::metrics::{Endpoint, Metrics};
 use budget::RetryBudget;
-use circuit::{Circuit, Transition};
+use circuit::{Circuit, CircuitState, Transition};
+pub use client::{AUTHORIZE_PATH, BALANCE_PATH};
 use client::{Reply, Transport, TransportError};
+pub use secret::{REDACTED, Secret};
 use token::{AccessToken, Credentials, TokenError, TokenManager};
+
+/// The correlation headers a balance call carries (CONTRACT §4).
+pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+pub const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
+
+/// How to reach Bill24 and how hard to try: the gateway's `[upstream]` section, validated.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Config {
+    /// `http://` or `https://` origin (plus optional path prefix), without a trailing `/`.
+    pub base_url: String,
+    pub merchant_token: Secret,
+    pub client_id: String,
+    pub client_secret: Secret,
+    pub timeout: Duration,
+    pub connect_timeout: Duration,
+    pub max_in_flight: usize,
+    pub queue_timeout: Duration,
+    pub token_refresh_margin: Duration,
+    pub retries: u32,
+    pub retry_budget: f64,
+    pub circuit_failures: u32,
+    pub circuit_cooldown: Duration,
+}
+
+/// Which Bill24 endpoint a call went to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Endpoint {
+    Balance,
+    Authorize,
+}
+
+impl Endpoint {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Endpoint::Balance => "balance",
+            Endpoint::Authorize => "authorize",
+        }
+    }
+}
+
+/// What the client reports as it works, for the owner's metrics.
+pub trait Observer: Send + Sync + 'static {
+    /// One request sent to Bill24: `status` is the HTTP status, or `error` / `timeout`;
+    /// `bill24_code` the answer's body code, `-` when none.
+    fn upstream(&self, endpoint: Endpoint, status: &str, bill24_code: &str, elapsed: Duration);
+    /// A balance call that is a retry.
+    fn retry(&self);
+    /// A retry not made because the retry budget was spent.
+    fn retry_denied(&self);
+    /// The circuit breaker moved to `state` (`opened`: it has just opened).
+    fn circuit(&self, state: CircuitState, opened: bool);
+    /// One authorize call (refreshes included) and whether it produced a token.
+    fn token_refresh(&self, success: bool);
+}
 
 /// Retries are spread over this window when counted against the budget.
 const RETRY_BUDGET_WINDOW: Duration = Duration::from_secs(10);
@@ -45,8 +104,9 @@ pub fn retry_backoff(retry: u32, jitter_draw: f64) -> Duration {
     step / 2 + (step / 2).mul_f64(jitter_draw.clamp(0.0, 1.0))
 }
 
-/// Why Bill24 gave no usable answer; each maps to 502, 503 or 504.
-#[derive(Debug, Clone, thiserror::Error)]
+/// Why Bill24 gave no usable answer; each maps to 502, 503 or 504. (`EnumIter` lists them
+/// for the checks of the gateway's API documents.)
+#[derive(Debug, Clone, thiserror::Error, strum::EnumIter)]
 pub enum UpstreamError {
     #[error("Bill24 did not answer in time")]
     Timeout,
@@ -172,12 +232,12 @@ pub struct Bill24 {
     retries: u32,
     budget: RetryBudget,
     circuit: Circuit,
-    metrics: Arc<Metrics>,
+    metrics: Arc<dyn Observer>,
 }
 
 impl Bill24 {
     /// Builds the client and starts the token manager (which asks for a token at once).
-    pub fn start(cfg: &UpstreamConfig, metrics: Arc<Metrics>) -> Result<Self, String> {
+    pub fn start(cfg: &Config, metrics: Arc<dyn Observer>) -> Result<Self, String> {
         let transport = Arc::new(Transport::new(cfg)?);
         let tokens = TokenManager::start(
             transport.clone(),
@@ -270,10 +330,10 @@ impl Bill24 {
         let Some(transition) = transition else {
             return;
         };
-        self.metrics.set_circuit_state(self.circuit.state());
+        self.metrics
+            .circuit(self.circuit.state(), transition == Transition::Opened);
         match transition {
             Transition::Opened => {
-                self.metrics.circuit_opened();
                 tracing::warn!(
                     "circuit to Bill24 opened: requests fail fast until a probe succeeds"
                 );
@@ -325,8 +385,8 @@ impl Bill24 {
         let mut headers = HeaderMap::with_capacity(4);
         headers.insert(AUTHORIZATION, token.authorization().clone());
         headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-        headers.insert(crate::correlation::X_REQUEST_ID, call.request_id.clone());
-        headers.insert(crate::correlation::TRACEPARENT, call.traceparent.clone());
+        headers.insert(X_REQUEST_ID, call.request_id.clone());
+        headers.insert(TRACEPARENT, call.traceparent.clone());
         let body = serde_json::to_vec(&wire::BalanceRequest {
             customer_sync_code: call.customer_sync_code,
         })
@@ -374,10 +434,6 @@ impl Bill24 {
 
     pub fn timeout(&self) -> Duration {
         self.transport.timeout()
-    }
-
-    pub fn circuit_state(&self) -> circuit::CircuitState {
-        self.circuit.state()
     }
 
     pub fn stop(&self) {

@@ -4,7 +4,9 @@
 //! circuit or opens it for another cool-down.
 
 use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 /// What the breaker lets a request do.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -8,19 +8,20 @@
 //! the backoff is refused at once rather than triggering an authorize of its own.
 
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::{ACCEPT, CONTENT_TYPE};
 use http::{HeaderMap, HeaderValue};
+use singleflight::{Flight, Guard};
 use time::OffsetDateTime;
-use tokio::sync::{Notify, watch};
+use tokio::sync::Notify;
 use tokio::task::JoinHandle;
+use tokio::time::Instant;
 
-use super::client::{Transport, TransportError};
-use super::wire::{self, AuthorizeRefused, AuthorizeRequest};
-use crate::metrics::{Endpoint, Metrics};
-use crate::secret::Secret;
+use crate::client::{Transport, TransportError};
+use crate::wire::{self, AuthorizeRefused, AuthorizeRequest};
+use crate::{Endpoint, Observer, Secret};
 
 const FIRST_BACKOFF: Duration = Duration::from_millis(250);
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
@@ -77,7 +78,7 @@ pub fn backoff(failures: u32) -> Duration {
     FIRST_BACKOFF.saturating_mul(1 << exp).min(MAX_BACKOFF)
 }
 
-#[derive(Debug, Clone, thiserror::Error)]
+#[derive(Debug, Clone, Default, thiserror::Error)]
 pub enum TokenError {
     #[error("Bill24 refused to issue an access token: {0}")]
     Refused(AuthorizeRefused),
@@ -87,6 +88,7 @@ pub enum TokenError {
     Transport(TransportError),
     #[error("the last token request failed; next one in {0:?}")]
     BackingOff(Duration),
+    #[default]
     #[error("the token request was abandoned")]
     Abandoned,
     #[error("Bill24 refused a token obtained moments ago; not asking for another yet")]
@@ -94,12 +96,13 @@ pub enum TokenError {
 }
 
 type AttemptResult = Result<Arc<AccessToken>, TokenError>;
+type Attempt = Arc<Flight<AttemptResult>>;
 
 struct State {
     token: Option<Arc<AccessToken>>,
     /// The refresh token of a token that was dropped because Bill24 refused it.
     orphan_refresh: Option<Secret>,
-    attempt: Option<watch::Receiver<Option<AttemptResult>>>,
+    attempt: Option<Attempt>,
     failures: u32,
     retry_at: Option<Instant>,
     /// When a refused token was last dropped.
@@ -110,7 +113,7 @@ struct Inner {
     transport: Arc<Transport>,
     credentials: Credentials,
     margin: Duration,
-    metrics: Arc<Metrics>,
+    metrics: Arc<dyn Observer>,
     state: Mutex<State>,
     /// Wakes the background refresher when the token or an attempt changes.
     changed: Notify,
@@ -130,7 +133,7 @@ impl TokenManager {
         transport: Arc<Transport>,
         credentials: Credentials,
         margin: Duration,
-        metrics: Arc<Metrics>,
+        metrics: Arc<dyn Observer>,
     ) -> Self {
         let inner = Arc::new(Inner {
             transport,
@@ -157,7 +160,7 @@ impl TokenManager {
     /// A valid token: the current one, the result of the attempt in flight, or of a new
     /// attempt when the backoff allows one.
     pub async fn token(&self) -> Result<Arc<AccessToken>, TokenError> {
-        let rx = {
+        let attempt = {
             let mut st = self.inner.lock();
             let now = Instant::now();
             if let Some(token) = st.token.as_ref().filter(|t| t.is_valid(now)) {
@@ -165,7 +168,7 @@ impl TokenManager {
             }
             self.inner.join_or_start(&mut st, now)?
         };
-        wait(rx).await
+        attempt.wait().await
     }
 
     /// Bill24 answered 401 to `refused`: drop it (once, however many requests saw the 401)
@@ -174,7 +177,7 @@ impl TokenManager {
         &self,
         refused: &Arc<AccessToken>,
     ) -> Result<Arc<AccessToken>, TokenError> {
-        let rx = {
+        let attempt = {
             let mut st = self.inner.lock();
             let now = Instant::now();
             match &st.token {
@@ -196,7 +199,7 @@ impl TokenManager {
             }
             self.inner.join_or_start(&mut st, now)?
         };
-        wait(rx).await
+        attempt.wait().await
     }
 
     /// Time left on the current token; `None` when there is none or its expiry is unknown.
@@ -226,15 +229,6 @@ impl TokenManager {
     }
 }
 
-async fn wait(
-    mut rx: watch::Receiver<Option<AttemptResult>>,
-) -> Result<Arc<AccessToken>, TokenError> {
-    match rx.wait_for(Option::is_some).await {
-        Ok(result) => result.clone().unwrap_or(Err(TokenError::Abandoned)),
-        Err(_) => Err(TokenError::Abandoned),
-    }
-}
-
 impl Inner {
     fn lock(&self) -> MutexGuard<'_, State> {
         // The state is plain data updated in short critical sections; a poisoned lock still
@@ -247,9 +241,11 @@ impl Inner {
         self: &Arc<Self>,
         st: &mut State,
         now: Instant,
-    ) -> Result<watch::Receiver<Option<AttemptResult>>, TokenError> {
-        if let Some(rx) = &st.attempt {
-            return Ok(rx.clone());
+    ) -> Result<Attempt, TokenError> {
+        // An attempt whose task was dropped unfinished has an (abandoned) result but is still
+        // registered: it is over, not joined.
+        if let Some(attempt) = st.attempt.as_ref().filter(|a| !a.is_finished()) {
+            return Ok(attempt.clone());
         }
         if let Some(at) = st.retry_at.filter(|at| now < *at) {
             return Err(TokenError::BackingOff(at - now));
@@ -257,9 +253,12 @@ impl Inner {
         Ok(self.start_attempt(st))
     }
 
-    fn start_attempt(self: &Arc<Self>, st: &mut State) -> watch::Receiver<Option<AttemptResult>> {
-        let (tx, rx) = watch::channel(None);
-        st.attempt = Some(rx.clone());
+    fn start_attempt(self: &Arc<Self>, st: &mut State) -> Attempt {
+        let attempt = Arc::new(Flight::new());
+        st.attempt = Some(attempt.clone());
+        // Made before the task and moved into it: waiters get `Abandoned` rather than waiting
+        // for ever if the task is dropped (the runtime shutting down).
+        let guard = Guard::new(attempt.clone(), || Err(TokenError::Abandoned));
         let refresh = st
             .token
             .as_ref()
@@ -291,9 +290,9 @@ impl Inner {
                 }
             }
             inner.changed.notify_one();
-            let _ = tx.send(Some(result));
+            guard.flight().finish(result);
         });
-        rx
+        attempt
     }
 
     /// One attempt: the refresh token first when there is one, then a full authorize.
@@ -423,7 +422,7 @@ impl Inner {
     /// When the refresher should next act, or None to wait for a change.
     fn next_due(&self) -> Option<Instant> {
         let st = self.lock();
-        if st.attempt.is_some() {
+        if st.attempt.as_ref().is_some_and(|a| !a.is_finished()) {
             return None;
         }
         let due = match &st.token {
@@ -442,7 +441,7 @@ async fn refresher(inner: Arc<Inner>) {
             Some(due) if due <= Instant::now() => {
                 {
                     let mut st = inner.lock();
-                    if st.attempt.is_none() {
+                    if st.attempt.as_ref().is_none_or(|a| a.is_finished()) {
                         inner.start_attempt(&mut st);
                     }
                 }
@@ -450,7 +449,7 @@ async fn refresher(inner: Arc<Inner>) {
             }
             Some(due) => {
                 tokio::select! {
-                    _ = tokio::time::sleep_until(due.into()) => {}
+                    _ = tokio::time::sleep_until(due) => {}
                     _ = changed => {}
                 }
             }

@@ -6,12 +6,17 @@
 //!
 //! Control it in-process through [`SimHandle`], or over HTTP: `GET /_sim/stats` and
 //! `POST /_sim/control` (see [`Control`]).
+//!
+//! Token lifetimes run on tokio's clock, so tests on paused time see tokens expire when they
+//! advance it.
+
+#![forbid(unsafe_code)]
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::{AUTHORIZATION, CONTENT_TYPE};
@@ -24,6 +29,7 @@ use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
+use tokio::time::Instant;
 
 /// Credentials the simulator accepts unless told otherwise (the demo uses them).
 pub const DEMO_MERCHANT_TOKEN: &str = "demo-merchant-token";
@@ -338,50 +344,80 @@ impl SimHandle {
         }
     }
 
+    // The setters below are shorthands for one-field [`Control`]s.
+
     pub fn set_latency(&self, latency: Duration) {
-        lock(&self.0.settings).latency = latency;
+        self.apply(&Control {
+            latency_ms: Some(millis(latency)),
+            ..Control::default()
+        });
     }
 
     pub fn set_authorize_latency(&self, latency: Duration) {
-        lock(&self.0.settings).authorize_latency = latency;
+        self.apply(&Control {
+            authorize_latency_ms: Some(millis(latency)),
+            ..Control::default()
+        });
     }
 
     /// A fault on every balance call until cleared with `None`.
     pub fn set_balance_fault(&self, fault: Option<Fault>) {
-        lock(&self.0.settings).balance_fault = fault;
+        self.apply(&Control {
+            balance_fault: Some(fault),
+            ..Control::default()
+        });
     }
 
     /// A fault on the next `n` balance calls only.
     pub fn fail_next(&self, n: u64, fault: Fault) {
-        lock(&self.0.settings).fail_next = (n, Some(fault));
+        self.apply(&Control {
+            fail_next: Some((n, fault)),
+            ..Control::default()
+        });
     }
 
     pub fn set_authorize_fault(&self, fault: Option<Fault>) {
-        lock(&self.0.settings).authorize_fault = fault;
+        self.apply(&Control {
+            authorize_fault: Some(fault),
+            ..Control::default()
+        });
     }
 
     pub fn set_token_lifetime(&self, lifetime: Duration) {
-        lock(&self.0.settings).token_lifetime = lifetime;
+        self.apply(&Control {
+            token_lifetime_ms: Some(millis(lifetime)),
+            ..Control::default()
+        });
     }
 
     pub fn set_expire_format(&self, format: ExpireFormat) {
-        lock(&self.0.settings).expire_format = format;
+        self.apply(&Control {
+            expire_format: Some(format),
+            ..Control::default()
+        });
     }
 
     pub fn set_refusal_style(&self, style: RefusalStyle) {
-        lock(&self.0.settings).refusal_style = style;
+        self.apply(&Control {
+            refusal_style: Some(style),
+            ..Control::default()
+        });
     }
 
     /// Invalidates every access token issued so far (refresh tokens keep working).
     pub fn revoke_access_tokens(&self) {
-        lock(&self.0.tokens).access.clear();
+        self.apply(&Control {
+            revoke: Some(Revoke::Access),
+            ..Control::default()
+        });
     }
 
     /// Invalidates every access and refresh token issued so far.
     pub fn revoke_all_tokens(&self) {
-        let mut tokens = lock(&self.0.tokens);
-        tokens.access.clear();
-        tokens.refresh.clear();
+        self.apply(&Control {
+            revoke: Some(Revoke::All),
+            ..Control::default()
+        });
     }
 
     /// Sets the wallets a customer has (1 or 2 in real life).
@@ -787,6 +823,10 @@ fn wallet_id(code: &str, currency: &str) -> String {
     format!("w-{}-{}", code.len(), currency.to_ascii_lowercase())
 }
 
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
 fn random_hex(bytes: usize) -> String {
     (0..bytes)
         .map(|_| format!("{:02x}", rand::random::<u8>()))
@@ -839,7 +879,8 @@ mod tests {
             OffsetDateTime::from_unix_timestamp_nanos(1_740_995_926_938_657_100).expect("valid");
         let text = dotnet_time(t);
         assert_eq!(text, "2025-03-03T16:58:46.9386571+07:00");
-        assert_eq!(crate::bill24::wire::parse_expire_time(&text), Some(t));
+        let parsed = OffsetDateTime::parse(&text, &time::format_description::well_known::Rfc3339);
+        assert_eq!(parsed.ok(), Some(t));
     }
 
     #[test]

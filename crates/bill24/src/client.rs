@@ -2,8 +2,7 @@
 //! `https://`, plain `http://` for the simulator), the two endpoint URLs, and one POST with its
 //! deadline and a cap on the answer's size.
 
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::CONTENT_TYPE;
@@ -13,9 +12,9 @@ use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
+use tokio::time::Instant;
 
-use crate::config::UpstreamConfig;
-use crate::metrics::Endpoint;
+use crate::{Config, Endpoint};
 
 pub const AUTHORIZE_PATH: &str = "/merchantsecurity/authorize";
 pub const BALANCE_PATH: &str = "/instant_payment/get_wallet_balance";
@@ -68,7 +67,7 @@ pub struct Transport {
 }
 
 impl Transport {
-    pub fn new(cfg: &UpstreamConfig) -> Result<Self, String> {
+    pub fn new(cfg: &Config) -> Result<Self, String> {
         let url = |path: &str| -> Result<Uri, String> {
             format!("{}{}", cfg.base_url, path)
                 .parse::<Uri>()
@@ -182,6 +181,3 @@ fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
     }
     text
 }
-
-/// Shared transport.
-pub type SharedTransport = Arc<Transport>;

@@ -8,7 +8,9 @@
 //! the window the reserve is counted over.) Only requests that reach Bill24 touch it.
 
 use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 /// The window is this many slots; a deposit or withdrawal counts until its slot is reused.
 const SLOTS: usize = 10;

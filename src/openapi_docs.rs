@@ -1,0 +1,132 @@
+//! The OpenAPI documents (`openapi.yaml`, `openapi-admin.yaml`) against the error types: every
+//! status and code the code can produce is documented, and the documents list no code that
+//! nothing produces. The lists come from the error enums themselves (`strum::EnumIter`), so a
+//! new variant is checked without anyone adding it here. (Real responses against the documents
+//! are checked in `tests/openapi.rs` and by schemathesis in CI.)
+
+use std::collections::BTreeSet;
+
+use bill24::UpstreamError;
+use serde_json::Value;
+use strum::IntoEnumIterator;
+
+use crate::admin::AdminError;
+use crate::balance::code::InvalidSyncCode;
+use crate::balance::request::InvalidRequest;
+use crate::error::{ErrorResponse, GatewayError};
+
+fn load(text: &str) -> Value {
+    serde_norway::from_str(text).expect("the document is YAML")
+}
+
+/// Follows a local `$ref`.
+fn resolve<'a>(doc: &'a Value, value: &'a Value) -> &'a Value {
+    match value.get("$ref").and_then(Value::as_str) {
+        Some(reference) => {
+            let mut node = doc;
+            for part in reference.trim_start_matches("#/").split('/') {
+                node = &node[part];
+            }
+            resolve(doc, node)
+        }
+        None => value,
+    }
+}
+
+/// The documented response for a status: its own entry, or the `4XX`/`5XX` range.
+fn documented<'a>(doc: &'a Value, operation: &'a Value, status: u16) -> Option<&'a Value> {
+    let responses = &operation["responses"];
+    responses
+        .get(status.to_string())
+        .or_else(|| responses.get(format!("{}XX", status / 100)))
+        .map(|r| resolve(doc, r))
+}
+
+fn error_codes(doc: &Value) -> BTreeSet<String> {
+    doc["components"]["schemas"]["Error"]["properties"]["code"]["enum"]
+        .as_array()
+        .expect("an enum of codes")
+        .iter()
+        .filter_map(|c| c.as_str().map(str::to_string))
+        .collect()
+}
+
+/// (status, code) of every error the endpoint can answer with.
+fn endpoint_errors() -> Vec<(u16, &'static str)> {
+    fn of(e: &impl ErrorResponse) -> (u16, &'static str) {
+        (e.status().as_u16(), e.code())
+    }
+    let mut all: Vec<_> = GatewayError::iter().map(|e| of(&e)).collect();
+    for e in InvalidRequest::iter() {
+        match e {
+            InvalidRequest::SyncCode(_) => {
+                all.extend(InvalidSyncCode::iter().map(|c| of(&InvalidRequest::SyncCode(c))));
+            }
+            other => all.push(of(&other)),
+        }
+    }
+    all.extend(UpstreamError::iter().map(|e| of(&e)));
+    all
+}
+
+#[test]
+fn every_endpoint_error_is_documented_and_nothing_else() {
+    let doc = load(include_str!("../openapi.yaml"));
+    let operation = &doc["paths"][bill24::BALANCE_PATH]["post"];
+    let documented_codes = error_codes(&doc);
+    let mut produced = BTreeSet::new();
+    let errors = endpoint_errors();
+    assert!(
+        errors.len() >= 25,
+        "every variant of every type: {errors:?}"
+    );
+    for (status, code) in errors {
+        let response = documented(&doc, operation, status)
+            .unwrap_or_else(|| panic!("status {status} ({code}) is not documented"));
+        assert!(
+            response["content"].get("application/json").is_some(),
+            "{status}: gateway errors are JSON"
+        );
+        assert!(documented_codes.contains(code), "{code} is not documented");
+        produced.insert(code.to_string());
+    }
+    assert_eq!(
+        produced, documented_codes,
+        "documented codes nobody produces"
+    );
+}
+
+#[test]
+fn every_admin_error_is_documented_and_nothing_else() {
+    let doc = load(include_str!("../openapi-admin.yaml"));
+    let documented_codes = error_codes(&doc);
+    let mut produced = BTreeSet::new();
+    for e in AdminError::iter() {
+        let status = e.status().as_u16();
+        // Any path other than the documented ones is a 404; every other status belongs to an
+        // operation.
+        if status != 404 {
+            let somewhere = doc["paths"]
+                .as_object()
+                .expect("paths")
+                .values()
+                .flat_map(|item| item.as_object().into_iter().flat_map(|ops| ops.values()))
+                .any(|operation| documented(&doc, operation, status).is_some());
+            assert!(
+                somewhere,
+                "admin status {status} ({}) is not documented",
+                e.code()
+            );
+        }
+        assert!(
+            documented_codes.contains(e.code()),
+            "{} is not documented",
+            e.code()
+        );
+        produced.insert(e.code().to_string());
+    }
+    assert_eq!(
+        produced, documented_codes,
+        "documented codes nobody produces"
+    );
+}
