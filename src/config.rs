@@ -447,13 +447,13 @@ impl Provider for EnvLayer {
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum KeyKind {
+pub(crate) enum KeyKind {
     Text,
     Parsed,
 }
 
 /// Every settable key (`section.key`, or `callers`), derived from the defaults' own shape.
-fn known_keys() -> BTreeMap<String, KeyKind> {
+pub(crate) fn known_keys() -> BTreeMap<String, KeyKind> {
     let mut keys = BTreeMap::new();
     let kind_of = |v: &toml::Value| match v {
         toml::Value::String(_) => KeyKind::Text,
@@ -1116,10 +1116,20 @@ mod tests {
             jail.set_env("GATEWAY_UPSTREAM__CLIENT_SECRET", "very-secret-value");
             jail.set_env("GATEWAY_UPSTREAM__MERCHANT_TOKEN_FILE", "tok");
             let loaded = load_in_jail(None)?;
+            // The file's secret is in the validated config, where it is used...
+            assert_eq!(
+                loaded.config.upstream.merchant_token.expose(),
+                "file-token-value"
+            );
+            // ...and shows in none of the ways a config is printed.
             let text = to_redacted_toml(&loaded.raw).map_err(|e| e.to_string())?;
-            assert!(!text.contains("very-secret-value"), "{text}");
-            assert!(!text.contains("file-token-value"), "{text}");
+            let debug = format!("{loaded:?}");
+            for printed in [&text, &debug] {
+                assert!(!printed.contains("very-secret-value"), "{printed}");
+                assert!(!printed.contains("file-token-value"), "{printed}");
+            }
             assert!(text.contains("client_secret = \"[redacted]\""), "{text}");
+            assert!(text.contains("merchant_token_file = \"tok\""), "{text}");
             // The printed TOML is itself a valid config.
             let again: RawConfig = Figment::from(Toml::string(&text))
                 .extract()

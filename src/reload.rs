@@ -211,31 +211,153 @@ fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::RawConfig;
+    use crate::config::{RawConfig, known_keys};
+    use crate::metrics::Metrics;
+    use figment::Figment;
+    use figment::providers::{Format, Serialized, Toml};
+    use std::collections::BTreeSet;
 
-    fn config() -> Config {
-        RawConfig::default().validate().expect("defaults are valid")
+    const HASH: &str = "2c26b46b68ffc68ff99b453c1d30413413422d706483bfa0f98a5e886266e7ae";
+
+    /// A new value for every key (`*_file` keys change the secret they name, as the inline
+    /// form does).
+    fn changes() -> Vec<(&'static str, String)> {
+        let mut c: Vec<(&'static str, String)> = [
+            ("server.listen", "[server]\nlisten = \"127.0.0.1:1\""),
+            (
+                "server.admin_listen",
+                "[server]\nadmin_listen = \"127.0.0.1:2\"",
+            ),
+            ("server.max_body_bytes", "[server]\nmax_body_bytes = 1"),
+            (
+                "server.request_timeout",
+                "[server]\nrequest_timeout = \"1s\"",
+            ),
+            ("server.shutdown_grace", "[server]\nshutdown_grace = \"1s\""),
+            ("server.drain_delay", "[server]\ndrain_delay = \"1s\""),
+            (
+                "server.header_read_timeout",
+                "[server]\nheader_read_timeout = \"1s\"",
+            ),
+            ("server.idle_timeout", "[server]\nidle_timeout = \"1s\""),
+            ("server.max_connections", "[server]\nmax_connections = 1"),
+            ("server.worker_threads", "[server]\nworker_threads = 3"),
+            (
+                "upstream.base_url",
+                "[upstream]\nbase_url = \"http://127.0.0.1:10\"",
+            ),
+            (
+                "upstream.merchant_token",
+                "[upstream]\nmerchant_token = \"x\"",
+            ),
+            ("upstream.client_id", "[upstream]\nclient_id = \"x\""),
+            (
+                "upstream.client_secret",
+                "[upstream]\nclient_secret = \"x\"",
+            ),
+            ("upstream.timeout", "[upstream]\ntimeout = \"1s\""),
+            (
+                "upstream.connect_timeout",
+                "[upstream]\nconnect_timeout = \"2s\"",
+            ),
+            ("upstream.max_in_flight", "[upstream]\nmax_in_flight = 1"),
+            (
+                "upstream.queue_timeout",
+                "[upstream]\nqueue_timeout = \"2s\"",
+            ),
+            (
+                "upstream.token_refresh_margin",
+                "[upstream]\ntoken_refresh_margin = \"1s\"",
+            ),
+            ("upstream.retries", "[upstream]\nretries = 0"),
+            ("upstream.retry_budget", "[upstream]\nretry_budget = 0.5"),
+            (
+                "upstream.circuit_failures",
+                "[upstream]\ncircuit_failures = 1",
+            ),
+            (
+                "upstream.circuit_cooldown",
+                "[upstream]\ncircuit_cooldown = \"1s\"",
+            ),
+            ("cache.ttl", "[cache]\nttl = \"1s\""),
+            ("cache.max_entries", "[cache]\nmax_entries = 1"),
+            ("cache.negative_ttl", "[cache]\nnegative_ttl = \"1s\""),
+            ("cache.stale_if_error", "[cache]\nstale_if_error = \"1s\""),
+            ("cache.refresh_ahead", "[cache]\nrefresh_ahead = \"1s\""),
+            ("cache.ttl_jitter", "[cache]\nttl_jitter = 0.5"),
+            ("log.format", "[log]\nformat = \"text\""),
+            ("log.level", "[log]\nlevel = \"debug\""),
+            ("log.access_sample", "[log]\naccess_sample = 0.5"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k, v.to_string()))
+        .collect();
+        c.push((
+            "server.admin_key_sha256",
+            format!("[server]\nadmin_key_sha256 = \"{HASH}\""),
+        ));
+        c.push((
+            "callers",
+            format!("[[callers]]\nname = \"a\"\nkey_sha256 = \"{HASH}\""),
+        ));
+        c
     }
 
-    #[test]
-    fn every_runtime_key_is_either_reloadable_or_reported() {
-        let old = config();
-        let mut new = config();
-        new.server.listen = "127.0.0.1:1".parse().expect("addr");
-        new.upstream.timeout = std::time::Duration::from_secs(1);
-        new.upstream.client_secret = bill24::Secret::new("other");
-        new.cache.max_entries = 5;
-        new.log.format = crate::config::LogFormat::Text;
+    fn config(toml: &str) -> Config {
+        let base = "[upstream]\nbase_url = \"http://127.0.0.1:9\"\n";
+        let raw: RawConfig = Figment::from(Serialized::defaults(RawConfig::default()))
+            .merge(Toml::string(base))
+            .merge(Toml::string(toml))
+            .extract()
+            .expect("a valid change");
+        raw.validate().expect("valid")
+    }
+
+    /// Every key of the config, changed alone, is either applied at once or reported as
+    /// needing a restart: never silently ignored.
+    #[tokio::test]
+    async fn every_key_is_applied_or_reported() {
+        let changes = changes();
+        let listed: BTreeSet<&str> = changes.iter().map(|(k, _)| *k).collect();
+        let known: BTreeSet<String> = known_keys()
+            .into_keys()
+            .filter(|k| !k.ends_with("_file"))
+            .collect();
         assert_eq!(
-            restart_only_changes(&old, &new),
-            [
-                "server.listen",
-                "upstream.client_secret",
-                "upstream.timeout",
-                "cache.max_entries",
-                "log.format"
-            ]
+            known,
+            listed.iter().map(|k| k.to_string()).collect(),
+            "a change for every key"
         );
-        assert!(restart_only_changes(&old, &old).is_empty());
+        for (key, toml) in changes {
+            let old = config("");
+            let metrics = Arc::new(Metrics::new());
+            let bill24 =
+                Arc::new(bill24::Bill24::start(&old.upstream, metrics.clone()).expect("client"));
+            let reloader = Reloader::new(
+                old.clone(),
+                Arc::new(ArcSwap::from_pointee(CallerKeys::new(&old.callers))),
+                Balances::new(old.cache.clone(), bill24.clone(), metrics),
+                Arc::new(ArcSwap::from_pointee(old.server.admin_key_sha256)),
+                AccessSample::new(old.log.access_sample),
+            );
+            let new = config(&toml);
+            assert_ne!(old, new, "{key}: the change changes the config");
+            let report = reloader.apply(new);
+            let section = key.split('.').next().unwrap_or(key);
+            let applied = report.applied.contains(&key)
+                || (section == "cache" && report.applied.contains(&"cache"));
+            let reported = report.needs_restart == [key];
+            assert!(
+                applied != reported,
+                "{key}: applied {:?}, needs restart {:?}",
+                report.applied,
+                report.needs_restart
+            );
+            assert!(
+                report.needs_restart.is_empty() || report.applied.is_empty(),
+                "{key}: one or the other: {report:?}"
+            );
+            bill24.stop();
+        }
     }
 }

@@ -15,13 +15,19 @@ async fn health_and_readiness() {
     assert_eq!(r.status, StatusCode::OK);
     let r = app.admin(Method::GET, "/readyz", &[]).await;
     assert_eq!(r.status, StatusCode::OK);
+    // A 405's body names the methods its Allow header lists.
     let r = app.admin(Method::POST, "/healthz", &[]).await;
     assert_eq!(r.status, StatusCode::METHOD_NOT_ALLOWED);
+    assert_eq!(r.header("allow"), Some("GET, HEAD"));
+    assert_eq!(r.error_code(), "method_not_allowed");
+    assert_eq!(r.json()["message"], "method not allowed; use GET, HEAD");
     let r = app.admin(Method::GET, "/cache", &[]).await;
     assert_eq!(r.status, StatusCode::METHOD_NOT_ALLOWED);
     assert_eq!(r.header("allow"), Some("DELETE"));
+    assert_eq!(r.json()["message"], "method not allowed; use DELETE");
     let r = app.admin(Method::GET, "/nope", &[]).await;
     assert_eq!(r.status, StatusCode::NOT_FOUND);
+    assert_eq!(r.error_code(), "not_found");
 }
 
 /// Readiness does not follow Bill24: an outage must not pull every pod out of service.
@@ -229,8 +235,14 @@ async fn purge_paths_are_validated() {
     let app = spawn_app().await;
     let r = app.admin(Method::DELETE, "/cache/%FF%FE", &[]).await;
     assert_eq!(r.status, StatusCode::BAD_REQUEST);
+    assert_eq!(r.error_code(), "invalid_customer_sync_code");
+    assert_eq!(
+        r.json()["message"],
+        "the customer_sync_code in the path is not UTF-8 once percent-decoded"
+    );
     let r = app.admin(Method::DELETE, "/cache/", &[]).await;
     assert_eq!(r.status, StatusCode::BAD_REQUEST);
+    assert_eq!(r.json()["message"], "customer_sync_code must not be empty");
     let long = "a".repeat(51);
     let r = app
         .admin(Method::DELETE, &format!("/cache/{long}"), &[])

@@ -12,8 +12,9 @@ use futures_util::future::join_all;
 use http::{Method, StatusCode};
 
 /// First request MISS, then HIT with Age, from one Bill24 call; after the TTL, a MISS again.
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn miss_then_hit_then_miss_after_ttl() {
+    let clock = FrozenClock::start();
     let app = spawn_app_with(|c| c.cache.ttl = Duration::from_millis(1500)).await;
     let first = app.balance("M005T").await;
     assert_eq!((first.status, first.x_cache()), (StatusCode::OK, "MISS"));
@@ -26,13 +27,18 @@ async fn miss_then_hit_then_miss_after_ttl() {
     );
     assert_eq!(app.sim.balance_calls_for("M005T"), 1);
 
-    tokio::time::sleep(Duration::from_millis(1100)).await;
+    clock.advance(Duration::from_millis(999)).await;
+    let aged = app.balance("M005T").await;
+    assert_eq!(aged.header("age"), Some("0"), "whole seconds, rounded down");
+    clock.advance(Duration::from_millis(1)).await;
     let aged = app.balance("M005T").await;
     assert_eq!(aged.x_cache(), "HIT");
-    assert_eq!(aged.header("age"), Some("1"), "whole seconds, rounded down");
+    assert_eq!(aged.header("age"), Some("1"));
+    clock.advance(Duration::from_millis(499)).await;
+    assert_eq!(app.balance("M005T").await.x_cache(), "HIT", "until the ttl");
     assert_eq!(app.sim.balance_calls_for("M005T"), 1);
 
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    clock.advance(Duration::from_millis(1)).await;
     let expired = app.balance("M005T").await;
     assert_eq!(expired.x_cache(), "MISS");
     assert_eq!(app.sim.balance_calls_for("M005T"), 2);
@@ -59,8 +65,9 @@ async fn entries_are_shared_across_callers() {
 }
 
 /// "311" is passed through and not cached unless `negative_ttl` is set.
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn not_found_is_cached_only_under_negative_ttl() {
+    let clock = FrozenClock::start();
     let app = spawn_app().await;
     for _ in 0..2 {
         let r = app.balance("UNKNOWN-1").await;
@@ -74,7 +81,9 @@ async fn not_found_is_cached_only_under_negative_ttl() {
     let hit = app.balance("UNKNOWN-1").await;
     assert_eq!(hit.x_cache(), "HIT");
     assert_eq!(hit.json()["code"], "311");
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    clock.advance(Duration::from_millis(399)).await;
+    assert_eq!(app.balance("UNKNOWN-1").await.x_cache(), "HIT");
+    clock.advance(Duration::from_millis(1)).await;
     assert_eq!(app.balance("UNKNOWN-1").await.x_cache(), "MISS");
     assert_eq!(app.sim.balance_calls_for("UNKNOWN-1"), 2);
 }
@@ -140,22 +149,25 @@ async fn no_cache_fetches_fresh_and_stores() {
 }
 
 /// A refetched entry lives its own full TTL, not what was left of the one it replaced.
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn a_refetched_entry_gets_a_full_ttl() {
+    let clock = FrozenClock::start();
     let app = spawn_app_with(|c| c.cache.ttl = Duration::from_millis(600)).await;
     assert_eq!(app.balance("C1").await.x_cache(), "MISS");
-    tokio::time::sleep(Duration::from_millis(400)).await;
+    clock.advance(Duration::from_millis(400)).await;
     let r = app
         .balance_with("C1", &[("cache-control", "no-cache")])
         .await;
     assert_eq!(r.x_cache(), "BYPASS");
-    tokio::time::sleep(Duration::from_millis(350)).await;
+    clock.advance(Duration::from_millis(599)).await;
     assert_eq!(
         app.balance("C1").await.x_cache(),
         "HIT",
         "past the first entry's expiry"
     );
-    assert_eq!(app.sim.balance_calls_for("C1"), 2);
+    clock.advance(Duration::from_millis(1)).await;
+    assert_eq!(app.balance("C1").await.x_cache(), "MISS", "its own ttl");
+    assert_eq!(app.sim.balance_calls_for("C1"), 3);
 }
 
 /// `no-store` fetches fresh and leaves the cache as it was.
@@ -188,8 +200,9 @@ async fn no_store_fetches_fresh_without_storing() {
 }
 
 /// `max-age=N`: cache only if the entry is at most N seconds old; `max-age=0` always fetches.
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn max_age_bounds_the_entry_age() {
+    let clock = FrozenClock::start();
     let app = spawn_app().await;
     app.balance("C1").await;
     let r = app
@@ -202,8 +215,13 @@ async fn max_age_bounds_the_entry_age() {
     assert_eq!(r.x_cache(), "BYPASS");
     assert_eq!(app.sim.balance_calls_for("C1"), 2);
 
-    tokio::time::sleep(Duration::from_millis(1100)).await;
-    // The entry is now just over 1 s old (the max-age=0 fetch stored it again).
+    clock.advance(Duration::from_secs(1)).await;
+    // The entry is exactly 1 s old (the max-age=0 fetch stored it again).
+    let r = app
+        .balance_with("C1", &[("cache-control", "max-age=1")])
+        .await;
+    assert_eq!(r.x_cache(), "HIT", "at most N seconds old");
+    clock.advance(Duration::from_millis(1)).await;
     let r = app
         .balance_with("C1", &[("cache-control", "max-age=1")])
         .await;
@@ -222,8 +240,9 @@ async fn max_age_bounds_the_entry_age() {
 
 /// Under `stale_if_error`, an expired entry answers (STALE, with Age) when Bill24 fails; past
 /// the window, the failure shows.
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn stale_entry_answers_when_bill24_fails() {
+    let clock = FrozenClock::start();
     let app = spawn_app_with(|c| {
         c.cache.ttl = Duration::from_millis(300);
         c.cache.stale_if_error = Duration::from_millis(1200);
@@ -231,7 +250,7 @@ async fn stale_entry_answers_when_bill24_fails() {
     })
     .await;
     let fresh = app.balance("C1").await;
-    tokio::time::sleep(Duration::from_millis(400)).await;
+    clock.advance(Duration::from_millis(300)).await;
     for fault in [Fault::Status(503), Fault::Reset, Fault::Html] {
         app.sim.fail_next(1, fault);
         let stale = app.balance("C1").await;
@@ -245,22 +264,27 @@ async fn stale_entry_answers_when_bill24_fails() {
     }
     // Bill24 fine again: the expired entry is replaced.
     assert_eq!(app.balance("C1").await.x_cache(), "MISS");
-    // Past ttl + stale_if_error: no entry to fall back on.
-    tokio::time::sleep(Duration::from_millis(1600)).await;
+    // The last moment of ttl + stale_if_error, then past it: no entry to fall back on.
+    clock.advance(Duration::from_millis(1499)).await;
+    app.sim.fail_next(1, Fault::Status(500));
+    let stale = app.balance("C1").await;
+    assert_eq!((stale.x_cache(), stale.header("age")), ("STALE", Some("1")));
+    clock.advance(Duration::from_millis(1)).await;
     app.sim.fail_next(1, Fault::Status(500));
     assert_eq!(app.balance("C1").await.status, StatusCode::BAD_GATEWAY);
 }
 
 /// Without `stale_if_error` an expired entry is never served.
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn no_stale_without_stale_if_error() {
+    let clock = FrozenClock::start();
     let app = spawn_app_with(|c| {
         c.cache.ttl = Duration::from_millis(200);
         c.upstream.retries = 0;
     })
     .await;
     app.balance("C1").await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    clock.advance(Duration::from_millis(200)).await;
     app.sim.fail_next(1, Fault::Status(500));
     let r = app.balance("C1").await;
     assert_eq!(r.status, StatusCode::BAD_GATEWAY);
@@ -268,19 +292,31 @@ async fn no_stale_without_stale_if_error() {
 }
 
 /// Stale also covers a timeout and a token failure.
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn stale_covers_timeouts_and_token_failures() {
-    let app = spawn_app_with(|c| {
-        c.cache.ttl = Duration::from_millis(200);
-        c.cache.stale_if_error = Duration::from_secs(30);
-        c.upstream.timeout = Duration::from_millis(200);
-    })
-    .await;
+    let clock = FrozenClock::start();
+    let app = std::sync::Arc::new(
+        spawn_app_with(|c| {
+            c.cache.ttl = Duration::from_millis(200);
+            c.cache.stale_if_error = Duration::from_secs(30);
+            c.upstream.timeout = Duration::from_millis(200);
+            c.upstream.retries = 0;
+        })
+        .await,
+    );
     app.balance("C1").await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    clock.advance(Duration::from_millis(300)).await;
     app.sim.set_latency(Duration::from_millis(500));
-    assert_eq!(app.balance("C1").await.x_cache(), "STALE", "504 → stale");
+    let request = tokio::spawn({
+        let app = app.clone();
+        async move { app.balance("C1").await }
+    });
+    until("the call at Bill24", || app.sim.stats().in_flight == 1).await;
+    clock.advance(Duration::from_millis(200)).await;
+    let r = request.await.expect("request");
+    assert_eq!(r.x_cache(), "STALE", "504 → stale");
     app.sim.set_latency(Duration::ZERO);
+    clock.advance(Duration::from_millis(300)).await;
 
     app.sim.revoke_all_tokens();
     app.sim.set_authorize_fault(Some(Fault::Status(503)));

@@ -244,7 +244,7 @@ async fn oversized_bodies_are_413() {
         }
     }
     let _ = stream.write_all(b"0\r\n\r\n").await;
-    let text = read_response(&mut stream).await;
+    let (text, _) = read_response(&mut stream).await;
     assert!(text.starts_with("HTTP/1.1 413"), "{text}");
 
     // A Content-Length over the limit is refused before any of the body is sent.
@@ -255,7 +255,7 @@ async fn oversized_bodies_are_413() {
     );
     stream.write_all(head.as_bytes()).await.expect("write");
     let started = Instant::now();
-    let text = read_response(&mut stream).await;
+    let (text, _) = read_response(&mut stream).await;
     assert!(text.starts_with("HTTP/1.1 413"), "{text}");
     assert!(
         started.elapsed() < Duration::from_secs(2),
@@ -478,7 +478,7 @@ async fn http1_keep_alive_serves_several_requests_per_connection() {
             body.len()
         );
         stream.write_all(req.as_bytes()).await.expect("write");
-        let text = read_response(&mut stream).await;
+        let (text, _) = read_response(&mut stream).await;
         assert!(text.starts_with("HTTP/1.1 200"), "request {i}: {text}");
     }
 }
@@ -496,12 +496,8 @@ async fn malformed_http_is_refused_and_the_gateway_keeps_serving() {
     ] {
         let mut stream = TcpStream::connect(app.addr).await.expect("connect");
         stream.write_all(garbage).await.expect("write");
-        let text = read_response(&mut stream).await;
-        assert!(
-            text.is_empty() || text.starts_with("HTTP/1.1 4"),
-            "{:?} -> {text}",
-            String::from_utf8_lossy(garbage)
-        );
+        let (text, end) = read_response(&mut stream).await;
+        refused(&text, end, &String::from_utf8_lossy(garbage));
     }
     // An oversized header block.
     let mut stream = TcpStream::connect(app.addr).await.expect("connect");
@@ -510,20 +506,43 @@ async fn malformed_http_is_refused_and_the_gateway_keeps_serving() {
         "y".repeat(100_000)
     );
     let _ = stream.write_all(huge.as_bytes()).await;
-    let text = read_response(&mut stream).await;
-    assert!(text.is_empty() || text.starts_with("HTTP/1.1 4"), "{text}");
+    let (text, end) = read_response(&mut stream).await;
+    refused(&text, end, "an oversized header block");
 
     assert_eq!(app.balance("M005T").await.status, StatusCode::OK);
 }
 
+/// How reading a response ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum End {
+    /// A whole response (head and Content-Length body) arrived.
+    Complete,
+    /// The gateway closed the connection.
+    Closed,
+    /// Nothing more came for 5 s: the connection hangs.
+    Quiet,
+}
+
+/// A refusal of malformed input: a 4xx answer, or the connection closed; never a connection
+/// left hanging.
+fn refused(text: &str, end: End, what: &str) {
+    assert_ne!(end, End::Quiet, "{what}: the connection hangs ({text:?})");
+    if text.is_empty() {
+        assert_eq!(end, End::Closed, "{what}");
+    } else {
+        assert!(text.starts_with("HTTP/1.1 4"), "{what} -> {text}");
+    }
+}
+
 /// Reads one response (head and Content-Length body), or whatever arrives before the
-/// connection closes or goes quiet.
-async fn read_response(stream: &mut TcpStream) -> String {
+/// connection closes or goes quiet, and how it ended.
+async fn read_response(stream: &mut TcpStream) -> (String, End) {
     let mut buf = Vec::new();
     let mut chunk = [0u8; 4096];
-    loop {
+    let end = loop {
         match tokio::time::timeout(Duration::from_secs(5), stream.read(&mut chunk)).await {
-            Ok(Ok(0)) | Ok(Err(_)) | Err(_) => break,
+            Ok(Ok(0)) | Ok(Err(_)) => break End::Closed,
+            Err(_) => break End::Quiet,
             Ok(Ok(n)) => buf.extend_from_slice(&chunk[..n]),
         }
         let text = String::from_utf8_lossy(&buf);
@@ -538,9 +557,9 @@ async fn read_response(stream: &mut TcpStream) -> String {
                 })
                 .unwrap_or(0);
             if buf.len() >= head_end + 4 + length {
-                break;
+                break End::Complete;
             }
         }
-    }
-    String::from_utf8_lossy(&buf).into_owned()
+    };
+    (String::from_utf8_lossy(&buf).into_owned(), end)
 }

@@ -74,31 +74,44 @@ async fn client_errors_and_bad_bodies_are_not_retried() {
     assert_eq!(app.metric("gateway_upstream_retries_total").await, 0.0);
 }
 
-/// A retry never runs past the caller's deadline: the caller is answered by
+/// A retry never runs past the caller's deadline: the caller is answered at
 /// `request_timeout`, and no retry starts that could not finish before it.
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn retries_stay_inside_the_request_deadline() {
-    let app = spawn_app_with(|c| {
-        c.server.request_timeout = Duration::from_millis(400);
-        c.upstream.timeout = Duration::from_millis(300);
-        c.upstream.retries = 5;
-    })
-    .await;
+    let clock = FrozenClock::start();
+    let app = Arc::new(
+        spawn_app_with(|c| {
+            c.server.request_timeout = Duration::from_millis(400);
+            c.upstream.timeout = Duration::from_millis(300);
+            c.upstream.retries = 5;
+        })
+        .await,
+    );
     app.balance("warm-up").await;
     app.sim.set_balance_fault(Some(Fault::Hang));
-    let start = Instant::now();
-    let r = app.balance("C").await;
+    let request = tokio::spawn({
+        let app = app.clone();
+        async move { app.balance("C").await }
+    });
+    until("the first attempt", || app.sim.balance_calls_for("C") == 1).await;
+    // The first attempt times out at 300 ms; a retry follows its backoff (at most 25 ms).
+    clock.advance(Duration::from_millis(300)).await;
+    app.until_metric(&["gateway_upstream_retries_total"], 1.0)
+        .await;
+    clock.advance(Duration::from_millis(25)).await;
+    until("the retry", || app.sim.balance_calls_for("C") == 2).await;
+    clock.advance(Duration::from_millis(70)).await;
+    real_sleep(Duration::from_millis(50)).await;
+    assert!(!request.is_finished(), "answered before the deadline");
+    clock.advance(Duration::from_millis(5)).await;
+    let r = request.await.expect("request");
     assert_eq!(r.status, StatusCode::GATEWAY_TIMEOUT);
-    assert!(
-        start.elapsed() < Duration::from_millis(600),
-        "{:?}",
-        start.elapsed()
-    );
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    clock.advance(Duration::from_secs(5)).await;
+    real_sleep(Duration::from_millis(50)).await;
     assert_eq!(
         app.sim.balance_calls_for("C"),
         2,
-        "one retry fit, cut at the deadline"
+        "one retry fit, cut at the deadline; none after it"
     );
 }
 
@@ -118,10 +131,11 @@ async fn failing_bill24(retries: u32, retry_budget: f64) -> Arc<TestApp> {
 
 /// `n` requests for distinct keys (`prefix` and a number) in `lanes` concurrent lanes, each
 /// answered 502; the Bill24 calls they made.
-async fn failing_requests(app: &Arc<TestApp>, prefix: &str, n: usize, lanes: usize) -> u64 {
+async fn failing_requests(app: Arc<TestApp>, prefix: String, n: usize, lanes: usize) -> u64 {
     let before = app.sim.balance_calls();
     join_all((0..lanes).map(|lane| {
         let app = app.clone();
+        let prefix = prefix.clone();
         async move {
             for i in (lane..n).step_by(lanes) {
                 let r = app.balance(&format!("{prefix}{i}")).await;
@@ -133,13 +147,29 @@ async fn failing_requests(app: &Arc<TestApp>, prefix: &str, n: usize, lanes: usi
     app.sim.balance_calls() - before
 }
 
+/// On a frozen clock: `n` failing requests at once; once every first attempt has been
+/// refused and its retry granted or denied, the clock moves past the longest backoff
+/// (25 ms) so the granted retries go out. The Bill24 calls they made.
+async fn failing_burst(app: &Arc<TestApp>, clock: &FrozenClock, prefix: &str, n: usize) -> u64 {
+    const DECIDED: [&str; 2] = [
+        "gateway_upstream_retries_total",
+        "gateway_upstream_retries_denied_total",
+    ];
+    let text = app.metrics().await;
+    let decided: f64 = DECIDED.iter().map(|s| metric_value(&text, s)).sum();
+    let burst = tokio::spawn(failing_requests(app.clone(), prefix.to_string(), n, n));
+    app.until_metric(&DECIDED, decided + n as f64).await;
+    clock.advance(Duration::from_millis(25)).await;
+    burst.await.expect("burst")
+}
+
 /// The retry budget bounds the extra load: retries are at most `retry_budget` of requests
 /// (plus 10 per second), however many fail.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn retry_budget_caps_the_extra_load() {
     let app = failing_bill24(2, 0.2).await;
     let requests = 400;
-    let retries = failing_requests(&app, "B", requests, 40).await - requests as u64;
+    let retries = failing_requests(app.clone(), "B".into(), requests, 40).await - requests as u64;
     // 20 % of 400 plus the 10/s reserve over the 10 s window: 180 at most (vs 800 unbudgeted).
     assert!(retries <= 180, "{retries} retries for {requests} requests");
     assert!(retries >= 80, "the budget still allows retries: {retries}");
@@ -147,38 +177,36 @@ async fn retry_budget_caps_the_extra_load() {
 }
 
 /// The 10 retries a second always allowed are counted over a 10 s window: retries the reserve
-/// paid for still count 8 s later, and no longer once the window has moved past them.
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+/// paid for still count 8.5 s later, and no longer once the window has moved past them. On a
+/// frozen clock, each phase happens at an exact moment.
+#[tokio::test(start_paused = true)]
 async fn retry_reserve_is_counted_over_ten_seconds() {
+    let clock = FrozenClock::start();
     // No share of requests: only the reserve of 100 per 10 s.
     let app = failing_bill24(1, 0.0).await;
-    let first = Instant::now();
     assert_eq!(
-        failing_requests(&app, "A", 150, 10).await,
+        failing_burst(&app, &clock, "A", 150).await,
         250,
         "100 retries, then none"
     );
-    let spent = Instant::now();
-    // A request every half second until 8.5 s after the first retry (each counts for at least
+    // A request every half second until 8.5 s after the retries (each counts for at least
     // 9 s): none gets a retry. A window that slid faster than the clock would hand the reserve
     // back after 5 or 6 s of such traffic.
     let before = app.sim.balance_calls();
-    let mut requests = 0;
-    while first.elapsed() < Duration::from_millis(8_500) {
-        let r = app.balance(&format!("B{requests}")).await;
+    for i in 0..17 {
+        clock.advance(Duration::from_millis(500)).await;
+        let r = app.balance(&format!("B{i}")).await;
         assert_eq!(r.status, StatusCode::BAD_GATEWAY);
-        requests += 1;
-        tokio::time::sleep(Duration::from_millis(500)).await;
     }
     assert_eq!(
         app.sim.balance_calls() - before,
-        requests,
+        17,
         "the reserve stays spent"
     );
     // Every retry counts for at most 10 s.
-    tokio::time::sleep(Duration::from_millis(10_500).saturating_sub(spent.elapsed())).await;
+    clock.advance(Duration::from_secs(2)).await;
     assert_eq!(
-        failing_requests(&app, "C", 10, 10).await,
+        failing_burst(&app, &clock, "C", 10).await,
         20,
         "10 s on, it is back"
     );
@@ -195,9 +223,11 @@ fn breaker(c: &mut Config) {
 }
 
 /// After `circuit_failures` consecutive failures the circuit opens: 503 with Retry-After at
-/// once, Bill24 untouched; after the cool-down one probe closes it when Bill24 is back.
-#[tokio::test]
+/// once, Bill24 untouched; after the cool-down one probe closes it when Bill24 is back. (On a
+/// frozen clock: an answer that waited for anything would never come.)
+#[tokio::test(start_paused = true)]
 async fn circuit_opens_fails_fast_then_one_probe_closes_it() {
+    let clock = FrozenClock::start();
     let app = spawn_app_with(breaker).await;
     app.balance("warm-up").await;
     app.sim.set_balance_fault(Some(Fault::Status(500)));
@@ -207,12 +237,10 @@ async fn circuit_opens_fails_fast_then_one_probe_closes_it() {
     assert_eq!(app.metric("gateway_circuit_state").await, 1.0);
     let calls = app.sim.balance_calls();
     for _ in 0..20 {
-        let start = Instant::now();
         let r = app.balance("C").await;
         assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE);
         assert_eq!(r.error_code(), "circuit_open");
         assert_eq!(r.header("retry-after"), Some("1"));
-        assert!(start.elapsed() < Duration::from_millis(100), "fails fast");
     }
     assert_eq!(
         app.sim.balance_calls(),
@@ -220,8 +248,14 @@ async fn circuit_opens_fails_fast_then_one_probe_closes_it() {
         "Bill24 untouched while open"
     );
 
+    // Not yet over.
+    clock.advance(Duration::from_millis(599)).await;
+    assert_eq!(
+        app.balance("C").await.status,
+        StatusCode::SERVICE_UNAVAILABLE
+    );
     // Cool-down over, Bill24 still failing: the probe fails and the circuit opens again.
-    tokio::time::sleep(Duration::from_millis(700)).await;
+    clock.advance(Duration::from_millis(1)).await;
     assert_eq!(app.balance("C").await.status, StatusCode::BAD_GATEWAY);
     assert_eq!(app.sim.balance_calls(), calls + 1, "exactly one probe");
     assert_eq!(
@@ -231,7 +265,7 @@ async fn circuit_opens_fails_fast_then_one_probe_closes_it() {
 
     // Bill24 back: the next probe closes it.
     app.sim.set_balance_fault(None);
-    tokio::time::sleep(Duration::from_millis(700)).await;
+    clock.advance(Duration::from_millis(600)).await;
     assert_eq!(app.balance("C").await.status, StatusCode::OK);
     assert_eq!(app.metric("gateway_circuit_state").await, 0.0);
     assert_eq!(app.balance("D").await.status, StatusCode::OK);
@@ -239,8 +273,9 @@ async fn circuit_opens_fails_fast_then_one_probe_closes_it() {
 }
 
 /// While the probe is in flight, everyone else still gets 503.
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[tokio::test(start_paused = true)]
 async fn half_open_lets_exactly_one_probe_through() {
+    let clock = FrozenClock::start();
     let app = Arc::new(spawn_app_with(breaker).await);
     app.balance("warm-up").await;
     app.sim.set_balance_fault(Some(Fault::Status(500)));
@@ -249,13 +284,24 @@ async fn half_open_lets_exactly_one_probe_through() {
     }
     app.sim.set_balance_fault(None);
     app.sim.set_latency(Duration::from_millis(300));
-    tokio::time::sleep(Duration::from_millis(700)).await;
+    clock.advance(Duration::from_millis(700)).await;
     let before = app.sim.balance_calls();
-    let replies = join_all((0..10).map(|i| {
-        let app = app.clone();
-        async move { app.balance(&format!("P{i}")).await }
-    }))
+    let requests: Vec<_> = (0..10)
+        .map(|i| {
+            let app = app.clone();
+            tokio::spawn(async move { app.balance(&format!("P{i}")).await })
+        })
+        .collect();
+    // The probe waits at Bill24 (300 ms of frozen time); the others are answered meanwhile.
+    until("nine answered, the probe at Bill24", || {
+        requests.iter().filter(|r| r.is_finished()).count() == 9 && app.sim.stats().in_flight == 1
+    })
     .await;
+    clock.advance(Duration::from_millis(300)).await;
+    let mut replies = Vec::new();
+    for r in requests {
+        replies.push(r.await.expect("request"));
+    }
     let ok = replies
         .iter()
         .filter(|r| r.status == StatusCode::OK)
@@ -269,8 +315,9 @@ async fn half_open_lets_exactly_one_probe_through() {
 }
 
 /// With the circuit open, an entry within `stale_if_error` still answers.
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn open_circuit_serves_stale_entries() {
+    let clock = FrozenClock::start();
     let app = spawn_app_with(|c| {
         breaker(c);
         c.cache.ttl = Duration::from_millis(100);
@@ -279,7 +326,7 @@ async fn open_circuit_serves_stale_entries() {
     .await;
     app.balance("K").await;
     app.sim.set_balance_fault(Some(Fault::Status(500)));
-    tokio::time::sleep(Duration::from_millis(150)).await;
+    clock.advance(Duration::from_millis(150)).await;
     for _ in 0..3 {
         app.balance("other").await;
     }
@@ -308,8 +355,9 @@ async fn circuit_disabled_never_opens() {
 
 /// A hit close to expiry is answered at once and triggers one background refresh, so a hot
 /// key never falls back to a miss.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[tokio::test(start_paused = true)]
 async fn refresh_ahead_keeps_a_hot_key_hot() {
+    let clock = FrozenClock::start();
     let app = spawn_app_with(|c| {
         c.cache.ttl = Duration::from_millis(1000);
         c.cache.refresh_ahead = Duration::from_millis(500);
@@ -318,18 +366,21 @@ async fn refresh_ahead_keeps_a_hot_key_hot() {
     app.sim.set_balance("HOT", 1);
     assert_eq!(app.balance("HOT").await.x_cache(), "MISS");
     app.sim.set_balance("HOT", 2);
-    tokio::time::sleep(Duration::from_millis(600)).await;
+    clock.advance(Duration::from_millis(499)).await;
+    assert_eq!(app.balance("HOT").await.x_cache(), "HIT");
+    real_sleep(Duration::from_millis(50)).await;
+    assert_eq!(app.sim.balance_calls_for("HOT"), 1, "not yet in the window");
+    clock.advance(Duration::from_millis(1)).await;
     // In the window: hits, and one refresh however many hits.
     for _ in 0..20 {
         let r = app.balance("HOT").await;
         assert_eq!(r.x_cache(), "HIT");
     }
-    assert!(
-        eventually(Duration::from_secs(1), || app.sim.balance_calls_for("HOT")
-            == 2)
-        .await
-    );
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    until("the background refresh", || {
+        app.sim.balance_calls_for("HOT") == 2
+    })
+    .await;
+    real_sleep(Duration::from_millis(50)).await;
     assert_eq!(
         app.sim.balance_calls_for("HOT"),
         2,
@@ -337,15 +388,16 @@ async fn refresh_ahead_keeps_a_hot_key_hot() {
     );
     assert_eq!(app.metric("gateway_cache_refresh_ahead_total").await, 1.0);
     // Past the first entry's expiry: still a hit, with the refreshed balance.
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    clock.advance(Duration::from_millis(500)).await;
     let r = app.balance("HOT").await;
     assert_eq!(r.x_cache(), "HIT");
     assert_eq!(r.json()["data"][0]["balance"], 2);
 }
 
 /// `ttl_jitter` spreads the expiry of entries stored together.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[tokio::test(start_paused = true)]
 async fn ttl_jitter_spreads_expiry() {
+    let clock = FrozenClock::start();
     let app = Arc::new(
         spawn_app_with(|c| {
             c.cache.ttl = Duration::from_millis(2000);
@@ -358,7 +410,7 @@ async fn ttl_jitter_spreads_expiry() {
         async move { app.balance(&format!("J{i}")).await }
     }))
     .await;
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    clock.advance(Duration::from_millis(1500)).await;
     let replies = join_all((0..30).map(|i| {
         let app = app.clone();
         async move { app.balance(&format!("J{i}")).await }
@@ -368,7 +420,7 @@ async fn ttl_jitter_spreads_expiry() {
     let hits = was_hit.iter().filter(|h| **h).count();
     // Each entry lives between 1 s and 2 s: about half are gone at 1.5 s.
     assert!((3..=27).contains(&hits), "{hits} of 30 still cached");
-    tokio::time::sleep(Duration::from_millis(600)).await;
+    clock.advance(Duration::from_millis(600)).await;
     let replies = join_all((0..30).map(|i| {
         let app = app.clone();
         async move { app.balance(&format!("J{i}")).await }
@@ -383,13 +435,14 @@ async fn ttl_jitter_spreads_expiry() {
 }
 
 /// Without `refresh_ahead` the key expires and misses.
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn without_refresh_ahead_the_key_expires() {
+    let clock = FrozenClock::start();
     let app = spawn_app_with(|c| c.cache.ttl = Duration::from_millis(300)).await;
     app.balance("K").await;
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    clock.advance(Duration::from_millis(299)).await;
     assert_eq!(app.balance("K").await.x_cache(), "HIT");
-    tokio::time::sleep(Duration::from_millis(150)).await;
+    clock.advance(Duration::from_millis(1)).await;
     assert_eq!(app.balance("K").await.x_cache(), "MISS");
 }
 
@@ -398,8 +451,9 @@ async fn without_refresh_ahead_the_key_expires() {
 // ---------------------------------------------------------------------------------------------
 
 /// Over its token bucket a caller gets 429 with Retry-After; other callers are unaffected.
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn rate_limit_is_per_caller() {
+    let clock = FrozenClock::start();
     let app = spawn_app_with(|c| {
         c.callers[0].rate_limit_rps = 2.0;
         c.callers[0].burst = 3;
@@ -426,44 +480,59 @@ async fn rate_limit_is_per_caller() {
         let r = app.post(Some(BILLING_KEY), body_for("K"), &[]).await;
         assert_eq!(r.status, StatusCode::OK);
     }
-    // The bucket refills at 2/s.
-    tokio::time::sleep(Duration::from_millis(600)).await;
+    // The bucket refills at 2/s: one request's worth after 500 ms, not before.
+    clock.advance(Duration::from_millis(499)).await;
+    assert_eq!(app.balance("K").await.status, StatusCode::TOO_MANY_REQUESTS);
+    clock.advance(Duration::from_millis(1)).await;
     assert_eq!(app.balance("K").await.status, StatusCode::OK);
     assert_eq!(
         app.metric(r#"gateway_requests_total{caller="orders",status="429",cache="-"}"#)
             .await,
-        2.0
+        3.0
     );
 }
 
 /// Over `max_concurrent` requests in flight, a caller gets 429; others are unaffected.
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[tokio::test(start_paused = true)]
 async fn concurrency_cap_is_per_caller() {
+    let clock = FrozenClock::start();
     let app = Arc::new(spawn_app_with(|c| c.callers[0].max_concurrent = 2).await);
     app.balance("warm-up").await;
     app.sim.set_latency(Duration::from_millis(300));
-    let replies = join_all((0..3).map(|i| {
-        let app = app.clone();
-        async move {
-            tokio::time::sleep(Duration::from_millis(i * 50)).await;
-            app.balance(&format!("C{i}")).await
-        }
-    }))
+    let mut held = Vec::new();
+    for i in 0..2 {
+        let app2 = app.clone();
+        held.push(tokio::spawn(
+            async move { app2.balance(&format!("C{i}")).await },
+        ));
+        until("the request at Bill24", || {
+            app.sim.stats().in_flight == i + 1
+        })
+        .await;
+    }
+    let third = app.balance("C2").await;
+    assert_eq!(third.status, StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(third.error_code(), "too_many_concurrent_requests");
+    assert_eq!(third.header("retry-after"), Some("1"));
+    let others: Vec<_> = (0..4)
+        .map(|i| {
+            let app = app.clone();
+            tokio::spawn(async move {
+                app.post(Some(BILLING_KEY), body_for(&format!("O{i}")), &[])
+                    .await
+            })
+        })
+        .collect();
+    until("the other caller's requests at Bill24", || {
+        app.sim.stats().in_flight == 6
+    })
     .await;
-    let statuses: Vec<u16> = replies.iter().map(|r| r.status.as_u16()).collect();
-    assert_eq!(statuses, [200, 200, 429]);
-    assert_eq!(replies[2].error_code(), "too_many_concurrent_requests");
-    assert_eq!(replies[2].header("retry-after"), Some("1"));
-    let others = join_all((0..4).map(|i| {
-        let app = app.clone();
-        async move {
-            app.post(Some(BILLING_KEY), body_for(&format!("O{i}")), &[])
-                .await
-        }
-    }))
-    .await;
-    assert!(others.iter().all(|r| r.status == StatusCode::OK));
+    clock.advance(Duration::from_millis(300)).await;
+    for r in held.into_iter().chain(others) {
+        assert_eq!(r.await.expect("request").status, StatusCode::OK);
+    }
     // Slots come back when requests finish.
+    app.sim.set_latency(Duration::ZERO);
     assert_eq!(app.balance("again").await.status, StatusCode::OK);
 }
 
@@ -471,15 +540,17 @@ async fn concurrency_cap_is_per_caller() {
 // Connection hardening
 // ---------------------------------------------------------------------------------------------
 
-/// Reads until the peer closes (true) or `within` passes (false).
-async fn closed_within(stream: &mut TcpStream, within: Duration) -> bool {
+/// For a frozen clock: whether the peer has closed the connection, read until it does (true)
+/// or until nothing more has come for 100 ms of real time (false).
+async fn closed(stream: &mut TcpStream) -> bool {
     let mut buf = [0u8; 1024];
-    let deadline = tokio::time::Instant::now() + within;
     loop {
-        match tokio::time::timeout_at(deadline, stream.read(&mut buf)).await {
-            Ok(Ok(0)) | Ok(Err(_)) => return true,
-            Ok(Ok(_)) => continue,
-            Err(_) => return false,
+        tokio::select! {
+            read = stream.read(&mut buf) => match read {
+                Ok(0) | Err(_) => return true,
+                Ok(_) => continue,
+            },
+            _ = real_sleep(Duration::from_millis(100)) => return false,
         }
     }
 }
@@ -519,25 +590,27 @@ async fn read_one_response(stream: &mut TcpStream) -> String {
     }
 }
 
-/// A request head trickling in (slowloris) is cut at `header_read_timeout`.
-#[tokio::test]
+/// A request head trickling in (slowloris) is cut at `header_read_timeout`, counted from its
+/// first byte however many bytes follow.
+#[tokio::test(start_paused = true)]
 async fn slow_request_heads_are_cut() {
+    let clock = FrozenClock::start();
     let app = spawn_app_with(|c| c.server.header_read_timeout = Duration::from_millis(300)).await;
     let mut stream = TcpStream::connect(app.addr).await.expect("connect");
     stream
         .write_all(b"POST /instant_payment/get_wallet_balance HTTP/1.1\r\nHost: x\r\n")
         .await
         .expect("write");
-    let start = Instant::now();
-    for _ in 0..3 {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        let _ = stream.write_all(b"X-Slow: 1\r\n").await;
+    // The gateway has read the head's first bytes: its timer runs from here.
+    real_sleep(Duration::from_millis(20)).await;
+    for _ in 0..2 {
+        clock.advance(Duration::from_millis(100)).await;
+        stream.write_all(b"X-Slow: 1\r\n").await.expect("write");
     }
-    assert!(
-        closed_within(&mut stream, Duration::from_secs(2)).await,
-        "closed"
-    );
-    assert!(start.elapsed() < Duration::from_millis(1000));
+    clock.advance(Duration::from_millis(99)).await;
+    assert!(!closed(&mut stream).await, "open until header_read_timeout");
+    clock.advance(Duration::from_millis(1)).await;
+    assert!(closed(&mut stream).await, "closed at header_read_timeout");
     assert_eq!(
         app.balance("K").await.status,
         StatusCode::OK,
@@ -547,8 +620,9 @@ async fn slow_request_heads_are_cut() {
 
 /// An idle keep-alive connection outlives `header_read_timeout` and closes after
 /// `idle_timeout`.
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn idle_keep_alive_connections_close_after_idle_timeout() {
+    let clock = FrozenClock::start();
     let app = spawn_app_with(|c| {
         c.server.header_read_timeout = Duration::from_millis(200);
         c.server.idle_timeout = Duration::from_millis(900);
@@ -564,7 +638,7 @@ async fn idle_keep_alive_connections_close_after_idle_timeout() {
             .await
             .starts_with("HTTP/1.1 200")
     );
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    clock.advance(Duration::from_millis(500)).await;
     stream
         .write_all(raw_request("K").as_bytes())
         .await
@@ -575,21 +649,23 @@ async fn idle_keep_alive_connections_close_after_idle_timeout() {
             .starts_with("HTTP/1.1 200"),
         "still open after more than header_read_timeout idle"
     );
-    let start = Instant::now();
-    assert!(closed_within(&mut stream, Duration::from_secs(3)).await);
-    let idle = start.elapsed();
-    assert!(
-        idle >= Duration::from_millis(800),
-        "not before idle_timeout: {idle:?}"
-    );
+    clock.advance(Duration::from_millis(899)).await;
+    assert!(!closed(&mut stream).await, "not before idle_timeout");
+    clock.advance(Duration::from_millis(1)).await;
+    assert!(closed(&mut stream).await, "closed at idle_timeout");
 }
 
 /// A connection that never sends anything is closed after `idle_timeout`.
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn silent_connections_are_closed() {
+    let clock = FrozenClock::start();
     let app = spawn_app_with(|c| c.server.idle_timeout = Duration::from_millis(300)).await;
     let mut stream = TcpStream::connect(app.addr).await.expect("connect");
-    assert!(closed_within(&mut stream, Duration::from_secs(2)).await);
+    real_sleep(Duration::from_millis(20)).await;
+    clock.advance(Duration::from_millis(299)).await;
+    assert!(!closed(&mut stream).await, "not before idle_timeout");
+    clock.advance(Duration::from_millis(1)).await;
+    assert!(closed(&mut stream).await, "closed at idle_timeout");
 }
 
 /// Beyond `max_connections`, new connections wait until one closes.

@@ -5,7 +5,6 @@ mod common;
 
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::time::Instant;
 
 use bill24_sim::{ExpireFormat, Fault, RefusalStyle, SimConfig};
 use common::*;
@@ -83,46 +82,70 @@ async fn unreachable_bill24_is_502_and_the_gateway_still_starts() {
     assert_eq!(r.error_code(), "token_unavailable");
 }
 
-/// No answer within `upstream.timeout`: 504.
-#[tokio::test]
-async fn slow_bill24_is_504() {
-    let app = spawn_app_with(|c| c.upstream.timeout = Duration::from_millis(200)).await;
-    app.balance("warm-up-token").await;
-    app.sim.set_latency(Duration::from_secs(2));
-    let start = Instant::now();
-    let r = app.balance("C1").await;
-    assert_eq!(r.status, StatusCode::GATEWAY_TIMEOUT);
-    assert_eq!(r.error_code(), "upstream_timeout");
-    assert!(
-        start.elapsed() < Duration::from_secs(2),
-        "answered at the timeout, not after"
-    );
-}
-
-/// The whole-request deadline `server.request_timeout` also answers 504.
-#[tokio::test]
-async fn request_deadline_is_504() {
-    let app = spawn_app_with(|c| {
-        c.server.request_timeout = Duration::from_millis(300);
-        c.upstream.timeout = Duration::from_secs(5);
+/// A request on a frozen clock: sent, and waited for until it reaches Bill24.
+async fn at_bill24(app: &Arc<TestApp>, code: &str) -> tokio::task::JoinHandle<Reply> {
+    let request = tokio::spawn({
+        let app = app.clone();
+        let code = code.to_string();
+        async move { app.balance(&code).await }
+    });
+    until("the call at Bill24", || {
+        app.sim.balance_calls_for(code) == 1
     })
     .await;
+    request
+}
+
+/// No answer within `upstream.timeout`: 504, at the timeout.
+#[tokio::test(start_paused = true)]
+async fn slow_bill24_is_504() {
+    let clock = FrozenClock::start();
+    let app = Arc::new(
+        spawn_app_with(|c| {
+            c.upstream.timeout = Duration::from_millis(200);
+            c.upstream.retries = 0;
+        })
+        .await,
+    );
+    app.balance("warm-up-token").await;
+    app.sim.set_latency(Duration::from_secs(2));
+    let request = at_bill24(&app, "C1").await;
+    clock.advance(Duration::from_millis(199)).await;
+    real_sleep(Duration::from_millis(30)).await;
+    assert!(!request.is_finished(), "not before the timeout");
+    clock.advance(Duration::from_millis(1)).await;
+    let r = request.await.expect("request");
+    assert_eq!(r.status, StatusCode::GATEWAY_TIMEOUT);
+    assert_eq!(r.error_code(), "upstream_timeout");
+}
+
+/// The whole-request deadline `server.request_timeout` also answers 504, at the deadline.
+#[tokio::test(start_paused = true)]
+async fn request_deadline_is_504() {
+    let clock = FrozenClock::start();
+    let app = Arc::new(
+        spawn_app_with(|c| {
+            c.server.request_timeout = Duration::from_millis(300);
+            c.upstream.timeout = Duration::from_secs(5);
+        })
+        .await,
+    );
     app.balance("warm-up-token").await;
     app.sim.set_latency(Duration::from_secs(1));
-    let start = Instant::now();
-    let r = app.balance("C1").await;
+    let request = at_bill24(&app, "C1").await;
+    clock.advance(Duration::from_millis(299)).await;
+    real_sleep(Duration::from_millis(30)).await;
+    assert!(!request.is_finished(), "not before the deadline");
+    clock.advance(Duration::from_millis(1)).await;
+    let r = request.await.expect("request");
     assert_eq!(r.status, StatusCode::GATEWAY_TIMEOUT);
     assert_eq!(r.error_code(), "deadline_exceeded");
-    assert!(start.elapsed() < Duration::from_millis(900));
     // The fetch went on and its answer was stored for the next caller.
-    app.sim.set_latency(Duration::ZERO);
-    assert!(
-        eventually(Duration::from_secs(3), || app.sim.balance_calls_for("C1")
-            == 1)
-        .await
-    );
-    tokio::time::sleep(Duration::from_millis(900)).await;
+    clock.advance(Duration::from_millis(700)).await;
+    until("the call answered", || app.sim.stats().in_flight == 0).await;
+    real_sleep(Duration::from_millis(30)).await;
     assert_eq!(app.balance("C1").await.x_cache(), "HIT");
+    assert_eq!(app.sim.balance_calls_for("C1"), 1);
 }
 
 /// At most `max_in_flight` calls reach Bill24 at once; others wait `queue_timeout`, then 503.
@@ -343,9 +366,12 @@ async fn revocation_storm_costs_at_most_two_authorize_calls() {
 }
 
 /// The token is refreshed in the background before it expires: with a 2 s token and a 5 m
-/// margin, after half its life. Requests never see a 401.
-#[tokio::test]
+/// margin, after half its life. Requests never see a 401. (The lifetime is read from Bill24's
+/// `tokenExpireTime`, a wall-clock time, so it is 2 s less the few real milliseconds the
+/// exchange took: the checks leave that much room.)
+#[tokio::test(start_paused = true)]
 async fn token_is_refreshed_in_the_background_before_expiry() {
+    let clock = FrozenClock::start();
     let app = spawn_app_full(
         SimConfig {
             token_lifetime: Duration::from_secs(2),
@@ -355,28 +381,32 @@ async fn token_is_refreshed_in_the_background_before_expiry() {
         |_| {},
     )
     .await;
-    assert!(eventually(Duration::from_secs(2), || app.sim.authorize_calls() == 1).await);
-    assert!(
-        eventually(Duration::from_millis(1800), || app.sim.refresh_calls() == 1).await,
-        "refreshed after about 1 s"
-    );
+    until("the first token", || app.sim.authorize_calls() == 1).await;
+    clock.advance(Duration::from_millis(900)).await;
+    real_sleep(Duration::from_millis(30)).await;
+    assert_eq!(app.sim.refresh_calls(), 0, "not before half its life");
+    clock.advance(Duration::from_millis(100)).await;
+    until("the refresh at half its life", || {
+        app.sim.refresh_calls() == 1
+    })
+    .await;
     assert_eq!(app.sim.authorize_calls(), 2);
-    let first_refresh = Instant::now();
-    assert!(
-        eventually(Duration::from_secs(3), || app.sim.refresh_calls() == 2).await,
-        "and again, half the new token's life later"
-    );
-    assert!(
-        first_refresh.elapsed() >= Duration::from_millis(700),
-        "not sooner"
-    );
+    clock.advance(Duration::from_millis(900)).await;
+    real_sleep(Duration::from_millis(30)).await;
+    assert_eq!(app.sim.refresh_calls(), 1, "the new token: not sooner");
+    clock.advance(Duration::from_millis(100)).await;
+    until("half the new token's life later", || {
+        app.sim.refresh_calls() == 2
+    })
+    .await;
     assert_eq!(app.balance("C1").await.status, StatusCode::OK);
     assert_eq!(app.sim.stats().unauthorized_balance_calls, 0);
 }
 
 /// `tokenExpireTime` in UTC ("Z") works like the .NET offset form.
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn utc_expire_times_are_read() {
+    let clock = FrozenClock::start();
     let app = spawn_app_full(
         SimConfig {
             token_lifetime: Duration::from_secs(2),
@@ -386,14 +416,21 @@ async fn utc_expire_times_are_read() {
         |_| {},
     )
     .await;
-    assert!(eventually(Duration::from_millis(2500), || app.sim.refresh_calls() == 1).await);
+    until("the first token", || app.sim.authorize_calls() == 1).await;
     let expires_in = app.metric("gateway_token_expires_in_seconds").await;
-    assert!(expires_in > 0.5 && expires_in <= 2.0, "{expires_in}");
+    assert!(expires_in > 1.9 && expires_in <= 2.0, "{expires_in}");
+    clock.advance(Duration::from_millis(1000)).await;
+    until("the refresh at half its life", || {
+        app.sim.refresh_calls() == 1
+    })
+    .await;
 }
 
-/// A token without a readable expiry is used until Bill24 refuses it.
-#[tokio::test]
+/// A token without a readable expiry is used until Bill24 refuses it (two hours on, still no
+/// refresh).
+#[tokio::test(start_paused = true)]
 async fn token_without_expiry_is_used_until_refused() {
+    let clock = FrozenClock::start();
     for format in [ExpireFormat::Missing, ExpireFormat::Garbage] {
         let app = spawn_app_full(
             SimConfig::default(),
@@ -404,7 +441,8 @@ async fn token_without_expiry_is_used_until_refused() {
         for i in 0..5 {
             assert_eq!(app.balance(&format!("C{i}")).await.status, StatusCode::OK);
         }
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        clock.advance(Duration::from_secs(7200)).await;
+        real_sleep(Duration::from_millis(30)).await;
         assert_eq!(
             app.sim.authorize_calls(),
             1,
@@ -417,43 +455,44 @@ async fn token_without_expiry_is_used_until_refused() {
 }
 
 /// Bill24's authorize down at start: the gateway serves anyway (502 for misses), keeps
-/// retrying with backoff, and recovers on its own.
-#[tokio::test]
+/// retrying with backoff (250 ms, doubling), and recovers on its own.
+#[tokio::test(start_paused = true)]
 async fn authorize_down_at_start_then_recovers() {
+    let clock = FrozenClock::start();
     let app = spawn_app_full(
         SimConfig::default(),
         |sim| sim.set_authorize_fault(Some(Fault::Status(503))),
         |_| {},
     )
     .await;
+    until("the first attempt", || app.sim.authorize_calls() == 1).await;
+    real_sleep(Duration::from_millis(30)).await;
     let r = app.balance("C1").await;
     assert_eq!(r.status, StatusCode::BAD_GATEWAY);
     assert_eq!(r.error_code(), "token_unavailable");
-    tokio::time::sleep(Duration::from_millis(1000)).await;
-    let attempts = app.sim.authorize_calls();
-    assert!(
-        (2..=5).contains(&attempts),
-        "backing off: {attempts} attempts in 1 s"
+    assert_eq!(
+        app.sim.authorize_calls(),
+        1,
+        "a request does not buy a token"
     );
-    app.sim.set_authorize_fault(None);
-    assert!(
-        eventually(Duration::from_secs(5), || app.sim.stats().authorize_calls
-            > attempts)
-        .await
-    );
-    let mut ok = false;
-    for _ in 0..50 {
-        if app.balance("C1").await.status == StatusCode::OK {
-            ok = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
+    // Attempts at 0, 250 ms and 750 ms; the next at 1.75 s.
+    for _ in 0..20 {
+        clock.advance(Duration::from_millis(50)).await;
+        real_sleep(Duration::from_millis(10)).await;
     }
-    assert!(ok, "recovered");
+    assert_eq!(app.sim.authorize_calls(), 3, "backing off");
+    app.sim.set_authorize_fault(None);
+    for _ in 0..15 {
+        clock.advance(Duration::from_millis(50)).await;
+        real_sleep(Duration::from_millis(10)).await;
+    }
+    until("a token", || app.sim.authorize_calls() == 4).await;
+    real_sleep(Duration::from_millis(30)).await;
+    assert_eq!(app.balance("C1").await.status, StatusCode::OK, "recovered");
     assert!(
         app.metric(r#"gateway_token_refreshes_total{result="failure"}"#)
             .await
-            >= 2.0
+            >= 3.0
     );
     assert!(
         app.metric(r#"gateway_token_refreshes_total{result="success"}"#)

@@ -247,6 +247,19 @@ impl TestApp {
         send(&self.client, req.body(Full::default()).expect("request")).await
     }
 
+    /// Waits in real time (the clock may be frozen) until the sum of these series reaches
+    /// `target`; panics after 10 s.
+    pub async fn until_metric(&self, series: &[&str], target: f64) {
+        for _ in 0..1_000 {
+            let text = self.metrics().await;
+            if series.iter().map(|s| metric_value(&text, s)).sum::<f64>() >= target {
+                return;
+            }
+            real_sleep(Duration::from_millis(10)).await;
+        }
+        panic!("{series:?} did not reach {target} within 10 s");
+    }
+
     pub async fn metrics(&self) -> String {
         let reply = self.admin(Method::GET, "/metrics", &[]).await;
         assert_eq!(reply.status, StatusCode::OK);
@@ -288,6 +301,60 @@ pub fn metric_value(text: &str, series: &str) -> f64 {
             rest.strip_prefix(' ')?.trim().parse::<f64>().ok()
         })
         .unwrap_or(0.0)
+}
+
+/// Tokio's clock, paused and kept from moving by itself: time moves only when the test calls
+/// [`FrozenClock::advance`], so a TTL, a cool-down or a token lifetime passes in an instant and
+/// exactly where the test says. (A plain paused clock jumps to the next timer whenever the
+/// runtime waits, and it also waits while loopback sockets carry a request: that would fire a
+/// 504 deadline in the middle of an ordinary exchange.) For `#[tokio::test]`'s current-thread
+/// runtime, started paused (`#[tokio::test(start_paused = true)]`), as its first statement: a
+/// clock paused from the runtime's start stays on whole milliseconds of the timer wheel, so
+/// advancing by whole milliseconds fires exactly the timers that are due. The gateway and the
+/// simulator run on the same runtime and clock.
+///
+/// Inside such a test, wait for conditions with [`until`], not with tokio's sleeps.
+pub struct FrozenClock {
+    _release: std::sync::mpsc::Sender<()>,
+}
+
+impl FrozenClock {
+    pub fn start() -> Self {
+        let (release, released) = std::sync::mpsc::channel::<()>();
+        // While a blocking task runs, a paused clock does not auto-advance (tokio's documented
+        // way to keep it still). Bounded in real time: a test that hangs gets its timeouts
+        // back after 30 s and fails rather than blocking the run.
+        tokio::task::spawn_blocking(move || {
+            let _ = released.recv_timeout(Duration::from_secs(30));
+        });
+        FrozenClock { _release: release }
+    }
+
+    /// Moves the clock forward and fires the timers that are due.
+    pub async fn advance(&self, by: Duration) {
+        tokio::time::advance(by).await;
+        // Let the tasks the timers woke run before the test goes on.
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+    }
+}
+
+/// Waits in real time (the clock may be frozen) until `check` holds; panics after 10 s.
+pub async fn until(what: &str, mut check: impl FnMut() -> bool) {
+    for _ in 0..2_000 {
+        if check() {
+            return;
+        }
+        real_sleep(Duration::from_millis(5)).await;
+    }
+    panic!("{what}: not within 10 s");
+}
+
+/// A pause in real time, whatever tokio's clock does; the runtime carries socket traffic
+/// meanwhile.
+pub async fn real_sleep(duration: Duration) {
+    let _ = tokio::task::spawn_blocking(move || std::thread::sleep(duration)).await;
 }
 
 /// Polls `check` every 10 ms until it holds or `within` passes.
