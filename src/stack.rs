@@ -125,10 +125,13 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, mut req: Request<B>) -> Self::Future {
+    fn call(&mut self, req: Request<B>) -> Self::Future {
         // From when the request came in; recorded in the request's state, where the balance
         // path reads it for the deadline Bill24 retries keep to.
-        let deadline = RequestState::of(&mut req).set_deadline(self.deadline);
+        let deadline = match req.extensions().get::<RequestState>() {
+            Some(state) => state.set_deadline(self.deadline),
+            None => Instant::now() + self.deadline,
+        };
         DeadlineFuture {
             inner: self.inner.call(req),
             deadline,

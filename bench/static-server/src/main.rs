@@ -2,7 +2,7 @@
 //! the gateway uses) that answers every request with one static JSON balance. What the
 //! gateway's cache-hit path is measured against.
 //!
-//!   cargo run --release --example static_server -- 127.0.0.1:18400
+//!   cargo run --profile dist -p bench-static-server -- 127.0.0.1:18400
 
 use std::convert::Infallible;
 
