@@ -43,6 +43,7 @@ fn entry() -> Entry {
         content_type: HeaderValue::from_static("application/json; charset=utf-8"),
         bill24_code: smol_str::SmolStr::new_static("000"),
         stored_at: Instant::now(),
+        stored_wall_ms: 0,
         fresh_for: Duration::from_secs(3600),
         stale_for: Duration::ZERO,
         refreshing: AtomicBool::new(false),
@@ -102,8 +103,10 @@ fn full_hit(c: &mut Criterion) {
     let config = raw.validate().expect("valid");
     let mut service = rt.block_on(async {
         let metrics = Arc::new(Metrics::new());
-        let bill24 = Arc::new(Bill24::start(&config.upstream, metrics.clone()).expect("client"));
-        let balances = Balances::new(config.cache.clone(), bill24, metrics.clone());
+        let bill24 =
+            Arc::new(Bill24::start(&config.upstream, metrics.clone(), None).expect("client"));
+        let cache = Arc::new(BalanceCache::new(config.cache.max_entries));
+        let balances = Balances::new(config.cache.clone(), cache, bill24, None, metrics.clone());
         for i in 0..1000 {
             balances
                 .cache()

@@ -12,7 +12,7 @@ use http::Request;
 use pin_project_lite::pin_project;
 use tower::{Layer, Service};
 
-use crate::balance::cache::CacheStatus;
+use crate::balance::cache::{CacheStatus, Tier};
 use crate::error::Response;
 use crate::metrics::Metrics;
 use crate::request_state::{RequestState, millis};
@@ -166,6 +166,9 @@ impl Drop for Record {
         let cache = notes.cache.map(CacheStatus::label);
         self.metrics
             .request(caller.unwrap_or("-"), status, cache.unwrap_or("-"), elapsed);
+        if notes.cache == Some(CacheStatus::Hit) {
+            self.metrics.cache_hit(notes.cache_tier == Some(Tier::L2));
+        }
         if !self.sample.keeps(status) {
             return;
         }
@@ -178,6 +181,7 @@ impl Drop for Record {
             status,
             bill24_code = notes.bill24_code.as_deref(),
             cache,
+            cache_tier = notes.cache_tier.map(Tier::label),
             upstream_status = notes.upstream_status,
             upstream_ms = notes.upstream_ms,
             latency_ms = millis(elapsed),

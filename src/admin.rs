@@ -107,8 +107,14 @@ impl Admin {
                 } else if let Some(denied) = self.check_admin_key(&req) {
                     denied
                 } else {
-                    self.balances.cache().purge_all();
-                    tracing::info!("cache purged");
+                    if self.balances.purge_all().await {
+                        tracing::info!("cache purged");
+                    } else {
+                        tracing::warn!(
+                            "cache purged on this replica only: the fleet's shared tier could \
+                             not be told"
+                        );
+                    }
                     no_content()
                 }
             }
@@ -153,8 +159,14 @@ impl Admin {
         if let Err(e) = validate_sync_code(&code) {
             return error(AdminError::from(e));
         }
-        self.balances.cache().purge(&code);
-        tracing::info!(customer_sync_code = %code, "cache entry purged");
+        if self.balances.purge(&code).await {
+            tracing::info!(customer_sync_code = %code, "cache entry purged");
+        } else {
+            tracing::warn!(
+                customer_sync_code = %code,
+                "cache entry purged on this replica only: the fleet's shared tier could not be told"
+            );
+        }
         no_content()
     }
 

@@ -37,6 +37,7 @@ pub struct RawConfig {
     pub upstream: RawUpstream,
     pub cache: RawCache,
     pub log: RawLog,
+    pub redis: RawRedis,
     pub callers: Vec<RawCaller>,
 }
 
@@ -182,6 +183,84 @@ impl Default for RawLog {
     }
 }
 
+/// `[redis]`: the fleet's shared tier (CONTRACT §10).
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RawRedis {
+    pub urls: Vec<RedisUrl>,
+    pub cluster: bool,
+    pub username: String,
+    pub password: Secret,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub password_file: Option<PathBuf>,
+    pub key_prefix: String,
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+}
+
+impl Default for RawRedis {
+    fn default() -> Self {
+        Self {
+            urls: Vec::new(),
+            cluster: false,
+            username: String::new(),
+            password: Secret::default(),
+            password_file: None,
+            key_prefix: "bill24gw".into(),
+            timeout: Duration::from_millis(50),
+        }
+    }
+}
+
+/// A `redis://` or `rediss://` URL as written. It may carry credentials, so it prints (and
+/// serializes, for `--check-config`) with its password `[redacted]`.
+#[derive(Clone, PartialEq, Eq, Deserialize)]
+#[serde(transparent)]
+pub struct RedisUrl(String);
+
+impl RedisUrl {
+    pub fn new(url: impl Into<String>) -> Self {
+        RedisUrl(url.into())
+    }
+
+    /// The URL itself: for the one place that connects with it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    /// The URL with any password replaced by `[redacted]` (and a lone user part, which a
+    /// URL may use for a password, too).
+    pub fn redacted(&self) -> String {
+        let url = &self.0;
+        let Some(scheme_end) = url.find("://").map(|i| i + 3) else {
+            return url.clone();
+        };
+        let rest = &url[scheme_end..];
+        let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+        let Some(at) = rest[..authority_end].rfind('@') else {
+            return url.clone();
+        };
+        let userinfo = &rest[..at];
+        let shown = match userinfo.split_once(':') {
+            Some((user, _)) => format!("{user}:{}", bill24::REDACTED),
+            None => bill24::REDACTED.to_string(),
+        };
+        format!("{}{shown}{}", &url[..scheme_end], &rest[at..])
+    }
+}
+
+impl std::fmt::Debug for RedisUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.redacted())
+    }
+}
+
+impl Serialize for RedisUrl {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&self.redacted())
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawCaller {
@@ -222,7 +301,23 @@ pub struct Config {
     pub upstream: UpstreamConfig,
     pub cache: CacheConfig,
     pub log: LogConfig,
+    /// The fleet's shared tier; `None` without `redis.urls`.
+    pub redis: Option<RedisConfig>,
     pub callers: Vec<CallerConfig>,
+}
+
+/// `[redis]`, validated.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RedisConfig {
+    /// One node (standalone), or the seed nodes of a Redis Cluster.
+    pub urls: Vec<RedisUrl>,
+    pub cluster: bool,
+    /// The ACL user and password, when given here rather than in the URLs.
+    pub username: Option<String>,
+    pub password: Option<Secret>,
+    pub key_prefix: String,
+    /// One round trip; past it the gateway goes on without Redis.
+    pub timeout: Duration,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -477,6 +572,7 @@ pub(crate) fn known_keys() -> BTreeMap<String, KeyKind> {
     for optional in [
         "upstream.merchant_token_file",
         "upstream.client_secret_file",
+        "redis.password_file",
     ] {
         keys.insert(optional.into(), KeyKind::Text);
     }
@@ -499,6 +595,7 @@ impl RawConfig {
             upstream,
             cache,
             log,
+            redis,
             callers: raw_callers,
         } = self;
 
@@ -619,11 +716,14 @@ impl RawConfig {
             access_sample: fraction("log.access_sample", *access_sample, 1.0)?,
         };
 
+        let redis = redis_config(redis, &upstream.client_id)?;
+
         Ok(Config {
             server,
             upstream,
             cache,
             log,
+            redis,
             callers: callers(raw_callers)?,
         })
     }
@@ -650,6 +750,69 @@ impl Config {
         }
         out
     }
+}
+
+/// `[redis]`: `None` without URLs. Key names embed `key_prefix` and `upstream.client_id`, so
+/// neither may hold a brace (a Redis Cluster hash tag would then put the whole fleet's keys in
+/// one slot) or white space.
+fn redis_config(raw: &RawRedis, client_id: &str) -> Result<Option<RedisConfig>, ConfigError> {
+    let RawRedis {
+        urls,
+        cluster,
+        username,
+        password,
+        password_file,
+        key_prefix,
+        timeout,
+    } = raw;
+    let password = secret("redis.password", password, password_file.as_deref())?;
+    if urls.is_empty() {
+        return Ok(None);
+    }
+    for (i, url) in urls.iter().enumerate() {
+        let info = redis::IntoConnectionInfo::into_connection_info(url.expose()).map_err(|e| {
+            ConfigError::invalid(
+                format!("redis.urls[{i}]"),
+                format!(
+                    "{:?} is not a redis:// or rediss:// URL: {e}",
+                    url.redacted()
+                ),
+            )
+        })?;
+        if !password.is_empty() && info.redis_settings().password().is_some() {
+            return Err(ConfigError::invalid(
+                format!("redis.urls[{i}]"),
+                "has a password and redis.password is set too; give it in one place",
+            ));
+        }
+    }
+    let name_part = |key: &str, value: &str| {
+        if value.is_empty()
+            || value
+                .chars()
+                .any(|c| c == '{' || c == '}' || c.is_whitespace() || c.is_control())
+        {
+            Err(ConfigError::invalid(
+                key,
+                format!(
+                    "{value:?} is part of every Redis key name: it must be non-empty, without \
+                     braces, spaces or control characters"
+                ),
+            ))
+        } else {
+            Ok(())
+        }
+    };
+    name_part("redis.key_prefix", key_prefix)?;
+    name_part("upstream.client_id", client_id)?;
+    Ok(Some(RedisConfig {
+        urls: urls.clone(),
+        cluster: *cluster || urls.len() > 1,
+        username: (!username.trim().is_empty()).then(|| username.trim().to_string()),
+        password: (!password.is_empty()).then_some(password),
+        key_prefix: key_prefix.clone(),
+        timeout: nonzero("redis.timeout", *timeout)?,
+    }))
 }
 
 fn socket_addr(key: &str, value: &str) -> Result<SocketAddr, ConfigError> {

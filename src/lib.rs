@@ -53,6 +53,7 @@ pub(crate) mod connection;
 pub(crate) mod correlation;
 pub mod demo;
 pub(crate) mod error;
+pub(crate) mod fleet;
 pub(crate) mod holding;
 pub(crate) mod limits;
 pub(crate) mod metrics;
@@ -102,8 +103,10 @@ use bill24::Bill24;
 use crate::access_log::{AccessSample, InFlight};
 use crate::admin::Admin;
 use crate::auth::CallerKeys;
+use crate::balance::cache::BalanceCache;
 use crate::balance::service::Balances;
 use crate::config::Config;
+use crate::fleet::{Fleet, TokenShare};
 use crate::metrics::Metrics;
 
 /// Why the gateway could not start.
@@ -117,6 +120,8 @@ pub enum StartError {
     },
     #[error("cannot set up the Bill24 client: {0}")]
     Upstream(String),
+    #[error("cannot set up the shared tier: {0}")]
+    Redis(String),
 }
 
 /// How often histogram samples are folded into their buckets.
@@ -164,10 +169,28 @@ impl Gateway {
         admin: TcpListener,
     ) -> Result<Self, StartError> {
         let metrics = Arc::new(Metrics::new());
+        let cache = Arc::new(BalanceCache::new(config.cache.max_entries));
+        let fleet = match &config.redis {
+            Some(redis) => Some(
+                Fleet::start(redis, &config.upstream, cache.clone(), metrics.clone())
+                    .map_err(StartError::Redis)?,
+            ),
+            None => None,
+        };
+        let tokens = fleet
+            .clone()
+            .map(|f| Arc::new(TokenShare(f)) as Arc<dyn bill24::token::TokenStore>);
         let bill24 = Arc::new(
-            Bill24::start(&config.upstream, metrics.clone()).map_err(StartError::Upstream)?,
+            Bill24::start(&config.upstream, metrics.clone(), tokens)
+                .map_err(StartError::Upstream)?,
         );
-        let balances = Balances::new(config.cache.clone(), bill24.clone(), metrics.clone());
+        let balances = Balances::new(
+            config.cache.clone(),
+            cache,
+            bill24.clone(),
+            fleet,
+            metrics.clone(),
+        );
         let state = State {
             metrics,
             bill24,

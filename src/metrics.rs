@@ -27,11 +27,19 @@ pub const UPSTREAM_RETRIES_DENIED_TOTAL: &str = "gateway_upstream_retries_denied
 pub const CIRCUIT_STATE: &str = "gateway_circuit_state";
 pub const CIRCUIT_OPENED_TOTAL: &str = "gateway_circuit_opened_total";
 pub const REFRESH_AHEAD_TOTAL: &str = "gateway_cache_refresh_ahead_total";
+pub const CACHE_HITS_TOTAL: &str = "gateway_cache_hits_total";
+pub const REDIS_UP: &str = "gateway_redis_up";
+pub const REDIS_REQUESTS_TOTAL: &str = "gateway_redis_requests_total";
+pub const REDIS_DURATION: &str = "gateway_redis_duration_seconds";
 
 /// Resolves cache hits (tens of µs) as well as slow Bill24 calls (seconds).
 const REQUEST_BUCKETS: &[f64] = &[
     0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
     1.0, 2.5, 5.0, 10.0, 30.0,
+];
+/// One Redis round trip: tens of microseconds on a LAN, up to `redis.timeout` (50 ms).
+const REDIS_BUCKETS: &[f64] = &[
+    0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
 ];
 const UPSTREAM_BUCKETS: &[f64] = &[
     0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
@@ -57,6 +65,7 @@ pub struct Metrics {
     circuit_state: Gauge,
     circuit_opened: Counter,
     refresh_ahead: Counter,
+    cache_hits: [Counter; 2],
 }
 
 impl std::fmt::Debug for Metrics {
@@ -75,6 +84,9 @@ impl Metrics {
             .set_buckets_for_metric(Matcher::Full(REQUEST_DURATION.into()), REQUEST_BUCKETS)
             .and_then(|b| {
                 b.set_buckets_for_metric(Matcher::Full(UPSTREAM_DURATION.into()), UPSTREAM_BUCKETS)
+            })
+            .and_then(|b| {
+                b.set_buckets_for_metric(Matcher::Full(REDIS_DURATION.into()), REDIS_BUCKETS)
             });
         // Only fails on an empty bucket list, which the constants above are not.
         let recorder = builder.unwrap_or_default().build_recorder();
@@ -126,6 +138,19 @@ impl Metrics {
             REFRESH_AHEAD_TOTAL,
             "Background refreshes started by a hit close to expiry.",
         );
+        describe(
+            CACHE_HITS_TOTAL,
+            "Cache hits, by tier (l1: this replica, l2: Redis).",
+        );
+        describe(
+            REDIS_UP,
+            "Whether the shared tier (Redis) is in use: 1 up, 0 down.",
+        );
+        describe(
+            REDIS_REQUESTS_TOTAL,
+            "Calls to the shared tier, by operation and result.",
+        );
+        describe(REDIS_DURATION, "Time a call to the shared tier took.");
 
         let coalesced = register_counter(&recorder, COALESCED_TOTAL, vec![]);
         let cache_entries = recorder.register_gauge(&Key::from_name(CACHE_ENTRIES), &metadata());
@@ -169,7 +194,15 @@ impl Metrics {
             )
         });
 
+        let cache_hits = ["l1", "l2"].map(|tier| {
+            let counter =
+                register_counter(&recorder, CACHE_HITS_TOTAL, vec![Label::new("tier", tier)]);
+            counter.absolute(0);
+            counter
+        });
+
         Metrics {
+            cache_hits,
             request_series: RwLock::new(HashMap::default()),
             request_durations,
             recorder,
@@ -237,6 +270,36 @@ impl Metrics {
 
     pub fn refresh_ahead(&self) {
         self.refresh_ahead.increment(1);
+    }
+
+    /// A request answered HIT, from this replica's cache (`l2` = false) or Redis.
+    pub fn cache_hit(&self, l2: bool) {
+        self.cache_hits[usize::from(l2)].increment(1);
+    }
+
+    pub fn set_redis_up(&self, up: bool) {
+        self.recorder
+            .register_gauge(&Key::from_name(REDIS_UP), &metadata())
+            .set(if up { 1.0 } else { 0.0 });
+    }
+
+    /// One call to the shared tier (`result`: `ok`, `error`, `timeout`, `rejected` for a value
+    /// that did not verify, `skipped` while the tier is down), with its time when it was made.
+    pub fn redis(&self, op: &'static str, result: &'static str, elapsed: Option<Duration>) {
+        register_counter(
+            &self.recorder,
+            REDIS_REQUESTS_TOTAL,
+            vec![Label::new("op", op), Label::new("result", result)],
+        )
+        .increment(1);
+        if let Some(elapsed) = elapsed {
+            self.recorder
+                .register_histogram(
+                    &Key::from_parts(REDIS_DURATION, vec![Label::new("op", op)]),
+                    &metadata(),
+                )
+                .record(elapsed.as_secs_f64());
+        }
     }
 
     pub fn set_cache_entries(&self, entries: u64) {

@@ -10,7 +10,9 @@ use arc_swap::ArcSwap;
 use crate::access_log::AccessSample;
 use crate::auth::CallerKeys;
 use crate::balance::service::Balances;
-use crate::config::{CacheConfig, Config, KeyHash, LogConfig, ServerConfig, UpstreamConfig};
+use crate::config::{
+    CacheConfig, Config, KeyHash, LogConfig, RedisConfig, ServerConfig, UpstreamConfig,
+};
 
 /// What a reload did.
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -107,6 +109,7 @@ fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
         upstream,
         cache,
         log,
+        redis,
         callers: _, // applied
     } = old;
 
@@ -205,6 +208,31 @@ fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
         access_sample: _, // applied
     } = log;
     compare("log.format", *format != new.log.format);
+
+    // The shared tier's connections are made at start.
+    match (redis.as_ref(), new.redis.as_ref()) {
+        (None, None) => {}
+        (
+            Some(RedisConfig {
+                urls,
+                cluster,
+                username,
+                password,
+                key_prefix,
+                timeout,
+            }),
+            Some(n),
+        ) => {
+            compare("redis.urls", *urls != n.urls);
+            compare("redis.cluster", *cluster != n.cluster);
+            compare("redis.username", *username != n.username);
+            compare("redis.password", *password != n.password);
+            compare("redis.key_prefix", *key_prefix != n.key_prefix);
+            compare("redis.timeout", *timeout != n.timeout);
+        }
+        // Turned on or off.
+        _ => compare("redis.urls", true),
+    }
     keys
 }
 
@@ -288,6 +316,12 @@ mod tests {
             ("log.format", "[log]\nformat = \"text\""),
             ("log.level", "[log]\nlevel = \"debug\""),
             ("log.access_sample", "[log]\naccess_sample = 0.5"),
+            ("redis.urls", "[redis]\nurls = [\"redis://127.0.0.1:2\"]"),
+            ("redis.cluster", "[redis]\ncluster = true"),
+            ("redis.username", "[redis]\nusername = \"u\""),
+            ("redis.password", "[redis]\npassword = \"p\""),
+            ("redis.key_prefix", "[redis]\nkey_prefix = \"other\""),
+            ("redis.timeout", "[redis]\ntimeout = \"1s\""),
         ]
         .into_iter()
         .map(|(k, v)| (k, v.to_string()))
@@ -304,7 +338,8 @@ mod tests {
     }
 
     fn config(toml: &str) -> Config {
-        let base = "[upstream]\nbase_url = \"http://127.0.0.1:9\"\n";
+        let base = "[upstream]\nbase_url = \"http://127.0.0.1:9\"\nclient_id = \"c\"\n\
+                    [redis]\nurls = [\"redis://127.0.0.1:1\"]\n";
         let raw: RawConfig = Figment::from(Serialized::defaults(RawConfig::default()))
             .merge(Toml::string(base))
             .merge(Toml::string(toml))
@@ -331,12 +366,14 @@ mod tests {
         for (key, toml) in changes {
             let old = config("");
             let metrics = Arc::new(Metrics::new());
-            let bill24 =
-                Arc::new(bill24::Bill24::start(&old.upstream, metrics.clone()).expect("client"));
+            let bill24 = Arc::new(
+                bill24::Bill24::start(&old.upstream, metrics.clone(), None).expect("client"),
+            );
+            let cache = Arc::new(crate::balance::cache::BalanceCache::new(10));
             let reloader = Reloader::new(
                 old.clone(),
                 Arc::new(ArcSwap::from_pointee(CallerKeys::new(&old.callers))),
-                Balances::new(old.cache.clone(), bill24.clone(), metrics),
+                Balances::new(old.cache.clone(), cache, bill24.clone(), None, metrics),
                 Arc::new(ArcSwap::from_pointee(old.server.admin_key_sha256)),
                 AccessSample::new(old.log.access_sample),
             );

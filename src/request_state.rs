@@ -9,7 +9,7 @@ use http::Request;
 use smol_str::SmolStr;
 use tokio::time::Instant;
 
-use crate::balance::cache::CacheStatus;
+use crate::balance::cache::{CacheStatus, Tier};
 use crate::balance::code::SyncCode;
 use crate::caller::Caller;
 use crate::correlation::context::{RequestId, TraceContext};
@@ -40,6 +40,8 @@ struct Inner {
 pub struct Notes {
     pub customer_sync_code: Option<SyncCode>,
     pub cache: Option<CacheStatus>,
+    /// Which cache tier answered (`None` for an answer straight from Bill24).
+    pub cache_tier: Option<Tier>,
     pub bill24_code: Option<SmolStr>,
     pub upstream_status: Option<u16>,
     pub upstream_ms: Option<f64>,
@@ -135,10 +137,11 @@ impl RequestState {
         self.note(|n| n.bill24_code = code.cloned());
     }
 
-    /// Both at once, for a cached answer.
-    pub fn cached(&self, status: CacheStatus, code: &SmolStr) {
+    /// All at once, for a cached answer.
+    pub fn cached(&self, status: CacheStatus, tier: Tier, code: &SmolStr) {
         self.note(|n| {
             n.cache = Some(status);
+            n.cache_tier = Some(tier);
             n.bill24_code = Some(code.clone());
         });
     }

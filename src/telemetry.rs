@@ -32,6 +32,7 @@ pub const ACCESS_FIELDS: &[&str] = &[
     "status",
     "bill24_code",
     "cache",
+    "cache_tier",
     "upstream_status",
     "upstream_ms",
     "latency_ms",

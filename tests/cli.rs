@@ -6,17 +6,17 @@ mod common;
 use std::io::{BufRead, BufReader, Write};
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::time::Instant;
 
 use bill24_sim::{SimConfig, Simulator};
+use common::process::*;
 use common::*;
 use http::StatusCode;
 
-const BIN: &str = env!("CARGO_BIN_EXE_bill24-gateway");
 const CLIENT_SECRET: &str = "client-secret-5f1e0c";
 
 fn run(args: &[&str], envs: &[(&str, &str)], dir: &Path) -> Output {
@@ -42,13 +42,6 @@ fn assert_one_line_failure(out: &Output, mentions: &str) {
         !err.contains("panicked") && !err.contains("RUST_BACKTRACE"),
         "{err}"
     );
-}
-
-fn caller_block(name: &str, key: &str) -> String {
-    format!(
-        "[[callers]]\nname = \"{name}\"\nkey_sha256 = \"{}\"\n",
-        hex::encode(bill24_gateway::hash_key(key.as_bytes()))
-    )
 }
 
 #[test]
@@ -190,106 +183,6 @@ fn a_port_in_use_fails_with_one_line() {
 }
 
 /// A running binary with its output captured line by line.
-struct Running {
-    child: Child,
-    lines: Arc<Mutex<Vec<String>>>,
-}
-
-impl Running {
-    fn start(args: &[&str], config: &str, envs: &[(&str, &str)]) -> (Self, tempfile::TempDir) {
-        let dir = tempfile::tempdir().expect("tempdir");
-        std::fs::write(dir.path().join("gw.toml"), config).expect("write config");
-        let mut cmd = Command::new(BIN);
-        cmd.args(args)
-            .arg("--config")
-            .arg("gw.toml")
-            .current_dir(dir.path())
-            .env_remove("RUST_LOG")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        for (k, v) in envs {
-            cmd.env(k, v);
-        }
-        let mut child = cmd.spawn().expect("spawn");
-        let lines = Arc::new(Mutex::new(Vec::new()));
-        for stream in [
-            Box::new(child.stdout.take().expect("stdout")) as Box<dyn std::io::Read + Send>,
-            Box::new(child.stderr.take().expect("stderr")),
-        ] {
-            let lines = lines.clone();
-            std::thread::spawn(move || {
-                for line in BufReader::new(stream).lines().map_while(Result::ok) {
-                    if let Ok(mut l) = lines.lock() {
-                        l.push(line);
-                    }
-                }
-            });
-        }
-        (Running { child, lines }, dir)
-    }
-
-    fn output(&self) -> Vec<String> {
-        self.lines.lock().map(|l| l.clone()).unwrap_or_default()
-    }
-
-    async fn wait_for_line(&self, needle: &str) -> String {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while Instant::now() < deadline {
-            if let Some(line) = self.output().into_iter().find(|l| l.contains(needle)) {
-                return line;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        panic!("no line with {needle:?} in:\n{}", self.output().join("\n"));
-    }
-
-    /// The addresses from the "gateway started" line.
-    async fn addresses(&self) -> (SocketAddr, SocketAddr) {
-        let line = self.wait_for_line("gateway started").await;
-        let json: serde_json::Value = serde_json::from_str(&line).expect("json log line");
-        let main = json["listen"]
-            .as_str()
-            .expect("listen")
-            .parse()
-            .expect("addr");
-        let admin = json["admin_listen"]
-            .as_str()
-            .expect("admin")
-            .parse()
-            .expect("addr");
-        (main, admin)
-    }
-
-    fn signal(&self, signal: &str) {
-        let status = Command::new("kill")
-            .arg(format!("-{signal}"))
-            .arg(self.child.id().to_string())
-            .status()
-            .expect("kill runs");
-        assert!(status.success());
-    }
-
-    async fn wait_exit(&mut self, within: Duration) -> std::process::ExitStatus {
-        let deadline = Instant::now() + within;
-        loop {
-            if let Some(status) = self.child.try_wait().expect("wait") {
-                // Let the reader threads drain the pipes.
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                return status;
-            }
-            assert!(Instant::now() < deadline, "exited within {within:?}");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 fn gateway_toml(sim: &Simulator, extra: &str) -> String {
     format!(
         "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n{extra}\n\
@@ -318,31 +211,6 @@ async fn gateway_with_sim(
     all.extend_from_slice(envs);
     let (gateway, dir) = Running::start(&[], &config(&sim), &all);
     (sim, gateway, dir)
-}
-
-async fn post(
-    main: SocketAddr,
-    key: Option<&str>,
-    body: String,
-    headers: &[(&str, &str)],
-) -> Reply {
-    let mut req = http::Request::post(format!("http://{main}{PATH}"))
-        .header("content-type", "application/json");
-    if let Some(key) = key {
-        req = req.header("authorization", format!("Bearer {key}"));
-    }
-    for (n, v) in headers {
-        req = req.header(*n, *v);
-    }
-    send(&client(), req.body(body.into()).expect("request")).await
-}
-
-/// A GET to the gateway at `addr`.
-async fn get(addr: SocketAddr, path: &str) -> Reply {
-    let req = http::Request::get(format!("http://{addr}{path}"))
-        .body(Default::default())
-        .expect("request");
-    send(&client(), req).await
 }
 
 /// A balance request for "SLOW" that Bill24 takes `latency` to answer, once Bill24 has it.

@@ -47,6 +47,22 @@ impl CacheStatus {
     }
 }
 
+/// Where a cached answer came from: this replica's cache, or the fleet's shared tier.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Tier {
+    L1,
+    L2,
+}
+
+impl Tier {
+    pub fn label(self) -> &'static str {
+        match self {
+            Tier::L1 => "l1",
+            Tier::L2 => "l2",
+        }
+    }
+}
+
 /// One cached Bill24 answer (always an HTTP 200 with a JSON object body).
 #[derive(Debug)]
 pub struct Entry {
@@ -55,6 +71,9 @@ pub struct Entry {
     /// Inline (codes are short): copying it into the log notes touches no shared counter.
     pub bill24_code: SmolStr,
     pub stored_at: Instant,
+    /// The same moment in wall-clock time (Unix milliseconds): how the fleet's replicas,
+    /// which share no monotonic clock, agree on an entry's age.
+    pub stored_wall_ms: u64,
     /// Served as a HIT while younger than this.
     pub fresh_for: Duration,
     /// After `fresh_for`, kept this much longer for `stale_if_error`.
@@ -254,6 +273,7 @@ mod tests {
             content_type: HeaderValue::from_static("application/json"),
             bill24_code: SmolStr::new_static("000"),
             stored_at,
+            stored_wall_ms: 0,
             fresh_for: Duration::from_secs(10),
             stale_for: Duration::from_secs(30),
             refreshing: AtomicBool::new(false),

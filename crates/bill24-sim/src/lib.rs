@@ -170,6 +170,9 @@ pub struct Stats {
     pub refresh_calls: u64,
     pub balance_calls: u64,
     pub unauthorized_balance_calls: u64,
+    /// Refresh tokens presented again after they were redeemed (refresh tokens are single-use,
+    /// as IdentityServer's are by default: each such call is refused).
+    pub reused_refresh_tokens: u64,
     pub in_flight: u64,
     pub max_in_flight: u64,
 }
@@ -188,6 +191,8 @@ struct Settings {
 struct Tokens {
     access: HashMap<String, Instant>,
     refresh: HashSet<String>,
+    /// Refresh tokens already redeemed (single use).
+    redeemed: HashSet<String>,
 }
 
 struct State {
@@ -202,6 +207,7 @@ struct State {
     refresh_calls: AtomicU64,
     balance_calls: AtomicU64,
     unauthorized_balance_calls: AtomicU64,
+    reused_refresh_tokens: AtomicU64,
     in_flight: AtomicU64,
     max_in_flight: AtomicU64,
 }
@@ -244,6 +250,7 @@ impl Simulator {
             tokens: Mutex::new(Tokens {
                 access: HashMap::new(),
                 refresh: HashSet::new(),
+                redeemed: HashSet::new(),
             }),
             balances: Mutex::new(HashMap::new()),
             per_customer: Mutex::new(HashMap::new()),
@@ -253,6 +260,7 @@ impl Simulator {
             refresh_calls: AtomicU64::new(0),
             balance_calls: AtomicU64::new(0),
             unauthorized_balance_calls: AtomicU64::new(0),
+            reused_refresh_tokens: AtomicU64::new(0),
             in_flight: AtomicU64::new(0),
             max_in_flight: AtomicU64::new(0),
         });
@@ -336,6 +344,7 @@ impl SimHandle {
                 &s.refresh_calls,
                 &s.balance_calls,
                 &s.unauthorized_balance_calls,
+                &s.reused_refresh_tokens,
                 &s.max_in_flight,
             ] {
                 c.store(0, Ordering::SeqCst);
@@ -445,6 +454,7 @@ impl SimHandle {
             refresh_calls: s.refresh_calls.load(Ordering::SeqCst),
             balance_calls: s.balance_calls.load(Ordering::SeqCst),
             unauthorized_balance_calls: s.unauthorized_balance_calls.load(Ordering::SeqCst),
+            reused_refresh_tokens: s.reused_refresh_tokens.load(Ordering::SeqCst),
             in_flight: s.in_flight.load(Ordering::SeqCst),
             max_in_flight: s.max_in_flight.load(Ordering::SeqCst),
         }
@@ -627,10 +637,16 @@ async fn authorize(state: &State, recorded: Recorded) -> Result<SimResponse, std
         return refuse("Invalid merchant credentials");
     }
     let mut tokens = lock(&state.tokens);
-    if let Some(refresh) = &body.refresh_token
-        && !tokens.refresh.remove(refresh)
-    {
-        return refuse("Invalid refresh token");
+    if let Some(refresh) = &body.refresh_token {
+        if tokens.redeemed.contains(refresh) {
+            // IdentityServer answers `invalid_grant`: a refresh token is good for one use.
+            state.reused_refresh_tokens.fetch_add(1, Ordering::SeqCst);
+            return refuse("Refresh token already used");
+        }
+        if !tokens.refresh.remove(refresh) {
+            return refuse("Invalid refresh token");
+        }
+        tokens.redeemed.insert(refresh.clone());
     }
     let access = format!("eyJhbGciOiJIUzI1NiJ9.{}.sim", random_hex(24));
     let refresh = random_hex(32);

@@ -237,7 +237,12 @@ pub struct Bill24 {
 
 impl Bill24 {
     /// Builds the client and starts the token manager (which asks for a token at once).
-    pub fn start(cfg: &Config, metrics: Arc<dyn Observer>) -> Result<Self, String> {
+    /// `tokens`: where the replicas of a fleet share one merchant token, if they do.
+    pub fn start(
+        cfg: &Config,
+        metrics: Arc<dyn Observer>,
+        tokens: Option<Arc<dyn token::TokenStore>>,
+    ) -> Result<Self, String> {
         let transport = Arc::new(Transport::new(cfg)?);
         let tokens = TokenManager::start(
             transport.clone(),
@@ -248,6 +253,7 @@ impl Bill24 {
             },
             cfg.token_refresh_margin,
             metrics.clone(),
+            tokens,
         );
         Ok(Bill24 {
             transport,

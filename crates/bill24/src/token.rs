@@ -6,16 +6,25 @@
 //! hangs up cannot cancel it) whose result every waiter shares. After a failed attempt the next
 //! one waits for an exponential backoff (capped at 30 s); a request that needs a token during
 //! the backoff is refused at once rather than triggering an authorize of its own.
+//!
+//! With a [`TokenStore`] (the gateway's fleet tier), replicas share one token: an attempt
+//! first adopts a token another replica stored (unless it is the one Bill24 just refused, or
+//! is itself due for refresh); otherwise it takes the fleet's refresh lock, reads again, and
+//! only then asks Bill24, with the fleet's newest refresh token, and stores the result for the
+//! others. A replica that finds the lock taken waits for the holder's token. Refresh tokens
+//! may be single-use (IdentityServer's default): only the lock holder redeems one. When the
+//! store is unavailable the manager acts on its own, as without one.
 
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures_util::future::BoxFuture;
 use http::header::{ACCEPT, CONTENT_TYPE};
 use http::{HeaderMap, HeaderValue};
 use singleflight::{Flight, Guard};
 use time::OffsetDateTime;
-use tokio::sync::Notify;
+use tokio::sync::{Notify, watch};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
@@ -39,12 +48,60 @@ pub struct Credentials {
 
 /// A usable access token. `Debug` shows no secret.
 pub struct AccessToken {
+    token: Secret,
     /// `Bearer <token>`, marked sensitive.
     authorization: HeaderValue,
     refresh_token: Option<Secret>,
     /// None when Bill24 gave no readable `tokenExpireTime`: used until refused.
     expires_at: Option<Instant>,
     refresh_at: Option<Instant>,
+    /// Wall-clock issue and expiry, for the replicas it is shared with.
+    issued_wall: OffsetDateTime,
+    expires_wall: Option<OffsetDateTime>,
+}
+
+/// A token as the replicas of a fleet share it: its expiry in wall-clock time (replicas share
+/// no monotonic clock), and when it was issued (it is refreshed at half its life at the
+/// earliest). `Debug` shows no secret.
+#[derive(Clone)]
+pub struct SharedToken {
+    pub token: Secret,
+    pub refresh_token: Option<Secret>,
+    pub issued_at: OffsetDateTime,
+    /// `tokenExpireTime`, when Bill24 gave a readable one.
+    pub expires_at: Option<OffsetDateTime>,
+}
+
+impl std::fmt::Debug for SharedToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SharedToken")
+            .field("issued_at", &self.issued_at)
+            .field("expires_at", &self.expires_at)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The shared store could not be used just now; the manager acts on its own.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Unavailable;
+
+/// Where the replicas of a fleet keep one merchant token (the gateway's Redis tier). Each call
+/// is bounded in time by the implementation.
+pub trait TokenStore: Send + Sync + 'static {
+    /// The token stored for the fleet, if any (one that fails to decrypt is `None`).
+    fn load(&self) -> BoxFuture<'_, Result<Option<SharedToken>, Unavailable>>;
+    /// Takes the fleet's refresh lock: `true` when this replica now holds it (until
+    /// [`release`](TokenStore::release) or [`lock_ttl`](TokenStore::lock_ttl)), `false` when
+    /// another replica does.
+    fn lock(&self) -> BoxFuture<'_, Result<bool, Unavailable>>;
+    /// Stores a token obtained under the lock, and tells the other replicas.
+    fn store(&self, token: SharedToken) -> BoxFuture<'_, Result<(), Unavailable>>;
+    /// Releases the lock, if this replica still holds it.
+    fn release(&self) -> BoxFuture<'_, ()>;
+    /// How long a lock lasts: a holder that dies delays the others at most this long.
+    fn lock_ttl(&self) -> Duration;
+    /// Changes whenever another replica announces a new token.
+    fn token_changes(&self) -> watch::Receiver<u64>;
 }
 
 impl std::fmt::Debug for AccessToken {
@@ -61,9 +118,29 @@ impl AccessToken {
         &self.authorization
     }
 
+    fn shared(&self) -> SharedToken {
+        SharedToken {
+            token: self.token.clone(),
+            refresh_token: self.refresh_token.clone(),
+            issued_at: self.issued_wall,
+            expires_at: self.expires_wall,
+        }
+    }
+
     fn is_valid(&self, now: Instant) -> bool {
         self.expires_at.is_none_or(|at| now < at)
     }
+}
+
+/// `Bearer <token>` as a header value marked sensitive.
+fn bearer(token: &Secret) -> HeaderValue {
+    let mut authorization = HeaderValue::from_str(&format!("Bearer {}", token.expose()))
+        .unwrap_or_else(|_| {
+            tracing::warn!("Bill24 issued a token that is not a valid header value");
+            HeaderValue::from_static("Bearer invalid")
+        });
+    authorization.set_sensitive(true);
+    authorization
 }
 
 /// When to refresh a token that lives `lifetime` from now: `margin` before it expires, but
@@ -102,6 +179,8 @@ struct State {
     token: Option<Arc<AccessToken>>,
     /// The refresh token of a token that was dropped because Bill24 refused it.
     orphan_refresh: Option<Secret>,
+    /// The token Bill24 refused last: never adopted from the fleet again.
+    refused: Option<Secret>,
     attempt: Option<Attempt>,
     failures: u32,
     retry_at: Option<Instant>,
@@ -114,6 +193,7 @@ struct Inner {
     credentials: Credentials,
     margin: Duration,
     metrics: Arc<dyn Observer>,
+    store: Option<Arc<dyn TokenStore>>,
     state: Mutex<State>,
     /// Wakes the background refresher when the token or an attempt changes.
     changed: Notify,
@@ -134,15 +214,18 @@ impl TokenManager {
         credentials: Credentials,
         margin: Duration,
         metrics: Arc<dyn Observer>,
+        store: Option<Arc<dyn TokenStore>>,
     ) -> Self {
         let inner = Arc::new(Inner {
             transport,
             credentials,
             margin,
             metrics,
+            store,
             state: Mutex::new(State {
                 token: None,
                 orphan_refresh: None,
+                refused: None,
                 attempt: None,
                 failures: 0,
                 retry_at: None,
@@ -190,8 +273,10 @@ impl TokenManager {
                     }
                     tracing::warn!("Bill24 refused the access token; requesting a new one");
                     let refresh = current.refresh_token.clone();
+                    let token = current.token.clone();
                     st.last_refusal = Some(now);
                     st.orphan_refresh = refresh;
+                    st.refused = Some(token);
                     st.token = None;
                 }
                 Some(current) if current.is_valid(now) => return Ok(current.clone()),
@@ -264,9 +349,22 @@ impl Inner {
             .as_ref()
             .and_then(|t| t.refresh_token.clone())
             .or_else(|| st.orphan_refresh.take());
+        // The token we hold, or the one Bill24 refused: a stored token equal to either is not
+        // one to adopt.
+        let stale = st
+            .token
+            .as_ref()
+            .map(|t| t.token.clone())
+            .or(st.refused.clone());
         let inner = self.clone();
         tokio::spawn(async move {
-            let result = inner.attempt(refresh).await;
+            let result = match inner.store.clone() {
+                Some(store) => match inner.attempt_shared(store.as_ref(), stale.as_ref()).await {
+                    Some(result) => result,
+                    None => inner.attempt(refresh).await,
+                },
+                None => inner.attempt(refresh).await,
+            };
             {
                 let mut st = inner.lock();
                 st.attempt = None;
@@ -293,6 +391,93 @@ impl Inner {
             guard.flight().finish(result);
         });
         attempt
+    }
+
+    /// An attempt through the fleet's store (see the module docs); `None` when the store is
+    /// unavailable, and the manager acts on its own.
+    async fn attempt_shared(
+        &self,
+        store: &dyn TokenStore,
+        stale: Option<&Secret>,
+    ) -> Option<AttemptResult> {
+        let mut changes = store.token_changes();
+        // A few rounds at most: each waits for a holder's token or its lock's expiry.
+        for _ in 0..3 {
+            let stored = store.load().await.ok()?;
+            if let Some(token) = stored.filter(|t| self.adoptable(t, stale)) {
+                return Some(Ok(self.adopt(token)));
+            }
+            if !store.lock().await.ok()? {
+                // Another replica is asking Bill24: wait for its token (or its lock's end). The
+                // receiver has seen every change since this attempt began, so a token stored
+                // between the read and the lock ends the wait at once.
+                let _ = tokio::time::timeout(store.lock_ttl(), changes.changed()).await;
+                continue;
+            }
+            // Another replica may have stored one between the read and the lock.
+            let stored = match store.load().await {
+                Ok(stored) => stored,
+                Err(Unavailable) => {
+                    store.release().await;
+                    return None;
+                }
+            };
+            if let Some(token) = stored.clone().filter(|t| self.adoptable(t, stale)) {
+                store.release().await;
+                return Some(Ok(self.adopt(token)));
+            }
+            // The fleet's newest refresh token, redeemed by the lock holder only.
+            let refresh = stored.and_then(|t| t.refresh_token);
+            let result = self.attempt(refresh).await;
+            if let Ok(token) = &result {
+                let _ = store.store(token.shared()).await;
+            }
+            store.release().await;
+            return Some(result);
+        }
+        None
+    }
+
+    /// Whether a stored token is one to use rather than replace: not the one held or refused,
+    /// and not itself due for refresh.
+    fn adoptable(&self, token: &SharedToken, stale: Option<&Secret>) -> bool {
+        if stale.is_some_and(|s| s.expose() == token.token.expose()) {
+            return false;
+        }
+        let now = OffsetDateTime::now_utc();
+        match token.expires_at {
+            None => true,
+            Some(expires) => {
+                let lifetime = Duration::try_from(expires - token.issued_at).unwrap_or_default();
+                let due = token.issued_at + refresh_after(lifetime, self.margin);
+                now < due && now < expires
+            }
+        }
+    }
+
+    /// A token another replica obtained, on this replica's clock.
+    fn adopt(&self, shared: SharedToken) -> Arc<AccessToken> {
+        let now = Instant::now();
+        let now_wall = OffsetDateTime::now_utc();
+        let left = |at: OffsetDateTime| Duration::try_from(at - now_wall).unwrap_or_default();
+        let refresh_at = shared.expires_at.map(|expires| {
+            let lifetime = Duration::try_from(expires - shared.issued_at).unwrap_or_default();
+            now + left(shared.issued_at + refresh_after(lifetime, self.margin))
+        });
+        tracing::info!(
+            expires_in_s = shared.expires_at.map(|at| left(at).as_secs()),
+            "Bill24 access token taken from the fleet"
+        );
+        let authorization = bearer(&shared.token);
+        Arc::new(AccessToken {
+            authorization,
+            refresh_token: shared.refresh_token,
+            expires_at: shared.expires_at.map(|at| now + left(at)),
+            refresh_at,
+            issued_wall: shared.issued_at,
+            expires_wall: shared.expires_at,
+            token: shared.token,
+        })
     }
 
     /// One attempt: the refresh token first when there is one, then a full authorize.
@@ -405,17 +590,15 @@ impl Inner {
                 None
             }
         };
-        let mut authorization = HeaderValue::from_str(&format!("Bearer {}", issued.token.expose()))
-            .unwrap_or_else(|_| {
-                tracing::warn!("Bill24 issued a token that is not a valid header value");
-                HeaderValue::from_static("Bearer invalid")
-            });
-        authorization.set_sensitive(true);
+        let now_wall = OffsetDateTime::now_utc();
         Arc::new(AccessToken {
-            authorization,
+            authorization: bearer(&issued.token),
             refresh_token: issued.refresh_token,
             expires_at: lifetime.map(|l| now + l),
             refresh_at: lifetime.map(|l| now + refresh_after(l, self.margin)),
+            issued_wall: now_wall,
+            expires_wall: lifetime.map(|l| now_wall + l),
+            token: issued.token,
         })
     }
 

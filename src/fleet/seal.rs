@@ -1,0 +1,379 @@
+//! What the shared tier stores, sealed with keys only the merchant's replicas can derive (HKDF
+//! from the merchant credentials every replica already has): a cached answer is authenticated
+//! (HMAC-SHA256 over the answer, its Redis key name and its customer, so a genuine entry moved
+//! onto another customer's key does not verify), and the access token is encrypted
+//! (XChaCha20-Poly1305, a random nonce per write, the key name as associated data). Someone who
+//! can read or write Redis but lacks the credentials can neither use the token nor plant a
+//! balance. Pure functions; nothing here does I/O.
+
+use bytes::Bytes;
+use chacha20poly1305::aead::{Aead, KeyInit, Payload};
+use chacha20poly1305::{XChaCha20Poly1305, XNonce};
+use hkdf::Hkdf;
+use hmac::{Hmac, Mac};
+use serde::{Deserialize, Serialize};
+use sha2::Sha256;
+use smol_str::SmolStr;
+use subtle::ConstantTimeEq;
+use time::OffsetDateTime;
+
+use bill24::Secret;
+use bill24::token::SharedToken;
+
+const ENTRY_MAGIC: &[u8; 4] = b"B24E";
+const ENTRY_VERSION: u8 = 1;
+const TOKEN_VERSION: u8 = 1;
+const MAC_LEN: usize = 32;
+const NONCE_LEN: usize = 24;
+
+/// The replicas' keys, derived from the merchant credentials.
+#[derive(Clone)]
+pub struct Keys {
+    mac: [u8; 32],
+    aead: [u8; 32],
+}
+
+impl std::fmt::Debug for Keys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Keys([redacted])")
+    }
+}
+
+impl Keys {
+    /// HKDF-SHA256 over the merchant token, client id and client secret; one key to
+    /// authenticate entries, another to encrypt the token.
+    pub fn derive(merchant_token: &Secret, client_id: &str, client_secret: &Secret) -> Self {
+        let mut ikm = Vec::new();
+        for part in [merchant_token.expose(), client_id, client_secret.expose()] {
+            ikm.extend_from_slice(&(part.len() as u64).to_be_bytes());
+            ikm.extend_from_slice(part.as_bytes());
+        }
+        let hkdf = Hkdf::<Sha256>::new(Some(b"bill24-gateway fleet v1"), &ikm);
+        let mut keys = Keys {
+            mac: [0; 32],
+            aead: [0; 32],
+        };
+        // 32 bytes is a valid length for HKDF-SHA256: these cannot fail.
+        let _ = hkdf.expand(b"entry authentication", &mut keys.mac);
+        let _ = hkdf.expand(b"token encryption", &mut keys.aead);
+        keys
+    }
+}
+
+/// Why a stored value was not used: it does not decode, or does not verify (tampered, written
+/// with other credentials, or moved from another key).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("a value in the shared tier was refused (undecodable or not authentic)")]
+pub struct Rejected;
+
+/// A cached Bill24 answer as the fleet stores it: times in wall-clock milliseconds (replicas
+/// share no monotonic clock), so its age and expiry are the same on every replica.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredEntry {
+    /// When it was stored (Unix milliseconds).
+    pub stored_at_ms: u64,
+    pub fresh_for_ms: u64,
+    pub stale_for_ms: u64,
+    /// The fleet's purge epoch when the answer was fetched: entries of an older epoch were
+    /// purged (`DELETE /cache`).
+    pub epoch: u64,
+    pub bill24_code: SmolStr,
+    pub content_type: Bytes,
+    pub body: Bytes,
+}
+
+type HmacSha256 = Hmac<Sha256>;
+
+fn entry_mac(keys: &Keys, key_name: &str, customer: &str, sealed: &[u8]) -> [u8; MAC_LEN] {
+    // Every key length is valid for HMAC.
+    let mut mac = <HmacSha256 as KeyInit>::new_from_slice(&keys.mac)
+        .unwrap_or_else(|_| <HmacSha256 as KeyInit>::new(&Default::default()));
+    for part in [key_name.as_bytes(), customer.as_bytes()] {
+        mac.update(&(part.len() as u64).to_be_bytes());
+        mac.update(part);
+    }
+    mac.update(sealed);
+    mac.finalize().into_bytes().into()
+}
+
+/// The entry's bytes, authenticated for `key_name` and `customer`.
+pub fn seal_entry(keys: &Keys, key_name: &str, customer: &str, entry: &StoredEntry) -> Vec<u8> {
+    let code = entry.bill24_code.as_bytes();
+    let mut out = Vec::with_capacity(
+        4 + 1 + 32 + 1 + code.len() + 2 + entry.content_type.len() + 4 + entry.body.len() + 32,
+    );
+    out.extend_from_slice(ENTRY_MAGIC);
+    out.push(ENTRY_VERSION);
+    for n in [
+        entry.stored_at_ms,
+        entry.fresh_for_ms,
+        entry.stale_for_ms,
+        entry.epoch,
+    ] {
+        out.extend_from_slice(&n.to_be_bytes());
+    }
+    // Body codes are short and Content-Types small; longer ones are cut, and the entry does
+    // not verify (never written that way by this code).
+    out.push(code.len().min(255) as u8);
+    out.extend_from_slice(&code[..code.len().min(255)]);
+    let ct = &entry.content_type[..entry.content_type.len().min(u16::MAX as usize)];
+    out.extend_from_slice(&(ct.len() as u16).to_be_bytes());
+    out.extend_from_slice(ct);
+    let body = &entry.body[..entry.body.len().min(u32::MAX as usize)];
+    out.extend_from_slice(&(body.len() as u32).to_be_bytes());
+    out.extend_from_slice(body);
+    let mac = entry_mac(keys, key_name, customer, &out);
+    out.extend_from_slice(&mac);
+    out
+}
+
+/// Reads bytes in order, refusing anything short.
+struct Reader<'a>(&'a [u8]);
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], Rejected> {
+        if self.0.len() < n {
+            return Err(Rejected);
+        }
+        let (head, rest) = self.0.split_at(n);
+        self.0 = rest;
+        Ok(head)
+    }
+
+    fn u64(&mut self) -> Result<u64, Rejected> {
+        let mut b = [0u8; 8];
+        b.copy_from_slice(self.take(8)?);
+        Ok(u64::from_be_bytes(b))
+    }
+}
+
+/// The entry stored under `key_name` for `customer`, if it is authentic.
+pub fn open_entry(
+    keys: &Keys,
+    key_name: &str,
+    customer: &str,
+    bytes: &[u8],
+) -> Result<StoredEntry, Rejected> {
+    if bytes.len() < MAC_LEN {
+        return Err(Rejected);
+    }
+    let (sealed, mac) = bytes.split_at(bytes.len() - MAC_LEN);
+    let expected = entry_mac(keys, key_name, customer, sealed);
+    if !bool::from(expected.ct_eq(mac)) {
+        return Err(Rejected);
+    }
+    let mut r = Reader(sealed);
+    if r.take(4)? != ENTRY_MAGIC || r.take(1)? != [ENTRY_VERSION] {
+        return Err(Rejected);
+    }
+    let stored_at_ms = r.u64()?;
+    let fresh_for_ms = r.u64()?;
+    let stale_for_ms = r.u64()?;
+    let epoch = r.u64()?;
+    let code_len = r.take(1)?[0] as usize;
+    let code = std::str::from_utf8(r.take(code_len)?).map_err(|_| Rejected)?;
+    let ct_len = u16::from_be_bytes([r.take(1)?[0], r.take(1)?[0]]) as usize;
+    let content_type = Bytes::copy_from_slice(r.take(ct_len)?);
+    let mut len = [0u8; 4];
+    len.copy_from_slice(r.take(4)?);
+    let body = Bytes::copy_from_slice(r.take(u32::from_be_bytes(len) as usize)?);
+    if !r.0.is_empty() {
+        return Err(Rejected);
+    }
+    Ok(StoredEntry {
+        stored_at_ms,
+        fresh_for_ms,
+        stale_for_ms,
+        epoch,
+        bill24_code: SmolStr::new(code),
+        content_type,
+        body,
+    })
+}
+
+/// The token's fields, in the clear only inside the ciphertext.
+#[derive(Serialize, Deserialize)]
+struct TokenPlain<'a> {
+    token: &'a str,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    refresh_token: Option<&'a str>,
+    issued_at_ms: i128,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    expires_at_ms: Option<i128>,
+}
+
+fn aad(key_name: &str) -> Vec<u8> {
+    let mut aad = b"bill24-gateway token v1\0".to_vec();
+    aad.extend_from_slice(key_name.as_bytes());
+    aad
+}
+
+fn unix_ms(t: OffsetDateTime) -> i128 {
+    t.unix_timestamp_nanos() / 1_000_000
+}
+
+fn from_unix_ms(ms: i128) -> Result<OffsetDateTime, Rejected> {
+    OffsetDateTime::from_unix_timestamp_nanos(ms.saturating_mul(1_000_000)).map_err(|_| Rejected)
+}
+
+/// The token, encrypted for `key_name`: version, nonce, ciphertext.
+pub fn seal_token(keys: &Keys, key_name: &str, token: &SharedToken) -> Vec<u8> {
+    let plain = TokenPlain {
+        token: token.token.expose(),
+        refresh_token: token.refresh_token.as_ref().map(Secret::expose),
+        issued_at_ms: unix_ms(token.issued_at),
+        expires_at_ms: token.expires_at.map(unix_ms),
+    };
+    // Serializing strings and numbers cannot fail.
+    let msg = serde_json::to_vec(&plain).unwrap_or_default();
+    let nonce_bytes: [u8; NONCE_LEN] = rand::random();
+    let nonce = XNonce::from(nonce_bytes);
+    let cipher = XChaCha20Poly1305::new(&keys.aead.into());
+    let aad = aad(key_name);
+    let Ok(ciphertext) = cipher.encrypt(
+        &nonce,
+        Payload {
+            msg: &msg,
+            aad: &aad,
+        },
+    ) else {
+        return Vec::new();
+    };
+    let mut out = Vec::with_capacity(1 + NONCE_LEN + ciphertext.len());
+    out.push(TOKEN_VERSION);
+    out.extend_from_slice(&nonce_bytes);
+    out.extend_from_slice(&ciphertext);
+    out
+}
+
+/// The token stored under `key_name`, if it decrypts and authenticates.
+pub fn open_token(keys: &Keys, key_name: &str, bytes: &[u8]) -> Result<SharedToken, Rejected> {
+    let mut r = Reader(bytes);
+    if r.take(1)? != [TOKEN_VERSION] {
+        return Err(Rejected);
+    }
+    let mut nonce_bytes = [0u8; NONCE_LEN];
+    nonce_bytes.copy_from_slice(r.take(NONCE_LEN)?);
+    let cipher = XChaCha20Poly1305::new(&keys.aead.into());
+    let aad = aad(key_name);
+    let plain = cipher
+        .decrypt(
+            &XNonce::from(nonce_bytes),
+            Payload {
+                msg: r.0,
+                aad: &aad,
+            },
+        )
+        .map_err(|_| Rejected)?;
+    let token: TokenPlain<'_> = serde_json::from_slice(&plain).map_err(|_| Rejected)?;
+    if token.token.is_empty() {
+        return Err(Rejected);
+    }
+    Ok(SharedToken {
+        token: Secret::new(token.token),
+        refresh_token: token.refresh_token.map(Secret::new),
+        issued_at: from_unix_ms(token.issued_at_ms)?,
+        expires_at: token.expires_at_ms.map(from_unix_ms).transpose()?,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn keys() -> Keys {
+        Keys::derive(&Secret::new("merchant"), "client", &Secret::new("secret"))
+    }
+
+    fn entry() -> StoredEntry {
+        StoredEntry {
+            stored_at_ms: 1_764_000_000_123,
+            fresh_for_ms: 10_000,
+            stale_for_ms: 30_000,
+            epoch: 3,
+            bill24_code: SmolStr::new("000"),
+            content_type: Bytes::from_static(b"application/json; charset=utf-8"),
+            body: Bytes::from_static(br#"{"code":"000","data":[{"balance":5}]}"#),
+        }
+    }
+
+    #[test]
+    fn an_entry_round_trips_for_its_key_and_customer_only() {
+        let k = keys();
+        let sealed = seal_entry(&k, "p:c:{4d}:entry", "M", &entry());
+        assert_eq!(open_entry(&k, "p:c:{4d}:entry", "M", &sealed), Ok(entry()));
+        // Moved onto another customer's key.
+        assert_eq!(
+            open_entry(&k, "p:c:{4e}:entry", "N", &sealed),
+            Err(Rejected)
+        );
+        assert_eq!(
+            open_entry(&k, "p:c:{4d}:entry", "N", &sealed),
+            Err(Rejected)
+        );
+        // Written with other credentials.
+        let other = Keys::derive(&Secret::new("merchant"), "client", &Secret::new("other"));
+        assert_eq!(
+            open_entry(&other, "p:c:{4d}:entry", "M", &sealed),
+            Err(Rejected)
+        );
+    }
+
+    #[test]
+    fn any_changed_byte_or_truncation_is_refused() {
+        let k = keys();
+        let sealed = seal_entry(&k, "key", "M", &entry());
+        for i in 0..sealed.len() {
+            let mut tampered = sealed.clone();
+            tampered[i] ^= 0x01;
+            assert_eq!(
+                open_entry(&k, "key", "M", &tampered),
+                Err(Rejected),
+                "byte {i}"
+            );
+        }
+        for len in 0..sealed.len() {
+            assert_eq!(open_entry(&k, "key", "M", &sealed[..len]), Err(Rejected));
+        }
+        let mut longer = sealed.clone();
+        longer.push(0);
+        assert_eq!(open_entry(&k, "key", "M", &longer), Err(Rejected));
+        assert_eq!(open_entry(&k, "key", "M", b"garbage"), Err(Rejected));
+    }
+
+    #[test]
+    fn a_token_round_trips_encrypted_and_only_for_its_key() {
+        let k = keys();
+        let token = SharedToken {
+            token: Secret::new("eyJ.access.token"),
+            refresh_token: Some(Secret::new("refresh-1")),
+            issued_at: OffsetDateTime::from_unix_timestamp(1_764_000_000).expect("time"),
+            expires_at: Some(OffsetDateTime::from_unix_timestamp(1_764_021_600).expect("time")),
+        };
+        let sealed = seal_token(&k, "p:c:token", &token);
+        let text = String::from_utf8_lossy(&sealed);
+        assert!(!text.contains("eyJ.access.token") && !text.contains("refresh-1"));
+        let opened = open_token(&k, "p:c:token", &sealed).expect("opens");
+        assert_eq!(opened.token.expose(), "eyJ.access.token");
+        assert_eq!(
+            opened.refresh_token.as_ref().map(Secret::expose),
+            Some("refresh-1")
+        );
+        assert_eq!(opened.issued_at, token.issued_at);
+        assert_eq!(opened.expires_at, token.expires_at);
+        assert!(
+            open_token(&k, "p:c2:token", &sealed).is_err(),
+            "another key"
+        );
+        let other = Keys::derive(&Secret::new("x"), "client", &Secret::new("secret"));
+        assert!(open_token(&other, "p:c:token", &sealed).is_err());
+        let mut tampered = sealed.clone();
+        let last = tampered.len() - 1;
+        tampered[last] ^= 1;
+        assert!(open_token(&k, "p:c:token", &tampered).is_err());
+        assert!(open_token(&k, "p:c:token", b"").is_err());
+        // A fresh nonce each time.
+        assert_ne!(seal_token(&k, "p:c:token", &token), sealed);
+        assert_eq!(format!("{k:?}"), "Keys([redacted])");
+    }
+}

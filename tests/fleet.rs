@@ -1,0 +1,1080 @@
+//! The fleet (CONTRACT §10) through the real thing: several gateway processes (the built
+//! binary) in front of one Bill24 simulator, sharing a real `redis-server` (Debian's package;
+//! `.ci/run` installs it) or a 3-master Redis Cluster made with `redis-cli --cluster create`.
+//! Redis is killed, stopped (SIGSTOP) and given a wrong password mid-test; entries and the
+//! token are tampered with in Redis directly.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bill24_sim::{Fault, SimConfig, Simulator};
+use common::process::*;
+use common::*;
+use http::{Method, StatusCode};
+use tokio::time::Instant;
+
+// ---------------------------------------------------------------------------------------------
+// A real redis-server
+// ---------------------------------------------------------------------------------------------
+
+/// A free loopback port whose cluster bus port (port + 10000) is free too.
+fn free_port() -> u16 {
+    for _ in 0..200 {
+        let port = 20_000 + rand_u16() % 25_000;
+        let free = |p: u16| std::net::TcpListener::bind(("127.0.0.1", p)).is_ok();
+        if free(port) && free(port + 10_000) {
+            return port;
+        }
+    }
+    panic!("no free port pair");
+}
+
+fn rand_u16() -> u16 {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    (nanos ^ std::process::id().wrapping_mul(2_654_435_761)) as u16 ^ (nanos >> 16) as u16
+}
+
+/// One `redis-server` on a loopback port, with its own directory; killed when dropped.
+struct Redis {
+    child: Option<Child>,
+    port: u16,
+    dir: tempfile::TempDir,
+    /// `redis.conf` lines (ACL users, TLS files), and command-line arguments.
+    conf: String,
+    args: Vec<String>,
+    /// `redis-cli` arguments to reach it (TLS, password).
+    cli: Vec<String>,
+}
+
+impl Redis {
+    fn start(args: &[&str]) -> Redis {
+        Redis::start_with(args, &[])
+    }
+
+    fn start_with(args: &[&str], cli: &[&str]) -> Redis {
+        Redis::start_conf("", args, cli)
+    }
+
+    fn start_conf(conf: &str, args: &[&str], cli: &[&str]) -> Redis {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut redis = Redis {
+            child: None,
+            port: free_port(),
+            dir,
+            conf: conf.to_string(),
+            args: args.iter().map(|a| a.to_string()).collect(),
+            cli: cli.iter().map(|a| a.to_string()).collect(),
+        };
+        redis.launch();
+        redis
+    }
+
+    fn launch(&mut self) {
+        let port = self.port.to_string();
+        let tls = self.conf.contains("tls-port");
+        let conf = self.dir.path().join("redis.conf");
+        std::fs::write(&conf, self.conf.replace("{port}", &port)).expect("write redis.conf");
+        let mut cmd = Command::new("redis-server");
+        cmd.current_dir(self.dir.path())
+            .arg(&conf)
+            .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .args(["--port", if tls { "0" } else { &port }])
+            .args(self.args.iter().map(|a| a.replace("{port}", &port)))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        self.child = Some(
+            cmd.spawn()
+                .expect("redis-server runs (apt install redis-server)"),
+        );
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if self.cli(&["PING"]).trim() == "PONG" {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("redis-server on {port} did not answer");
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// `redis-cli` against this server; its standard output.
+    fn cli(&self, args: &[&str]) -> String {
+        let out = Command::new("redis-cli")
+            .args(["-h", "127.0.0.1", "-p", &self.port.to_string()])
+            .args(&self.cli)
+            .args(args)
+            .output()
+            .expect("redis-cli runs");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    fn signal(&self, signal: &str) {
+        if let Some(child) = &self.child {
+            let _ = Command::new("kill")
+                .arg(format!("-{signal}"))
+                .arg(child.id().to_string())
+                .status();
+        }
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Back on the same port, empty.
+    fn restart(&mut self) {
+        self.kill();
+        self.launch();
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        self.signal("CONT");
+        self.kill();
+    }
+}
+
+/// A Redis Cluster of three masters, made with `redis-cli --cluster create`.
+struct Cluster {
+    nodes: Vec<Redis>,
+}
+
+impl Cluster {
+    fn start() -> Cluster {
+        let nodes: Vec<Redis> = (0..3)
+            .map(|_| {
+                Redis::start(&[
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-config-file",
+                    "nodes.conf",
+                    "--cluster-node-timeout",
+                    "2000",
+                ])
+            })
+            .collect();
+        let addresses: Vec<String> = nodes
+            .iter()
+            .map(|n| format!("127.0.0.1:{}", n.port))
+            .collect();
+        let out = Command::new("redis-cli")
+            .arg("--cluster")
+            .arg("create")
+            .args(&addresses)
+            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .output()
+            .expect("redis-cli --cluster create");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if nodes
+                .iter()
+                .all(|n| n.cli(&["CLUSTER", "INFO"]).contains("cluster_state:ok"))
+            {
+                return Cluster { nodes };
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("the cluster did not come up");
+    }
+
+    fn urls(&self) -> Vec<String> {
+        self.nodes.iter().map(Redis::url).collect()
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Gateway replicas
+// ---------------------------------------------------------------------------------------------
+
+/// A gateway process of the fleet.
+struct Replica {
+    running: Running,
+    main: SocketAddr,
+    admin: SocketAddr,
+    _dir: tempfile::TempDir,
+}
+
+impl Replica {
+    async fn balance(&self, code: &str) -> Reply {
+        balance(self.main, ORDERS_KEY, code).await
+    }
+
+    async fn metrics(&self) -> String {
+        let reply = get(self.admin, "/metrics").await;
+        String::from_utf8_lossy(&reply.body).into_owned()
+    }
+
+    async fn metric(&self, series: &str) -> f64 {
+        metric_value(&self.metrics().await, series)
+    }
+
+    /// The access log line of the request with this id.
+    async fn access_line(&self, request_id: &str) -> serde_json::Value {
+        let line = self
+            .running
+            .wait_for_line(&format!("\"request_id\":\"{request_id}\""))
+            .await;
+        serde_json::from_str(&line).expect("json")
+    }
+
+    fn kill(&mut self) {
+        self.running.signal("KILL");
+    }
+}
+
+/// What a fleet test starts from: the simulator and the replicas' shared settings.
+struct Fleet {
+    sim: Simulator,
+    urls: Vec<String>,
+    /// More TOML for every replica (`[redis]` keys, `[cache]`, `[upstream]` sections...).
+    extra: String,
+    envs: Vec<(String, String)>,
+}
+
+impl Fleet {
+    async fn new(urls: Vec<String>, extra: &str) -> Fleet {
+        Fleet::with_sim(SimConfig::default(), urls, extra).await
+    }
+
+    async fn with_sim(sim: SimConfig, urls: Vec<String>, extra: &str) -> Fleet {
+        init_test_log();
+        Fleet {
+            sim: Simulator::bind("127.0.0.1:0".parse().expect("addr"), sim)
+                .await
+                .expect("sim"),
+            urls,
+            extra: extra.to_string(),
+            envs: Vec::new(),
+        }
+    }
+
+    /// The replicas' config: `extra` holds `section.key = value` lines.
+    fn toml(&self) -> String {
+        let urls: Vec<String> = self.urls.iter().map(|u| format!("\"{u}\"")).collect();
+        let section = |name: &str| -> String {
+            self.extra
+                .lines()
+                .filter_map(|l| l.strip_prefix(&format!("{name}.")))
+                .map(|l| format!("{l}\n"))
+                .collect()
+        };
+        format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n{}\n\
+             [redis]\nurls = [{}]\n{}\n[cache]\n{}\n\
+             [upstream]\nbase_url = \"{}\"\nmerchant_token = \"{}\"\nclient_id = \"{}\"\n\
+             client_secret = \"{}\"\n{}\n{}{}",
+            section("server"),
+            urls.join(", "),
+            section("redis"),
+            section("cache"),
+            self.sim.base_url(),
+            bill24_sim::DEMO_MERCHANT_TOKEN,
+            bill24_sim::DEMO_CLIENT_ID,
+            bill24_sim::DEMO_CLIENT_SECRET,
+            section("upstream"),
+            caller_block("orders", ORDERS_KEY),
+            caller_block("billing", BILLING_KEY),
+        )
+    }
+
+    /// Starts one more replica and waits until it serves.
+    async fn replica(&self) -> Replica {
+        let envs: Vec<(&str, &str)> = self
+            .envs
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        let (running, dir) = Running::start(&[], &self.toml(), &envs);
+        let (main, admin) = running.addresses().await;
+        Replica {
+            running,
+            main,
+            admin,
+            _dir: dir,
+        }
+    }
+
+    async fn replicas(&self, n: usize) -> Vec<Replica> {
+        let mut all = Vec::new();
+        for _ in 0..n {
+            all.push(self.replica().await);
+        }
+        all
+    }
+}
+
+/// Waits (real time) until `check` holds on the replica's metrics.
+async fn until_metric(replica: &Replica, series: &str, check: impl Fn(f64) -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let value = replica.metric(series).await;
+        if check(value) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{series} = {value}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn request_id(reply: &Reply) -> String {
+    reply.header("x-request-id").unwrap_or_default().to_string()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Two tiers
+// ---------------------------------------------------------------------------------------------
+
+/// A customer asked through each of three replicas costs Bill24 one call per TTL window: the
+/// first replica fetches, the others answer from Redis (HIT, `cache_tier` l2) with the same
+/// `Age`, and the entry expires at the same moment everywhere.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_bill24_call_per_customer_per_ttl_across_the_fleet() {
+    let redis = Redis::start(&[]);
+    let fleet = Fleet::new(vec![redis.url()], "cache.ttl = \"3s\"").await;
+    let replicas = fleet.replicas(3).await;
+    let first = replicas[0].balance("SHARED1").await;
+    assert_eq!((first.status, first.x_cache()), (StatusCode::OK, "MISS"));
+    let line = replicas[0].access_line(&request_id(&first)).await;
+    assert!(line["cache_tier"].is_null(), "from Bill24: {line}");
+    tokio::time::sleep(Duration::from_millis(1_100)).await;
+    for replica in &replicas[1..] {
+        let r = replica.balance("SHARED1").await;
+        assert_eq!((r.status, r.x_cache()), (StatusCode::OK, "HIT"));
+        assert_eq!(r.body, first.body, "Bill24's bytes");
+        assert_eq!(
+            r.header("age"),
+            Some("1"),
+            "counted from when it was stored"
+        );
+        let line = replica.access_line(&request_id(&r)).await;
+        assert_eq!(line["cache_tier"], "l2");
+        assert_eq!(line["cache"], "hit");
+        // Now in that replica's own cache.
+        let again = replica.balance("SHARED1").await;
+        let line = replica.access_line(&request_id(&again)).await;
+        assert_eq!(line["cache_tier"], "l1");
+    }
+    assert_eq!(fleet.sim.handle().balance_calls_for("SHARED1"), 1);
+    assert_eq!(
+        replicas[1]
+            .metric(r#"gateway_cache_hits_total{tier="l2"}"#)
+            .await,
+        1.0
+    );
+    assert_eq!(
+        replicas[1]
+            .metric(r#"gateway_cache_hits_total{tier="l1"}"#)
+            .await,
+        1.0
+    );
+    assert_eq!(replicas[1].metric("gateway_redis_up").await, 1.0);
+    // Past the TTL counted from the first store, on every replica: one more call in all.
+    tokio::time::sleep(Duration::from_millis(2_000)).await;
+    for replica in &replicas {
+        let r = replica.balance("SHARED1").await;
+        assert_eq!(r.status, StatusCode::OK);
+    }
+    assert_eq!(fleet.sim.handle().balance_calls_for("SHARED1"), 2);
+}
+
+/// `negative_ttl`, `stale_if_error` and `refresh_ahead` hold for the fleet: a "311" cached by
+/// one replica answers on another; a replica that never saw a customer serves the expired
+/// entry another one stored when Bill24 fails; and a hot key close to expiry on two replicas
+/// is refreshed once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn negative_stale_and_refresh_ahead_hold_fleet_wide() {
+    let redis = Redis::start(&[]);
+    let fleet = Fleet::new(
+        vec![redis.url()],
+        "cache.ttl = \"1s\"\ncache.negative_ttl = \"5s\"\ncache.stale_if_error = \"30s\"\n\
+         upstream.retries = 0",
+    )
+    .await;
+    let (a, b) = (fleet.replica().await, fleet.replica().await);
+    let sim = fleet.sim.handle();
+    a.balance("UNKNOWN-NEG").await;
+    let r = b.balance("UNKNOWN-NEG").await;
+    assert_eq!(
+        (r.x_cache(), r.json()["code"].as_str()),
+        ("HIT", Some("311"))
+    );
+    assert_eq!(sim.balance_calls_for("UNKNOWN-NEG"), 1);
+
+    a.balance("STALE-X").await;
+    tokio::time::sleep(Duration::from_millis(1_200)).await;
+    sim.set_balance_fault(Some(Fault::Status(503)));
+    let r = b.balance("STALE-X").await;
+    assert_eq!((r.status, r.x_cache()), (StatusCode::OK, "STALE"));
+    assert_eq!(r.header("age"), Some("1"));
+    sim.set_balance_fault(None);
+
+    let fleet = Fleet::new(
+        vec![redis.url()],
+        "cache.ttl = \"3s\"\ncache.refresh_ahead = \"1s\"\nredis.key_prefix = \"ahead\"",
+    )
+    .await;
+    let (a, b) = (fleet.replica().await, fleet.replica().await);
+    let sim = fleet.sim.handle();
+    a.balance("HOT").await;
+    b.balance("HOT").await;
+    assert_eq!(sim.balance_calls_for("HOT"), 1);
+    tokio::time::sleep(Duration::from_millis(2_200)).await;
+    // In the window on both replicas: hits, and one background refresh for the two (whose
+    // own window opens 2 s later).
+    for _ in 0..5 {
+        assert_eq!(a.balance("HOT").await.x_cache(), "HIT");
+        assert_eq!(b.balance("HOT").await.x_cache(), "HIT");
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(sim.balance_calls_for("HOT"), 2, "one refresh for the fleet");
+    // Past the first entry's expiry: still hits on both, from the refreshed entry.
+    tokio::time::sleep(Duration::from_millis(1_000)).await;
+    assert_eq!(a.balance("HOT").await.x_cache(), "HIT");
+    assert_eq!(b.balance("HOT").await.x_cache(), "HIT");
+    assert_eq!(sim.balance_calls_for("HOT"), 2);
+}
+
+/// Without a usable entry, concurrent requests for one cold customer spread over three
+/// replicas cost Bill24 one call: one replica takes the key's fill lock, the others wait for
+/// its message (not a poll) and answer from the entry it stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stampede_across_replicas_costs_one_bill24_call() {
+    let redis = Redis::start(&[]);
+    let fleet = Fleet::new(vec![redis.url()], "").await;
+    let replicas = Arc::new(fleet.replicas(3).await);
+    fleet.sim.handle().set_latency(Duration::from_millis(300));
+    let requests: Vec<_> = (0..60)
+        .map(|i| {
+            let replicas = replicas.clone();
+            tokio::spawn(async move { replicas[i % 3].balance("STAMPEDE").await })
+        })
+        .collect();
+    let mut statuses = Vec::new();
+    for r in requests {
+        let r = r.await.expect("request");
+        assert_eq!(
+            r.x_cache(),
+            "MISS",
+            "joined a fetch, here or on another replica"
+        );
+        statuses.push(r.status);
+    }
+    assert!(statuses.iter().all(|s| *s == StatusCode::OK));
+    assert_eq!(fleet.sim.handle().balance_calls_for("STAMPEDE"), 1);
+}
+
+/// A replica that dies holding a fill lock delays the others only until the lock expires
+/// (`upstream.timeout` × (1 + `retries`) and a second); then each makes its own call.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_lock_holder_delays_the_others_only_until_its_lock_expires() {
+    let redis = Redis::start(&[]);
+    let fleet = Fleet::new(
+        vec![redis.url()],
+        "upstream.timeout = \"1s\"\nupstream.retries = 0",
+    )
+    .await;
+    let mut holder = fleet.replica().await;
+    let other = fleet.replica().await;
+    // Make sure both replicas have their token before the clock matters.
+    holder.balance("warm-up-1").await;
+    other.balance("warm-up-2").await;
+    fleet.sim.handle().set_latency(Duration::from_secs(5));
+    let main = holder.main;
+    let doomed = tokio::spawn(async move { balance(main, ORDERS_KEY, "ORPHAN").await });
+    let handle = fleet.sim.handle();
+    assert!(
+        eventually(Duration::from_secs(5), || handle
+            .balance_calls_for("ORPHAN")
+            == 1)
+        .await
+    );
+    holder.kill();
+    let _ = doomed.await;
+    fleet.sim.handle().set_latency(Duration::ZERO);
+    let start = Instant::now();
+    let r = other.balance("ORPHAN").await;
+    let waited = start.elapsed();
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(
+        fleet.sim.handle().balance_calls_for("ORPHAN"),
+        2,
+        "its own call"
+    );
+    // The lock lasts 2 s from when the holder took it: bounded, not a request's timeout.
+    assert!(waited < Duration::from_secs(3), "waited {waited:?}");
+}
+
+/// A fill that fails stores nothing: the replicas that waited for it each make one call of
+/// their own, and no failure is ever served from Redis.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_fill_is_not_shared_and_each_waiting_replica_calls_once() {
+    let redis = Redis::start(&[]);
+    let fleet = Fleet::new(vec![redis.url()], "upstream.retries = 0").await;
+    let replicas = Arc::new(fleet.replicas(3).await);
+    for (i, r) in replicas.iter().enumerate() {
+        r.balance(&format!("warm-up-{i}")).await;
+    }
+    fleet.sim.handle().set_latency(Duration::from_millis(400));
+    fleet.sim.handle().fail_next(1, Fault::Status(500));
+    let leader = tokio::spawn({
+        let replicas = replicas.clone();
+        async move { replicas[0].balance("FAILS").await }
+    });
+    let handle = fleet.sim.handle();
+    assert!(
+        eventually(Duration::from_secs(5), || handle.balance_calls_for("FAILS")
+            == 1)
+        .await
+    );
+    let waiters: Vec<_> = (1..3)
+        .map(|i| {
+            let replicas = replicas.clone();
+            tokio::spawn(async move { replicas[i].balance("FAILS").await })
+        })
+        .collect();
+    assert_eq!(
+        leader.await.expect("leader").status,
+        StatusCode::BAD_GATEWAY
+    );
+    for w in waiters {
+        assert_eq!(w.await.expect("waiter").status, StatusCode::OK);
+    }
+    assert_eq!(
+        fleet.sim.handle().balance_calls_for("FAILS"),
+        3,
+        "the failed call, then one per waiting replica"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// One token
+// ---------------------------------------------------------------------------------------------
+
+/// Replicas share one merchant token: three replicas cost one authorize, and a replica that
+/// starts while the shared token is valid makes none. When Bill24 refuses it, one replica
+/// refreshes for the fleet (compare-and-refresh) and the others take the new token; a refresh
+/// token is never presented twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_fleet_shares_one_token_and_refreshes_it_once() {
+    let redis = Redis::start(&[]);
+    let fleet = Fleet::new(vec![redis.url()], "").await;
+    let replicas = fleet.replicas(3).await;
+    for (i, r) in replicas.iter().enumerate() {
+        assert_eq!(r.balance(&format!("T{i}")).await.status, StatusCode::OK);
+    }
+    let late = fleet.replica().await;
+    assert_eq!(late.balance("T-late").await.status, StatusCode::OK);
+    let sim = fleet.sim.handle();
+    assert_eq!(sim.authorize_calls(), 1, "one token for four replicas");
+
+    sim.revoke_access_tokens();
+    let all = replicas.iter().chain(std::iter::once(&late));
+    for (i, r) in all.enumerate() {
+        let reply = r.balance(&format!("after-revoke-{i}")).await;
+        assert_eq!(reply.status, StatusCode::OK);
+    }
+    assert_eq!(sim.refresh_calls(), 1, "one refresh for the fleet");
+    assert_eq!(sim.authorize_calls(), 2);
+    assert_eq!(sim.stats().reused_refresh_tokens, 0);
+}
+
+/// Background refresh of a short-lived token, on three replicas at once: one refresh per
+/// token for the whole fleet (each replica due at the same moment), never a refresh token
+/// presented twice, and no request sees a 401.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn background_refreshes_happen_once_for_the_fleet() {
+    let redis = Redis::start(&[]);
+    let fleet = Fleet::with_sim(
+        SimConfig {
+            token_lifetime: Duration::from_secs(3),
+            ..SimConfig::default()
+        },
+        vec![redis.url()],
+        "upstream.token_refresh_margin = \"1s\"",
+    )
+    .await;
+    let replicas = fleet.replicas(3).await;
+    let sim = fleet.sim.handle();
+    // Refreshes due every 2 s (the 3 s tokens, 1 s before expiry): over 5 s, two.
+    let start = Instant::now();
+    let mut i = 0;
+    while start.elapsed() < Duration::from_millis(5_000) {
+        for r in &replicas {
+            assert_eq!(r.balance(&format!("BG{i}")).await.status, StatusCode::OK);
+            i += 1;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(sim.refresh_calls(), 2, "one per token, not one per replica");
+    assert_eq!(sim.authorize_calls(), 3);
+    assert_eq!(sim.stats().reused_refresh_tokens, 0);
+    assert_eq!(sim.stats().unauthorized_balance_calls, 0);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Confidential and authentic
+// ---------------------------------------------------------------------------------------------
+
+/// Someone who can write Redis but lacks the merchant credentials cannot plant a balance: a
+/// tampered entry, and a genuine entry moved onto another customer's key, are misses (counted),
+/// never served; the token is stored encrypted, and one that does not decrypt is not used.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tampered_and_moved_entries_and_tokens_are_never_used() {
+    let redis = Redis::start(&[]);
+    let fleet = Fleet::new(vec![redis.url()], "").await;
+    let writer = fleet.replica().await;
+    writer.balance("REAL").await;
+    let client = redis::Client::open(redis.url()).expect("client");
+    let mut con = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("redis");
+    let key = |code: &str| format!("bill24gw:demo-client:{{{}}}:entry", hex::encode(code));
+    let genuine: Vec<u8> = redis::cmd("GET")
+        .arg(key("REAL"))
+        .query_async(&mut con)
+        .await
+        .expect("stored");
+    // Moved onto another customer's key.
+    let _: () = redis::cmd("SET")
+        .arg(key("VICTIM"))
+        .arg(&genuine)
+        .query_async(&mut con)
+        .await
+        .expect("set");
+    // Tampered in place: the balance's digits changed.
+    let text = String::from_utf8_lossy(&genuine).replace("\"balance\":", "\"balance\":9");
+    let _: () = redis::cmd("SET")
+        .arg(key("REAL"))
+        .arg(text.as_bytes())
+        .query_async(&mut con)
+        .await
+        .expect("set");
+    // The token, readable by anyone with Redis access, is ciphertext.
+    let token: Vec<u8> = redis::cmd("GET")
+        .arg("bill24gw:demo-client:token")
+        .query_async(&mut con)
+        .await
+        .expect("token stored");
+    assert!(
+        !String::from_utf8_lossy(&token).contains("eyJ"),
+        "encrypted"
+    );
+
+    let reader = fleet.replica().await;
+    let sim = fleet.sim.handle();
+    for code in ["VICTIM", "REAL"] {
+        let r = reader.balance(code).await;
+        assert_eq!((r.status, r.x_cache()), (StatusCode::OK, "MISS"), "{code}");
+        assert_eq!(
+            sim.balance_calls_for(code),
+            if code == "REAL" { 2 } else { 1 }
+        );
+    }
+    assert!(
+        reader
+            .metric(r#"gateway_redis_requests_total{op="get",result="rejected"}"#)
+            .await
+            >= 2.0
+    );
+
+    // A token blob that does not decrypt: a new replica buys its own.
+    let _: () = redis::cmd("SET")
+        .arg("bill24gw:demo-client:token")
+        .arg(b"\x01not-a-token".as_slice())
+        .query_async(&mut con)
+        .await
+        .expect("set");
+    let before = sim.authorize_calls();
+    let late = fleet.replica().await;
+    assert_eq!(late.balance("AFTER").await.status, StatusCode::OK);
+    assert_eq!(sim.authorize_calls(), before + 1);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Purge
+// ---------------------------------------------------------------------------------------------
+
+/// `DELETE /cache/{code}` and `DELETE /cache` on one replica reach every replica's copies
+/// within a second, and the entries in Redis.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn purges_are_fleet_wide() {
+    let redis = Redis::start(&[]);
+    let fleet = Fleet::new(vec![redis.url()], "").await;
+    let (a, b) = (fleet.replica().await, fleet.replica().await);
+    for r in [&a, &b] {
+        r.balance("P1").await;
+        r.balance("P2").await;
+        assert_eq!(r.balance("P1").await.x_cache(), "HIT");
+    }
+    let sim = fleet.sim.handle();
+    assert_eq!(sim.balance_calls_for("P1"), 1);
+
+    let del = |admin: SocketAddr, path: &'static str| async move {
+        let req = http::Request::builder()
+            .method(Method::DELETE)
+            .uri(format!("http://{admin}{path}"))
+            .body(Default::default())
+            .expect("request");
+        send(&client(), req).await
+    };
+    assert_eq!(
+        del(a.admin, "/cache/P1").await.status,
+        StatusCode::NO_CONTENT
+    );
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(
+        b.balance("P1").await.x_cache(),
+        "MISS",
+        "gone on the other replica"
+    );
+    assert_eq!(sim.balance_calls_for("P1"), 2, "and in Redis");
+    assert_eq!(b.balance("P2").await.x_cache(), "HIT", "only that customer");
+
+    assert_eq!(del(b.admin, "/cache").await.status, StatusCode::NO_CONTENT);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(a.balance("P2").await.x_cache(), "MISS");
+    assert_eq!(
+        sim.balance_calls_for("P2"),
+        2,
+        "everything gone, Redis included"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Redis is never a single point of failure
+// ---------------------------------------------------------------------------------------------
+
+/// Redis killed: requests are answered as without Redis, `gateway_redis_up` turns 0, and a
+/// dead Redis is not asked on every request. Back (empty, same port): the tier resumes by
+/// itself and entries are shared again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_killed_then_back() {
+    let mut redis = Redis::start(&[]);
+    let fleet = Fleet::new(vec![redis.url()], "").await;
+    let (a, b) = (fleet.replica().await, fleet.replica().await);
+    a.balance("K0").await;
+    assert_eq!(b.balance("K0").await.x_cache(), "HIT");
+    redis.kill();
+    for i in 0..30 {
+        let r = a.balance(&format!("DOWN{i}")).await;
+        assert_eq!(r.status, StatusCode::OK);
+    }
+    until_metric(&a, "gateway_redis_up", |v| v == 0.0).await;
+    let calls_before = a
+        .metrics()
+        .await
+        .lines()
+        .filter(|l| l.starts_with("gateway_redis_requests_total{op=\"get\""))
+        .filter(|l| !l.contains("skipped"))
+        .map(|l| metric_value(l, l.split(' ').next().unwrap_or_default()))
+        .sum::<f64>();
+    for i in 0..30 {
+        assert_eq!(
+            a.balance(&format!("DOWN-MORE{i}")).await.status,
+            StatusCode::OK
+        );
+    }
+    let calls_after = a
+        .metrics()
+        .await
+        .lines()
+        .filter(|l| l.starts_with("gateway_redis_requests_total{op=\"get\""))
+        .filter(|l| !l.contains("skipped"))
+        .map(|l| metric_value(l, l.split(' ').next().unwrap_or_default()))
+        .sum::<f64>();
+    assert!(
+        calls_after - calls_before <= 2.0,
+        "a dead Redis is not asked per request: {calls_before} -> {calls_after}"
+    );
+    redis.restart();
+    until_metric(&a, "gateway_redis_up", |v| v == 1.0).await;
+    until_metric(&b, "gateway_redis_up", |v| v == 1.0).await;
+    a.balance("BACK").await;
+    assert_eq!(b.balance("BACK").await.x_cache(), "HIT", "shared again");
+    assert_eq!(fleet.sim.handle().balance_calls_for("BACK"), 1);
+}
+
+/// Redis stopped (SIGSTOP: connections open, no answers): requests are answered, none later
+/// than `redis.timeout` plus the usual; once it runs again the tier resumes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_stalled_costs_at_most_its_timeout() {
+    let redis = Redis::start(&[]);
+    let fleet = Fleet::new(vec![redis.url()], "redis.timeout = \"100ms\"").await;
+    let a = fleet.replica().await;
+    a.balance("S0").await;
+    redis.signal("STOP");
+    let mut slowest = Duration::ZERO;
+    for i in 0..20 {
+        let start = Instant::now();
+        let r = a.balance(&format!("STALL{i}")).await;
+        slowest = slowest.max(start.elapsed());
+        assert_eq!(r.status, StatusCode::OK);
+    }
+    // Each Redis call is cut at 100 ms, and a miss makes at most three before the tier is
+    // marked down (read, lock); generous room for a loaded machine.
+    assert!(slowest < Duration::from_secs(2), "slowest {slowest:?}");
+    until_metric(&a, "gateway_redis_up", |v| v == 0.0).await;
+    redis.signal("CONT");
+    until_metric(&a, "gateway_redis_up", |v| v == 1.0).await;
+}
+
+/// A wrong password and a full Redis (writes refused) are survived the same way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrong_password_and_full_redis_are_survived() {
+    let locked = Redis::start_with(
+        &["--requirepass", "right"],
+        &["-a", "right", "--no-auth-warning"],
+    );
+    let fleet = Fleet::new(vec![locked.url()], "redis.password = \"wrong\"").await;
+    let a = fleet.replica().await;
+    for i in 0..5 {
+        assert_eq!(a.balance(&format!("PW{i}")).await.status, StatusCode::OK);
+    }
+    until_metric(&a, "gateway_redis_up", |v| v == 0.0).await;
+
+    let full = Redis::start(&["--maxmemory", "1mb", "--maxmemory-policy", "noeviction"]);
+    // Filled with someone else's data up to its limit.
+    let client = redis::Client::open(full.url()).expect("client");
+    let mut con = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("redis");
+    let chunk = vec![b'x'; 64 * 1024];
+    for i in 0..64 {
+        let r: Result<(), _> = redis::cmd("SET")
+            .arg(format!("other:{i}"))
+            .arg(&chunk)
+            .query_async(&mut con)
+            .await;
+        if r.is_err() {
+            break;
+        }
+    }
+    let fleet = Fleet::new(vec![full.url()], "").await;
+    let b = fleet.replica().await;
+    for i in 0..5 {
+        assert_eq!(b.balance(&format!("FULL{i}")).await.status, StatusCode::OK);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// TLS, ACL users, Redis Cluster
+// ---------------------------------------------------------------------------------------------
+
+/// A test CA and a certificate for 127.0.0.1 and localhost signed by it, as PEM files.
+fn tls_files(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
+    let ca_key = rcgen::KeyPair::generate().expect("key");
+    let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+    ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca.distinguished_name
+        .push(rcgen::DnType::CommonName, "bill24-gateway test CA");
+    let ca_cert = ca.self_signed(&ca_key).expect("ca");
+    let issuer = rcgen::Issuer::new(ca, ca_key);
+    let key = rcgen::KeyPair::generate().expect("key");
+    let mut params =
+        rcgen::CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()])
+            .expect("params");
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "localhost");
+    let cert = params.signed_by(&key, &issuer).expect("cert");
+    let paths = (
+        dir.join("ca.pem"),
+        dir.join("cert.pem"),
+        dir.join("key.pem"),
+    );
+    std::fs::write(&paths.0, ca_cert.pem()).expect("write");
+    std::fs::write(&paths.1, cert.pem()).expect("write");
+    std::fs::write(&paths.2, key.serialize_pem()).expect("write");
+    paths
+}
+
+/// `rediss://` with an ACL user: the tier works over TLS (the test CA trusted through
+/// `SSL_CERT_FILE`), with the user and password from the config.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rediss_and_acl_users_work() {
+    let certs = tempfile::tempdir().expect("tempdir");
+    let (ca, cert, key) = tls_files(certs.path());
+    let (ca, cert, key) = (
+        ca.to_string_lossy().into_owned(),
+        cert.to_string_lossy().into_owned(),
+        key.to_string_lossy().into_owned(),
+    );
+    let redis = Redis::start_conf(
+        &format!(
+            "tls-port {{port}}\ntls-cert-file {cert}\ntls-key-file {key}\n\
+             tls-ca-cert-file {ca}\ntls-auth-clients no\n\
+             user gateway on >s3cret-acl ~bill24gw:* &* +@all\nuser default off\n"
+        ),
+        &[],
+        &[
+            "--tls",
+            "--cacert",
+            &ca,
+            "--user",
+            "gateway",
+            "--pass",
+            "s3cret-acl",
+            "--no-auth-warning",
+        ],
+    );
+    let url = format!("rediss://127.0.0.1:{}", redis.port);
+    let mut fleet = Fleet::new(
+        vec![url],
+        "redis.username = \"gateway\"\nredis.password = \"s3cret-acl\"",
+    )
+    .await;
+    fleet.envs.push(("SSL_CERT_FILE".into(), ca.clone()));
+    let (a, b) = (fleet.replica().await, fleet.replica().await);
+    a.balance("TLS1").await;
+    let r = b.balance("TLS1").await;
+    assert_eq!(r.x_cache(), "HIT", "shared over TLS");
+    assert_eq!(fleet.sim.handle().balance_calls_for("TLS1"), 1);
+    assert_eq!(fleet.sim.handle().authorize_calls(), 1);
+    let output = a.running.output().join("\n");
+    assert!(!output.contains("s3cret-acl"), "no password in the logs");
+}
+
+/// A 3-master Redis Cluster: entries, the token and purges are shared as with one node, and
+/// different customers' keys spread over the slots (the hash tag is the customer).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_cluster_shares_entries_token_and_purges() {
+    let cluster = Cluster::start();
+    let fleet = Fleet::new(cluster.urls(), "").await;
+    let replicas = Arc::new(fleet.replicas(3).await);
+    let sim = fleet.sim.handle();
+    for i in 0..20 {
+        replicas[0].balance(&format!("C{i}")).await;
+    }
+    for i in 0..20 {
+        let r = replicas[1].balance(&format!("C{i}")).await;
+        assert_eq!(r.x_cache(), "HIT", "C{i}");
+    }
+    assert_eq!(sim.balance_calls(), 20);
+    assert_eq!(sim.authorize_calls(), 1, "one token for the fleet");
+    // Every master holds some of the entries.
+    for node in &cluster.nodes {
+        let keys = node.cli(&["KEYS", "bill24gw:*:entry"]);
+        assert!(keys.lines().count() >= 1, "{} holds no entry", node.port);
+    }
+    // A stampede across replicas and slots.
+    sim.set_latency(Duration::from_millis(200));
+    let requests: Vec<_> = (0..30)
+        .map(|i| {
+            let replicas = replicas.clone();
+            tokio::spawn(async move { replicas[i % 3].balance("CLUSTER-COLD").await })
+        })
+        .collect();
+    for r in requests {
+        assert_eq!(r.await.expect("request").status, StatusCode::OK);
+    }
+    assert_eq!(sim.balance_calls_for("CLUSTER-COLD"), 1);
+    sim.set_latency(Duration::ZERO);
+    // A purge on one replica, seen by another.
+    let req = http::Request::builder()
+        .method(Method::DELETE)
+        .uri(format!("http://{}/cache/C3", replicas[2].admin))
+        .body(Default::default())
+        .expect("request");
+    assert_eq!(send(&client(), req).await.status, StatusCode::NO_CONTENT);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(replicas[1].balance("C3").await.x_cache(), "MISS");
+}
+
+/// `--check-config` in `dir` with `toml` as the config file.
+fn check_config(dir: &Path, toml: &str) -> std::process::Output {
+    std::fs::write(dir.join("gw.toml"), toml).expect("write");
+    Command::new(BIN)
+        .args(["--check-config", "--config", "gw.toml"])
+        .current_dir(dir)
+        .output()
+        .expect("runs")
+}
+
+/// `--check-config` shows `[redis]` with its password, and the credentials in a URL,
+/// `[redacted]`; a bad URL, or a brace in a part of the key names, is refused naming the key.
+#[test]
+fn check_config_redacts_redis_credentials() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(dir.path().join("redis-password"), "pw-from-file\n").expect("write");
+    let printed = |toml: &str| {
+        let out = check_config(dir.path(), toml);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let text = printed(
+        "[upstream]\nclient_id = \"c\"\n[redis]\nurls = [\"redis://user:url-secret@10.0.0.5:6379\", \
+         \"rediss://only-secret@10.0.0.6:6379/0\"]\n",
+    );
+    assert!(
+        !text.contains("url-secret") && !text.contains("only-secret"),
+        "{text}"
+    );
+    assert!(
+        text.contains("redis://user:[redacted]@10.0.0.5:6379"),
+        "{text}"
+    );
+    assert!(
+        text.contains("rediss://[redacted]@10.0.0.6:6379/0"),
+        "{text}"
+    );
+    let text = printed(
+        "[upstream]\nclient_id = \"c\"\n[redis]\nurls = [\"redis://10.0.0.5:6379\"]\n\
+         password_file = \"redis-password\"\nusername = \"gw\"\n",
+    );
+    assert!(!text.contains("pw-from-file"), "{text}");
+    assert!(
+        text.contains("password_file = \"redis-password\""),
+        "{text}"
+    );
+
+    for (toml, key) in [
+        (
+            "[upstream]\nclient_id = \"c\"\n[redis]\nurls = [\"http://x\"]\n",
+            "redis.urls[0]",
+        ),
+        (
+            "[upstream]\nclient_id = \"c{x}\"\n[redis]\nurls = [\"redis://x:1\"]\n",
+            "upstream.client_id",
+        ),
+        (
+            "[upstream]\nclient_id = \"c\"\n[redis]\nurls = [\"redis://x:1\"]\nkey_prefix = \"a b\"\n",
+            "redis.key_prefix",
+        ),
+        (
+            "[upstream]\nclient_id = \"c\"\n[redis]\nurls = [\"redis://:p@x:1\"]\npassword = \"q\"\n",
+            "redis.urls[0]",
+        ),
+    ] {
+        let out = check_config(dir.path(), toml);
+        assert!(!out.status.success(), "{toml}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(key), "{toml}: {err}");
+        assert!(!err.contains(":p@"), "no password in the message: {err}");
+    }
+}
