@@ -37,7 +37,13 @@ GATEWAY_UPSTREAM__MERCHANT_TOKEN_FILE="$work/secret" GATEWAY_UPSTREAM__CLIENT_SE
     check_config "$bin" --check-config --config deploy/k8s/base/gateway.toml
 GATEWAY_UPSTREAM__CLIENT_SECRET_FILE=deploy/compose/client_secret \
     check_config "$bin" --check-config --config deploy/compose/gateway.toml
-echo "deploy/k8s/base/gateway.toml, deploy/compose/gateway.toml: ok"
+# The shared overlay's environment: the fleet's Redis, its password from the Secret's file.
+GATEWAY_UPSTREAM__MERCHANT_TOKEN_FILE="$work/secret" GATEWAY_UPSTREAM__CLIENT_SECRET_FILE="$work/secret" \
+    GATEWAY_UPSTREAM__CLIENT_ID=merchant-1 GATEWAY_SERVER__DRAIN_DELAY=5s \
+    GATEWAY_REDIS__URLS='["redis://bill24-gateway-redis:6379"]' GATEWAY_REDIS__USERNAME=bill24-gateway \
+    GATEWAY_REDIS__PASSWORD_FILE="$work/secret" \
+    check_config "$bin" --check-config --config deploy/k8s/base/gateway.toml
+echo "deploy/k8s/base/gateway.toml (sidecar and shared), deploy/compose/gateway.toml: ok"
 
 echo "== Dockerfile"
 hadolint deploy/Dockerfile
@@ -50,7 +56,15 @@ promtool check rules deploy/monitoring/alerts.yaml
 (cd deploy/monitoring && promtool test rules alerts.test.yaml)
 
 echo "== live /metrics"
-GATEWAY_SERVER__LISTEN=127.0.0.1:0 GATEWAY_SERVER__ADMIN_LISTEN=127.0.0.1:0 \
+# With a Redis when there is one, so the shared tier's metrics are on the page too.
+redis_env=()
+if command -v redis-server >/dev/null; then
+    redis_port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+    redis-server --port "$redis_port" --bind 127.0.0.1 --save "" --appendonly no >"$work/redis.out" 2>&1 &
+    for _ in $(seq 50); do redis-cli -p "$redis_port" ping >/dev/null 2>&1 && break; sleep 0.1; done
+    redis_env=(GATEWAY_REDIS__URLS="[\"redis://127.0.0.1:$redis_port\"]")
+fi
+env "${redis_env[@]}" GATEWAY_SERVER__LISTEN=127.0.0.1:0 GATEWAY_SERVER__ADMIN_LISTEN=127.0.0.1:0 \
     "$bin" --demo >"$work/demo.out" 2>&1 &
 for _ in $(seq 100); do
     grep -q 'admin:' "$work/demo.out" && break

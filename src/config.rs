@@ -787,23 +787,29 @@ fn redis_config(raw: &RawRedis, client_id: &str) -> Result<Option<RedisConfig>, 
         }
     }
     let name_part = |key: &str, value: &str| {
-        if value.is_empty()
-            || value
-                .chars()
-                .any(|c| c == '{' || c == '}' || c.is_whitespace() || c.is_control())
+        if value
+            .chars()
+            .any(|c| c == '{' || c == '}' || c.is_whitespace() || c.is_control())
         {
             Err(ConfigError::invalid(
                 key,
                 format!(
-                    "{value:?} is part of every Redis key name: it must be non-empty, without \
-                     braces, spaces or control characters"
+                    "{value:?} is part of every Redis key name: it must be without braces, \
+                     spaces or control characters"
                 ),
             ))
         } else {
             Ok(())
         }
     };
+    if key_prefix.is_empty() {
+        return Err(ConfigError::invalid(
+            "redis.key_prefix",
+            "must not be empty",
+        ));
+    }
     name_part("redis.key_prefix", key_prefix)?;
+    // (An empty client id is warned about already: Bill24 would refuse it.)
     name_part("upstream.client_id", client_id)?;
     Ok(Some(RedisConfig {
         urls: urls.clone(),
