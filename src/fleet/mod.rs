@@ -56,7 +56,7 @@ use seal::{Keys, Rejected, StoredEntry};
 const FAILURES_TO_DOWN: u32 = 3;
 /// The first pause before probing a tier that is down; doubles up to [`MAX_BACKOFF`].
 const FIRST_BACKOFF: Duration = Duration::from_millis(500);
-const MAX_BACKOFF: Duration = Duration::from_secs(10);
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
 /// Releases a lock only if it still holds this replica's token.
 const RELEASE: &str = "if redis.call('GET', KEYS[1]) == ARGV[1] then \

@@ -1,0 +1,289 @@
+#!/usr/bin/env python3
+"""The fleet benchmark behind bench/fleet.sh (see README, "The fleet"): three gateway replicas
+(the dist build) in front of one Bill24 simulator, sharing one redis-server, on this machine.
+
+Phases, each against the same setup without Redis where there is something to compare:
+  * stewardship: a Zipf load over 10 000 customers spread over the three replicas for 30 s
+    with a 10 s TTL: Bill24 balance calls against distinct customers per TTL window, and
+    authorize calls over 20 s tokens (refreshed 2 s before expiry);
+  * stampede: 200 concurrent requests for one cold customer spread over the replicas while
+    Bill24 answers in 100 ms (wrk on open connections, timed from the send): Bill24 calls and
+    the slowest answer;
+  * L1 hits with Redis on and off (paired rounds, CPU per request), and L2 hits (a replica
+    whose own cache holds one entry, so nearly every request is read from Redis): the extra
+    CPU per request and latency;
+  * Redis killed, then Redis stopped (SIGSTOP), during a load run: failed requests and p99.
+"""
+
+import argparse
+import json
+import math
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import run  # noqa: E402  (the helpers of bench/run.py)
+
+from run import (  # noqa: E402
+    CALLER_KEY, PATH, cpu_seconds, free_port, log, metric_sum, metrics, sim_control, sim_stats,
+    start, stop, wait_ready, wrk,
+)
+
+PROCS = run.PROCS
+
+
+def redis_server(work, port):
+    p = start(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+               "--appendonly", "no"], os.path.join(work, f"redis-{port}.log"))
+    for _ in range(100):
+        if subprocess.run(["redis-cli", "-p", str(port), "ping"], capture_output=True,
+                          text=True).stdout.strip() == "PONG":
+            return p
+        time.sleep(0.05)
+    sys.exit("bench: redis-server did not start")
+
+
+def gateway(work, name, sim_port, redis_port=None, ttl="10s", max_entries=200000, prefix="bench"):
+    redis = ""
+    if redis_port:
+        redis = f'[redis]\nurls = ["redis://127.0.0.1:{redis_port}"]\nkey_prefix = "{prefix}"\n'
+    port, admin = free_port(), free_port()
+    key_hash = subprocess.run([ARGS.bin, "hash-key"], input=CALLER_KEY + "\n",
+                              capture_output=True, text=True, check=True).stdout.strip()
+    config = os.path.join(work, f"{name}.toml")
+    with open(config, "w") as f:
+        f.write(f"""[server]
+listen = "127.0.0.1:{port}"
+admin_listen = "127.0.0.1:{admin}"
+worker_threads = 1
+[upstream]
+base_url = "http://127.0.0.1:{sim_port}"
+merchant_token = "demo-merchant-token"
+client_id = "demo-client"
+client_secret = "demo-client-secret"
+token_refresh_margin = "2s"
+{redis}
+[cache]
+ttl = "{ttl}"
+max_entries = {max_entries}
+[log]
+level = "warn"
+[[callers]]
+name = "bench"
+key_sha256 = "{key_hash}"
+""")
+    p = start([ARGS.bin, "--config", config], os.path.join(work, f"{name}.log"))
+    wait_ready(f"http://127.0.0.1:{admin}/readyz")
+    return {"proc": p, "url": f"http://127.0.0.1:{port}", "admin": f"http://127.0.0.1:{admin}"}
+
+
+def fleet(work, sim_port, redis_port, n=3, **kw):
+    tag = "redis" if redis_port else "alone"
+    return [gateway(work, f"{tag}-{i}-{time.time_ns()}", sim_port, redis_port, **kw) for i in range(n)]
+
+
+def stop_all(gateways):
+    for g in gateways:
+        stop(g["proc"])
+
+
+def wrk_many(gateways, seconds, conns, keys, mix, prefix):
+    """wrk against each replica at once; the results in order."""
+    procs = []
+    for g in gateways:
+        env = dict(os.environ, KEYS=str(keys), MIX=mix, KEY=CALLER_KEY, PREFIX=prefix)
+        procs.append(subprocess.Popen(
+            ["wrk", "-t1", f"-c{conns}", f"-d{seconds}s", "-s",
+             os.path.join(run.HERE, "wrk", "balance.lua"), g["url"] + PATH],
+            stdout=subprocess.PIPE, text=True, env=env))
+    results = []
+    for p in procs:
+        out = p.communicate()[0]
+        line = next(l for l in out.splitlines() if l.startswith("RESULT "))
+        results.append({k: float(v) for k, v in (kv.split("=") for kv in line.split()[1:])})
+    return results
+
+
+def stewardship(work, sim, sim_port, redis_port):
+    seconds, ttl, keys = 30, 10, 10000
+    sim_control(sim, {"token_lifetime_ms": 20000, "reset_counters": True})
+    gws = fleet(work, sim_port, redis_port, ttl=f"{ttl}s")
+    time.sleep(0.5)
+    before = sim_stats(sim)
+    res = wrk_many(gws, seconds, 32, keys, "zipf", f"Z{'R' if redis_port else 'A'}{time.time_ns()}-")
+    after = sim_stats(sim)
+    calls = after["balance_calls"] - before["balance_calls"]
+    distinct_bound = keys * math.ceil(seconds / ttl)
+    requests = sum(r["requests"] for r in res)
+    errors = sum(r["errors"] for r in res)
+    # Authorize calls over a longer span of token lifetimes: the load above, then idle.
+    time.sleep(5)
+    authorizes = sim_stats(sim)["authorize_calls"]
+    lifetimes = (seconds + 5.5) / 20
+    stop_all(gws)
+    return {"calls": calls, "bound": distinct_bound, "requests": requests, "errors": errors,
+            "authorizes": authorizes, "lifetimes": lifetimes}
+
+
+def stampede(work, sim, sim_port, redis_port):
+    gws = fleet(work, sim_port, redis_port)
+    sim_control(sim, {"latency_ms": 100})
+    runs = []
+    for i in range(3):
+        prefix = f"ST{'R' if redis_port else 'A'}{i}-{time.time_ns()}-"
+        before = sim_stats(sim)["balance_calls"]
+        # 67 + 67 + 66 connections: 200 concurrent first requests for one cold key.
+        res = wrk_many(gws, 1, 67, 1, "single", prefix)
+        calls = sim_stats(sim)["balance_calls"] - before
+        runs.append({"calls": calls, "slowest_ms": max(r["max_us"] for r in res) / 1000,
+                     "errors": sum(r["errors"] for r in res)})
+    sim_control(sim, {"latency_ms": 0})
+    stop_all(gws)
+    return runs
+
+
+def hit_cost(work, sim_port, redis_port, rounds):
+    """CPU per request: an L1 hit with Redis on, with it off; an L2 hit."""
+    with_redis = gateway(work, "l1-redis", sim_port, redis_port, ttl="1h", prefix="hits")
+    without = gateway(work, "l1-alone", sim_port, None, ttl="1h")
+    # A replica whose own cache holds almost nothing: its requests are read from Redis.
+    l2 = gateway(work, "l2", sim_port, redis_port, ttl="1h", prefix="hits", max_entries=1)
+    for g in (with_redis, without):
+        wrk(g["url"] + PATH, 3, 64, 1000, mix="sequential", prefix="HIT")
+    targets = {"L1 hit, Redis on": with_redis, "L1 hit, Redis off": without, "L2 hit": l2}
+    samples = {k: [] for k in targets}
+    order = list(targets)
+    for r in range(rounds):
+        for name in order[r % 3:] + order[:r % 3]:
+            g = targets[name]
+            c0 = cpu_seconds([g["proc"].pid])
+            res = wrk(g["url"] + PATH, 6, 64, 1000, prefix="HIT")
+            c1 = cpu_seconds([g["proc"].pid])
+            res["cpu_us"] = (c1 - c0) * 1e6 / max(res["requests"], 1)
+            samples[name].append(res)
+            log(f"  round {r + 1} {name:<18} {res['rps']:>9.0f} req/s  {res['cpu_us']:6.2f} µs CPU/req"
+                f"  p50 {res['p50_us']:.0f} µs  p99 {res['p99_us']:.0f} µs  errors {res['errors']:.0f}")
+    tiers = metrics(l2["admin"])
+    l2_hits = metric_sum(tiers, 'gateway_cache_hits_total{tier="l2"}')
+    all_hits = metric_sum(tiers, "gateway_cache_hits_total")
+    stop_all([with_redis, without, l2])
+    paired = lambda a, b, k: [x[k] / y[k] for x, y in zip(samples[a], samples[b])]
+    med = {n: {k: statistics.median(s[k] for s in v) for k in v[0]} for n, v in samples.items()}
+    return med, {
+        "l1_on_vs_off": paired("L1 hit, Redis on", "L1 hit, Redis off", "cpu_us"),
+        "l2_minus_l1_cpu_us": [x["cpu_us"] - y["cpu_us"] for x, y in
+                               zip(samples["L2 hit"], samples["L1 hit, Redis on"])],
+        "l2_share": l2_hits / max(all_hits, 1),
+    }
+
+
+def redis_faults(work, sim, sim_port, redis_port, redis_proc, timeout_ms=50):
+    """A 10 s Zipf load over all replicas; Redis killed at 3 s (and started again once the run
+    is over) or stopped at 3 s for 4 s."""
+    results = {}
+    for fault in ("killed", "stopped"):
+        sim_control(sim, {"reset_counters": True})
+        gws = fleet(work, sim_port, redis_port, ttl="2s", prefix=f"fault{fault}")
+        time.sleep(0.5)
+        procs = []
+        env = dict(os.environ, KEYS="5000", MIX="zipf", KEY=CALLER_KEY, PREFIX=f"F{fault}-")
+        for g in gws:
+            procs.append(subprocess.Popen(
+                ["wrk", "-t1", "-c16", "-d10s", "-s", os.path.join(run.HERE, "wrk", "balance.lua"),
+                 g["url"] + PATH], stdout=subprocess.PIPE, text=True, env=env))
+        time.sleep(3)
+        if fault == "killed":
+            redis_proc.kill()
+            redis_proc.wait()
+        else:
+            os.kill(redis_proc.pid, signal.SIGSTOP)
+            time.sleep(4)
+            os.kill(redis_proc.pid, signal.SIGCONT)
+        out = [p.communicate()[0] for p in procs]
+        res = [{k: float(v) for k, v in (kv.split("=") for kv in
+                next(l for l in o.splitlines() if l.startswith("RESULT ")).split()[1:])} for o in out]
+        if fault == "killed":
+            redis_proc = redis_server(work, redis_port)
+        # The tier resumes by itself: how long after the load run every replica is back on it.
+        t0 = time.time()
+        while time.time() - t0 < 30:
+            up = [metric_sum(metrics(g["admin"]), "gateway_redis_up") for g in gws]
+            if all(u == 1.0 for u in up):
+                break
+            time.sleep(0.1)
+        results[fault] = {"back_after_s": round(time.time() - t0, 1),
+                          "requests": sum(r["requests"] for r in res),
+                          "errors": sum(r["errors"] for r in res),
+                          "non2xx": sum(r["non2xx"] for r in res),
+                          "p99_ms": max(r["p99_us"] for r in res) / 1000,
+                          "max_ms": max(r["max_us"] for r in res) / 1000,
+                          "redis_up_after": up}
+        stop_all(gws)
+    return results, redis_proc
+
+
+def main():
+    work = tempfile.mkdtemp(prefix="bill24-fleet-")
+    log(f"fleet bench: {os.cpu_count()} CPUs, 3 replicas (1 runtime thread each), one redis-server, "
+        f"work dir {work}")
+    sim_port = free_port()
+    sim = f"http://127.0.0.1:{sim_port}"
+    start([ARGS.bin, "simulate", "--listen", f"127.0.0.1:{sim_port}", "--token-lifetime", "20s"],
+          os.path.join(work, "sim.log"))
+    wait_ready(f"{sim}/_sim/stats")
+    redis_port = free_port()
+    redis_proc = redis_server(work, redis_port)
+
+    log("\n== stewardship: Zipf over 10 000 customers, 30 s over three replicas, ttl 10 s, 20 s tokens")
+    for label, rp in (("no Redis", None), ("Redis", redis_port)):
+        s = stewardship(work, sim, sim_port, rp)
+        log(f"  {label:<9} Bill24 balance calls {s['calls']} (bound K x ceil(30/10) = {s['bound']}), "
+            f"{s['requests']:.0f} requests, {s['errors']:.0f} errors; authorize calls "
+            f"{s['authorizes']} over {s['lifetimes']:.1f} token lifetimes")
+
+    log("\n== stampede: 200 concurrent requests for one cold customer over three replicas, Bill24 100 ms")
+    for label, rp in (("no Redis", None), ("Redis", redis_port)):
+        for r in stampede(work, sim, sim_port, rp):
+            log(f"  {label:<9} Bill24 calls {r['calls']}, slowest answer {r['slowest_ms']:.1f} ms "
+                f"(wrk, open connections), errors {r['errors']:.0f}")
+
+    rounds = int(os.environ.get("ROUNDS", "5"))
+    log(f"\n== hit cost: {rounds} paired rounds of 6 s, wrk -t1 -c64 over 1000 keys")
+    med, ratios = hit_cost(work, sim_port, redis_port, rounds)
+    for name, m in med.items():
+        log(f"  {name:<18} {m['rps']:>9.0f} req/s  CPU {m['cpu_us']:.2f} µs/req  p50 {m['p50_us']:.0f} µs"
+            f"  p99 {m['p99_us']:.0f} µs")
+    on_off = ratios["l1_on_vs_off"]
+    extra = ratios["l2_minus_l1_cpu_us"]
+    log(f"  L1 hit CPU, Redis on vs off: {statistics.median(on_off):.3f}x "
+        f"(per round {min(on_off):.2f}-{max(on_off):.2f})")
+    log(f"  L2 hit CPU over an L1 hit: +{statistics.median(extra):.1f} µs/req "
+        f"(per round {min(extra):.1f}-{max(extra):.1f}); share of the L2 replica's hits read "
+        f"from Redis: {ratios['l2_share']:.3f}; p50 {med['L2 hit']['p50_us'] - med['L1 hit, Redis on']['p50_us']:+.0f} µs")
+
+    log("\n== Redis faults during a load run (three replicas, Zipf over 5 000, ttl 2 s, redis.timeout 50 ms)")
+    faults, redis_proc = redis_faults(work, sim, sim_port, redis_port, redis_proc)
+    for fault, r in faults.items():
+        log(f"  Redis {fault:<8} {r['requests']:.0f} requests, {r['errors']:.0f} failed "
+            f"({r['non2xx']:.0f} non-2xx), p99 {r['p99_ms']:.1f} ms, slowest {r['max_ms']:.1f} ms, "
+            f"all replicas back on Redis {r['back_after_s']} s after the run "
+            f"(gateway_redis_up {r['redis_up_after']})")
+    for p in PROCS:
+        stop(p)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--bin", required=True)
+    ARGS = parser.parse_args()
+    run.ARGS = ARGS
+    try:
+        main()
+    finally:
+        for p in PROCS:
+            stop(p)

@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# The fleet benchmark: three gateway replicas sharing one redis-server in front of the Bill24
+# simulator (bench/fleet.py says what it measures). About four minutes.
+#   bench/fleet.sh           ROUNDS=5 paired rounds for the hit-cost phase
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need() { command -v "$1" >/dev/null; }
+if ! need wrk || ! need redis-server || ! need redis-cli; then
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends wrk redis-server redis-tools >/dev/null
+fi
+# The binary alone, as the image builds it (see bench/run.sh).
+cargo build --profile dist --locked --quiet --bin bill24-gateway
+target_dir="${CARGO_TARGET_DIR:-target}"
+exec python3 bench/fleet.py --bin "$target_dir/dist/bill24-gateway" "$@"
