@@ -1,6 +1,10 @@
 //! The access log and request metrics: one JSON line and one `gateway_requests_total` count per
 //! request, written when the response leaves (or, with status 499, when the client hangs up
 //! first). Inner layers add what they learn through the request's [`RequestState`].
+//!
+//! Lines for 401s are limited to [`UNAUTHORIZED_LINES_PER_SEC`] (a burst of as many): a flood of
+//! wrong keys must not fill the disk or the log pipeline. Every 401 is still counted in the
+//! metrics, and the next 401 line written says how many were not (`sampled`).
 
 use std::future::Future;
 use std::pin::Pin;
@@ -8,11 +12,15 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::task::{Context, Poll, ready};
 
+use std::num::NonZeroU32;
+
+use governor::{Quota, RateLimiter};
 use http::Request;
 use pin_project_lite::pin_project;
 use tower::{Layer, Service};
 
 use crate::balance::cache::{CacheStatus, Tier};
+use crate::caller::{Bucket, TokioClock};
 use crate::error::Response;
 use crate::metrics::Metrics;
 use crate::request_state::{RequestState, millis};
@@ -20,6 +28,39 @@ use crate::telemetry::ACCESS_TARGET;
 
 /// Status logged for a request whose client went away before the answer.
 const CLIENT_CLOSED: u16 = 499;
+
+/// Access lines written for 401s, at most, per second (and in a burst).
+pub const UNAUTHORIZED_LINES_PER_SEC: u32 = 20;
+
+/// The limit on 401 lines, shared by every request of a gateway.
+#[derive(Clone)]
+pub struct UnauthorizedLines(Arc<(Bucket, AtomicU64)>);
+
+impl UnauthorizedLines {
+    pub fn new() -> Self {
+        let per_sec = NonZeroU32::new(UNAUTHORIZED_LINES_PER_SEC).unwrap_or(NonZeroU32::MIN);
+        let bucket = RateLimiter::direct_with_clock(Quota::per_second(per_sec), TokioClock::new());
+        UnauthorizedLines(Arc::new((bucket, AtomicU64::new(0))))
+    }
+
+    /// Whether a 401 gets its line: `Some(n)` with the 401 lines not written since the last
+    /// one that was, or `None` (and counted) when over the limit.
+    fn admit(&self) -> Option<u64> {
+        let (bucket, skipped) = &*self.0;
+        if bucket.check().is_ok() {
+            Some(skipped.swap(0, Ordering::AcqRel))
+        } else {
+            skipped.fetch_add(1, Ordering::AcqRel);
+            None
+        }
+    }
+}
+
+impl Default for UnauthorizedLines {
+    fn default() -> Self {
+        Self::new()
+    }
+}
 
 /// `log.access_sample`: the share of successful requests that get an access line (errors
 /// always do). Reloadable.
@@ -62,6 +103,7 @@ pub struct AccessLogLayer {
     metrics: Arc<Metrics>,
     in_flight: InFlight,
     sample: AccessSample,
+    unauthorized: UnauthorizedLines,
 }
 
 impl AccessLogLayer {
@@ -70,6 +112,7 @@ impl AccessLogLayer {
             metrics,
             in_flight,
             sample,
+            unauthorized: UnauthorizedLines::new(),
         }
     }
 }
@@ -83,6 +126,7 @@ impl<S> Layer<S> for AccessLogLayer {
             metrics: self.metrics.clone(),
             in_flight: self.in_flight.clone(),
             sample: self.sample.clone(),
+            unauthorized: self.unauthorized.clone(),
         }
     }
 }
@@ -93,6 +137,7 @@ pub struct AccessLog<S> {
     metrics: Arc<Metrics>,
     in_flight: InFlight,
     sample: AccessSample,
+    unauthorized: UnauthorizedLines,
 }
 
 impl<S, B> Service<Request<B>> for AccessLog<S>
@@ -116,6 +161,7 @@ where
             metrics: self.metrics.clone(),
             in_flight: self.in_flight.clone(),
             sample: self.sample.clone(),
+            unauthorized: self.unauthorized.clone(),
         };
         AccessLogFuture {
             inner: self.inner.call(req),
@@ -154,6 +200,7 @@ pub struct Record {
     metrics: Arc<Metrics>,
     in_flight: InFlight,
     sample: AccessSample,
+    unauthorized: UnauthorizedLines,
 }
 
 impl Drop for Record {
@@ -172,6 +219,14 @@ impl Drop for Record {
         if !self.sample.keeps(status) {
             return;
         }
+        let sampled = if status == 401 {
+            match self.unauthorized.admit() {
+                Some(skipped) => Some(skipped),
+                None => return,
+            }
+        } else {
+            None
+        };
         tracing::info!(
             target: ACCESS_TARGET,
             request_id = self.state.id().as_str(),
@@ -185,6 +240,7 @@ impl Drop for Record {
             upstream_status = notes.upstream_status,
             upstream_ms = notes.upstream_ms,
             latency_ms = millis(elapsed),
+            sampled,
             "request"
         );
     }
@@ -193,6 +249,20 @@ impl Drop for Record {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn lines_for_401s_are_limited_and_the_next_one_counts_the_rest() {
+        let lines = UnauthorizedLines::new();
+        let burst = UNAUTHORIZED_LINES_PER_SEC as usize;
+        let written: Vec<u64> = (0..burst).filter_map(|_| lines.admit()).collect();
+        assert_eq!(written, vec![0; burst], "a burst, nothing skipped");
+        for _ in 0..1000 {
+            assert_eq!(lines.admit(), None, "over the limit");
+        }
+        tokio::time::advance(std::time::Duration::from_secs(1) / UNAUTHORIZED_LINES_PER_SEC).await;
+        assert_eq!(lines.admit(), Some(1000), "says how many were not written");
+        assert_eq!(lines.admit(), None);
+    }
 
     #[test]
     fn sampling_keeps_every_error_and_a_share_of_successes() {

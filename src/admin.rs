@@ -24,6 +24,8 @@ use crate::metrics::Metrics;
 /// The admin listener's refusals.
 #[derive(Debug, Clone, thiserror::Error, strum::EnumIter)]
 pub enum AdminError {
+    #[error("an HTTP/1.1 request needs exactly one Host header")]
+    InvalidHost,
     #[error("no such admin endpoint")]
     NotFound,
     #[error("method not allowed; use {allow}")]
@@ -39,6 +41,7 @@ pub enum AdminError {
 impl ErrorResponse for AdminError {
     fn status(&self) -> StatusCode {
         match self {
+            AdminError::InvalidHost => StatusCode::BAD_REQUEST,
             AdminError::NotFound => StatusCode::NOT_FOUND,
             AdminError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             AdminError::Unauthorized => StatusCode::UNAUTHORIZED,
@@ -48,6 +51,7 @@ impl ErrorResponse for AdminError {
 
     fn code(&self) -> &'static str {
         match self {
+            AdminError::InvalidHost => "invalid_host",
             AdminError::NotFound => "not_found",
             AdminError::MethodNotAllowed { .. } => "method_not_allowed",
             AdminError::Unauthorized => "unauthorized",
@@ -82,6 +86,9 @@ impl Admin {
     pub async fn handle<B>(self: Arc<Self>, req: Request<B>) -> Result<Response, Infallible> {
         let path = req.uri().path();
         let method = req.method();
+        if !crate::stack::host_ok(&req) {
+            return Ok(error(AdminError::InvalidHost));
+        }
         let response = match path {
             "/healthz" => only_get(method).unwrap_or_else(|| text(StatusCode::OK, "ok\n")),
             "/readyz" => only_get(method).unwrap_or_else(|| {

@@ -32,6 +32,20 @@ pub struct TokioClock {
     epoch: Instant,
 }
 
+impl TokioClock {
+    pub fn new() -> Self {
+        TokioClock {
+            epoch: Instant::now(),
+        }
+    }
+}
+
+impl Default for TokioClock {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl Clock for TokioClock {
     /// Time since this clock's epoch.
     type Instant = Duration;
@@ -41,7 +55,8 @@ impl Clock for TokioClock {
     }
 }
 
-type Bucket = RateLimiter<NotKeyed, InMemoryState, TokioClock, NoOpMiddleware<Duration>>;
+/// A token bucket on tokio's clock.
+pub type Bucket = RateLimiter<NotKeyed, InMemoryState, TokioClock, NoOpMiddleware<Duration>>;
 
 /// Why a caller's request is refused, and when it may try again.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -61,9 +76,7 @@ pub struct CallerLimits {
 
 impl CallerLimits {
     pub fn new(cfg: &CallerConfig) -> Self {
-        let clock = TokioClock {
-            epoch: Instant::now(),
-        };
+        let clock = TokioClock::new();
         CallerLimits {
             bucket: quota(cfg.rate_limit_rps, cfg.burst)
                 .map(|q| (RateLimiter::direct_with_clock(q, clock), clock)),

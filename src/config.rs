@@ -429,6 +429,18 @@ pub struct Loaded {
     pub config: Config,
     pub file: Option<PathBuf>,
     pub warnings: Vec<String>,
+    /// Which of the keys whose emptiness a reload guards against were written out (in the file
+    /// or the environment) rather than left to their defaults.
+    pub explicit: Explicit,
+}
+
+/// Keys set explicitly, even to an empty value: the operator asked for that value.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Explicit {
+    /// `callers` (`[[callers]]` entries or `callers = []`, or `GATEWAY_CALLERS`).
+    pub callers: bool,
+    /// `server.admin_key_sha256` (or `GATEWAY_SERVER__ADMIN_KEY_SHA256`).
+    pub admin_key: bool,
 }
 
 /// Loads the layered configuration: defaults < file < environment.
@@ -437,11 +449,23 @@ pub struct Loaded {
 pub fn load(cli_path: Option<&Path>) -> Result<Loaded, ConfigError> {
     let file = resolve_file(cli_path)?;
     let mut figment = Figment::from(Serialized::defaults(RawConfig::default()));
+    let mut explicit = Explicit {
+        callers: std::env::var_os(format!("{ENV_PREFIX}CALLERS")).is_some(),
+        admin_key: std::env::var_os(format!("{ENV_PREFIX}SERVER__ADMIN_KEY_SHA256")).is_some(),
+    };
     if let Some(path) = &file {
-        std::fs::read_to_string(path).map_err(|source| ConfigError::FileUnreadable {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::FileUnreadable {
             path: path.clone(),
             source,
         })?;
+        // (A file that does not parse is reported by figment below, naming the problem.)
+        if let Ok(top) = toml::from_str::<toml::Table>(&text) {
+            explicit.callers |= top.contains_key("callers");
+            explicit.admin_key |= top
+                .get("server")
+                .and_then(toml::Value::as_table)
+                .is_some_and(|server| server.contains_key("admin_key_sha256"));
+        }
         figment = figment.merge(Toml::file_exact(path));
     }
     let env = EnvLayer::from_process();
@@ -458,6 +482,7 @@ pub fn load(cli_path: Option<&Path>) -> Result<Loaded, ConfigError> {
         config,
         file,
         warnings,
+        explicit,
     })
 }
 
@@ -1304,6 +1329,33 @@ mod tests {
                 .extract()
                 .map_err(|e| e.to_string())?;
             assert_eq!(again.server, loaded.raw.server);
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn keys_written_out_are_told_from_defaults() {
+        Jail::expect_with(|jail| {
+            jail.create_file("none.toml", "[cache]\nttl = \"1s\"\n")?;
+            assert_eq!(
+                load_in_jail(Some("none.toml"))?.explicit,
+                Explicit::default()
+            );
+            jail.create_file(
+                "both.toml",
+                "callers = []\n[server]\nadmin_key_sha256 = \"\"\n",
+            )?;
+            let loaded = load_in_jail(Some("both.toml"))?;
+            assert!(loaded.config.callers.is_empty());
+            assert_eq!(
+                loaded.explicit,
+                Explicit {
+                    callers: true,
+                    admin_key: true
+                }
+            );
+            jail.set_env("GATEWAY_CALLERS", "[]");
+            assert!(load_in_jail(Some("none.toml"))?.explicit.callers);
             Ok(())
         });
     }

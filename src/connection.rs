@@ -2,7 +2,11 @@
 //! - `server.idle_timeout`: a connection with no request in progress is closed after this long
 //!   (HTTP/1.1 keep-alive between requests, HTTP/2 with no open stream);
 //! - `server.header_read_timeout`: once the first byte of an HTTP/1.1 request has arrived, its
-//!   head must be complete within this (slowloris).
+//!   head must be complete within this (slowloris);
+//! - a write that makes no progress for [`write_stall_limit`] (`server.idle_timeout`, at most
+//!   10 s) ends the connection: a client that sends (pipelined requests, HTTP/2 PINGs) but
+//!   never reads would otherwise hold its connection, and the unsent answers, for ever, since
+//!   the read deadlines only run while the gateway waits to read.
 //!
 //! hyper's own header timer starts as soon as it waits for a head, so it would also close
 //! keep-alive connections that are merely idle; hence this wrapper. [`TimedIo`] watches the
@@ -67,16 +71,27 @@ enum Protocol {
     Http2,
 }
 
-/// A connection's IO with the idle and header deadlines applied to its reads.
+/// The longest a write may make no progress: `server.idle_timeout`, and never more than 10 s
+/// (a peer that takes no data for that long is not reading).
+pub fn write_stall_limit(idle_timeout: Duration) -> Duration {
+    idle_timeout.min(Duration::from_secs(10))
+}
+
+/// A connection's IO with the idle and header deadlines applied to its reads, and the
+/// write-progress deadline to its writes.
 pub struct TimedIo<T> {
     inner: T,
     activity: Arc<Activity>,
     header_timeout: Duration,
     idle_timeout: Duration,
+    write_limit: Duration,
     protocol: Protocol,
     /// An HTTP/1 head is arriving: since when, and how many requests had started then.
     head_started: Option<(Instant, u64)>,
     timer: Pin<Box<Sleep>>,
+    /// While writes make no progress: since when, and the timer that ends the connection
+    /// (made on the first stall only: writes on a healthy connection never wait).
+    write_stall: Option<(Instant, Pin<Box<Sleep>>)>,
 }
 
 impl<T> TimedIo<T> {
@@ -92,9 +107,47 @@ impl<T> TimedIo<T> {
             activity,
             header_timeout,
             idle_timeout,
+            write_limit: write_stall_limit(idle_timeout),
             protocol: Protocol::Unknown,
             head_started: None,
             timer,
+            write_stall: None,
+        }
+    }
+
+    /// A write (or flush) that could not go on: pending until the peer takes data, or an error
+    /// once it has taken none for the write limit.
+    fn stalled<R>(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<R>> {
+        let now = Instant::now();
+        let limit = self.write_limit;
+        let (since, timer) = self
+            .write_stall
+            .get_or_insert_with(|| (now, Box::pin(tokio::time::sleep(limit))));
+        if now >= *since + limit || timer.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "the peer has taken no data for the write limit",
+            )));
+        }
+        Poll::Pending
+    }
+
+    /// The outcome of a write or flush, stall bookkeeping done.
+    fn wrote<R>(
+        &mut self,
+        cx: &mut Context<'_>,
+        result: Poll<io::Result<R>>,
+        progressed: impl FnOnce(&R) -> bool,
+    ) -> Poll<io::Result<R>> {
+        match result {
+            Poll::Pending => self.stalled(cx),
+            Poll::Ready(Ok(r)) => {
+                if progressed(&r) {
+                    self.write_stall = None;
+                }
+                Poll::Ready(Ok(r))
+            }
+            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
         }
     }
 
@@ -184,11 +237,15 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for TimedIo<T> {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+        let this = self.get_mut();
+        let result = Pin::new(&mut this.inner).poll_write(cx, buf);
+        this.wrote(cx, result, |n| *n > 0)
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+        let this = self.get_mut();
+        let result = Pin::new(&mut this.inner).poll_flush(cx);
+        this.wrote(cx, result, |_| true)
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -200,7 +257,9 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for TimedIo<T> {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
+        let this = self.get_mut();
+        let result = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
+        this.wrote(cx, result, |n| *n > 0)
     }
 
     fn is_write_vectored(&self) -> bool {

@@ -58,6 +58,8 @@ pub trait ErrorResponse: std::fmt::Display {
 /// The refusals of the serving layers.
 #[derive(Debug, Clone, thiserror::Error, strum::EnumIter)]
 pub enum GatewayError {
+    #[error("an HTTP/1.1 request needs exactly one Host header")]
+    InvalidHost,
     #[error("no such endpoint; the gateway serves POST {}", bill24::BALANCE_PATH)]
     NotFound,
     #[error("method not allowed; use POST")]
@@ -79,6 +81,7 @@ pub enum GatewayError {
 impl ErrorResponse for GatewayError {
     fn status(&self) -> StatusCode {
         match self {
+            GatewayError::InvalidHost => StatusCode::BAD_REQUEST,
             GatewayError::NotFound => StatusCode::NOT_FOUND,
             GatewayError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             GatewayError::Unauthorized => StatusCode::UNAUTHORIZED,
@@ -93,6 +96,7 @@ impl ErrorResponse for GatewayError {
 
     fn code(&self) -> &'static str {
         match self {
+            GatewayError::InvalidHost => "invalid_host",
             GatewayError::NotFound => "not_found",
             GatewayError::MethodNotAllowed => "method_not_allowed",
             GatewayError::Unauthorized => "unauthorized",

@@ -67,7 +67,7 @@ pub(crate) mod telemetry;
 
 pub use auth::hash_key;
 pub use bill24::Secret;
-pub use reload::{ReloadReport, Reloader};
+pub use reload::{ReloadRefused, ReloadReport, Reloader};
 pub use server::runtime;
 pub use telemetry::{LogHandle, init as init_logging};
 

@@ -107,6 +107,15 @@ fn print_key_hash() -> Result<(), String> {
     if key.is_empty() {
         return Err("no key on stdin (try: echo my-key | bill24-gateway hash-key)".into());
     }
+    // The gateway trims white space around the key a caller sends: a key that starts or ends
+    // with some could never match its hash. Control characters cannot be sent in a header.
+    if key.trim() != key || key.chars().any(char::is_control) {
+        return Err(
+            "the key starts or ends with white space or holds a control character: no caller \
+             could ever send it as it is; remove them (one trailing newline is fine)"
+                .into(),
+        );
+    }
     println!("{}", hex::encode(hash_key(key.as_bytes())));
     Ok(())
 }
@@ -165,10 +174,19 @@ async fn reload_on_sighup(path: Option<PathBuf>, reloader: Reloader, log: LogHan
                 continue;
             }
         };
-        for warning in &loaded.warnings {
+        for warning in loaded.warnings.iter().chain(&loaded.config.warnings()) {
             tracing::warn!("{warning}");
         }
-        let report = reloader.apply(loaded.config);
+        let report = match reloader.apply(loaded.config, loaded.explicit) {
+            Ok(report) => report,
+            Err(refused) => {
+                tracing::error!(
+                    error = %refused,
+                    "config reload rejected; the running config stays"
+                );
+                continue;
+            }
+        };
         for key in &report.needs_restart {
             tracing::warn!(key, "config changed; takes effect after a restart");
         }

@@ -11,7 +11,7 @@ use crate::access_log::AccessSample;
 use crate::auth::CallerKeys;
 use crate::balance::service::Balances;
 use crate::config::{
-    CacheConfig, Config, KeyHash, LogConfig, RedisConfig, ServerConfig, UpstreamConfig,
+    CacheConfig, Config, Explicit, KeyHash, LogConfig, RedisConfig, ServerConfig, UpstreamConfig,
 };
 
 /// What a reload did.
@@ -23,6 +23,22 @@ pub struct ReloadReport {
     pub needs_restart: Vec<&'static str>,
     /// The new `log.level`, when it changed (for the subscriber's owner to apply).
     pub log_level: Option<String>,
+}
+
+/// Why a reload was refused: it would have opened the gateway up, most likely by accident (an
+/// empty or half-written file). The running config stays.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ReloadRefused {
+    #[error(
+        "the new config has no [[callers]]: every request would be answered 401; to mean it, \
+         write `callers = []` in the file (or set GATEWAY_CALLERS='[]')"
+    )]
+    NoCallers,
+    #[error(
+        "the new config has no server.admin_key_sha256 while one is in force: purges would need \
+         no key; to mean it, write `admin_key_sha256 = \"\"` in [server]"
+    )]
+    AdminKeyCleared,
 }
 
 /// Applies new configs to a running gateway. Cheap to clone.
@@ -53,8 +69,19 @@ impl Reloader {
     }
 
     /// Applies what can change at run time; reports the rest. `new` must be validated.
-    pub fn apply(&self, new: Config) -> ReloadReport {
+    /// Refused (nothing applied) when it would remove every caller or clear the admin key,
+    /// unless `explicit` says the new config asks for exactly that.
+    pub fn apply(&self, new: Config, explicit: Explicit) -> Result<ReloadReport, ReloadRefused> {
         let mut current = self.current.lock().unwrap_or_else(|p| p.into_inner());
+        if new.callers.is_empty() && !current.callers.is_empty() && !explicit.callers {
+            return Err(ReloadRefused::NoCallers);
+        }
+        if new.server.admin_key_sha256.is_none()
+            && current.server.admin_key_sha256.is_some()
+            && !explicit.admin_key
+        {
+            return Err(ReloadRefused::AdminKeyCleared);
+        }
         let mut report = ReloadReport {
             needs_restart: restart_only_changes(&current, &new),
             ..ReloadReport::default()
@@ -89,7 +116,7 @@ impl Reloader {
         current.server.admin_key_sha256 = new.server.admin_key_sha256;
         current.log.access_sample = new.log.access_sample;
         current.log.level = new.log.level;
-        report
+        Ok(report)
     }
 }
 
@@ -379,7 +406,9 @@ mod tests {
             );
             let new = config(&toml);
             assert_ne!(old, new, "{key}: the change changes the config");
-            let report = reloader.apply(new);
+            let report = reloader
+                .apply(new, Explicit::default())
+                .expect("a change, not an emptying");
             let section = key.split('.').next().unwrap_or(key);
             let applied = report.applied.contains(&key)
                 || (section == "cache" && report.applied.contains(&"cache"));

@@ -40,8 +40,16 @@ pub fn runtime(threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
 pub const MAX_HEADER_BYTES: usize = 16 * 1024;
 /// HTTP/2 streams a client may have open on one connection.
 pub const MAX_CONCURRENT_STREAMS: u32 = 256;
-/// HTTP/2 streams reset before being served that a connection may pile up.
+/// HTTP/2 streams reset by the client before being served that a connection may pile up
+/// (rapid reset, CVE-2023-44487): past it, GOAWAY.
 pub const MAX_PENDING_RESETS: usize = 32;
+/// HTTP/2 streams the gateway may reset because the client erred, over a connection's life
+/// (a client provoking resets, CVE-2025-8671): past it, GOAWAY. h2's default. Streams opened
+/// beyond `MAX_CONCURRENT_STREAMS` count here: each is refused alone (REFUSED_STREAM, safe to
+/// retry) while the client's other streams go on, so a client that merely opens too many
+/// before reading the gateway's SETTINGS keeps its connection (with 32 it lost it, and every
+/// stream in flight, after 32 excess streams).
+pub const MAX_LOCAL_ERROR_RESETS: usize = 1024;
 
 /// The connection builder shared by both listeners: limits on heads and HTTP/2 streams.
 pub fn connection_builder() -> auto::Builder<TokioExecutor> {
@@ -62,7 +70,7 @@ pub fn connection_builder() -> auto::Builder<TokioExecutor> {
         .max_header_list_size(MAX_HEADER_BYTES as u32)
         // Rapid-reset (CVE-2023-44487) and error-reset floods close the connection.
         .max_pending_accept_reset_streams(Some(MAX_PENDING_RESETS))
-        .max_local_error_reset_streams(Some(MAX_PENDING_RESETS));
+        .max_local_error_reset_streams(Some(MAX_LOCAL_ERROR_RESETS));
     builder
 }
 
@@ -71,14 +79,21 @@ pub fn connection_builder() -> auto::Builder<TokioExecutor> {
 /// one-second retransmit.
 pub const LISTEN_BACKLOG: u32 = 4096;
 
-/// A listener on `addr` with [`LISTEN_BACKLOG`] and `SO_REUSEADDR` (so a restart does not
-/// wait for old connections in TIME_WAIT).
+/// The kernel's send buffer for each accepted connection (it inherits the listener's). Fixed
+/// rather than auto-tuned: answers are small, and a client that stops reading must not make
+/// the kernel hold megabytes of unsent answers per connection (auto-tuning grew them to about
+/// 3 MB each in an attack) for as long as the write limit lets it.
+pub const SEND_BUFFER: u32 = 64 * 1024;
+
+/// A listener on `addr` with [`LISTEN_BACKLOG`], [`SEND_BUFFER`] and `SO_REUSEADDR` (so a
+/// restart does not wait for old connections in TIME_WAIT).
 pub fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
     let socket = match addr {
         SocketAddr::V4(_) => TcpSocket::new_v4()?,
         SocketAddr::V6(_) => TcpSocket::new_v6()?,
     };
     socket.set_reuseaddr(true)?;
+    socket.set_send_buffer_size(SEND_BUFFER)?;
     socket.bind(addr)?;
     socket.listen(LISTEN_BACKLOG)
 }
@@ -159,9 +174,25 @@ pub async fn accept_loop<S, F>(
         let conn = Box::pin(graceful.watch(conn));
         tokio::spawn(async move {
             if let Err(e) = conn.await {
-                tracing::debug!(error = %e, "connection ended with an error");
+                tracing::debug!(error = %Chain(&*e), "connection ended with an error");
             }
             drop(permit);
         });
+    }
+}
+
+/// An error and its sources on one line ("error writing a body to connection: the peer has
+/// taken no data ...").
+struct Chain<'a>(&'a (dyn std::error::Error + 'static));
+
+impl std::fmt::Display for Chain<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0)?;
+        let mut source = self.0.source();
+        while let Some(s) = source {
+            write!(f, ": {s}")?;
+            source = s.source();
+        }
+        Ok(())
     }
 }

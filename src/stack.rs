@@ -168,7 +168,15 @@ impl<F: Future<Output = Result<Response, Infallible>>> Future for DeadlineFuture
     }
 }
 
-/// 404 for any path but [`BALANCE_PATH`], 405 (with `Allow: POST`) for any method but POST.
+/// An HTTP/1.1 request must carry exactly one `Host` (RFC 9112 §3.2: 400 otherwise). HTTP/1.0
+/// may omit it; HTTP/2 names the authority in its own pseudo-header.
+pub fn host_ok<B>(req: &Request<B>) -> bool {
+    req.version() != http::Version::HTTP_11
+        || req.headers().get_all(http::header::HOST).iter().count() == 1
+}
+
+/// 400 for an HTTP/1.1 request without exactly one `Host`, 404 for any path but
+/// [`BALANCE_PATH`], 405 (with `Allow: POST`) for any method but POST.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct RouteLayer;
 
@@ -198,7 +206,9 @@ where
     }
 
     fn call(&mut self, req: Request<B>) -> Self::Future {
-        let rejection = if req.uri().path() != BALANCE_PATH {
+        let rejection = if !host_ok(&req) {
+            Some(GatewayError::InvalidHost)
+        } else if req.uri().path() != BALANCE_PATH {
             Some(GatewayError::NotFound)
         } else if req.method() != Method::POST {
             Some(GatewayError::MethodNotAllowed)

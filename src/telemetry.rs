@@ -36,6 +36,7 @@ pub const ACCESS_FIELDS: &[&str] = &[
     "upstream_status",
     "upstream_ms",
     "latency_ms",
+    "sampled",
 ];
 
 /// Changes the level filter of the running subscriber.

@@ -266,7 +266,10 @@ async fn reload_applies_in_place_and_reports_restart_only_keys() {
     new.server.admin_key_sha256 = Some(bill24_gateway::hash_key(b"rotated-admin-key"));
     new.server.request_timeout = Duration::from_secs(1);
     new.cache.max_entries = 7;
-    let report = app.reloader.apply(new);
+    let report = app
+        .reloader
+        .apply(new, Default::default())
+        .expect("applied");
     assert_eq!(
         report.applied,
         ["callers", "cache", "server.admin_key_sha256"]
@@ -301,6 +304,53 @@ async fn reload_applies_in_place_and_reports_restart_only_keys() {
     same.cache.ttl = Duration::ZERO;
     same.server.admin_key_sha256 = Some(bill24_gateway::hash_key(b"rotated-admin-key"));
     same.server.request_timeout = Duration::from_secs(1);
-    let report = app.reloader.apply(same);
+    let report = app
+        .reloader
+        .apply(same, Default::default())
+        .expect("applied");
     assert!(report.applied.is_empty(), "{report:?}");
+}
+
+/// A reload that would leave no caller, or clear an admin key in force, is refused unless
+/// the new config writes exactly that out; nothing of it applies.
+#[tokio::test]
+async fn a_reload_that_would_open_the_gateway_up_is_refused_unless_asked_for() {
+    let app = spawn_app_with(|c| {
+        c.server.admin_key_sha256 = Some(bill24_gateway::hash_key(b"admin-key"));
+    })
+    .await;
+    let mut empty = app.config.clone();
+    empty.callers.clear();
+    empty.cache.ttl = Duration::ZERO;
+    assert_eq!(
+        app.reloader.apply(empty.clone(), Default::default()),
+        Err(bill24_gateway::ReloadRefused::NoCallers)
+    );
+    let mut no_key = app.config.clone();
+    no_key.server.admin_key_sha256 = None;
+    assert_eq!(
+        app.reloader.apply(no_key.clone(), Default::default()),
+        Err(bill24_gateway::ReloadRefused::AdminKeyCleared)
+    );
+    // Nothing applied: callers still answered, and from cache (ttl unchanged).
+    assert_eq!(app.balance("R").await.status, StatusCode::OK);
+    assert_eq!(app.balance("R").await.x_cache(), "HIT");
+    assert_eq!(
+        app.admin(Method::DELETE, "/cache", &[]).await.status,
+        StatusCode::UNAUTHORIZED
+    );
+
+    // Written out explicitly: the operator means it.
+    let explicit = bill24_gateway::config::Explicit {
+        callers: true,
+        admin_key: true,
+    };
+    app.reloader.apply(no_key, explicit).expect("asked for");
+    assert_eq!(
+        app.admin(Method::DELETE, "/cache", &[]).await.status,
+        StatusCode::NO_CONTENT
+    );
+    empty.server.admin_key_sha256 = None;
+    app.reloader.apply(empty, explicit).expect("asked for");
+    assert_eq!(app.balance("R").await.status, StatusCode::UNAUTHORIZED);
 }

@@ -495,3 +495,40 @@ async fn purge_during_a_fetch_wins() {
     app.sim.set_latency(Duration::ZERO);
     assert_eq!(app.balance("P").await.x_cache(), "MISS");
 }
+
+/// Cache keys are the code exactly as sent: codes that differ only by case, Unicode form, a
+/// look-alike character, white space or an invisible character never share an entry, so no
+/// caller can be served another customer's balance (or plant one) by normalization tricks.
+#[tokio::test]
+async fn look_alike_codes_never_share_an_entry() {
+    let app = spawn_app().await;
+    let original = app.balance("M005T").await;
+    assert_eq!(original.x_cache(), "MISS");
+    let look_alikes = [
+        "m005t",
+        "M005T ",
+        " M005T",
+        "M005T\u{200b}",
+        "\u{ff2d}005T",
+        "M005\u{0422}",
+        "Mo05T",
+        "M005T\u{301}",
+    ];
+    for code in look_alikes {
+        let r = app.balance(code).await;
+        assert_eq!(
+            (r.status, r.x_cache()),
+            (StatusCode::OK, "MISS"),
+            "{code:?}"
+        );
+        assert_ne!(r.body, original.body, "{code:?} got M005T's balance");
+        assert_eq!(
+            app.sim.balance_calls_for(code),
+            1,
+            "{code:?} asked for as sent"
+        );
+    }
+    let again = app.balance("M005T").await;
+    assert_eq!(again.x_cache(), "HIT");
+    assert_eq!(again.body, original.body);
+}

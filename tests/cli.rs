@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use bill24_sim::{SimConfig, Simulator};
+use bill24_sim::Simulator;
 use common::process::*;
 use common::*;
 use http::StatusCode;
@@ -33,6 +33,24 @@ fn stderr_of(out: &Output) -> String {
 }
 
 /// One clear line on stderr, and no panic.
+/// `bill24-gateway hash-key` with `input` on stdin.
+fn hash_key(input: &str) -> Output {
+    let mut child = Command::new(BIN)
+        .arg("hash-key")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(input.as_bytes())
+        .expect("write");
+    child.wait_with_output().expect("runs")
+}
+
 fn assert_one_line_failure(out: &Output, mentions: &str) {
     assert!(!out.status.success(), "should fail");
     let err = stderr_of(out);
@@ -60,19 +78,7 @@ fn hash_key_prints_the_sha256_of_stdin_minus_one_newline() {
             "2c26b46b68ffc68ff99b453c1d30413413422d706483bfa0f98a5e886266e7ae",
         ),
     ] {
-        let mut child = Command::new(BIN)
-            .arg("hash-key")
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("spawn");
-        child
-            .stdin
-            .take()
-            .expect("stdin")
-            .write_all(input.as_bytes())
-            .expect("write");
-        let out = child.wait_with_output().expect("runs");
+        let out = hash_key(input);
         assert!(out.status.success());
         assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), expected);
     }
@@ -82,6 +88,12 @@ fn hash_key_prints_the_sha256_of_stdin_minus_one_newline() {
         .output()
         .expect("runs");
     assert_one_line_failure(&out, "no key");
+    // Keys no caller could send as they are: refused, not hashed.
+    for input in ["k ", " k", "k \n", "\tk", "k\u{1}x", "k\n\n"] {
+        let out = hash_key(input);
+        assert!(out.stdout.is_empty(), "{input:?}: no hash printed");
+        assert_one_line_failure(&out, "white space or holds a control character");
+    }
 }
 
 #[test]
@@ -183,36 +195,6 @@ fn a_port_in_use_fails_with_one_line() {
 }
 
 /// A running binary with its output captured line by line.
-fn gateway_toml(sim: &Simulator, extra: &str) -> String {
-    format!(
-        "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n{extra}\n\
-         [upstream]\nbase_url = \"{}\"\nmerchant_token = \"{}\"\nclient_id = \"{}\"\n\n{}{}",
-        sim.base_url(),
-        bill24_sim::DEMO_MERCHANT_TOKEN,
-        bill24_sim::DEMO_CLIENT_ID,
-        caller_block("orders", ORDERS_KEY),
-        caller_block("billing", BILLING_KEY),
-    )
-}
-
-/// The simulator, and the gateway binary in front of it with the config `config` builds (the
-/// client secret in its environment, plus `envs`).
-async fn gateway_with_sim(
-    config: impl FnOnce(&Simulator) -> String,
-    envs: &[(&str, &str)],
-) -> (Simulator, Running, tempfile::TempDir) {
-    let sim = Simulator::bind("127.0.0.1:0".parse().expect("addr"), SimConfig::default())
-        .await
-        .expect("sim");
-    let mut all = vec![(
-        "GATEWAY_UPSTREAM__CLIENT_SECRET",
-        bill24_sim::DEMO_CLIENT_SECRET,
-    )];
-    all.extend_from_slice(envs);
-    let (gateway, dir) = Running::start(&[], &config(&sim), &all);
-    (sim, gateway, dir)
-}
-
 /// A balance request for "SLOW" that Bill24 takes `latency` to answer, once Bill24 has it.
 async fn slow_miss_in_flight(
     sim: &Simulator,
@@ -648,6 +630,67 @@ async fn sighup_rejects_invalid_config_and_flags_restart_only_changes() {
         StatusCode::OK,
         "max_body_bytes unchanged until a restart"
     );
+    gw.signal("TERM");
+    assert!(gw.wait_exit(Duration::from_secs(10)).await.success());
+}
+
+/// SIGHUP with an empty config file would remove every caller and switch the admin key off:
+/// refused with an error line saying why, the running config serving on. Written out
+/// explicitly (`callers = []`, `admin_key_sha256 = ""`), it is applied, and the config's
+/// warnings are logged as `--check-config` prints them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_with_an_empty_config_is_refused_unless_it_says_so() {
+    let admin_hash = hex::encode(bill24_gateway::hash_key(b"admin-key"));
+    let (sim, mut gw, dir) = gateway_with_sim(
+        |sim| gateway_toml(sim, &format!("admin_key_sha256 = \"{admin_hash}\"")),
+        &[],
+    )
+    .await;
+    let (main, admin) = gw.addresses().await;
+    let purge = || async move {
+        let req = http::Request::delete(format!("http://{admin}/cache"))
+            .body(Default::default())
+            .expect("request");
+        send(&client(), req).await.status
+    };
+    std::fs::write(dir.path().join("gw.toml"), "").expect("write");
+    gw.signal("HUP");
+    let line = gw.wait_for_line("config reload rejected").await;
+    assert!(
+        line.contains("no [[callers]]") && line.contains("ERROR"),
+        "{line}"
+    );
+    assert_eq!(balance(main, ORDERS_KEY, "E1").await.status, StatusCode::OK);
+    assert_eq!(
+        purge().await,
+        StatusCode::UNAUTHORIZED,
+        "admin key still on"
+    );
+
+    // Callers kept, only the admin key gone (not written out): refused too.
+    std::fs::write(dir.path().join("gw.toml"), gateway_toml(&sim, "")).expect("write");
+    gw.signal("HUP");
+    let line = gw
+        .wait_for_line("admin_key_sha256 while one is in force")
+        .await;
+    assert!(line.contains("config reload rejected"), "{line}");
+    assert_eq!(purge().await, StatusCode::UNAUTHORIZED);
+
+    // Meant: applied, with the config's own warnings logged.
+    let open = gateway_toml(&sim, "admin_key_sha256 = \"\"")
+        .split("[[callers]]")
+        .next()
+        .unwrap_or_default()
+        .replace("[server]", "callers = []\n[server]");
+    std::fs::write(dir.path().join("gw.toml"), open).expect("write");
+    gw.signal("HUP");
+    gw.wait_for_line("\"config reloaded\"").await;
+    gw.wait_for_line("no [[callers]] configured").await;
+    assert_eq!(
+        balance(main, ORDERS_KEY, "E1").await.status,
+        StatusCode::UNAUTHORIZED
+    );
+    assert_eq!(purge().await, StatusCode::NO_CONTENT);
     gw.signal("TERM");
     assert!(gw.wait_exit(Duration::from_secs(10)).await.success());
 }

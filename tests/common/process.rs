@@ -9,7 +9,9 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use super::{PATH, Reply, body_for, client, send};
+use bill24_sim::{SimConfig, Simulator};
+
+use super::{BILLING_KEY, ORDERS_KEY, PATH, Reply, body_for, client, send};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_bill24-gateway");
 
@@ -149,4 +151,34 @@ pub async fn get(addr: SocketAddr, path: &str) -> Reply {
 /// A balance request for `code` as `key`'s caller.
 pub async fn balance(main: SocketAddr, key: &str, code: &str) -> Reply {
     post(main, Some(key), body_for(code), &[]).await
+}
+
+pub fn gateway_toml(sim: &Simulator, extra: &str) -> String {
+    format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n{extra}\n\
+         [upstream]\nbase_url = \"{}\"\nmerchant_token = \"{}\"\nclient_id = \"{}\"\n\n{}{}",
+        sim.base_url(),
+        bill24_sim::DEMO_MERCHANT_TOKEN,
+        bill24_sim::DEMO_CLIENT_ID,
+        caller_block("orders", ORDERS_KEY),
+        caller_block("billing", BILLING_KEY),
+    )
+}
+
+/// The simulator, and the gateway binary in front of it with the config `config` builds (the
+/// client secret in its environment, plus `envs`).
+pub async fn gateway_with_sim(
+    config: impl FnOnce(&Simulator) -> String,
+    envs: &[(&str, &str)],
+) -> (Simulator, Running, tempfile::TempDir) {
+    let sim = Simulator::bind("127.0.0.1:0".parse().expect("addr"), SimConfig::default())
+        .await
+        .expect("sim");
+    let mut all = vec![(
+        "GATEWAY_UPSTREAM__CLIENT_SECRET",
+        bill24_sim::DEMO_CLIENT_SECRET,
+    )];
+    all.extend_from_slice(envs);
+    let (gateway, dir) = Running::start(&[], &config(&sim), &all);
+    (sim, gateway, dir)
 }
