@@ -15,8 +15,6 @@ Phases, each against the same setup without Redis where there is something to co
   * Redis killed, then Redis stopped (SIGSTOP), during a load run: failed requests and p99.
 """
 
-import argparse
-import json
 import math
 import os
 import signal
@@ -53,7 +51,7 @@ def gateway(work, name, sim_port, redis_port=None, ttl="10s", max_entries=200000
     if redis_port:
         redis = f'[redis]\nurls = ["redis://127.0.0.1:{redis_port}"]\nkey_prefix = "{prefix}"\n'
     port, admin = free_port(), free_port()
-    key_hash = subprocess.run([ARGS.bin, "hash-key"], input=CALLER_KEY + "\n",
+    key_hash = subprocess.run([run.ARGS.bin, "hash-key"], input=CALLER_KEY + "\n",
                               capture_output=True, text=True, check=True).stdout.strip()
     config = os.path.join(work, f"{name}.toml")
     with open(config, "w") as f:
@@ -77,7 +75,7 @@ level = "warn"
 name = "bench"
 key_sha256 = "{key_hash}"
 """)
-    p = start([ARGS.bin, "--config", config], os.path.join(work, f"{name}.log"))
+    p = start([run.ARGS.bin, "--config", config], os.path.join(work, f"{name}.log"))
     wait_ready(f"http://127.0.0.1:{admin}/readyz")
     return {"proc": p, "url": f"http://127.0.0.1:{port}", "admin": f"http://127.0.0.1:{admin}"}
 
@@ -233,7 +231,7 @@ def main():
         f"work dir {work}")
     sim_port = free_port()
     sim = f"http://127.0.0.1:{sim_port}"
-    start([ARGS.bin, "simulate", "--listen", f"127.0.0.1:{sim_port}", "--token-lifetime", "20s"],
+    start([run.ARGS.bin, "simulate", "--listen", f"127.0.0.1:{sim_port}", "--token-lifetime", "20s"],
           os.path.join(work, "sim.log"))
     wait_ready(f"{sim}/_sim/stats")
     redis_port = free_port()
@@ -278,12 +276,4 @@ def main():
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--bin", required=True)
-    ARGS = parser.parse_args()
-    run.ARGS = ARGS
-    try:
-        main()
-    finally:
-        for p in PROCS:
-            stop(p)
+    run.main_with_bin(main)

@@ -143,7 +143,7 @@ def metric_sum(values, prefix, needle=""):
     return sum(v for k, v in values.items() if k.startswith(prefix) and needle in k)
 
 
-def gateway_config(path, port, admin_port, sim_port, threads, ttl="1h", extra=""):
+def gateway_config(path, port, admin_port, sim_port, threads, ttl="1h", extra="", server_extra=""):
     key_hash = subprocess.run(
         [ARGS.bin, "hash-key"], input=CALLER_KEY + "\n", capture_output=True, text=True, check=True
     ).stdout.strip()
@@ -152,6 +152,7 @@ def gateway_config(path, port, admin_port, sim_port, threads, ttl="1h", extra=""
 listen = "127.0.0.1:{port}"
 admin_listen = "127.0.0.1:{admin_port}"
 worker_threads = {threads}
+{server_extra}
 [upstream]
 base_url = "http://127.0.0.1:{sim_port}"
 merchant_token = "demo-merchant-token"
@@ -169,10 +170,10 @@ key_sha256 = "{key_hash}"
 """)
 
 
-def start_gateway(work, name, sim_port, threads, ttl="1h", extra="", binary=None):
+def start_gateway(work, name, sim_port, threads, ttl="1h", extra="", binary=None, server_extra=""):
     port, admin_port = free_port(), free_port()
     config = os.path.join(work, f"{name}.toml")
-    gateway_config(config, port, admin_port, sim_port, threads, ttl, extra)
+    gateway_config(config, port, admin_port, sim_port, threads, ttl, extra, server_extra)
     p = start([binary or ARGS.bin, "--config", config], os.path.join(work, f"{name}.log"))
     admin = f"http://127.0.0.1:{admin_port}"
     wait_ready(f"{admin}/readyz")
@@ -193,6 +194,19 @@ def oha_stampede(url, key):
 
 def fmt_us(v):
     return f"{v / 1000:.2f} ms" if v >= 1000 else f"{v:.0f} µs"
+
+
+def main_with_bin(main):
+    """Runs a benchmark's `main` with `--bin` parsed into ARGS; stops every process it started."""
+    global ARGS
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--bin", required=True)
+    ARGS = parser.parse_args()
+    try:
+        main()
+    finally:
+        for p in PROCS:
+            stop(p)
 
 
 def main():
@@ -279,7 +293,6 @@ def main():
     hit_calls = sim_stats(sim)["balance_calls"] - calls_before
 
     med = {name: {k: statistics.median(s[k] for s in runs) for k in runs[0]} for name, runs in samples.items()}
-    g, n, s = med["bill24-gateway"], med["nginx proxy_cache"], med["static hyper"]
     log("\n== cache hits (medians)")
     log(f"{'':<20}{'req/s':>10}{'p50':>10}{'p99':>10}{'p99.9':>10}{'CPU µs/req':>12}{'RSS':>10}")
     for name in targets:
