@@ -105,6 +105,10 @@ pub struct RawUpstream {
     pub circuit_failures: u32,
     #[serde(with = "humantime_serde")]
     pub circuit_cooldown: Duration,
+    pub ca_file: String,
+    pub client_cert_file: String,
+    pub client_key_file: String,
+    pub proxy: SecretUrl,
 }
 
 impl Default for RawUpstream {
@@ -125,6 +129,10 @@ impl Default for RawUpstream {
             retry_budget: 0.2,
             circuit_failures: 5,
             circuit_cooldown: Duration::from_secs(5),
+            ca_file: String::new(),
+            client_cert_file: String::new(),
+            client_key_file: String::new(),
+            proxy: SecretUrl::default(),
         }
     }
 }
@@ -187,7 +195,7 @@ impl Default for RawLog {
 #[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RawRedis {
-    pub urls: Vec<RedisUrl>,
+    pub urls: Vec<SecretUrl>,
     pub cluster: bool,
     pub username: String,
     pub password: Secret,
@@ -212,15 +220,15 @@ impl Default for RawRedis {
     }
 }
 
-/// A `redis://` or `rediss://` URL as written. It may carry credentials, so it prints (and
-/// serializes, for `--check-config`) with its password `[redacted]`.
-#[derive(Clone, PartialEq, Eq, Deserialize)]
+/// A URL as written that may carry credentials (`redis.urls`, `upstream.proxy`), so it prints
+/// (and serializes, for `--check-config`) with its password `[redacted]`.
+#[derive(Clone, Default, PartialEq, Eq, Deserialize)]
 #[serde(transparent)]
-pub struct RedisUrl(String);
+pub struct SecretUrl(String);
 
-impl RedisUrl {
+impl SecretUrl {
     pub fn new(url: impl Into<String>) -> Self {
-        RedisUrl(url.into())
+        SecretUrl(url.into())
     }
 
     /// The URL itself: for the one place that connects with it.
@@ -249,13 +257,13 @@ impl RedisUrl {
     }
 }
 
-impl std::fmt::Debug for RedisUrl {
+impl std::fmt::Debug for SecretUrl {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(&self.redacted())
     }
 }
 
-impl Serialize for RedisUrl {
+impl Serialize for SecretUrl {
     fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
         serializer.serialize_str(&self.redacted())
     }
@@ -310,7 +318,7 @@ pub struct Config {
 #[derive(Clone, Debug, PartialEq)]
 pub struct RedisConfig {
     /// One node (standalone), or the seed nodes of a Redis Cluster.
-    pub urls: Vec<RedisUrl>,
+    pub urls: Vec<SecretUrl>,
     pub cluster: bool,
     /// The ACL user and password, when given here rather than in the URLs.
     pub username: Option<String>,
@@ -675,6 +683,10 @@ impl RawConfig {
             retry_budget,
             circuit_failures,
             circuit_cooldown,
+            ca_file,
+            client_cert_file,
+            client_key_file,
+            proxy,
         } = upstream;
         let upstream = UpstreamConfig {
             base_url: base_url("upstream.base_url", raw_base_url)?,
@@ -698,6 +710,8 @@ impl RawConfig {
             retry_budget: fraction("upstream.retry_budget", *retry_budget, 1000.0)?,
             circuit_failures: *circuit_failures,
             circuit_cooldown: nonzero("upstream.circuit_cooldown", *circuit_cooldown)?,
+            tls: upstream_tls(ca_file, client_cert_file, client_key_file)?,
+            proxy: proxy_url("upstream.proxy", proxy)?,
         };
 
         let RawCache {
@@ -903,6 +917,104 @@ fn base_url(key: &str, value: &str) -> Result<String, ConfigError> {
         ));
     }
     Ok(trimmed.to_string())
+}
+
+/// `upstream.ca_file`, `upstream.client_cert_file` and `upstream.client_key_file`, read and
+/// checked: a CA file must hold at least one usable certificate, the client certificate and
+/// key come together and must belong together.
+fn upstream_tls(
+    ca_file: &str,
+    client_cert_file: &str,
+    client_key_file: &str,
+) -> Result<bill24::tls::Tls, ConfigError> {
+    let read = |key: &str, path: &str| {
+        std::fs::read(path)
+            .map_err(|e| ConfigError::invalid(key, format!("cannot read {path}: {e}")))
+    };
+    let extra_roots = match ca_file.trim() {
+        "" => Vec::new(),
+        path => {
+            let key = "upstream.ca_file";
+            let certs = bill24::tls::certificates(&read(key, path)?)
+                .map_err(|e| ConfigError::invalid(key, format!("{path} {e}")))?;
+            bill24::tls::check_roots(&certs)
+                .map_err(|e| ConfigError::invalid(key, format!("{path}: {e}")))?;
+            certs
+        }
+    };
+    let client_identity = match (client_cert_file.trim(), client_key_file.trim()) {
+        ("", "") => None,
+        (_, "") => {
+            return Err(ConfigError::invalid(
+                "upstream.client_key_file",
+                "is not set while upstream.client_cert_file is; set both or neither",
+            ));
+        }
+        ("", _) => {
+            return Err(ConfigError::invalid(
+                "upstream.client_cert_file",
+                "is not set while upstream.client_key_file is; set both or neither",
+            ));
+        }
+        (cert_path, key_path) => {
+            let cert = read("upstream.client_cert_file", cert_path)?;
+            let key = read("upstream.client_key_file", key_path)?;
+            Some(
+                bill24::tls::ClientIdentity::from_pem(&cert, &key).map_err(|e| match e {
+                    bill24::tls::IdentityError::Certificate(why) => ConfigError::invalid(
+                        "upstream.client_cert_file",
+                        format!("{cert_path} {why}"),
+                    ),
+                    bill24::tls::IdentityError::Key(why) => ConfigError::invalid(
+                        "upstream.client_key_file",
+                        format!("{key_path} {why}"),
+                    ),
+                    bill24::tls::IdentityError::Mismatch => ConfigError::invalid(
+                        "upstream.client_key_file",
+                        format!("{key_path} does not belong to the certificate in {cert_path}"),
+                    ),
+                })?,
+            )
+        }
+    };
+    Ok(bill24::tls::Tls {
+        extra_roots,
+        client_identity,
+    })
+}
+
+/// `upstream.proxy`: empty (the environment decides), or `http://[user:pass@]host:port`.
+fn proxy_url(key: &str, url: &SecretUrl) -> Result<Option<Secret>, ConfigError> {
+    let text = url.expose().trim();
+    if text.is_empty() {
+        return Ok(None);
+    }
+    let shown = url.redacted();
+    let uri: http::Uri = text
+        .parse()
+        .map_err(|_| ConfigError::invalid(key, format!("{shown:?} is not a URL")))?;
+    if uri.scheme_str() != Some("http") {
+        return Err(ConfigError::invalid(
+            key,
+            format!("{shown:?} must be http://[user:pass@]host:port (an HTTP CONNECT proxy)"),
+        ));
+    }
+    let authority = uri.authority().map(|a| a.as_str()).unwrap_or_default();
+    let host_port = authority.rsplit_once('@').map_or(authority, |(_, hp)| hp);
+    let has_port = uri.port_u16().is_some();
+    if host_port.is_empty() || !has_port {
+        return Err(ConfigError::invalid(
+            key,
+            format!("{shown:?} must name a host and a port: http://[user:pass@]host:port"),
+        ));
+    }
+    if !matches!(uri.path(), "" | "/") || uri.query().is_some() {
+        return Err(ConfigError::invalid(
+            key,
+            format!("{shown:?} must not have a path or query"),
+        ));
+    }
+    Ok(Some(Secret::new(text)))
 }
 
 /// A secret given inline or as `<key>_file` (one trailing newline trimmed), never both.

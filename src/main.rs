@@ -59,6 +59,18 @@ struct SimulateArgs {
     /// Delay before each balance answer.
     #[arg(long, default_value = "0ms", value_parser = humantime::parse_duration)]
     latency: Duration,
+    /// Serve HTTPS with this PEM certificate chain (with --tls-key).
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The PEM private key of --tls-cert.
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// With HTTPS: require client certificates signed by this PEM CA.
+    #[arg(long, requires = "tls_cert")]
+    tls_client_ca: Option<PathBuf>,
+    /// With HTTPS: offer only http/1.1 by ALPN (not h2).
+    #[arg(long, requires = "tls_cert")]
+    http1_only: bool,
 }
 
 fn main() -> ExitCode {
@@ -218,11 +230,33 @@ fn shutdown_signal() -> Result<impl std::future::Future<Output = ()> + Send, Str
 }
 
 fn simulate(args: SimulateArgs) -> Result<(), String> {
+    let read = |flag: &str, path: &PathBuf| {
+        std::fs::read(path).map_err(|e| format!("{flag}: cannot read {}: {e}", path.display()))
+    };
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => {
+            let client_ca = match &args.tls_client_ca {
+                Some(path) => Some(read("--tls-client-ca", path)?),
+                None => None,
+            };
+            Some(
+                sim::tls_config(
+                    &read("--tls-cert", cert)?,
+                    &read("--tls-key", key)?,
+                    client_ca.as_deref(),
+                    !args.http1_only,
+                )
+                .map_err(|e| format!("--tls-cert/--tls-key: {e}"))?,
+            )
+        }
+        _ => None,
+    };
     runtime(0)?.block_on(async move {
         let simulator = Simulator::bind(
             args.listen,
             SimConfig {
                 token_lifetime: args.token_lifetime,
+                tls,
                 ..SimConfig::default()
             },
         )
@@ -230,9 +264,9 @@ fn simulate(args: SimulateArgs) -> Result<(), String> {
         .map_err(|e| format!("cannot listen on {}: {e}", args.listen))?;
         simulator.handle().set_latency(args.latency);
         println!(
-            "Bill24 simulator on http://{}\n  merchant_token = \"{}\"\n  client_id = \"{}\"\n  \
+            "Bill24 simulator on {}\n  merchant_token = \"{}\"\n  client_id = \"{}\"\n  \
              client_secret = \"{}\"\n  control: GET /_sim/stats, POST /_sim/control",
-            simulator.addr(),
+            simulator.base_url(),
             sim::DEMO_MERCHANT_TOKEN,
             sim::DEMO_CLIENT_ID,
             sim::DEMO_CLIENT_SECRET

@@ -188,6 +188,8 @@ fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
         retry_budget,
         circuit_failures,
         circuit_cooldown,
+        tls,
+        proxy,
     } = upstream;
     let n = &new.upstream;
     compare("upstream.base_url", *base_url != n.base_url);
@@ -218,6 +220,16 @@ fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
         "upstream.circuit_cooldown",
         *circuit_cooldown != n.circuit_cooldown,
     );
+    let bill24::tls::Tls {
+        extra_roots,
+        client_identity,
+    } = tls;
+    compare("upstream.ca_file", *extra_roots != n.tls.extra_roots);
+    compare(
+        "upstream.client_cert_file",
+        *client_identity != n.tls.client_identity,
+    );
+    compare("upstream.proxy", *proxy != n.proxy);
 
     let CacheConfig {
         ttl: _, // applied
@@ -333,6 +345,10 @@ mod tests {
             (
                 "upstream.circuit_cooldown",
                 "[upstream]\ncircuit_cooldown = \"1s\"",
+            ),
+            (
+                "upstream.proxy",
+                "[upstream]\nproxy = \"http://127.0.0.1:3128\"",
             ),
             ("cache.ttl", "[cache]\nttl = \"1s\""),
             ("cache.max_entries", "[cache]\nmax_entries = 1"),

@@ -15,6 +15,18 @@ use super::{BILLING_KEY, ORDERS_KEY, PATH, Reply, body_for, client, send};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_bill24-gateway");
 
+/// The variables through which the environment names egress proxies.
+pub const PROXY_VARS: [&str; 8] = [
+    "HTTP_PROXY",
+    "http_proxy",
+    "HTTPS_PROXY",
+    "https_proxy",
+    "ALL_PROXY",
+    "all_proxy",
+    "NO_PROXY",
+    "no_proxy",
+];
+
 /// A `[[callers]]` block for `name` with `key`.
 pub fn caller_block(name: &str, key: &str) -> String {
     format!(
@@ -40,6 +52,10 @@ impl Running {
             .env_remove("RUST_LOG")
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
+        // Only the proxies a test names: the machine's own must not route the simulator.
+        for var in PROXY_VARS {
+            cmd.env_remove(var);
+        }
         for (k, v) in envs {
             cmd.env(k, v);
         }

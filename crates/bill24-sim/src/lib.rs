@@ -9,6 +9,10 @@
 //!
 //! Token lifetimes run on tokio's clock, so tests on paused time see tokens expire when they
 //! advance it.
+//!
+//! It serves plain HTTP (HTTP/1.1 and h2c), or HTTPS with a given certificate ([`tls_config`]):
+//! ALPN offers `h2` and `http/1.1` (or only `http/1.1`), and client certificates can be
+//! required.
 
 #![forbid(unsafe_code)]
 
@@ -92,6 +96,54 @@ pub struct SimConfig {
     pub client_id: String,
     pub client_secret: String,
     pub token_lifetime: Duration,
+    /// Serve HTTPS with this ([`tls_config`] builds one); `None`: plain HTTP.
+    pub tls: Option<Arc<rustls::ServerConfig>>,
+}
+
+/// A TLS server config from PEM: the certificate chain and its key; with `client_ca`,
+/// clients must present a certificate signed by it; ALPN offers `h2` (unless `http2` is
+/// false) and `http/1.1`.
+pub fn tls_config(
+    cert_pem: &[u8],
+    key_pem: &[u8],
+    client_ca: Option<&[u8]>,
+    http2: bool,
+) -> Result<Arc<rustls::ServerConfig>, String> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let chain = CertificateDer::pem_slice_iter(cert_pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("certificate: {e}"))?;
+    let key = PrivateKeyDer::from_pem_slice(key_pem).map_err(|e| format!("key: {e}"))?;
+    let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?;
+    let builder = match client_ca {
+        None => builder.with_no_client_auth(),
+        Some(pem) => {
+            let mut roots = rustls::RootCertStore::empty();
+            for cert in CertificateDer::pem_slice_iter(pem) {
+                roots
+                    .add(cert.map_err(|e| format!("client CA: {e}"))?)
+                    .map_err(|e| format!("client CA: {e}"))?;
+            }
+            let verifier =
+                rustls::server::WebPkiClientVerifier::builder_with_provider(roots.into(), provider)
+                    .build()
+                    .map_err(|e| format!("client CA: {e}"))?;
+            builder.with_client_cert_verifier(verifier)
+        }
+    };
+    let mut config = builder
+        .with_single_cert(chain, key)
+        .map_err(|e| format!("certificate and key: {e}"))?;
+    config.alpn_protocols = if http2 {
+        vec![b"h2".to_vec(), b"http/1.1".to_vec()]
+    } else {
+        vec![b"http/1.1".to_vec()]
+    };
+    Ok(Arc::new(config))
 }
 
 impl Default for SimConfig {
@@ -101,6 +153,7 @@ impl Default for SimConfig {
             client_id: DEMO_CLIENT_ID.into(),
             client_secret: DEMO_CLIENT_SECRET.into(),
             token_lifetime: Duration::from_secs(3600),
+            tls: None,
         }
     }
 }
@@ -145,6 +198,8 @@ pub struct Control {
     pub revoke: Option<Revoke>,
     /// Zero every counter.
     pub reset_counters: Option<bool>,
+    /// Close every open connection now (clients must open new ones).
+    pub close_connections: Option<bool>,
 }
 
 /// A field that is present, even as `null` (which plain `Option<Option<_>>` reads as absent).
@@ -175,6 +230,13 @@ pub struct Stats {
     pub reused_refresh_tokens: u64,
     pub in_flight: u64,
     pub max_in_flight: u64,
+    /// Connections accepted (with HTTPS: whose handshake completed).
+    pub connections: u64,
+    /// TLS handshakes that failed (a client that did not trust the certificate, or had no
+    /// client certificate where one is required).
+    pub tls_handshake_failures: u64,
+    /// Requests that came over HTTP/2.
+    pub http2_requests: u64,
 }
 
 struct Settings {
@@ -210,6 +272,11 @@ struct State {
     reused_refresh_tokens: AtomicU64,
     in_flight: AtomicU64,
     max_in_flight: AtomicU64,
+    connections: AtomicU64,
+    tls_handshake_failures: AtomicU64,
+    http2_requests: AtomicU64,
+    /// Bumped to close every open connection.
+    close_connections: watch::Sender<u64>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -263,6 +330,10 @@ impl Simulator {
             reused_refresh_tokens: AtomicU64::new(0),
             in_flight: AtomicU64::new(0),
             max_in_flight: AtomicU64::new(0),
+            connections: AtomicU64::new(0),
+            tls_handshake_failures: AtomicU64::new(0),
+            http2_requests: AtomicU64::new(0),
+            close_connections: watch::channel(0).0,
         });
         let (stop, stopped) = watch::channel(false);
         tokio::spawn(serve(listener, state.clone(), stopped));
@@ -282,8 +353,14 @@ impl Simulator {
         self.addr
     }
 
+    /// `http://` or `https://` (with HTTPS) and the address.
     pub fn base_url(&self) -> String {
-        format!("http://{}", self.addr)
+        let scheme = if self.handle.0.credentials.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        format!("{scheme}://{}", self.addr)
     }
 
     pub fn handle(&self) -> SimHandle {
@@ -338,6 +415,9 @@ impl SimHandle {
                 tokens.refresh.clear();
             }
         }
+        if control.close_connections == Some(true) {
+            s.close_connections.send_modify(|n| *n += 1);
+        }
         if control.reset_counters == Some(true) {
             for c in [
                 &s.authorize_calls,
@@ -346,6 +426,9 @@ impl SimHandle {
                 &s.unauthorized_balance_calls,
                 &s.reused_refresh_tokens,
                 &s.max_in_flight,
+                &s.connections,
+                &s.tls_handshake_failures,
+                &s.http2_requests,
             ] {
                 c.store(0, Ordering::SeqCst);
             }
@@ -457,6 +540,9 @@ impl SimHandle {
             reused_refresh_tokens: s.reused_refresh_tokens.load(Ordering::SeqCst),
             in_flight: s.in_flight.load(Ordering::SeqCst),
             max_in_flight: s.max_in_flight.load(Ordering::SeqCst),
+            connections: s.connections.load(Ordering::SeqCst),
+            tls_handshake_failures: s.tls_handshake_failures.load(Ordering::SeqCst),
+            http2_requests: s.http2_requests.load(Ordering::SeqCst),
         }
     }
 
@@ -505,24 +591,54 @@ async fn serve(listener: TcpListener, state: Arc<State>, mut stop: watch::Receiv
         };
         let _ = stream.set_nodelay(true);
         let state = state.clone();
-        let mut stop = stop.clone();
+        let stop = stop.clone();
         tokio::spawn(async move {
-            let service = hyper::service::service_fn(move |req| {
-                let state = state.clone();
-                async move { handle(state, req).await }
-            });
-            let builder = auto::Builder::new(TokioExecutor::new());
-            let conn = builder.serve_connection(TokioIo::new(stream), service);
-            tokio::select! {
-                _ = conn => {}
-                _ = stop.changed() => {}
+            match state.credentials.tls.clone() {
+                None => {
+                    state.connections.fetch_add(1, Ordering::SeqCst);
+                    serve_connection(TokioIo::new(stream), state, stop).await;
+                }
+                Some(tls) => {
+                    let accepting = tokio_rustls::TlsAcceptor::from(tls).accept(stream);
+                    match tokio::time::timeout(Duration::from_secs(10), accepting).await {
+                        Ok(Ok(stream)) => {
+                            state.connections.fetch_add(1, Ordering::SeqCst);
+                            serve_connection(TokioIo::new(stream), state, stop).await;
+                        }
+                        _ => {
+                            state.tls_handshake_failures.fetch_add(1, Ordering::SeqCst);
+                        }
+                    }
+                }
             }
         });
     }
 }
 
+/// Serves one connection until it ends, the simulator stops, or connections are closed.
+async fn serve_connection<I>(io: I, state: Arc<State>, mut stop: watch::Receiver<bool>)
+where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let mut close = state.close_connections.subscribe();
+    let service = hyper::service::service_fn(move |req| {
+        let state = state.clone();
+        async move { handle(state, req).await }
+    });
+    let builder = auto::Builder::new(TokioExecutor::new());
+    let conn = builder.serve_connection(io, service);
+    tokio::select! {
+        _ = conn => {}
+        _ = stop.changed() => {}
+        _ = close.changed() => {}
+    }
+}
+
 /// Errors close the connection without an answer (the `reset` fault).
 async fn handle(state: Arc<State>, req: Request<Incoming>) -> Result<SimResponse, std::io::Error> {
+    if req.version() == http::Version::HTTP_2 {
+        state.http2_requests.fetch_add(1, Ordering::SeqCst);
+    }
     let path = req.uri().path().to_string();
     let method = req.method().clone();
     let headers: Vec<(String, String)> = req

@@ -1,11 +1,14 @@
-//! The HTTP side of Bill24: one pooled keep-alive hyper client (rustls with the webpki roots for
-//! `https://`, plain `http://` for the simulator), the two endpoint URLs, and one POST with its
+//! The HTTP side of Bill24: one pooled keep-alive hyper client (rustls for `https://`, with
+//! HTTP/2 when Bill24 offers it by ALPN; plain `http://` for the simulator), reached directly or
+//! through an egress proxy ([`crate::route`]), the two endpoint URLs, and one POST with its
 //! deadline and a cap on the answer's size.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::CONTENT_TYPE;
+use http::header::PROXY_AUTHORIZATION;
 use http::{HeaderMap, HeaderValue, Request, StatusCode, Uri};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
@@ -14,7 +17,9 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use tokio::time::Instant;
 
-use crate::{Config, Endpoint};
+use crate::chain::error_chain;
+use crate::route::{self, ProxyError, Route};
+use crate::{Config, Endpoint, tls};
 
 pub const AUTHORIZE_PATH: &str = "/merchantsecurity/authorize";
 pub const BALANCE_PATH: &str = "/instant_payment/get_wallet_balance";
@@ -25,7 +30,7 @@ pub const MAX_ANSWER_BYTES: usize = 1 << 20;
 /// How long an unused pooled connection is kept.
 const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
-type HttpClient = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
+type HttpClient = Client<HttpsConnector<Route>, Full<Bytes>>;
 
 /// An answer from Bill24, read in full.
 #[derive(Debug, Clone)]
@@ -46,6 +51,12 @@ pub enum TransportError {
     Io(String),
     #[error("answer larger than {MAX_ANSWER_BYTES} bytes")]
     TooLarge,
+    /// The TLS handshake failed: why, in words (`certificate verify failed: unknown issuer`).
+    #[error("{0}")]
+    Tls(String),
+    /// The egress proxy could not be reached, refused the tunnel or wants credentials.
+    #[error("{0}")]
+    Proxy(String),
 }
 
 impl TransportError {
@@ -53,6 +64,8 @@ impl TransportError {
     pub fn label(&self) -> &'static str {
         match self {
             TransportError::Timeout(_) => "timeout",
+            TransportError::Tls(_) => "tls_error",
+            TransportError::Proxy(_) => "proxy_error",
             _ => "error",
         }
     }
@@ -61,6 +74,14 @@ impl TransportError {
 #[derive(Clone)]
 pub struct Transport {
     client: HttpClient,
+    /// `Proxy-Authorization` for a forwarding proxy (plain `http://` through a proxy).
+    forward_authorization: Option<HeaderValue>,
+    /// The forwarding proxy requests go to (plain `http://` through a proxy).
+    forward_proxy: Option<String>,
+    /// When Bill24 last asked for a client certificate that is not configured.
+    asked_for_certificate: Arc<tls::CertificateRequests>,
+    /// The route taken, for the start-up log line.
+    route: String,
     authorize_url: Uri,
     balance_url: Uri,
     timeout: Duration,
@@ -78,13 +99,23 @@ impl Transport {
         http.set_connect_timeout(Some(cfg.connect_timeout));
         http.set_nodelay(true);
         http.set_keepalive(Some(Duration::from_secs(30)));
+        let base: Uri = cfg
+            .base_url
+            .parse()
+            .map_err(|e| format!("upstream.base_url: {e}"))?;
+        let chosen = route::choose(&base, cfg.proxy.as_ref(), http)?;
+        let forward_proxy = match &chosen.route {
+            Route::Forward { proxy, .. } => Some(proxy.clone()),
+            _ => None,
+        };
+        let (tls_config, asked_for_certificate) = tls::client_config(&cfg.tls)?;
+        // ALPN offers h2 and http/1.1: HTTP/2 when Bill24 picks it, HTTP/1.1 otherwise.
         let https = HttpsConnectorBuilder::new()
-            .with_provider_and_webpki_roots(rustls::crypto::ring::default_provider())
-            .map_err(|e| format!("TLS setup: {e}"))?
+            .with_tls_config(tls_config)
             .https_or_http()
             .enable_http1()
             .enable_http2()
-            .wrap_connector(http);
+            .wrap_connector(chosen.route);
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(POOL_IDLE_TIMEOUT)
             .pool_max_idle_per_host(cfg.max_in_flight)
@@ -93,6 +124,10 @@ impl Transport {
             .build(https);
         Ok(Transport {
             client,
+            forward_authorization: chosen.forward_authorization,
+            forward_proxy,
+            asked_for_certificate,
+            route: chosen.description,
             authorize_url: url(AUTHORIZE_PATH)?,
             balance_url: url(BALANCE_PATH)?,
             timeout: cfg.timeout,
@@ -129,15 +164,26 @@ impl Transport {
             .body(Full::new(body))
             .map_err(|e| TransportError::Io(e.to_string()))?;
         *request.headers_mut() = headers;
+        if let Some(auth) = &self.forward_authorization {
+            request
+                .headers_mut()
+                .insert(PROXY_AUTHORIZATION, auth.clone());
+        }
         let start = Instant::now();
         let exchange = async {
-            let response = self.client.request(request).await.map_err(|e| {
-                if e.is_connect() {
-                    TransportError::Connect(error_chain(&e))
-                } else {
-                    TransportError::Io(error_chain(&e))
-                }
-            })?;
+            let response = self
+                .client
+                .request(request)
+                .await
+                .map_err(|e| self.classify_error(&e))?;
+            // A forwarding proxy answers for itself with 407: not Bill24's 4xx to pass on.
+            if self.forward_proxy.is_some()
+                && response.status() == StatusCode::PROXY_AUTHENTICATION_REQUIRED
+            {
+                return Err(TransportError::Proxy(format!(
+                    "the proxy asks for credentials (HTTP 407); {PROXY_CREDENTIALS_HINT}"
+                )));
+            }
             let (parts, body) = response.into_parts();
             let body = Limited::new(body, MAX_ANSWER_BYTES)
                 .collect()
@@ -147,6 +193,11 @@ impl Transport {
                         .is_some()
                     {
                         TransportError::TooLarge
+                    } else if let Some(proxy) = &self.forward_proxy {
+                        TransportError::Proxy(format!(
+                            "through the proxy {proxy}: {}",
+                            error_chain(e.as_ref())
+                        ))
                     } else {
                         TransportError::Io(error_chain(e.as_ref()))
                     }
@@ -168,16 +219,52 @@ impl Transport {
     pub fn timeout(&self) -> Duration {
         self.timeout
     }
+
+    /// How Bill24 is reached: `direct`, or through which proxy (never its credentials).
+    pub fn route(&self) -> &str {
+        &self.route
+    }
 }
 
-/// An error and its sources on one line (these never contain request headers or bodies).
-fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = err.to_string();
-    let mut source = err.source();
+const PROXY_CREDENTIALS_HINT: &str = "give them in the proxy URL: http://user:password@host:port";
+
+impl Transport {
+    /// A failed exchange, sorted: TLS and proxy failures by name, so that an operator tells
+    /// them from an outage.
+    fn classify_error(&self, e: &hyper_util::client::legacy::Error) -> TransportError {
+        if let Some(reason) = tls::failure(e) {
+            return TransportError::Tls(reason);
+        }
+        // With TLS 1.3 a server that requires a client certificate refuses it after the
+        // client has finished its side of the handshake: the client sees only a broken
+        // connection, so the request for a certificate it could not answer is what tells.
+        if self.asked_for_certificate.within(Duration::from_secs(60)) {
+            return TransportError::Tls(tls::NO_CLIENT_CERTIFICATE.into());
+        }
+        // A forwarding proxy is the peer of every connection: it is what failed.
+        if let Some(proxy) = &self.forward_proxy {
+            return TransportError::Proxy(format!("through the proxy {proxy}: {}", error_chain(e)));
+        }
+        classify_other(e)
+    }
+}
+
+fn classify_other(e: &hyper_util::client::legacy::Error) -> TransportError {
+    let mut source = std::error::Error::source(e);
     while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
+        if let Some(proxy) = s.downcast_ref::<ProxyError>() {
+            let hint = if proxy.detail.contains("proxy authorization required") {
+                format!(" (HTTP 407; {PROXY_CREDENTIALS_HINT})")
+            } else {
+                String::new()
+            };
+            return TransportError::Proxy(format!("{proxy}{hint}"));
+        }
         source = s.source();
     }
-    text
+    if e.is_connect() {
+        TransportError::Connect(error_chain(e))
+    } else {
+        TransportError::Io(error_chain(e))
+    }
 }

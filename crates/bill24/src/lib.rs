@@ -8,9 +8,12 @@
 #![forbid(unsafe_code)]
 
 pub mod budget;
+mod chain;
 pub mod circuit;
 pub mod client;
+mod route;
 mod secret;
+pub mod tls;
 pub mod token;
 pub mod wire;
 
@@ -52,6 +55,11 @@ pub struct Config {
     pub retry_budget: f64,
     pub circuit_failures: u32,
     pub circuit_cooldown: Duration,
+    /// Roots trusted besides the webpki roots, and a client certificate.
+    pub tls: tls::Tls,
+    /// `upstream.proxy` (`http://[user:pass@]host:port`); `None`: the environment decides
+    /// (`HTTPS_PROXY`, `NO_PROXY`, ... as curl reads them).
+    pub proxy: Option<Secret>,
 }
 
 /// Which Bill24 endpoint a call went to.
@@ -112,6 +120,8 @@ pub enum UpstreamError {
     Timeout,
     #[error("Bill24 could not be reached")]
     Unreachable,
+    #[error("the TLS connection to Bill24 failed: {0}")]
+    Tls(String),
     #[error("Bill24 answered with an error (HTTP {0})")]
     Status(u16),
     #[error("Bill24's answer was not valid JSON")]
@@ -141,6 +151,7 @@ impl UpstreamError {
         match self {
             UpstreamError::Timeout => "upstream_timeout",
             UpstreamError::Unreachable => "upstream_unreachable",
+            UpstreamError::Tls(_) => "upstream_tls_error",
             UpstreamError::Status(_) => "upstream_error",
             UpstreamError::InvalidAnswer => "upstream_invalid_answer",
             UpstreamError::Unauthorized => "upstream_unauthorized",
@@ -176,11 +187,23 @@ impl UpstreamError {
         }
     }
 
+    /// No token: a TLS failure says so (it is what an operator must fix), anything else is
+    /// `token_unavailable`.
+    fn from_token(e: TokenError) -> Self {
+        match e.tls_failure() {
+            Some(reason) => UpstreamError::Tls(reason.to_string()),
+            None => UpstreamError::Token(e),
+        }
+    }
+
     fn from_transport(e: &TransportError) -> Self {
         match e {
             TransportError::Timeout(_) => UpstreamError::Timeout,
             TransportError::Connect(_) => UpstreamError::Unreachable,
-            TransportError::Io(_) | TransportError::TooLarge => UpstreamError::Unreachable,
+            TransportError::Io(_) | TransportError::TooLarge | TransportError::Proxy(_) => {
+                UpstreamError::Unreachable
+            }
+            TransportError::Tls(reason) => UpstreamError::Tls(reason.clone()),
         }
     }
 }
@@ -244,6 +267,7 @@ impl Bill24 {
         tokens: Option<Arc<dyn token::TokenStore>>,
     ) -> Result<Self, String> {
         let transport = Arc::new(Transport::new(cfg)?);
+        tracing::info!(route = transport.route(), "Bill24 connections");
         let tokens = TokenManager::start(
             transport.clone(),
             Credentials {
@@ -359,11 +383,15 @@ impl Bill24 {
             .tokens
             .token()
             .await
-            .map_err(|e| Failure::new(UpstreamError::Token(e), None, None))?;
+            .map_err(|e| Failure::new(UpstreamError::from_token(e), None, None))?;
         let mut attempt = self.send(&token, call, limit).await?;
         if attempt.reply.status == StatusCode::UNAUTHORIZED {
             let token = self.tokens.refused(&token).await.map_err(|e| {
-                Failure::new(UpstreamError::Token(e), Some(401), Some(start.elapsed()))
+                Failure::new(
+                    UpstreamError::from_token(e),
+                    Some(401),
+                    Some(start.elapsed()),
+                )
             })?;
             attempt = self.send(&token, call, limit).await?;
             if attempt.reply.status == StatusCode::UNAUTHORIZED {

@@ -163,13 +163,37 @@ pub enum TokenError {
     Status(u16),
     #[error("authorize call failed: {0}")]
     Transport(TransportError),
-    #[error("the last token request failed; next one in {0:?}")]
-    BackingOff(Duration),
+    #[error("the last token request failed{}; next one in {wait:?}", because(.cause))]
+    BackingOff {
+        wait: Duration,
+        /// Why the last request failed.
+        cause: Option<Box<TokenError>>,
+    },
     #[default]
     #[error("the token request was abandoned")]
     Abandoned,
     #[error("Bill24 refused a token obtained moments ago; not asking for another yet")]
     RefusedTooSoon,
+}
+
+fn because(cause: &Option<Box<TokenError>>) -> String {
+    cause
+        .as_ref()
+        .map(|c| format!(" ({c})"))
+        .unwrap_or_default()
+}
+
+impl TokenError {
+    /// The TLS failure behind this one, if that is what it comes to.
+    pub fn tls_failure(&self) -> Option<&str> {
+        match self {
+            TokenError::Transport(TransportError::Tls(reason)) => Some(reason),
+            TokenError::BackingOff {
+                cause: Some(cause), ..
+            } => cause.tls_failure(),
+            _ => None,
+        }
+    }
 }
 
 type AttemptResult = Result<Arc<AccessToken>, TokenError>;
@@ -183,6 +207,8 @@ struct State {
     refused: Option<Secret>,
     attempt: Option<Attempt>,
     failures: u32,
+    /// Why the last attempt failed, while backing off after it.
+    last_failure: Option<TokenError>,
     retry_at: Option<Instant>,
     /// When a refused token was last dropped.
     last_refusal: Option<Instant>,
@@ -228,6 +254,7 @@ impl TokenManager {
                 refused: None,
                 attempt: None,
                 failures: 0,
+                last_failure: None,
                 retry_at: None,
                 last_refusal: None,
             }),
@@ -333,7 +360,10 @@ impl Inner {
             return Ok(attempt.clone());
         }
         if let Some(at) = st.retry_at.filter(|at| now < *at) {
-            return Err(TokenError::BackingOff(at - now));
+            return Err(TokenError::BackingOff {
+                wait: at - now,
+                cause: st.last_failure.clone().map(Box::new),
+            });
         }
         Ok(self.start_attempt(st))
     }
@@ -374,12 +404,15 @@ impl Inner {
                         st.orphan_refresh = None;
                         st.failures = 0;
                         st.retry_at = None;
+                        st.last_failure = None;
                     }
-                    Err(_) => {
+                    Err(e) => {
                         st.failures = st.failures.saturating_add(1);
                         let wait = backoff(st.failures);
                         st.retry_at = Some(Instant::now() + wait);
+                        st.last_failure = Some(e.clone());
                         tracing::warn!(
+                            error = %e,
                             failures = st.failures,
                             retry_in_ms = wait.as_millis() as u64,
                             "no Bill24 access token; will try again"
