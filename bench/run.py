@@ -196,11 +196,13 @@ def fmt_us(v):
     return f"{v / 1000:.2f} ms" if v >= 1000 else f"{v:.0f} µs"
 
 
-def main_with_bin(main):
-    """Runs a benchmark's `main` with `--bin` parsed into ARGS; stops every process it started."""
+def main_with_bin(main, more_args=lambda parser: None):
+    """Runs a benchmark's `main` with `--bin` (and what `more_args` adds) parsed into ARGS;
+    stops every process it started."""
     global ARGS
     parser = argparse.ArgumentParser()
     parser.add_argument("--bin", required=True)
+    more_args(parser)
     ARGS = parser.parse_args()
     try:
         main()
@@ -476,14 +478,10 @@ def main():
     log(f"\nraw figures: {work}/summary.json")
 
 
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--bin", required=True)
+def hit_args(parser):
     parser.add_argument("--static", required=True)
     parser.add_argument("--baseline-bin", help="another gateway build, measured beside this one in the hit rounds")
-    ARGS = parser.parse_args()
-    try:
-        main()
-    finally:
-        for p in PROCS:
-            stop(p)
+
+
+if __name__ == "__main__":
+    main_with_bin(main, hit_args)

@@ -7,49 +7,16 @@
 use std::collections::BTreeSet;
 
 use bill24::UpstreamError;
-use serde_json::Value;
 use strum::IntoEnumIterator;
 
 use crate::admin::AdminError;
 use crate::balance::code::InvalidSyncCode;
 use crate::balance::request::InvalidRequest;
+
+#[path = "../tests/common/openapi_doc.rs"]
+mod doc;
 use crate::error::{ErrorResponse, GatewayError};
-
-fn load(text: &str) -> Value {
-    serde_norway::from_str(text).expect("the document is YAML")
-}
-
-/// Follows a local `$ref`.
-fn resolve<'a>(doc: &'a Value, value: &'a Value) -> &'a Value {
-    match value.get("$ref").and_then(Value::as_str) {
-        Some(reference) => {
-            let mut node = doc;
-            for part in reference.trim_start_matches("#/").split('/') {
-                node = &node[part];
-            }
-            resolve(doc, node)
-        }
-        None => value,
-    }
-}
-
-/// The documented response for a status: its own entry, or the `4XX`/`5XX` range.
-fn documented<'a>(doc: &'a Value, operation: &'a Value, status: u16) -> Option<&'a Value> {
-    let responses = &operation["responses"];
-    responses
-        .get(status.to_string())
-        .or_else(|| responses.get(format!("{}XX", status / 100)))
-        .map(|r| resolve(doc, r))
-}
-
-fn error_codes(doc: &Value) -> BTreeSet<String> {
-    doc["components"]["schemas"]["Error"]["properties"]["code"]["enum"]
-        .as_array()
-        .expect("an enum of codes")
-        .iter()
-        .filter_map(|c| c.as_str().map(str::to_string))
-        .collect()
-}
+use doc::{admin_doc, documented, endpoint_doc, error_codes};
 
 /// (status, code) of every error the endpoint can answer with.
 fn endpoint_errors() -> Vec<(u16, &'static str)> {
@@ -71,7 +38,7 @@ fn endpoint_errors() -> Vec<(u16, &'static str)> {
 
 #[test]
 fn every_endpoint_error_is_documented_and_nothing_else() {
-    let doc = load(include_str!("../openapi.yaml"));
+    let doc = endpoint_doc();
     let operation = &doc["paths"][bill24::BALANCE_PATH]["post"];
     let documented_codes = error_codes(&doc);
     let mut produced = BTreeSet::new();
@@ -98,7 +65,7 @@ fn every_endpoint_error_is_documented_and_nothing_else() {
 
 #[test]
 fn every_admin_error_is_documented_and_nothing_else() {
-    let doc = load(include_str!("../openapi-admin.yaml"));
+    let doc = admin_doc();
     let documented_codes = error_codes(&doc);
     let mut produced = BTreeSet::new();
     for e in AdminError::iter() {

@@ -5,6 +5,8 @@
 //! (tests/contract/run.sh, in CI).
 
 mod common;
+#[path = "common/openapi_doc.rs"]
+mod openapi_doc;
 
 use std::collections::BTreeSet;
 use std::time::Duration;
@@ -13,51 +15,8 @@ use bill24_sim::Fault;
 use common::*;
 use http::{Method, Request};
 use http_body_util::Full;
+use openapi_doc::{admin_doc, documented, endpoint_doc, error_codes, resolve};
 use serde_json::Value;
-
-fn load(text: &str) -> Value {
-    serde_norway::from_str(text).expect("the document is YAML")
-}
-
-fn endpoint_doc() -> Value {
-    load(include_str!("../openapi.yaml"))
-}
-
-fn admin_doc() -> Value {
-    load(include_str!("../openapi-admin.yaml"))
-}
-
-/// Follows a local `$ref`.
-fn resolve<'a>(doc: &'a Value, value: &'a Value) -> &'a Value {
-    match value.get("$ref").and_then(Value::as_str) {
-        Some(reference) => {
-            let mut node = doc;
-            for part in reference.trim_start_matches("#/").split('/') {
-                node = &node[part];
-            }
-            resolve(doc, node)
-        }
-        None => value,
-    }
-}
-
-/// The documented response for a status: its own entry, or the `4XX`/`5XX` range.
-fn documented<'a>(doc: &'a Value, operation: &'a Value, status: u16) -> Option<&'a Value> {
-    let responses = &operation["responses"];
-    responses
-        .get(status.to_string())
-        .or_else(|| responses.get(format!("{}XX", status / 100)))
-        .map(|r| resolve(doc, r))
-}
-
-fn error_codes(doc: &Value) -> BTreeSet<String> {
-    doc["components"]["schemas"]["Error"]["properties"]["code"]["enum"]
-        .as_array()
-        .expect("an enum of codes")
-        .iter()
-        .filter_map(|c| c.as_str().map(str::to_string))
-        .collect()
-}
 
 struct Case {
     name: &'static str,
