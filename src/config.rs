@@ -474,7 +474,13 @@ pub fn load(cli_path: Option<&Path>) -> Result<Loaded, ConfigError> {
                 .and_then(toml::Value::as_table)
                 .is_some_and(|server| server.contains_key("admin_key_sha256"));
         }
-        figment = figment.merge(Toml::file_exact(path));
+        // The text just read, not the path again: a file swapped between two reads (a
+        // ConfigMap's `..data` symlink) must not decide `explicit` from one version and the
+        // values from another.
+        figment = figment.merge(FileText {
+            path: path.clone(),
+            toml: Toml::string(&text),
+        });
     }
     let env = EnvLayer::from_process();
     let warnings: Vec<String> = env
@@ -492,6 +498,22 @@ pub fn load(cli_path: Option<&Path>) -> Result<Loaded, ConfigError> {
         warnings,
         explicit,
     })
+}
+
+/// A config file's text, read once, as a figment provider that names the file in errors.
+struct FileText {
+    path: PathBuf,
+    toml: figment::providers::Data<Toml>,
+}
+
+impl Provider for FileText {
+    fn metadata(&self) -> Metadata {
+        Metadata::from("TOML file", self.path.as_path())
+    }
+
+    fn data(&self) -> Result<Map<Profile, Dict>, figment::Error> {
+        self.toml.data()
+    }
 }
 
 fn resolve_file(cli_path: Option<&Path>) -> Result<Option<PathBuf>, ConfigError> {

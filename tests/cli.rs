@@ -694,3 +694,105 @@ async fn sighup_with_an_empty_config_is_refused_unless_it_says_so() {
     gw.signal("TERM");
     assert!(gw.wait_exit(Duration::from_secs(10)).await.success());
 }
+
+/// The file is read once per reload: with `gw.toml` a symlink swapped atomically between the
+/// full config and an empty file (as Kubernetes swaps a ConfigMap's `..data`) under a SIGHUP
+/// every 20 ms, no reload may take its "was `callers` written out?" from one version and the
+/// values from the other. Every reload is either a no-op (the full file again) or refused (the
+/// empty one): none applies a change, the caller key keeps working and the admin key stays on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_under_a_swapped_symlink_never_strips_callers_or_the_admin_key() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let admin_hash = hex::encode(bill24_gateway::hash_key(b"admin-key"));
+    let (sim, mut gw, dir) = gateway_with_sim(
+        |sim| gateway_toml(sim, &format!("admin_key_sha256 = \"{admin_hash}\"")),
+        &[],
+    )
+    .await;
+    let (main, admin) = gw.addresses().await;
+    let full = std::fs::read_to_string(dir.path().join("gw.toml")).expect("read");
+    assert!(full.contains(&admin_hash) && sim.base_url().len() > 1);
+    std::fs::write(dir.path().join("full.toml"), &full).expect("write");
+    std::fs::write(dir.path().join("empty.toml"), "").expect("write");
+    let point_at = |dir: &Path, target: &str| {
+        let tmp = dir.join("gw.toml.swap");
+        let _ = std::fs::remove_file(&tmp);
+        std::os::unix::fs::symlink(target, &tmp).expect("symlink");
+        std::fs::rename(&tmp, dir.join("gw.toml")).expect("rename");
+    };
+    point_at(dir.path(), "full.toml");
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let swapper = {
+        let (stop, dir) = (stop.clone(), dir.path().to_path_buf());
+        std::thread::spawn(move || {
+            let mut swaps = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                point_at(
+                    &dir,
+                    if swaps.is_multiple_of(2) {
+                        "empty.toml"
+                    } else {
+                        "full.toml"
+                    },
+                );
+                swaps += 1;
+            }
+            swaps
+        })
+    };
+    const HANGUPS: usize = 150;
+    for _ in 0..HANGUPS {
+        gw.signal("HUP");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    let swaps = swapper.join().expect("swapper");
+    assert!(
+        swaps > HANGUPS as u64,
+        "the file was swapped only {swaps} times"
+    );
+    point_at(dir.path(), "full.toml");
+    gw.signal("HUP");
+    // Wait until the last SIGHUP (on the full file) has been handled.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let handled = |out: &[String]| {
+        out.iter()
+            .filter(|l| l.contains("\"config reloaded\"") || l.contains("config reload rejected"))
+            .count()
+    };
+    let mut last = 0;
+    while Instant::now() < deadline {
+        let now = handled(&gw.output());
+        if now == last && now > 0 {
+            break;
+        }
+        last = now;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let out = gw.output();
+    assert!(
+        handled(&out) > 0,
+        "no reload was handled:\n{}",
+        out.join("\n")
+    );
+    let applied_something: Vec<&String> = out
+        .iter()
+        .filter(|l| l.contains("\"config reloaded\"") && !l.contains("\"applied\":\"[]\""))
+        .collect();
+    assert!(
+        applied_something.is_empty(),
+        "a reload changed the config: {applied_something:?}"
+    );
+    assert_eq!(balance(main, ORDERS_KEY, "R1").await.status, StatusCode::OK);
+    let req = http::Request::delete(format!("http://{admin}/cache/R1"))
+        .body(Default::default())
+        .expect("request");
+    assert_eq!(
+        send(&client(), req).await.status,
+        StatusCode::UNAUTHORIZED,
+        "the admin key is still in force"
+    );
+    gw.signal("TERM");
+    assert!(gw.wait_exit(Duration::from_secs(10)).await.success());
+}
