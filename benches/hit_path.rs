@@ -43,7 +43,6 @@ fn entry() -> Entry {
         content_type: HeaderValue::from_static("application/json; charset=utf-8"),
         bill24_code: smol_str::SmolStr::new_static("000"),
         stored_at: Instant::now(),
-        stored_wall_ms: 0,
         fresh_for: Duration::from_secs(3600),
         stale_for: Duration::ZERO,
         refreshing: AtomicBool::new(false),
@@ -72,7 +71,7 @@ fn pieces(c: &mut Criterion) {
     let cache = BalanceCache::new(100_000);
     let codes: Vec<String> = (0..1000).map(|i| format!("BENCH{i}")).collect();
     for code in &codes {
-        cache.insert_if_current(code.into(), Arc::new(entry()), 0);
+        cache.insert(code.into(), Arc::new(entry()));
     }
     let mut i = 0usize;
     c.bench_function("cache: moka lookup of a present key (1000 entries)", |b| {
@@ -106,11 +105,11 @@ fn full_hit(c: &mut Criterion) {
         let bill24 =
             Arc::new(Bill24::start(&config.upstream, metrics.clone(), None).expect("client"));
         let cache = Arc::new(BalanceCache::new(config.cache.max_entries));
-        let balances = Balances::new(config.cache.clone(), cache, bill24, None, metrics.clone());
+        let balances = Balances::new(config.cache.clone(), cache, bill24, metrics.clone());
         for i in 0..1000 {
             balances
                 .cache()
-                .insert_if_current(format!("BENCH{i}").into(), Arc::new(entry()), 0);
+                .insert(format!("BENCH{i}").into(), Arc::new(entry()));
         }
         let parts = StackParts {
             metrics,

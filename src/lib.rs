@@ -22,9 +22,21 @@
 //! [`correlation`] (request id, trace context, error bodies) → [`access_log`] (one line and the
 //! request metrics) → route → [`auth`] (caller key) → [`limits`] (per-caller rate and
 //! concurrency) → deadline → [`balance::request`] (Content-Type, size, body) →
-//! [`balance::service`], which answers from [`balance::cache`] or through one shared call to
+//! [`balance::service`], which answers from [`balance::cache`] (L1), else through the second
+//! tier when there is one ([`tier::Tier`], one call per miss), else through one shared call to
 //! `bill24`. [`admin`] serves health, readiness, metrics and purge on its own listener;
 //! [`reload`] applies a re-read config; [`demo`] wires the simulator to a gateway.
+//!
+//! The second tier is the fleet's ([`fleet`], over Redis): it owns read-through, the fill
+//! lock, the wait, the store and the publish, and tells L1 what to drop through a callback
+//! ([`tier::Invalidate`]) that [`Gateway`] wires to the cache. `balance` and `fleet` never
+//! import each other; both import [`tier`]:
+//!
+//! ```text
+//! balance::service ──> tier <── fleet::{fill, events, token} ──> fleet::{conn, seal}
+//!        │                                 │
+//!        └──> balance::cache               └──> bill24::token (the TokenStore it implements)
+//! ```
 //!
 //! The files import each other in layers, lower never importing higher:
 //!
@@ -35,8 +47,8 @@
 //!    [`metrics`], [`telemetry`];
 //! 2. [`request_state`], the one value the layers share about a request;
 //! 3. the layers and services: [`correlation`], [`access_log`], [`auth`], [`limits`],
-//!    [`balance::request`], [`balance::service`], [`stack`], [`admin`], [`connection`],
-//!    [`server`], [`reload`], [`demo`].
+//!    [`balance::request`], [`balance::service`], [`fleet`] (over [`tier`], a leaf),
+//!    [`stack`], [`admin`], [`connection`], [`server`], [`reload`], [`demo`].
 //!
 //! [`Gateway::bind`] binds the sockets (port 0 works, for tests) and [`Gateway::run`] serves
 //! until the shutdown future resolves; a [`Reloader`] applies a re-read config meanwhile.
@@ -64,6 +76,7 @@ pub(crate) mod request_state;
 pub(crate) mod server;
 pub(crate) mod stack;
 pub(crate) mod telemetry;
+pub(crate) mod tier;
 
 pub use auth::hash_key;
 pub use bill24::Secret;
@@ -108,6 +121,7 @@ use crate::balance::service::Balances;
 use crate::config::Config;
 use crate::fleet::{Fleet, TokenShare};
 use crate::metrics::Metrics;
+use crate::tier::{Invalidate, Invalidation, Tier};
 
 /// Why the gateway could not start.
 #[derive(Debug, thiserror::Error)]
@@ -171,10 +185,19 @@ impl Gateway {
         let metrics = Arc::new(Metrics::new());
         let cache = Arc::new(BalanceCache::new(config.cache.max_entries));
         let fleet = match &config.redis {
-            Some(redis) => Some(
-                Fleet::start(redis, &config.upstream, cache.clone(), metrics.clone())
-                    .map_err(StartError::Redis)?,
-            ),
+            Some(redis) => {
+                // What the fleet tells L1 to drop (purges made elsewhere, or ones it may have
+                // missed); it knows nothing else of the cache.
+                let l1 = cache.clone();
+                let invalidate: Invalidate = Arc::new(move |what| match what {
+                    Invalidation::Code(code) => l1.purge(&code),
+                    Invalidation::All => l1.purge_all(),
+                });
+                Some(
+                    Fleet::start(redis, &config.upstream, metrics.clone(), invalidate)
+                        .map_err(StartError::Redis)?,
+                )
+            }
             None => None,
         };
         let tokens = fleet
@@ -184,11 +207,11 @@ impl Gateway {
             Bill24::start(&config.upstream, metrics.clone(), tokens)
                 .map_err(StartError::Upstream)?,
         );
-        let balances = Balances::new(
+        let balances = Balances::with_tier(
             config.cache.clone(),
             cache,
             bill24.clone(),
-            fleet,
+            fleet.map(|f| f as Arc<dyn Tier>),
             metrics.clone(),
         );
         let state = State {

@@ -31,6 +31,7 @@ pub const CACHE_HITS_TOTAL: &str = "gateway_cache_hits_total";
 pub const REDIS_UP: &str = "gateway_redis_up";
 pub const REDIS_REQUESTS_TOTAL: &str = "gateway_redis_requests_total";
 pub const REDIS_DURATION: &str = "gateway_redis_duration_seconds";
+pub const FLEET_FILL_WAITS_TOTAL: &str = "gateway_fleet_fill_waits_total";
 
 /// Resolves cache hits (tens of µs) as well as slow Bill24 calls (seconds).
 const REQUEST_BUCKETS: &[f64] = &[
@@ -151,6 +152,10 @@ impl Metrics {
             "Calls to the shared tier, by operation and result.",
         );
         describe(REDIS_DURATION, "Time a call to the shared tier took.");
+        describe(
+            FLEET_FILL_WAITS_TOTAL,
+            "Waits for another replica's fill, by how they ended.",
+        );
 
         let coalesced = register_counter(&recorder, COALESCED_TOTAL, vec![]);
         let cache_entries = recorder.register_gauge(&Key::from_name(CACHE_ENTRIES), &metadata());
@@ -300,6 +305,17 @@ impl Metrics {
                 )
                 .record(elapsed.as_secs_f64());
         }
+    }
+
+    /// A wait for another replica's fill ended (`filled`, `failed`, `timed_out`,
+    /// `tier_down`).
+    pub fn fleet_fill_wait(&self, outcome: &'static str) {
+        register_counter(
+            &self.recorder,
+            FLEET_FILL_WAITS_TOTAL,
+            vec![Label::new("outcome", outcome)],
+        )
+        .increment(1);
     }
 
     pub fn set_cache_entries(&self, entries: u64) {

@@ -416,7 +416,7 @@ mod tests {
             let reloader = Reloader::new(
                 old.clone(),
                 Arc::new(ArcSwap::from_pointee(CallerKeys::new(&old.callers))),
-                Balances::new(old.cache.clone(), cache, bill24.clone(), None, metrics),
+                Balances::new(old.cache.clone(), cache, bill24.clone(), metrics),
                 Arc::new(ArcSwap::from_pointee(old.server.admin_key_sha256)),
                 AccessSample::new(old.log.access_sample),
             );

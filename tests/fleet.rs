@@ -156,7 +156,12 @@ struct Cluster {
 
 impl Cluster {
     fn start() -> Cluster {
-        let nodes: Vec<Redis> = (0..3)
+        Cluster::with_replicas(0)
+    }
+
+    /// Three masters, each with `replicas` replicas that take over when it dies.
+    fn with_replicas(replicas: usize) -> Cluster {
+        let nodes: Vec<Redis> = (0..3 * (1 + replicas))
             .map(|_| {
                 Redis::start(&[
                     "--cluster-enabled",
@@ -176,7 +181,7 @@ impl Cluster {
             .arg("--cluster")
             .arg("create")
             .args(&addresses)
-            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .args(["--cluster-replicas", &replicas.to_string(), "--cluster-yes"])
             .output()
             .expect("redis-cli --cluster create");
         assert!(
@@ -299,11 +304,17 @@ impl Fleet {
 
     /// Starts one more replica and waits until it serves.
     async fn replica(&self) -> Replica {
-        let envs: Vec<(&str, &str)> = self
+        self.replica_with_env(&[]).await
+    }
+
+    /// A replica with more environment variables (a faked clock).
+    async fn replica_with_env(&self, more: &[(&str, &str)]) -> Replica {
+        let mut envs: Vec<(&str, &str)> = self
             .envs
             .iter()
             .map(|(k, v)| (k.as_str(), v.as_str()))
             .collect();
+        envs.extend_from_slice(more);
         let (running, dir) = Running::start(&[], &self.toml(), &envs);
         let (main, admin) = running.addresses().await;
         Replica {
@@ -334,6 +345,16 @@ async fn until_metric(replica: &Replica, series: &str, check: impl Fn(f64) -> bo
         assert!(Instant::now() < deadline, "{series} = {value}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// `DELETE path` on an admin listener.
+async fn delete(admin: SocketAddr, path: &str) -> Reply {
+    let req = http::Request::builder()
+        .method(Method::DELETE)
+        .uri(format!("http://{admin}{path}"))
+        .body(Default::default())
+        .expect("request");
+    send(&client(), req).await
 }
 
 fn request_id(reply: &Reply) -> String {
@@ -483,8 +504,9 @@ async fn a_stampede_across_replicas_costs_one_bill24_call() {
     assert_eq!(fleet.sim.handle().balance_calls_for("STAMPEDE"), 1);
 }
 
-/// A replica that dies holding a fill lock delays the others only until the lock expires
-/// (`upstream.timeout` × (1 + `retries`) and a second); then each makes its own call.
+/// A replica that dies holding a fill lock delays the others only until the lock's lease runs
+/// out (`redis.timeout` × 4, at least 200 ms; renewed only while its holder lives), not for a
+/// whole fill's worth of retries; then each makes its own call.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_lock_holder_delays_the_others_only_until_its_lock_expires() {
     let redis = Redis::start(&[]);
@@ -520,8 +542,8 @@ async fn a_dead_lock_holder_delays_the_others_only_until_its_lock_expires() {
         2,
         "its own call"
     );
-    // The lock lasts 2 s from when the holder took it: bounded, not a request's timeout.
-    assert!(waited < Duration::from_secs(3), "waited {waited:?}");
+    // The lease is 200 ms from the holder's last renewal: not `upstream.timeout` (1 s).
+    assert!(waited < Duration::from_millis(900), "waited {waited:?}");
 }
 
 /// A fill that fails stores nothing: the replicas that waited for it each make one call of
@@ -730,16 +752,8 @@ async fn purges_are_fleet_wide() {
     let sim = fleet.sim.handle();
     assert_eq!(sim.balance_calls_for("P1"), 1);
 
-    let del = |admin: SocketAddr, path: &'static str| async move {
-        let req = http::Request::builder()
-            .method(Method::DELETE)
-            .uri(format!("http://{admin}{path}"))
-            .body(Default::default())
-            .expect("request");
-        send(&client(), req).await
-    };
     assert_eq!(
-        del(a.admin, "/cache/P1").await.status,
+        delete(a.admin, "/cache/P1").await.status,
         StatusCode::NO_CONTENT
     );
     tokio::time::sleep(Duration::from_millis(200)).await;
@@ -751,7 +765,10 @@ async fn purges_are_fleet_wide() {
     assert_eq!(sim.balance_calls_for("P1"), 2, "and in Redis");
     assert_eq!(b.balance("P2").await.x_cache(), "HIT", "only that customer");
 
-    assert_eq!(del(b.admin, "/cache").await.status, StatusCode::NO_CONTENT);
+    assert_eq!(
+        delete(b.admin, "/cache").await.status,
+        StatusCode::NO_CONTENT
+    );
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(a.balance("P2").await.x_cache(), "MISS");
     assert_eq!(
@@ -992,12 +1009,10 @@ async fn a_redis_cluster_shares_entries_token_and_purges() {
     assert_eq!(sim.balance_calls_for("CLUSTER-COLD"), 1);
     sim.set_latency(Duration::ZERO);
     // A purge on one replica, seen by another.
-    let req = http::Request::builder()
-        .method(Method::DELETE)
-        .uri(format!("http://{}/cache/C3", replicas[2].admin))
-        .body(Default::default())
-        .expect("request");
-    assert_eq!(send(&client(), req).await.status, StatusCode::NO_CONTENT);
+    assert_eq!(
+        delete(replicas[2].admin, "/cache/C3").await.status,
+        StatusCode::NO_CONTENT
+    );
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(replicas[1].balance("C3").await.x_cache(), "MISS");
 }
@@ -1077,4 +1092,466 @@ fn check_config_redacts_redis_credentials() {
         assert!(err.contains(key), "{toml}: {err}");
         assert!(!err.contains(":p@"), "no password in the message: {err}");
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Faults under load
+// ---------------------------------------------------------------------------------------------
+
+/// One answer of a load run.
+struct Answered {
+    status: StatusCode,
+    took: Duration,
+    /// When it was sent, from the start of the run.
+    sent: Duration,
+    code: String,
+}
+
+/// `workers` concurrent callers asking `customers` codes (the low ones most) over every
+/// replica until `stop` is set; every answer.
+fn load(
+    replicas: Arc<Vec<Replica>>,
+    customers: usize,
+    workers: usize,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+) -> tokio::task::JoinHandle<Vec<Answered>> {
+    tokio::spawn(async move {
+        let start = Instant::now();
+        let tasks: Vec<_> = (0..workers)
+            .map(|w| {
+                let (replicas, stop) = (replicas.clone(), stop.clone());
+                tokio::spawn(async move {
+                    let mut answers = Vec::new();
+                    let mut n = w as u64 * 7919;
+                    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        n = n.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
+                        // Skewed: the square of a uniform draw favours the low codes.
+                        let u = (n >> 33) as f64 / (1u64 << 31) as f64;
+                        let code = format!("LOAD{}", (u * u * customers as f64) as usize);
+                        let replica = &replicas[(n >> 20) as usize % replicas.len()];
+                        let sent = start.elapsed();
+                        let begun = Instant::now();
+                        let r = replica.balance(&code).await;
+                        answers.push(Answered {
+                            status: r.status,
+                            took: begun.elapsed(),
+                            sent,
+                            code,
+                        });
+                    }
+                    answers
+                })
+            })
+            .collect();
+        let mut all = Vec::new();
+        for t in tasks {
+            all.extend(t.await.expect("worker"));
+        }
+        all
+    })
+}
+
+/// Every answer a 200 within `bound`; the offenders listed otherwise.
+fn assert_all_answered(answers: &[Answered], bound: Duration, what: &str) {
+    assert!(
+        answers.len() > 50,
+        "{what}: only {} requests",
+        answers.len()
+    );
+    let bad: Vec<String> = answers
+        .iter()
+        .filter(|a| a.status != StatusCode::OK || a.took > bound)
+        .map(|a| {
+            format!(
+                "{} {} in {:?} sent at {:?}",
+                a.code, a.status, a.took, a.sent
+            )
+        })
+        .collect();
+    let slowest = answers.iter().map(|a| a.took).max().unwrap_or_default();
+    assert!(
+        bad.is_empty(),
+        "{what}: {} of {} requests failed or took longer than {bound:?} (slowest {slowest:?}): {:?}",
+        bad.len(),
+        answers.len(),
+        &bad[..bad.len().min(10)]
+    );
+}
+
+/// Fill locks left in a Redis node, with their remaining time (ms).
+fn fill_locks(node: &Redis) -> Vec<(String, i64)> {
+    node.cli(&["--scan", "--pattern", "bill24gw:*:fill"])
+        .lines()
+        .filter(|l| !l.is_empty())
+        .map(|key| {
+            let ttl = node.cli(&["PTTL", key]).trim().parse().unwrap_or(-3);
+            (key.to_string(), ttl)
+        })
+        .collect()
+}
+
+/// Warms every replica's token, then runs the load around `fault`: all answers 200, none
+/// slower than Bill24's latency twice (a wait, then an own call), `redis.timeout` and room
+/// for a loaded machine; and no fill lock outlives its fill.
+async fn survives_under_load(
+    redis: &Redis,
+    extra: &str,
+    fault: impl AsyncFnOnce(&Redis),
+) -> Vec<Answered> {
+    let fleet = Fleet::new(vec![redis.url()], extra).await;
+    let replicas = Arc::new(fleet.replicas(3).await);
+    for (i, r) in replicas.iter().enumerate() {
+        assert_eq!(
+            r.balance(&format!("warm-up-{i}")).await.status,
+            StatusCode::OK
+        );
+    }
+    fleet.sim.handle().set_latency(Duration::from_millis(50));
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let running = load(replicas.clone(), 300, 12, stop.clone());
+    real_sleep(Duration::from_millis(700)).await;
+    fault(redis).await;
+    // Long enough after the fault for a leaked lock (or a missed message) to show.
+    real_sleep(Duration::from_secs(3)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let answers = running.await.expect("load");
+    assert_all_answered(&answers, Duration::from_millis(1_200), "under the fault");
+    real_sleep(Duration::from_millis(400)).await;
+    let left = fill_locks(redis);
+    assert!(left.is_empty(), "fill locks outlived their fills: {left:?}");
+    // The tier is back: a new customer is shared again.
+    until_metric(&replicas[0], "gateway_redis_up", |v| v == 1.0).await;
+    until_metric(&replicas[1], "gateway_redis_up", |v| v == 1.0).await;
+    replicas[0].balance("AFTER").await;
+    assert_eq!(replicas[1].balance("AFTER").await.x_cache(), "HIT");
+    answers
+}
+
+/// `CLIENT PAUSE 2000 ALL` under load: the `SET NX` a replica gave up on runs when Redis
+/// resumes, and must not leave a lock that makes the customer's next requests wait (they used
+/// to get 504 after 10 s, for up to 12 s after the resume).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_paused_under_load_answers_everything_and_leaks_no_lock() {
+    let redis = Redis::start(&[]);
+    survives_under_load(&redis, "cache.ttl = \"1s\"", async |redis: &Redis| {
+        assert_eq!(redis.cli(&["CLIENT", "PAUSE", "2000", "ALL"]).trim(), "OK");
+        real_sleep(Duration::from_millis(2_000)).await;
+    })
+    .await;
+}
+
+/// SIGSTOP for two seconds under load, then SIGCONT: as for a pause.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_stopped_under_load_answers_everything_and_leaks_no_lock() {
+    let redis = Redis::start(&[]);
+    survives_under_load(&redis, "cache.ttl = \"1s\"", async |redis: &Redis| {
+        redis.signal("STOP");
+        real_sleep(Duration::from_millis(2_000)).await;
+        redis.signal("CONT");
+    })
+    .await;
+}
+
+/// Replica B waits for A's fill when Redis is killed: B stops waiting at once (the tier is
+/// down) and makes its own call, rather than waiting for a message that cannot come.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waiters_are_released_when_redis_dies() {
+    let mut redis = Redis::start(&[]);
+    let fleet = Fleet::new(vec![redis.url()], "upstream.retries = 0").await;
+    let (a, b) = (
+        Arc::new(fleet.replica().await),
+        Arc::new(fleet.replica().await),
+    );
+    a.balance("warm-up-a").await;
+    b.balance("warm-up-b").await;
+    let sim = fleet.sim.handle();
+    sim.set_latency(Duration::from_secs(1));
+    let on_a = tokio::spawn({
+        let a = a.clone();
+        async move { a.balance("X").await }
+    });
+    assert!(eventually(Duration::from_secs(5), || sim.balance_calls_for("X") == 1).await);
+    real_sleep(Duration::from_millis(150)).await;
+    let waiting: Vec<_> = (0..2)
+        .map(|_| {
+            let b = b.clone();
+            tokio::spawn(async move {
+                let start = Instant::now();
+                (b.balance("X").await, start.elapsed())
+            })
+        })
+        .collect();
+    real_sleep(Duration::from_millis(250)).await;
+    assert_eq!(sim.balance_calls_for("X"), 1, "B waits for A's fill");
+    redis.kill();
+    assert_eq!(on_a.await.expect("a").status, StatusCode::OK);
+    for w in waiting {
+        let (reply, took) = w.await.expect("b");
+        assert_eq!(reply.status, StatusCode::OK);
+        // 250 ms of waiting, then its own 1 s call: not a request's whole timeout.
+        assert!(took < Duration::from_millis(2_300), "took {took:?}");
+    }
+    assert_eq!(
+        sim.balance_calls_for("X"),
+        2,
+        "B's own call, shared by both of its requests"
+    );
+}
+
+/// A 6-node Cluster (3 masters, 3 replicas) with one master killed under load: answered
+/// while the replica is promoted and after, with no lock left behind on the new master.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_master_killed_under_load_is_survived() {
+    let mut cluster = Cluster::with_replicas(1);
+    let fleet = Fleet::new(cluster.urls(), "cache.ttl = \"1s\"").await;
+    let replicas = Arc::new(fleet.replicas(3).await);
+    for (i, r) in replicas.iter().enumerate() {
+        assert_eq!(
+            r.balance(&format!("warm-up-{i}")).await.status,
+            StatusCode::OK
+        );
+    }
+    fleet.sim.handle().set_latency(Duration::from_millis(50));
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let running = load(replicas.clone(), 300, 12, stop.clone());
+    real_sleep(Duration::from_millis(700)).await;
+    let master = cluster
+        .nodes
+        .iter()
+        .position(|n| n.cli(&["ROLE"]).starts_with("master"))
+        .expect("a master");
+    cluster.nodes[master].kill();
+    let survivors: Vec<&Redis> = cluster
+        .nodes
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| *i != master)
+        .map(|(_, n)| n)
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !survivors
+        .iter()
+        .all(|n| n.cli(&["CLUSTER", "INFO"]).contains("cluster_state:ok"))
+    {
+        assert!(Instant::now() < deadline, "no replica was promoted");
+        real_sleep(Duration::from_millis(100)).await;
+    }
+    real_sleep(Duration::from_secs(3)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let answers = running.await.expect("load");
+    assert_all_answered(&answers, Duration::from_millis(1_200), "master killed");
+    real_sleep(Duration::from_millis(400)).await;
+    for node in survivors {
+        let left = fill_locks(node);
+        assert!(
+            left.is_empty(),
+            "fill locks left on {}: {left:?}",
+            node.port
+        );
+    }
+}
+
+/// With Redis down, each replica refreshes its token on its own: never with the refresh token
+/// the fleet shared (single-use: presenting it twice can revoke the whole family).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_refresh_token_is_presented_twice_while_redis_is_down() {
+    let mut redis = Redis::start(&[]);
+    let sim = SimConfig {
+        token_lifetime: Duration::from_secs(3),
+        ..SimConfig::default()
+    };
+    let fleet = Fleet::with_sim(sim, vec![redis.url()], "").await;
+    let replicas = fleet.replicas(3).await;
+    for (i, r) in replicas.iter().enumerate() {
+        assert_eq!(
+            r.balance(&format!("warm-up-{i}")).await.status,
+            StatusCode::OK
+        );
+    }
+    let handle = fleet.sim.handle();
+    assert_eq!(handle.authorize_calls(), 1, "one token for the fleet");
+    redis.kill();
+    // Two refreshes' worth (at half the token's life), with traffic.
+    let until = Instant::now() + Duration::from_millis(3_500);
+    let mut i = 0;
+    while Instant::now() < until {
+        for r in &replicas {
+            assert_eq!(r.balance(&format!("DOWN{i}")).await.status, StatusCode::OK);
+            i += 1;
+        }
+        real_sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        handle.stats().reused_refresh_tokens,
+        0,
+        "a refresh token presented twice"
+    );
+    assert!(
+        handle.authorize_calls() > 1,
+        "the replicas did renew their tokens"
+    );
+}
+
+/// `DELETE /cache` is honoured by a replica started after it (it reads the epoch before it
+/// uses an entry) and after Redis restarts empty (the epoch is a value Redis holds, not a
+/// count that starts again at 1).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn purge_epochs_survive_a_late_replica_and_an_empty_redis() {
+    let mut redis = Redis::start(&[]);
+    let fleet = Fleet::new(vec![redis.url()], "").await;
+    let (a, b) = (fleet.replica().await, fleet.replica().await);
+    let sim = fleet.sim.handle();
+    sim.set_balance("E1", 100);
+    assert_eq!(a.balance("E1").await.json()["data"][0]["balance"], 100);
+    sim.set_balance("E1", 200);
+    assert_eq!(
+        delete(a.admin, "/cache").await.status,
+        StatusCode::NO_CONTENT
+    );
+    // (a) started after the purge.
+    let late = fleet.replica().await;
+    let r = late.balance("E1").await;
+    assert_eq!(r.json()["data"][0]["balance"], 200, "no pre-purge answer");
+    assert_eq!(r.x_cache(), "MISS");
+    let r = a.balance("E1").await;
+    assert_eq!(
+        (r.x_cache(), r.json()["data"][0]["balance"].clone()),
+        ("HIT", 200.into())
+    );
+    assert_eq!(
+        sim.balance_calls_for("E1"),
+        2,
+        "the late replica's fill is shared"
+    );
+
+    // (b) Redis restarted empty, then a purge.
+    redis.restart();
+    for r in [&a, &b, &late] {
+        until_metric(r, "gateway_redis_up", |v| v == 1.0).await;
+    }
+    real_sleep(Duration::from_millis(300)).await;
+    for r in [&a, &b, &late] {
+        assert_eq!(r.balance("E1").await.json()["data"][0]["balance"], 200);
+    }
+    sim.set_balance("E1", 300);
+    assert_eq!(
+        delete(b.admin, "/cache").await.status,
+        StatusCode::NO_CONTENT
+    );
+    real_sleep(Duration::from_millis(300)).await;
+    for r in [&a, &b, &late] {
+        let reply = r.balance("E1").await;
+        assert_eq!(
+            reply.json()["data"][0]["balance"],
+            300,
+            "a pre-purge answer ({}) after Redis restarted empty",
+            reply.x_cache()
+        );
+    }
+}
+
+/// Purging one customer, again and again, does not throw away other customers' fills in
+/// flight: they are stored and answer as HITs afterwards, at one Bill24 call each.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn purging_one_code_keeps_other_codes_fills() {
+    let redis = Redis::start(&[]);
+    let fleet = Fleet::new(vec![redis.url()], "").await;
+    let (a, b) = (Arc::new(fleet.replica().await), fleet.replica().await);
+    a.balance("warm-up").await;
+    let sim = fleet.sim.handle();
+    sim.set_latency(Duration::from_millis(400));
+    let fills: Vec<_> = (0..10)
+        .map(|i| {
+            let a = a.clone();
+            tokio::spawn(async move { a.balance(&format!("F{i}")).await })
+        })
+        .collect();
+    real_sleep(Duration::from_millis(100)).await;
+    for _ in 0..5 {
+        assert_eq!(
+            delete(b.admin, "/cache/UNRELATED").await.status,
+            StatusCode::NO_CONTENT
+        );
+        real_sleep(Duration::from_millis(40)).await;
+    }
+    for f in fills {
+        assert_eq!(f.await.expect("fill").status, StatusCode::OK);
+    }
+    sim.set_latency(Duration::ZERO);
+    for i in 0..10 {
+        let code = format!("F{i}");
+        assert_eq!(a.balance(&code).await.x_cache(), "HIT", "{code} on A");
+        assert_eq!(b.balance(&code).await.x_cache(), "HIT", "{code} on B");
+        assert_eq!(sim.balance_calls_for(&code), 1, "{code}");
+    }
+}
+
+const LIBFAKETIME: &str = "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1";
+
+/// One replica's clock 5 s ahead and another's 5 s behind (libfaketime): no replica serves a
+/// hit older than the TTL, and every `Age` is the answer's true age. The fleet's time is
+/// Redis's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clock_skew_changes_no_answer_age() {
+    assert!(
+        Path::new(LIBFAKETIME).exists(),
+        "libfaketime is installed (apt install faketime)"
+    );
+    let redis = Redis::start(&[]);
+    let fleet = Fleet::new(
+        vec![redis.url()],
+        "cache.ttl = \"2s\"\ncache.ttl_jitter = 0.0\ncache.refresh_ahead = \"0s\"",
+    )
+    .await;
+    let skewed = |offset: &'static str| {
+        [
+            ("LD_PRELOAD", LIBFAKETIME),
+            ("FAKETIME", offset),
+            ("FAKETIME_DONT_FAKE_MONOTONIC", "1"),
+            ("DONT_FAKE_MONOTONIC", "1"),
+        ]
+    };
+    let replicas = [
+        fleet.replica().await,
+        fleet.replica_with_env(&skewed("+5s")).await,
+        fleet.replica_with_env(&skewed("-5s")).await,
+    ];
+    let sim = fleet.sim.handle();
+    // The balance Bill24 answers is the test's clock, in ms: an answer's true age is now minus
+    // its balance.
+    let start = Instant::now();
+    let ms = move || start.elapsed().as_millis() as i64;
+    let ttl = 2_000;
+    let mut served = 0;
+    let mut hits = 0;
+    while ms() < 7_000 {
+        for (i, r) in replicas.iter().enumerate() {
+            sim.set_balance("SKEW", ms());
+            let reply = r.balance("SKEW").await;
+            assert_eq!(reply.status, StatusCode::OK);
+            let fetched_at = reply.json()["data"][0]["balance"]
+                .as_i64()
+                .expect("balance");
+            let true_age = ms() - fetched_at;
+            served += 1;
+            if reply.x_cache() != "HIT" {
+                continue;
+            }
+            hits += 1;
+            assert!(
+                true_age <= ttl + 150,
+                "replica {i} served a hit {true_age} ms old (ttl {ttl} ms)"
+            );
+            let age: i64 = reply.header("age").expect("Age").parse().expect("number");
+            assert!(
+                (age - true_age / 1000).abs() <= 1,
+                "replica {i}: Age {age} for an answer {true_age} ms old"
+            );
+        }
+        real_sleep(Duration::from_millis(50)).await;
+    }
+    assert!(hits > served / 2, "{hits} hits of {served}");
+    // About one call per TTL for the fleet: the skewed replicas take their share from Redis.
+    let calls = sim.balance_calls_for("SKEW");
+    assert!(calls <= 7, "{calls} Bill24 calls in 7 s at a 2 s TTL");
 }

@@ -71,9 +71,6 @@ pub struct Entry {
     /// Inline (codes are short): copying it into the log notes touches no shared counter.
     pub bill24_code: SmolStr,
     pub stored_at: Instant,
-    /// The same moment in wall-clock time (Unix milliseconds): how the fleet's replicas,
-    /// which share no monotonic clock, agree on an entry's age.
-    pub stored_wall_ms: u64,
     /// Served as a HIT while younger than this.
     pub fresh_for: Duration,
     /// After `fresh_for`, kept this much longer for `stale_if_error`.
@@ -192,14 +189,28 @@ impl Expiry<SyncCode, Arc<Entry>> for EntryLifetime {
     }
 }
 
-/// The moka cache plus a purge generation: a fetch that started before a purge does not store
-/// its (possibly pre-purge) answer.
+/// Purge generations per group of keys: a purge of one code moves only its group's count, so
+/// fills of other codes in flight meanwhile still store their answers.
+const GENERATION_SLOTS: usize = 1024;
+
+/// The purge generation of one key, read before a fetch and checked before its answer is
+/// stored: the cache-wide count (`DELETE /cache`) and the key's group's.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Generation {
+    all: u64,
+    slot: u64,
+}
+
+/// The moka cache plus purge generations: a fetch that started before a purge of its key (or
+/// of everything) does not store its (possibly pre-purge) answer.
 ///
 /// moka's synchronous cache: a lookup is a plain function call, so a hit is answered without
 /// an `await` (moka's maintenance runs inline, a few entries at a time).
 pub struct BalanceCache {
     entries: moka::sync::Cache<SyncCode, Arc<Entry>, foldhash::fast::RandomState>,
-    generation: AtomicU64,
+    all: AtomicU64,
+    slots: Box<[AtomicU64]>,
+    slot_hasher: foldhash::fast::RandomState,
 }
 
 impl BalanceCache {
@@ -211,7 +222,9 @@ impl BalanceCache {
             .build_with_hasher(foldhash::fast::RandomState::default());
         BalanceCache {
             entries,
-            generation: AtomicU64::new(0),
+            all: AtomicU64::new(0),
+            slots: (0..GENERATION_SLOTS).map(|_| AtomicU64::new(0)).collect(),
+            slot_hasher: foldhash::fast::RandomState::default(),
         }
     }
 
@@ -219,25 +232,44 @@ impl BalanceCache {
         self.entries.get(code)
     }
 
-    /// The purge generation now; pass it back to [`BalanceCache::insert_if_current`].
-    pub fn generation(&self) -> u64 {
-        self.generation.load(Ordering::Acquire)
+    fn slot(&self, code: &str) -> &AtomicU64 {
+        use std::hash::BuildHasher;
+        let index = (self.slot_hasher.hash_one(code) as usize) % GENERATION_SLOTS;
+        &self.slots[index]
     }
 
-    /// Stores `entry` unless the cache was purged since `generation` was read.
-    pub fn insert_if_current(&self, code: SyncCode, entry: Arc<Entry>, generation: u64) {
-        if self.generation() == generation {
-            self.entries.insert(code, entry);
+    /// `code`'s purge generation now; pass it back to [`BalanceCache::insert_if_current`].
+    pub fn generation(&self, code: &str) -> Generation {
+        Generation {
+            all: self.all.load(Ordering::Acquire),
+            slot: self.slot(code).load(Ordering::Acquire),
         }
     }
 
+    /// Stores `entry` unless `code` (or everything) was purged since `generation` was read. A
+    /// purge that lands while the entry goes in removes it again.
+    pub fn insert_if_current(&self, code: SyncCode, entry: Arc<Entry>, generation: Generation) {
+        if self.generation(&code) != generation {
+            return;
+        }
+        self.entries.insert(code.clone(), entry);
+        if self.generation(&code) != generation {
+            self.entries.invalidate(&code);
+        }
+    }
+
+    /// Stores `entry` whatever was purged meanwhile (filling a cache by hand).
+    pub fn insert(&self, code: SyncCode, entry: Arc<Entry>) {
+        self.entries.insert(code, entry);
+    }
+
     pub fn purge(&self, code: &str) {
-        self.generation.fetch_add(1, Ordering::AcqRel);
+        self.slot(code).fetch_add(1, Ordering::AcqRel);
         self.entries.invalidate(code);
     }
 
     pub fn purge_all(&self) {
-        self.generation.fetch_add(1, Ordering::AcqRel);
+        self.all.fetch_add(1, Ordering::AcqRel);
         self.entries.invalidate_all();
     }
 
@@ -273,7 +305,6 @@ mod tests {
             content_type: HeaderValue::from_static("application/json"),
             bill24_code: SmolStr::new_static("000"),
             stored_at,
-            stored_wall_ms: 0,
             fresh_for: Duration::from_secs(10),
             stale_for: Duration::from_secs(30),
             refreshing: AtomicBool::new(false),
@@ -360,12 +391,12 @@ mod tests {
             stale_for: Duration::ZERO,
             ..entry(Instant::now())
         };
-        cache.insert_if_current("k".into(), Arc::new(short), cache.generation());
+        cache.insert_if_current("k".into(), Arc::new(short), cache.generation("k"));
         let long = Entry {
             fresh_for: Duration::from_secs(30),
             ..entry(Instant::now())
         };
-        cache.insert_if_current("k".into(), Arc::new(long), cache.generation());
+        cache.insert_if_current("k".into(), Arc::new(long), cache.generation("k"));
         tokio::time::sleep(Duration::from_millis(250)).await;
         assert!(
             cache.get("k").is_some(),
@@ -374,16 +405,42 @@ mod tests {
     }
 
     #[test]
-    fn purge_discards_inserts_from_before_it() {
+    fn purge_discards_inserts_from_before_it_for_that_code_only() {
         let cache = BalanceCache::new(10);
-        let generation = cache.generation();
-        cache.purge("other");
-        cache.insert_if_current("a".into(), Arc::new(entry(Instant::now())), generation);
-        assert!(cache.get("a").is_none());
-        let generation = cache.generation();
-        cache.insert_if_current("a".into(), Arc::new(entry(Instant::now())), generation);
+        let before_a = cache.generation("a");
+        let before_b = cache.generation("b");
+        cache.purge("a");
+        cache.insert_if_current("a".into(), Arc::new(entry(Instant::now())), before_a);
+        assert!(cache.get("a").is_none(), "fetched before its purge");
+        cache.insert_if_current("b".into(), Arc::new(entry(Instant::now())), before_b);
+        let b_collides = cache.generation("b") != before_b;
+        assert_eq!(
+            cache.get("b").is_some(),
+            !b_collides,
+            "another code's fill stores (unless it shares a slot)"
+        );
+        let now_a = cache.generation("a");
+        cache.insert_if_current("a".into(), Arc::new(entry(Instant::now())), now_a);
         assert!(cache.get("a").is_some());
+        let before_all = cache.generation("c");
         cache.purge_all();
         assert!(cache.get("a").is_none());
+        cache.insert_if_current("c".into(), Arc::new(entry(Instant::now())), before_all);
+        assert!(cache.get("c").is_none(), "fetched before DELETE /cache");
+    }
+
+    #[test]
+    fn purging_one_code_leaves_nearly_every_other_fill_alone() {
+        let cache = BalanceCache::new(10_000);
+        let codes: Vec<String> = (0..2_000).map(|i| format!("C{i}")).collect();
+        let before: Vec<Generation> = codes.iter().map(|c| cache.generation(c)).collect();
+        cache.purge("someone-else");
+        let moved = codes
+            .iter()
+            .zip(&before)
+            .filter(|(c, g)| cache.generation(c) != **g)
+            .count();
+        // One slot of 1024: about 2 of 2 000 codes share it.
+        assert!(moved <= 12, "{moved} fills discarded by an unrelated purge");
     }
 }

@@ -1,12 +1,14 @@
 //! The balance service: answers a [`BalanceQuery`] from the cache when the entry is fresh and
-//! the caller's `Cache-Control` allows it, otherwise from one shared Bill24 call per key
-//! (request coalescing), storing what may be stored and falling back to a stale entry when
-//! Bill24 fails.
+//! the caller's `Cache-Control` allows it, otherwise from one shared fill per key (request
+//! coalescing) — through the fleet's tier when there is one, which may hold the answer, wait
+//! for another replica's call, or run this replica's — storing what may be stored and falling
+//! back to a stale entry when Bill24 fails. It reads as: L1 → [`Tier::fill`] → answer.
 //!
-//! A fetch runs in its own task, so a caller that hangs up does not cancel the call the others
-//! wait on. Fetches in flight live in a sharded map; a miss re-checks the cache under its
-//! shard's lock, and a finished fetch stores its answer before leaving the map, so a request
-//! sees either the fetch or its stored answer — never neither, which would cost a second call.
+//! A fill runs in its own task, so a caller that hangs up does not cancel the call the others
+//! wait on. Fills in flight live in a sharded map ([`singleflight::Flights`]); a miss
+//! re-checks the cache under its shard's lock, and a finished fill stores its answer before
+//! leaving the map, so a request sees either the fill or its stored answer — never neither,
+//! which would cost a second call.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -22,17 +24,19 @@ use futures_util::future::{Either, Ready, ready};
 use http::header::CONTENT_TYPE;
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use http_body_util::Full;
-use singleflight::{Flight, Flights, Guard};
+use singleflight::{Flight, Flights, Guard, Joined};
 use tokio::time::Instant;
 use tower::Service;
 
-use super::cache::{BalanceCache, CacheStatus, Entry, Freshness, Tier, fresh_for};
+use super::cache::{
+    BalanceCache, CacheStatus, Entry, Freshness, Generation, Tier as CacheTier, fresh_for,
+};
 use super::code::SyncCode;
 use super::request::BalanceQuery;
 use crate::config::CacheConfig;
 use crate::error::{ErrorResponse, Response, set_retry_after};
-use crate::fleet::{FillLock, Fleet, Read};
 use crate::metrics::Metrics;
+use crate::tier::{Call, Called, FillPolicy, Filled, SharedAnswer, Tier};
 
 const X_CACHE: HeaderName = HeaderName::from_static("x-cache");
 const SHARDS: usize = 64;
@@ -76,19 +80,15 @@ struct Fill {
     flight: Arc<Flight<FetchResult>>,
     /// False only while every waiter said `no-store`.
     store: AtomicBool,
-    /// Whether an answer from the shared tier may serve: not for a fill started by a request
-    /// whose `Cache-Control` skipped a usable entry.
-    cached_ok: bool,
-    /// For a refresh ahead of expiry: a shared answer serves only if stored after the entry
-    /// being refreshed (Unix milliseconds).
-    newer_than: Option<u64>,
+    /// What the fill may take from the shared tier.
+    policy: FillPolicy,
 }
 
-/// Everything the balance path shares: cache, upstream, fetches in flight, the fleet's tier.
+/// Everything the balance path shares: cache, upstream, fills in flight, the fleet's tier.
 pub struct Balances {
     cache: Arc<BalanceCache>,
     bill24: Arc<Bill24>,
-    fleet: Option<Arc<Fleet>>,
+    tier: Option<Arc<dyn Tier>>,
     cache_config: ArcSwap<CacheConfig>,
     fills: Flights<SyncCode, Fill>,
     metrics: Arc<Metrics>,
@@ -111,32 +111,29 @@ enum Usable {
     No,
 }
 
-enum Lookup {
-    /// Found fresh in the cache after all (re-checked under the shard lock).
-    Hit(Arc<Entry>),
-    /// The shared fetch's result.
-    Fetched(FetchResult),
-}
-
-/// How a new fill starts.
-struct FillKind {
-    store: bool,
-    cached_ok: bool,
-    newer_than: Option<u64>,
-}
-
 impl Balances {
+    /// The balance path of a gateway without a shared tier.
     pub fn new(
         cache_config: CacheConfig,
         cache: Arc<BalanceCache>,
         bill24: Arc<Bill24>,
-        fleet: Option<Arc<Fleet>>,
+        metrics: Arc<Metrics>,
+    ) -> Arc<Self> {
+        Self::with_tier(cache_config, cache, bill24, None, metrics)
+    }
+
+    /// The balance path, with the fleet's tier behind the cache.
+    pub(crate) fn with_tier(
+        cache_config: CacheConfig,
+        cache: Arc<BalanceCache>,
+        bill24: Arc<Bill24>,
+        tier: Option<Arc<dyn Tier>>,
         metrics: Arc<Metrics>,
     ) -> Arc<Self> {
         Arc::new(Balances {
             cache,
             bill24,
-            fleet,
+            tier,
             cache_config: ArcSwap::from_pointee(cache_config),
             fills: Flights::new(SHARDS),
             metrics,
@@ -156,21 +153,21 @@ impl Balances {
         self.cache_config.store(Arc::new(cfg));
     }
 
-    /// Purges one customer here and, with a fleet, everywhere. False when the fleet could not
+    /// Purges one customer here and, with a tier, everywhere. False when the tier could not
     /// be told (this replica's copy is gone all the same).
     pub async fn purge(&self, code: &str) -> bool {
         self.cache.purge(code);
-        match &self.fleet {
-            Some(fleet) => fleet.purge(code).await,
+        match &self.tier {
+            Some(tier) => tier.purge(code).await,
             None => true,
         }
     }
 
-    /// Purges every entry here and, with a fleet, everywhere; false as for [`Self::purge`].
+    /// Purges every entry here and, with a tier, everywhere; false as for [`Self::purge`].
     pub async fn purge_all(&self) -> bool {
         self.cache.purge_all();
-        match &self.fleet {
-            Some(fleet) => fleet.purge_all().await,
+        match &self.tier {
+            Some(tier) => tier.purge_all().await,
             None => true,
         }
     }
@@ -202,7 +199,7 @@ impl Balances {
         if entry.claim_refresh(now, self.cache_config.load().refresh_ahead) {
             tokio::spawn(self.clone().refresh_ahead(q.clone(), entry.clone()));
         }
-        FromCache::Answered(cached(&entry, CacheStatus::Hit, Tier::L1, now, q))
+        FromCache::Answered(cached(&entry, CacheStatus::Hit, CacheTier::L1, now, q))
     }
 
     /// Answers a query the cache could not: one shared fill per key (the fleet's tier, then
@@ -220,11 +217,11 @@ impl Balances {
         };
         let mut cached_ok = !skipped_fresh;
         loop {
-            let result = match self.clone().lookup(&q, cached_ok).await {
+            let result = match self.clone().lookup(&q, cached_ok) {
                 Lookup::Hit(e) => {
-                    return cached(&e, CacheStatus::Hit, Tier::L1, Instant::now(), &q);
+                    return cached(&e, CacheStatus::Hit, CacheTier::L1, Instant::now(), &q);
                 }
-                Lookup::Fetched(result) => result,
+                Lookup::Wait(flight) => flight.wait().await,
             };
             match &*result {
                 Outcome::Fetched(Ok(answer)) => return fetched(answer, status, &q),
@@ -233,14 +230,14 @@ impl Balances {
                 Outcome::Shared {
                     entry,
                     joined: true,
-                } => return cached(entry, status, Tier::L2, Instant::now(), &q),
+                } => return cached(entry, status, CacheTier::L2, Instant::now(), &q),
                 Outcome::Shared {
                     entry,
                     joined: false,
                 } => {
                     let now = Instant::now();
                     if cached_ok && Self::usable(entry, &q, now) == Usable::Yes {
-                        return cached(entry, CacheStatus::Hit, Tier::L2, now, &q);
+                        return cached(entry, CacheStatus::Hit, CacheTier::L2, now, &q);
                     }
                     // Joined a fill whose shared answer this caller's `Cache-Control` does not
                     // accept: a fill that asks Bill24.
@@ -249,52 +246,45 @@ impl Balances {
             }
         }
     }
+}
 
+impl Balances {
     /// Joins the fill in flight for this key, or starts one. When `cached_ok`, a fresh entry
     /// that appeared meanwhile answers instead.
-    async fn lookup(self: Arc<Self>, q: &BalanceQuery, cached_ok: bool) -> Lookup {
+    fn lookup(self: Arc<Self>, q: &BalanceQuery, cached_ok: bool) -> Lookup {
         let store = !q.directives.no_store;
-        let joined = self.fills.with(&q.customer_sync_code, |fills| {
-            if let Some(fill) = fills.get(&q.customer_sync_code) {
+        let code = &q.customer_sync_code;
+        let joined = self.fills.join_or_start(
+            code.clone(),
+            |fill| {
                 if store {
                     fill.store.store(true, Ordering::Release);
                 }
                 self.metrics.coalesced();
-                return Ok(fill.flight.clone());
-            }
-            if cached_ok
-                && let Some(e) = self.cache.get(&q.customer_sync_code)
-                && Self::usable(&e, q, Instant::now()) == Usable::Yes
-            {
-                return Err(e);
-            }
-            let kind = FillKind {
-                store,
-                cached_ok,
-                newer_than: None,
-            };
-            Ok(self.clone().start_fill(fills, q, kind))
-        });
+            },
+            || match self.cache.get(code) {
+                Some(e) if cached_ok && Self::usable(&e, q, Instant::now()) == Usable::Yes => {
+                    Err(e)
+                }
+                _ => Ok(Fill {
+                    flight: Arc::new(Flight::new()),
+                    store: AtomicBool::new(store),
+                    policy: FillPolicy {
+                        cached_ok,
+                        younger_than: None,
+                    },
+                }),
+            },
+        );
         match joined {
-            Ok(flight) => Lookup::Fetched(flight.wait().await),
-            Err(entry) => Lookup::Hit(entry),
+            Joined::Joined(fill) => Lookup::Wait(fill.flight.clone()),
+            Joined::Started(fill) => Lookup::Wait(self.spawn_fill(q, fill)),
+            Joined::Declined(entry) => Lookup::Hit(entry),
         }
     }
 
-    /// Registers a fill for `q`'s key (in its shard, locked by the caller) and starts it.
-    fn start_fill(
-        self: Arc<Self>,
-        fills: &mut std::collections::HashMap<SyncCode, Arc<Fill>>,
-        q: &BalanceQuery,
-        kind: FillKind,
-    ) -> Arc<Flight<FetchResult>> {
-        let fill = Arc::new(Fill {
-            flight: Arc::new(Flight::new()),
-            store: AtomicBool::new(kind.store),
-            cached_ok: kind.cached_ok,
-            newer_than: kind.newer_than,
-        });
-        fills.insert(q.customer_sync_code.clone(), fill.clone());
+    /// Starts a registered fill in its own task.
+    fn spawn_fill(self: Arc<Self>, q: &BalanceQuery, fill: Arc<Fill>) -> Arc<Flight<FetchResult>> {
         let flight = fill.flight.clone();
         // The guard is moved in with the future: even a fill dropped before it first runs
         // finishes its flight.
@@ -304,24 +294,25 @@ impl Balances {
     }
 
     /// A hit close to expiry: fetch the key again in the background (unless a fill is in
-    /// flight already), so a hot key never falls back to a miss. With a fleet, an answer
+    /// flight already), so a hot key never falls back to a miss. With a tier, an answer
     /// another replica stored after this entry serves instead of a call.
     async fn refresh_ahead(self: Arc<Self>, mut q: BalanceQuery, entry: Arc<Entry>) {
         q.deadline = Instant::now() + self.bill24.timeout();
         q.state = q.state.detached();
-        let flight = self.fills.with(&q.customer_sync_code, |fills| {
-            if fills.contains_key(&q.customer_sync_code) {
-                return None;
-            }
-            self.metrics.refresh_ahead();
-            let kind = FillKind {
-                store: true,
-                cached_ok: true,
-                newer_than: Some(entry.stored_wall_ms),
-            };
-            Some(self.clone().start_fill(fills, &q, kind))
-        });
-        let Some(flight) = flight else { return };
+        let younger_than = entry.age(Instant::now());
+        let started = self
+            .fills
+            .start_if_absent(q.customer_sync_code.clone(), || Fill {
+                flight: Arc::new(Flight::new()),
+                store: AtomicBool::new(true),
+                policy: FillPolicy {
+                    cached_ok: true,
+                    younger_than: Some(younger_than),
+                },
+            });
+        let Some(fill) = started else { return };
+        self.metrics.refresh_ahead();
+        let flight = self.clone().spawn_fill(&q, fill);
         if flight.wait().await.failed() {
             // Let a later hit try again.
             entry.refreshing.store(false, Ordering::Release);
@@ -330,109 +321,56 @@ impl Balances {
 
     /// One fill on behalf of every request waiting on `fill`.
     async fn fill(self: Arc<Self>, q: BalanceQuery, fill: Arc<Fill>, guard: Guard<FetchResult>) {
-        let flight = guard.flight();
-        let generation = self.cache.generation();
-        let outcome = match &self.fleet {
-            Some(fleet) if fill.store.load(Ordering::Acquire) => {
-                self.fill_through_fleet(fleet, &q, &fill, generation).await
+        let code = &q.customer_sync_code;
+        let generation = self.cache.generation(code);
+        let outcome = match &self.tier {
+            Some(tier) if fill.store.load(Ordering::Acquire) => {
+                let call: Call<'_> = Box::new(|stale: Option<SharedAnswer>| {
+                    Box::pin(async {
+                        // Kept here beside the call: within `stale_if_error`, it answers if
+                        // Bill24 fails.
+                        if let Some(stale) = stale {
+                            self.cache.insert_if_current(
+                                code.clone(),
+                                Arc::new(entry_from_shared(stale)),
+                                generation,
+                            );
+                        }
+                        self.call(&q, &fill, generation).await
+                    })
+                });
+                match tier.fill(code, fill.policy, call).await {
+                    Filled::Found(answer) => self.shared(code, answer, generation, false),
+                    Filled::Joined(answer) => self.shared(code, answer, generation, true),
+                    Filled::Called(result) => Outcome::Fetched(result),
+                }
             }
-            _ => Outcome::Fetched(self.call(&q, &fill, generation, Share::No).await),
+            _ => Outcome::Fetched(self.call(&q, &fill, generation).await.result),
         };
         // Stored before the fill leaves the map, so a request sees either the fill or its
         // stored answer.
-        flight.finish(Arc::new(outcome));
-        self.fills.remove(&q.customer_sync_code, &fill);
+        guard.flight().finish(Arc::new(outcome));
+        self.fills.remove(code, &fill);
     }
 
-    /// The fleet's way (`fleet` module docs): the shared tier's answer when it has one this
-    /// fill may use; else one replica calls Bill24 under the key's fill lock while the others
-    /// wait for its answer, and a replica that waited in vain makes one call of its own.
-    async fn fill_through_fleet(
+    /// An answer from the tier, kept in L1 until the tier's copy expires (its age is the
+    /// tier's: a read never restarts the TTL).
+    fn shared(
         &self,
-        fleet: &Arc<Fleet>,
-        q: &BalanceQuery,
-        fill: &Fill,
-        generation: u64,
+        code: &SyncCode,
+        answer: SharedAnswer,
+        generation: Generation,
+        joined: bool,
     ) -> Outcome {
-        let code = &q.customer_sync_code;
-        fleet.ready(fleet.timeout()).await;
-        let epoch = fleet.epoch();
-        let serves = |entry: &Entry| {
-            entry.freshness(Instant::now()) == Freshness::Fresh
-                && fill.newer_than.is_none_or(|t| entry.stored_wall_ms > t)
-        };
-        if fill.cached_ok
-            && let Read::Found(entry) = fleet.read(code).await
-        {
-            // Kept here even when it does not serve: within `stale_if_error` it may still
-            // answer if Bill24 fails.
-            if entry.freshness(Instant::now()) != Freshness::Expired {
-                self.cache
-                    .insert_if_current(code.clone(), entry.clone(), generation);
-            }
-            if serves(&entry) {
-                return Outcome::Shared {
-                    entry,
-                    joined: false,
-                };
-            }
-        }
-        if !fleet.is_up() {
-            return Outcome::Fetched(self.call(q, fill, generation, Share::No).await);
-        }
-        // Registered before the lock is looked at, so the holder's message cannot be missed.
-        let wait = fleet.fill_wait(code);
-        match fleet.lock_fill(code).await {
-            FillLock::Acquired => {
-                // Another replica may have stored the answer and released the lock between
-                // the read above and this lock: read once more before calling Bill24.
-                if fill.cached_ok
-                    && let Read::Found(entry) = fleet.read(code).await
-                    && serves(&entry)
-                {
-                    fleet.finish_fill(code, None).await;
-                    self.cache
-                        .insert_if_current(code.clone(), entry.clone(), generation);
-                    return Outcome::Shared {
-                        entry,
-                        joined: false,
-                    };
-                }
-                let share = Share::Locked(fleet, epoch);
-                Outcome::Fetched(self.call(q, fill, generation, share).await)
-            }
-            FillLock::Held => {
-                wait.wait(fleet.fill_ttl()).await;
-                if let Read::Found(entry) = fleet.read(code).await
-                    && serves(&entry)
-                {
-                    self.cache
-                        .insert_if_current(code.clone(), entry.clone(), generation);
-                    return Outcome::Shared {
-                        entry,
-                        joined: true,
-                    };
-                }
-                // The holder's call failed (nothing stored) or the holder died: one call of
-                // this replica's own.
-                let share = Share::Unlocked(fleet, epoch);
-                Outcome::Fetched(self.call(q, fill, generation, share).await)
-            }
-            FillLock::Unavailable => {
-                Outcome::Fetched(self.call(q, fill, generation, Share::No).await)
-            }
-        }
+        let entry = Arc::new(entry_from_shared(answer));
+        self.cache
+            .insert_if_current(code.clone(), entry.clone(), generation);
+        Outcome::Shared { entry, joined }
     }
 
-    /// One Bill24 call; its answer stored here, and in the fleet's tier as `share` says, when
-    /// it may be cached (and no purge reached this replica meanwhile).
-    async fn call(
-        &self,
-        q: &BalanceQuery,
-        fill: &Fill,
-        generation: u64,
-        share: Share<'_>,
-    ) -> Result<Answer, Failure> {
+    /// One Bill24 call; its answer stored here when it may be cached (and no purge of the key
+    /// reached this replica meanwhile), and handed back for the tier to share.
+    async fn call(&self, q: &BalanceQuery, fill: &Fill, generation: Generation) -> Called {
         let call = BalanceCall {
             customer_sync_code: &q.customer_sync_code,
             request_id: &q.state.id().header_value(),
@@ -441,53 +379,40 @@ impl Balances {
         };
         let result = self.bill24.balance(&call).await;
         let entry = match &result {
-            Ok(answer) if fill.store.load(Ordering::Acquire) => {
-                self.entry_for(answer).map(Arc::new)
-            }
+            Ok(answer) if fill.store.load(Ordering::Acquire) => self.entry_for(answer),
             _ => None,
         };
-        if let Some(entry) = &entry {
+        let mut share = None;
+        if let Some((entry, answer)) = entry {
             self.cache
-                .insert_if_current(q.customer_sync_code.clone(), entry.clone(), generation);
-        }
-        let current = self.cache.generation() == generation;
-        let shared = entry.as_deref().filter(|_| current);
-        match share {
-            Share::No => {}
-            Share::Locked(fleet, epoch) => {
-                fleet
-                    .finish_fill(&q.customer_sync_code, shared.map(|e| (e, epoch)))
-                    .await
-            }
-            Share::Unlocked(fleet, epoch) => {
-                if let Some(entry) = shared {
-                    fleet.store(&q.customer_sync_code, entry, epoch).await;
-                }
+                .insert_if_current(q.customer_sync_code.clone(), Arc::new(entry), generation);
+            if self.cache.generation(&q.customer_sync_code) == generation {
+                share = Some(answer);
             }
         }
-        result
+        Called { result, share }
     }
 
-    /// The cache entry for an answer, when it may be cached at all.
-    fn entry_for(&self, answer: &Answer) -> Option<Entry> {
+    /// The cache entry for an answer, and the same as the tier holds it, when it may be
+    /// cached at all.
+    fn entry_for(&self, answer: &Answer) -> Option<(Entry, SharedAnswer)> {
         if answer.status != StatusCode::OK {
             return None;
         }
         let code = answer.bill24_code.as_ref()?;
         let cfg = self.cache_config.load();
         let fresh_for = fresh_for(&cfg, code, rand::random::<f64>())?;
-        Some(Entry {
+        let shared = SharedAnswer {
             // A copy of exactly the body: the answer's bytes may be a slice of the connection's
             // read buffer, which a cached entry would otherwise keep alive in full.
             body: Bytes::copy_from_slice(&answer.body),
             content_type: stored_content_type(answer.content_type.as_ref()),
             bill24_code: code.clone(),
-            stored_at: Instant::now(),
-            stored_wall_ms: wall_ms(),
+            age: std::time::Duration::ZERO,
             fresh_for,
             stale_for: cfg.stale_if_error,
-            refreshing: AtomicBool::new(false),
-        })
+        };
+        Some((entry_from_shared(shared.clone()), shared))
     }
 
     /// Bill24 failed: an entry still within `stale_if_error` answers (STALE), else the error.
@@ -496,7 +421,7 @@ impl Balances {
         if let Some(e) = self.cache.get(&q.customer_sync_code) {
             let now = Instant::now();
             if !e.stale_for.is_zero() && e.freshness(now) != Freshness::Expired {
-                return cached(&e, CacheStatus::Stale, Tier::L1, now, q);
+                return cached(&e, CacheStatus::Stale, CacheTier::L1, now, q);
             }
         }
         q.state.cache(status);
@@ -504,18 +429,26 @@ impl Balances {
     }
 }
 
-/// Whether (and how) a fill's answer goes to the fleet's tier.
-enum Share<'a> {
-    No,
-    /// Under the key's fill lock: stored and the lock released in one step, then announced.
-    Locked(&'a Arc<Fleet>, u64),
-    /// Without the lock (the holder did not deliver): stored.
-    Unlocked(&'a Arc<Fleet>, u64),
+/// What [`Balances::lookup`] found.
+enum Lookup {
+    /// Found fresh in the cache after all (re-checked under the shard lock).
+    Hit(Arc<Entry>),
+    /// The shared fill to wait for.
+    Wait(Arc<Flight<FetchResult>>),
 }
 
-/// Now, in wall-clock Unix milliseconds.
-fn wall_ms() -> u64 {
-    u64::try_from(time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000).unwrap_or(0)
+/// An L1 entry for an answer of the tier: as old as the tier says.
+fn entry_from_shared(answer: SharedAnswer) -> Entry {
+    let now = Instant::now();
+    Entry {
+        body: answer.body,
+        content_type: answer.content_type,
+        bill24_code: answer.bill24_code,
+        stored_at: now.checked_sub(answer.age).unwrap_or(now),
+        fresh_for: answer.fresh_for,
+        stale_for: answer.stale_for,
+        refreshing: AtomicBool::new(false),
+    }
 }
 
 /// The Content-Type to keep with an entry, as its own small allocation (like the body, the
@@ -553,7 +486,7 @@ fn abandoned() -> FetchResult {
 fn cached(
     entry: &Entry,
     status: CacheStatus,
-    tier: Tier,
+    tier: CacheTier,
     now: Instant,
     q: &BalanceQuery,
 ) -> Response {
@@ -632,5 +565,230 @@ impl Service<BalanceQuery> for BalanceService {
         Either::Right(Box::pin(async move {
             Ok(balances.answer_from_upstream(q, skipped_fresh).await)
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The balance service over an in-memory tier, on paused time: what it does with each way
+    //! a fill can end. Bill24 is an address nobody listens on, so any call it makes fails.
+    use std::sync::Mutex;
+    use std::time::Duration;
+
+    use figment::Figment;
+    use figment::providers::{Format, Serialized, Toml};
+    use futures_util::future::BoxFuture;
+    use smol_str::SmolStr;
+    use tower::ServiceExt;
+
+    use super::*;
+    use crate::balance::request::CacheDirectives;
+    use crate::config::RawConfig;
+    use crate::correlation::context::RequestId;
+    use crate::request_state::RequestState;
+
+    #[derive(Clone, Copy)]
+    enum Mode {
+        Found,
+        Joined,
+        /// Runs the caller's call, handing it what the tier holds.
+        Call,
+    }
+
+    /// A tier in memory: one held answer, and what it was asked.
+    struct FakeTier {
+        held: SharedAnswer,
+        mode: Mode,
+        fills: Mutex<Vec<FillPolicy>>,
+        purged: Mutex<Vec<String>>,
+    }
+
+    impl Tier for FakeTier {
+        fn fill<'a>(
+            &'a self,
+            _code: &'a str,
+            policy: FillPolicy,
+            call: Call<'a>,
+        ) -> BoxFuture<'a, Filled> {
+            self.fills.lock().expect("fills").push(policy);
+            Box::pin(async move {
+                match self.mode {
+                    Mode::Found => Filled::Found(self.held.clone()),
+                    Mode::Joined => Filled::Joined(self.held.clone()),
+                    Mode::Call => Filled::Called(call(Some(self.held.clone())).await.result),
+                }
+            })
+        }
+
+        fn purge<'a>(&'a self, code: &'a str) -> BoxFuture<'a, bool> {
+            self.purged.lock().expect("purged").push(code.to_string());
+            Box::pin(async { true })
+        }
+
+        fn purge_all(&self) -> BoxFuture<'_, bool> {
+            self.purged.lock().expect("purged").push("*".into());
+            Box::pin(async { true })
+        }
+    }
+
+    fn held(age_s: u64) -> SharedAnswer {
+        SharedAnswer {
+            body: Bytes::from_static(br#"{"code":"000","data":[]}"#),
+            content_type: HeaderValue::from_static("application/json"),
+            bill24_code: SmolStr::new_static("000"),
+            age: Duration::from_secs(age_s),
+            fresh_for: Duration::from_secs(10),
+            stale_for: Duration::from_secs(30),
+        }
+    }
+
+    fn setup(mode: Mode, held: SharedAnswer, cache: &str) -> (Arc<FakeTier>, BalanceService) {
+        let toml = format!(
+            "[upstream]\nbase_url = \"http://127.0.0.1:9\"\nclient_id = \"c\"\nretries = 0\n\
+             [cache]\n{cache}\n"
+        );
+        let raw: RawConfig = Figment::from(Serialized::defaults(RawConfig::default()))
+            .merge(Toml::string(&toml))
+            .extract()
+            .expect("config");
+        let config = raw.validate().expect("valid");
+        let metrics = Arc::new(Metrics::new());
+        let bill24 =
+            Arc::new(Bill24::start(&config.upstream, metrics.clone(), None).expect("client"));
+        let tier = Arc::new(FakeTier {
+            held,
+            mode,
+            fills: Mutex::new(Vec::new()),
+            purged: Mutex::new(Vec::new()),
+        });
+        let balances = Balances::with_tier(
+            config.cache.clone(),
+            Arc::new(BalanceCache::new(100)),
+            bill24,
+            Some(tier.clone() as Arc<dyn Tier>),
+            metrics,
+        );
+        (tier, BalanceService::new(balances))
+    }
+
+    fn query(code: &str) -> BalanceQuery {
+        BalanceQuery {
+            customer_sync_code: code.into(),
+            directives: CacheDirectives::default(),
+            deadline: Instant::now() + Duration::from_secs(10),
+            state: RequestState::new(RequestId::generate(), None),
+        }
+    }
+
+    async fn ask(service: &BalanceService, code: &str) -> (StatusCode, String, Option<String>) {
+        let response = service
+            .clone()
+            .oneshot(query(code))
+            .await
+            .expect("infallible");
+        let header = |name: &str| {
+            response
+                .headers()
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string)
+        };
+        (
+            response.status(),
+            header("x-cache").unwrap_or_default(),
+            header("age"),
+        )
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_answer_found_in_the_tier_is_a_hit_as_old_as_the_tier_says() {
+        let (tier, service) = setup(Mode::Found, held(3), "ttl = \"10s\"");
+        assert_eq!(
+            ask(&service, "C1").await,
+            (StatusCode::OK, "HIT".into(), Some("3".into()))
+        );
+        tokio::time::advance(Duration::from_secs(2)).await;
+        assert_eq!(
+            ask(&service, "C1").await,
+            (StatusCode::OK, "HIT".into(), Some("5".into())),
+            "kept in L1 with the tier's age"
+        );
+        assert_eq!(tier.fills.lock().expect("fills").len(), 1, "L1 answered");
+        // Expires in L1 when it does in the tier: 7 s after it was found at age 3.
+        tokio::time::advance(Duration::from_secs(5)).await;
+        ask(&service, "C1").await;
+        assert_eq!(
+            tier.fills.lock().expect("fills").len(),
+            2,
+            "asked the tier again"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_answer_another_replica_fetched_is_a_miss_then_a_hit() {
+        let (tier, service) = setup(Mode::Joined, held(0), "ttl = \"10s\"");
+        assert_eq!(
+            ask(&service, "C1").await,
+            (StatusCode::OK, "MISS".into(), None)
+        );
+        assert_eq!(
+            ask(&service, "C1").await,
+            (StatusCode::OK, "HIT".into(), Some("0".into()))
+        );
+        assert_eq!(tier.fills.lock().expect("fills").len(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_tiers_expired_answer_is_served_stale_when_bill24_fails() {
+        let (_tier, service) = setup(
+            Mode::Call,
+            held(12),
+            "ttl = \"10s\"\nstale_if_error = \"30s\"",
+        );
+        assert_eq!(
+            ask(&service, "C1").await,
+            (StatusCode::OK, "STALE".into(), Some("12".into()))
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn without_a_stale_answer_a_failed_call_is_an_error() {
+        let (_tier, service) = setup(
+            Mode::Call,
+            held(45),
+            "ttl = \"10s\"\nstale_if_error = \"30s\"",
+        );
+        let (status, cache, _) = ask(&service, "C1").await;
+        assert!(status.is_server_error(), "{status}");
+        assert_eq!(cache, "", "an error body, not a cached answer");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_refresh_ahead_takes_only_an_answer_younger_than_the_entry() {
+        let (tier, service) = setup(
+            Mode::Found,
+            held(9),
+            "ttl = \"10s\"\nrefresh_ahead = \"2s\"",
+        );
+        ask(&service, "C1").await;
+        // A hit within `refresh_ahead` of expiry starts a refresh in the background.
+        ask(&service, "C1").await;
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        let fills = tier.fills.lock().expect("fills").clone();
+        assert_eq!(fills.len(), 2, "the miss, then the refresh");
+        assert!(fills[0].cached_ok && fills[0].younger_than.is_none());
+        assert_eq!(fills[1].younger_than, Some(Duration::from_secs(9)));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn purges_reach_the_tier() {
+        let (tier, service) = setup(Mode::Found, held(0), "ttl = \"10s\"");
+        ask(&service, "C1").await;
+        assert!(service.balances.purge("C1").await);
+        assert!(service.balances.cache().get("C1").is_none());
+        assert!(service.balances.purge_all().await);
+        assert_eq!(*tier.purged.lock().expect("purged"), ["C1", "*"]);
     }
 }

@@ -21,7 +21,8 @@ use bill24::Secret;
 use bill24::token::SharedToken;
 
 const ENTRY_MAGIC: &[u8; 4] = b"B24E";
-const ENTRY_VERSION: u8 = 1;
+/// 2: the epoch is a value compared for equality, the age read from Redis's clock.
+const ENTRY_VERSION: u8 = 2;
 const TOKEN_VERSION: u8 = 1;
 const MAC_LEN: usize = 32;
 const NONCE_LEN: usize = 24;
@@ -66,16 +67,18 @@ impl Keys {
 #[error("a value in the shared tier was refused (undecodable or not authentic)")]
 pub struct Rejected;
 
-/// A cached Bill24 answer as the fleet stores it: times in wall-clock milliseconds (replicas
-/// share no monotonic clock), so its age and expiry are the same on every replica.
+/// A cached Bill24 answer as the fleet stores it. Its age is read from Redis's own clock (the
+/// key's remaining PTTL against its lifetime), the same on every replica whatever their
+/// clocks say; the writer's wall-clock time is kept only to refuse an entry whose expiry was
+/// pushed back in Redis (see `fleet::MAX_SKEW`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StoredEntry {
-    /// When it was stored (Unix milliseconds).
+    /// When it was stored, by the writer's wall clock (Unix milliseconds).
     pub stored_at_ms: u64,
     pub fresh_for_ms: u64,
     pub stale_for_ms: u64,
-    /// The fleet's purge epoch when the answer was fetched: entries of an older epoch were
-    /// purged (`DELETE /cache`).
+    /// The fleet's purge epoch when the answer was fetched: it serves only while that epoch
+    /// is in force (a `DELETE /cache` replaces it).
     pub epoch: u64,
     pub bill24_code: SmolStr,
     pub content_type: Bytes,

@@ -13,7 +13,8 @@
 //! only then asks Bill24, with the fleet's newest refresh token, and stores the result for the
 //! others. A replica that finds the lock taken waits for the holder's token. Refresh tokens
 //! may be single-use (IdentityServer's default): only the lock holder redeems one. When the
-//! store is unavailable the manager acts on its own, as without one.
+//! store is unavailable the manager acts on its own, as without one, except that it never
+//! redeems a refresh token then (the one it holds may be the fleet's): a full authorize.
 
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -391,7 +392,11 @@ impl Inner {
             let result = match inner.store.clone() {
                 Some(store) => match inner.attempt_shared(store.as_ref(), stale.as_ref()).await {
                     Some(result) => result,
-                    None => inner.attempt(refresh).await,
+                    // The store is unreachable: the refresh token this replica holds may be
+                    // the fleet's, and other replicas may be redeeming it now; a single-use
+                    // one presented twice can revoke the whole family. A full authorize of
+                    // this replica's own instead.
+                    None => inner.attempt(None).await,
                 },
                 None => inner.attempt(refresh).await,
             };

@@ -105,6 +105,17 @@ impl<T: Clone> Drop for Guard<T> {
 
 type Shard<K, V> = Mutex<HashMap<K, Arc<V>>>;
 
+/// What [`Flights::join_or_start`] did.
+#[derive(Debug)]
+pub enum Joined<V, R> {
+    /// A flight was in progress: this is it.
+    Joined(Arc<V>),
+    /// None was: this one was started and registered.
+    Started(Arc<V>),
+    /// None was, and `start` declined to make one.
+    Declined(R),
+}
+
 /// The flights in progress, by key, in shards so that unrelated keys rarely share a lock.
 /// The values are the caller's own type (a flight plus whatever it needs beside it).
 pub struct Flights<K, V> {
@@ -136,14 +147,77 @@ impl<K: Eq + Hash, V> Flights<K, V> {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// Runs `f` with the shard holding `key` locked: look up, join or register a flight in
-    /// one step. `f` is synchronous, so no lock is ever held across an `.await`.
-    pub fn with<Q, R>(&self, key: &Q, f: impl FnOnce(&mut HashMap<K, Arc<V>>) -> R) -> R
+    /// Joins the flight in progress for `key` (`join` sees it, under the shard's lock), or,
+    /// when there is none, lets `start` make one and registers it — in one step, so two
+    /// callers never both start. `start` may decline (for instance, because what the flight
+    /// would compute is there after all); nothing is registered then.
+    pub fn join_or_start<R>(
+        &self,
+        key: K,
+        join: impl FnOnce(&V),
+        start: impl FnOnce() -> Result<V, R>,
+    ) -> Joined<V, R> {
+        let mut shard = self.shard(&key);
+        if let Some(existing) = shard.get(&key) {
+            join(existing);
+            return Joined::Joined(existing.clone());
+        }
+        match start() {
+            Ok(value) => {
+                let value = Arc::new(value);
+                shard.insert(key, value.clone());
+                Joined::Started(value)
+            }
+            Err(declined) => Joined::Declined(declined),
+        }
+    }
+
+    /// Starts a flight for `key` only if none is in progress.
+    pub fn start_if_absent(&self, key: K, start: impl FnOnce() -> V) -> Option<Arc<V>> {
+        match self.join_or_start(key, |_| {}, || Ok::<V, ()>(start())) {
+            Joined::Started(value) => Some(value),
+            Joined::Joined(_) | Joined::Declined(()) => None,
+        }
+    }
+
+    /// Takes `key`'s flight out of the map (to finish it): later callers start a new one.
+    pub fn take<Q>(&self, key: &Q) -> Option<Arc<V>>
     where
         K: Borrow<Q>,
         Q: Hash + Eq + ?Sized,
     {
-        f(&mut self.shard(key))
+        self.shard(key).remove(key)
+    }
+
+    /// Takes every flight out of the map.
+    pub fn drain(&self) -> Vec<Arc<V>> {
+        self.shards
+            .iter()
+            .flat_map(|shard| {
+                shard
+                    .lock()
+                    .unwrap_or_else(|poisoned| poisoned.into_inner())
+                    .drain()
+                    .map(|(_, v)| v)
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    }
+
+    /// Removes `key`'s flight if it is still `flight` and nobody but the map and the caller
+    /// holds it (the last waiter leaving a flight nobody will finish).
+    pub fn remove_if_unshared<Q>(&self, key: &Q, flight: &Arc<V>)
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
+        let mut shard = self.shard(key);
+        if shard
+            .get(key)
+            .is_some_and(|f| Arc::ptr_eq(f, flight) && Arc::strong_count(f) <= 2)
+        {
+            shard.remove(key);
+        }
     }
 
     /// Removes `key`'s flight if it is still `flight` (a later one for the key stays).
@@ -244,19 +318,30 @@ mod tests {
     #[test]
     fn flights_join_by_key_and_remove_only_their_own() {
         let flights: Flights<String, Flight<u8>> = Flights::new(4);
-        let first = flights.with("k", |map| {
-            map.entry("k".to_string())
-                .or_insert_with(|| Arc::new(Flight::new()))
-                .clone()
-        });
-        let joined = flights.with("k", |map| map.get("k").cloned());
-        assert!(joined.is_some_and(|j| Arc::ptr_eq(&j, &first)));
+        let Joined::Started(first) =
+            flights.join_or_start("k".into(), |_| {}, || Ok::<_, ()>(Flight::new()))
+        else {
+            panic!("nothing was in progress");
+        };
+        let mut seen = false;
+        let joined = flights.join_or_start("k".into(), |_| seen = true, || Err("not called"));
+        assert!(seen && matches!(joined, Joined::Joined(j) if Arc::ptr_eq(&j, &first)));
+        assert!(flights.start_if_absent("k".into(), Flight::new).is_none());
+        let declined = flights.join_or_start("other".into(), |_| {}, || Err::<Flight<u8>, _>(7));
+        assert!(matches!(declined, Joined::Declined(7)) && !flights.contains("other"));
         // A newer flight for the key is not removed by the older one finishing.
-        let newer = Arc::new(Flight::new());
-        flights.with("k", |map| map.insert("k".to_string(), newer.clone()));
+        let taken = flights.take("k");
+        assert!(taken.is_some_and(|t| Arc::ptr_eq(&t, &first)));
+        let newer = flights
+            .start_if_absent("k".into(), Flight::new)
+            .expect("started");
         flights.remove("k", &first);
         assert!(flights.contains("k"));
-        flights.remove("k", &newer);
+        flights.remove_if_unshared("k", &newer);
         assert!(!flights.contains("k"));
+        flights.start_if_absent("a".into(), Flight::new);
+        flights.start_if_absent("b".into(), Flight::new);
+        assert_eq!(flights.drain().len(), 2);
+        assert!(!flights.contains("a") && !flights.contains("b"));
     }
 }
