@@ -12,7 +12,10 @@ Phases, each against the same setup without Redis where there is something to co
   * L1 hits with Redis on and off (paired rounds, CPU per request), and L2 hits (a replica
     whose own cache holds one entry, so nearly every request is read from Redis): the extra
     CPU per request and latency;
-  * Redis killed, then Redis stopped (SIGSTOP), during a load run: failed requests and p99.
+  * Redis killed, stopped (SIGSTOP) and paused (`CLIENT PAUSE ALL`) during a load run, and a
+    master of a 6-node Redis Cluster (3 masters, 3 replicas) killed so that its replica is
+    promoted: failed requests (a fill lock that outlives its fill shows as 504s), p99 and the
+    slowest answer, and fill locks left behind.
 """
 
 import math
@@ -46,10 +49,13 @@ def redis_server(work, port):
     sys.exit("bench: redis-server did not start")
 
 
-def gateway(work, name, sim_port, redis_port=None, ttl="10s", max_entries=200000, prefix="bench"):
+def gateway(work, name, sim_port, redis_port=None, ttl="10s", max_entries=200000, prefix="bench",
+            redis_ports=None):
     redis = ""
-    if redis_port:
-        redis = f'[redis]\nurls = ["redis://127.0.0.1:{redis_port}"]\nkey_prefix = "{prefix}"\n'
+    ports = redis_ports or ([redis_port] if redis_port else [])
+    if ports:
+        urls = ", ".join(f'"redis://127.0.0.1:{p}"' for p in ports)
+        redis = f'[redis]\nurls = [{urls}]\nkey_prefix = "{prefix}"\n'
     port, admin = free_port(), free_port()
     key_hash = subprocess.run([run.ARGS.bin, "hash-key"], input=CALLER_KEY + "\n",
                               capture_output=True, text=True, check=True).stdout.strip()
@@ -81,7 +87,7 @@ key_sha256 = "{key_hash}"
 
 
 def fleet(work, sim_port, redis_port, n=3, **kw):
-    tag = "redis" if redis_port else "alone"
+    tag = "redis" if redis_port or kw.get("redis_ports") else "alone"
     return [gateway(work, f"{tag}-{i}-{time.time_ns()}", sim_port, redis_port, **kw) for i in range(n)]
 
 
@@ -180,49 +186,138 @@ def hit_cost(work, sim_port, redis_port, rounds):
     }
 
 
+def fill_locks(ports, prefix):
+    """Fill locks left in these Redis nodes, with their remaining time (ms)."""
+    left = []
+    for port in ports:
+        keys = subprocess.run(["redis-cli", "-p", str(port), "--scan", "--pattern", f"{prefix}:*:fill"],
+                              capture_output=True, text=True).stdout.split()
+        for key in keys:
+            ttl = subprocess.run(["redis-cli", "-p", str(port), "PTTL", key], capture_output=True,
+                                 text=True).stdout.strip()
+            left.append((key, ttl))
+    return left
+
+
+def load_results(procs):
+    out = [p.communicate()[0] for p in procs]
+    return [{k: float(v) for k, v in (kv.split("=") for kv in
+             next(l for l in o.splitlines() if l.startswith("RESULT ")).split()[1:])} for o in out]
+
+
+def start_load(gws, prefix, seconds=10):
+    env = dict(os.environ, KEYS="5000", MIX="zipf", KEY=CALLER_KEY, PREFIX=prefix)
+    return [subprocess.Popen(
+        ["wrk", "-t1", "-c16", f"-d{seconds}s", "-s", os.path.join(run.HERE, "wrk", "balance.lua"),
+         g["url"] + PATH], stdout=subprocess.PIPE, text=True, env=env) for g in gws]
+
+
+def summary(res, back_after_s, up, locks):
+    return {"back_after_s": back_after_s,
+            "requests": sum(r["requests"] for r in res),
+            "errors": sum(r["errors"] for r in res),
+            "non2xx": sum(r["non2xx"] for r in res),
+            "p99_ms": max(r["p99_us"] for r in res) / 1000,
+            "max_ms": max(r["max_us"] for r in res) / 1000,
+            "redis_up_after": up,
+            "locks_left": locks}
+
+
+def back_on_redis(gws):
+    t0 = time.time()
+    up = []
+    while time.time() - t0 < 30:
+        up = [metric_sum(metrics(g["admin"]), "gateway_redis_up") for g in gws]
+        if all(u == 1.0 for u in up):
+            break
+        time.sleep(0.1)
+    return round(time.time() - t0, 1), up
+
+
 def redis_faults(work, sim, sim_port, redis_port, redis_proc, timeout_ms=50):
     """A 10 s Zipf load over all replicas; Redis killed at 3 s (and started again once the run
-    is over) or stopped at 3 s for 4 s."""
+    is over), stopped at 3 s for 4 s, or paused (`CLIENT PAUSE 4000 ALL`) at 3 s."""
     results = {}
-    for fault in ("killed", "stopped"):
+    for fault in ("killed", "stopped", "paused"):
         sim_control(sim, {"reset_counters": True})
         gws = fleet(work, sim_port, redis_port, ttl="2s", prefix=f"fault{fault}")
         time.sleep(0.5)
-        procs = []
-        env = dict(os.environ, KEYS="5000", MIX="zipf", KEY=CALLER_KEY, PREFIX=f"F{fault}-")
-        for g in gws:
-            procs.append(subprocess.Popen(
-                ["wrk", "-t1", "-c16", "-d10s", "-s", os.path.join(run.HERE, "wrk", "balance.lua"),
-                 g["url"] + PATH], stdout=subprocess.PIPE, text=True, env=env))
+        procs = start_load(gws, f"F{fault}-")
         time.sleep(3)
         if fault == "killed":
             redis_proc.kill()
             redis_proc.wait()
-        else:
+        elif fault == "stopped":
             os.kill(redis_proc.pid, signal.SIGSTOP)
             time.sleep(4)
             os.kill(redis_proc.pid, signal.SIGCONT)
-        out = [p.communicate()[0] for p in procs]
-        res = [{k: float(v) for k, v in (kv.split("=") for kv in
-                next(l for l in o.splitlines() if l.startswith("RESULT ")).split()[1:])} for o in out]
+        else:
+            subprocess.run(["redis-cli", "-p", str(redis_port), "CLIENT", "PAUSE", "4000", "ALL"],
+                           capture_output=True, check=True)
+        res = load_results(procs)
         if fault == "killed":
             redis_proc = redis_server(work, redis_port)
         # The tier resumes by itself: how long after the load run every replica is back on it.
-        t0 = time.time()
-        while time.time() - t0 < 30:
-            up = [metric_sum(metrics(g["admin"]), "gateway_redis_up") for g in gws]
-            if all(u == 1.0 for u in up):
-                break
-            time.sleep(0.1)
-        results[fault] = {"back_after_s": round(time.time() - t0, 1),
-                          "requests": sum(r["requests"] for r in res),
-                          "errors": sum(r["errors"] for r in res),
-                          "non2xx": sum(r["non2xx"] for r in res),
-                          "p99_ms": max(r["p99_us"] for r in res) / 1000,
-                          "max_ms": max(r["max_us"] for r in res) / 1000,
-                          "redis_up_after": up}
+        back, up = back_on_redis(gws)
+        results[fault] = summary(res, back, up, fill_locks([redis_port], f"fault{fault}"))
         stop_all(gws)
     return results, redis_proc
+
+
+def cluster_failover(work, sim, sim_port):
+    """A 6-node Redis Cluster (3 masters, 3 replicas, node timeout 2 s); a 12 s Zipf load over
+    all replicas, one master killed at 3 s and its replica promoted."""
+    ports = []
+    procs = []
+    for _ in range(6):
+        port = free_port()
+        while port + 10000 > 65535:
+            port = free_port()
+        d = os.path.join(work, f"cluster-{port}")
+        os.makedirs(d)
+        procs.append(start(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                            "--appendonly", "no", "--cluster-enabled", "yes",
+                            "--cluster-config-file", os.path.join(d, "nodes.conf"),
+                            "--cluster-node-timeout", "2000"], os.path.join(d, "redis.log")))
+        ports.append(port)
+    for port in ports:
+        for _ in range(100):
+            if subprocess.run(["redis-cli", "-p", str(port), "ping"], capture_output=True,
+                              text=True).stdout.strip() == "PONG":
+                break
+            time.sleep(0.05)
+    subprocess.run(["redis-cli", "--cluster", "create", *[f"127.0.0.1:{p}" for p in ports],
+                    "--cluster-replicas", "1", "--cluster-yes"], capture_output=True, check=True)
+    def cluster_ok(ps):
+        return all("cluster_state:ok" in subprocess.run(["redis-cli", "-p", str(p), "CLUSTER", "INFO"],
+                                                         capture_output=True, text=True).stdout
+                   for p in ps)
+    t0 = time.time()
+    while not cluster_ok(ports) and time.time() - t0 < 30:
+        time.sleep(0.1)
+    sim_control(sim, {"reset_counters": True})
+    gws = fleet(work, sim_port, None, ttl="2s", prefix="failover", redis_ports=ports)
+    time.sleep(0.5)
+    load = start_load(gws, "FAILOVER-", seconds=12)
+    time.sleep(3)
+    victim = next(i for i, p in enumerate(ports) if subprocess.run(
+        ["redis-cli", "-p", str(p), "ROLE"], capture_output=True, text=True).stdout.startswith("master"))
+    procs[victim].kill()
+    procs[victim].wait()
+    killed_at = time.time()
+    survivors = [p for i, p in enumerate(ports) if i != victim]
+    while not cluster_ok(survivors) and time.time() - killed_at < 30:
+        time.sleep(0.1)
+    promoted_after = round(time.time() - killed_at, 1)
+    res = load_results(load)
+    back, up = back_on_redis(gws)
+    result = summary(res, back, up, fill_locks(survivors, "failover"))
+    result["promoted_after_s"] = promoted_after
+    stop_all(gws)
+    for i, p in enumerate(procs):
+        if i != victim:
+            stop(p)
+    return result
 
 
 def main():
@@ -237,6 +332,22 @@ def main():
     redis_port = free_port()
     redis_proc = redis_server(work, redis_port)
 
+    phases = os.environ.get("PHASES", "stewardship,stampede,hits,faults,failover").split(",")
+    if "stewardship" in phases:
+        stewardship_phase(work, sim, sim_port, redis_port)
+    if "stampede" in phases:
+        stampede_phase(work, sim, sim_port, redis_port)
+    if "hits" in phases:
+        hits_phase(work, sim_port, redis_port)
+    if "faults" in phases:
+        redis_proc = faults_phase(work, sim, sim_port, redis_port, redis_proc)
+    if "failover" in phases:
+        failover_phase(work, sim, sim_port)
+    for p in PROCS:
+        stop(p)
+
+
+def stewardship_phase(work, sim, sim_port, redis_port):
     log("\n== stewardship: Zipf over 10 000 customers, 30 s over three replicas, ttl 10 s, 20 s tokens")
     for label, rp in (("no Redis", None), ("Redis", redis_port)):
         s = stewardship(work, sim, sim_port, rp)
@@ -244,12 +355,16 @@ def main():
             f"{s['requests']:.0f} requests, {s['errors']:.0f} errors; authorize calls "
             f"{s['authorizes']} over {s['lifetimes']:.1f} token lifetimes")
 
+
+def stampede_phase(work, sim, sim_port, redis_port):
     log("\n== stampede: 200 concurrent requests for one cold customer over three replicas, Bill24 100 ms")
     for label, rp in (("no Redis", None), ("Redis", redis_port)):
         for r in stampede(work, sim, sim_port, rp):
             log(f"  {label:<9} Bill24 calls {r['calls']}, slowest answer {r['slowest_ms']:.1f} ms "
                 f"(wrk, open connections), errors {r['errors']:.0f}")
 
+
+def hits_phase(work, sim_port, redis_port):
     rounds = int(os.environ.get("ROUNDS", "5"))
     log(f"\n== hit cost: {rounds} paired rounds of 6 s, wrk -t1 -c64 over 1000 keys")
     med, ratios = hit_cost(work, sim_port, redis_port, rounds)
@@ -264,15 +379,26 @@ def main():
         f"(per round {min(extra):.1f}-{max(extra):.1f}); share of the L2 replica's hits read "
         f"from Redis: {ratios['l2_share']:.3f}; p50 {med['L2 hit']['p50_us'] - med['L1 hit, Redis on']['p50_us']:+.0f} µs")
 
+
+def faults_phase(work, sim, sim_port, redis_port, redis_proc):
     log("\n== Redis faults during a load run (three replicas, Zipf over 5 000, ttl 2 s, redis.timeout 50 ms)")
     faults, redis_proc = redis_faults(work, sim, sim_port, redis_port, redis_proc)
     for fault, r in faults.items():
         log(f"  Redis {fault:<8} {r['requests']:.0f} requests, {r['errors']:.0f} failed "
             f"({r['non2xx']:.0f} non-2xx), p99 {r['p99_ms']:.1f} ms, slowest {r['max_ms']:.1f} ms, "
             f"all replicas back on Redis {r['back_after_s']} s after the run "
-            f"(gateway_redis_up {r['redis_up_after']})")
-    for p in PROCS:
-        stop(p)
+            f"(gateway_redis_up {r['redis_up_after']}); fill locks left {r['locks_left']}")
+    return redis_proc
+
+
+def failover_phase(work, sim, sim_port):
+    log("\n== Cluster failover during a load run (6 nodes: 3 masters + 3 replicas, a master killed at 3 s "
+        "of 12 s, ttl 2 s)")
+    r = cluster_failover(work, sim, sim_port)
+    log(f"  master killed: replica promoted after {r['promoted_after_s']} s; {r['requests']:.0f} requests, "
+        f"{r['errors']:.0f} failed ({r['non2xx']:.0f} non-2xx), p99 {r['p99_ms']:.1f} ms, slowest "
+        f"{r['max_ms']:.1f} ms, all replicas on Redis {r['back_after_s']} s after the run; fill locks "
+        f"left {r['locks_left']}")
 
 
 if __name__ == "__main__":

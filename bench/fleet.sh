@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The fleet benchmark: three gateway replicas sharing one redis-server in front of the Bill24
-# simulator (bench/fleet.py says what it measures). About four minutes.
+# simulator (bench/fleet.py says what it measures). About six minutes.
 #   bench/fleet.sh           ROUNDS=5 paired rounds for the hit-cost phase
+#   PHASES=faults,failover bench/fleet.sh   only some phases (stewardship, stampede, hits,
+#                            faults: Redis killed/stopped/paused, failover: a Cluster master killed)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
