@@ -33,6 +33,7 @@ fn callers(n: usize) -> Vec<CallerConfig> {
             rate_limit_rps: 0.0,
             burst: 0,
             max_concurrent: 0,
+            limit_scope: Default::default(),
         })
         .collect()
 }
@@ -119,6 +120,7 @@ fn full_hit(c: &mut Criterion) {
             balances,
             request_timeout: Duration::from_secs(10),
             max_body_bytes: 8192,
+            fleet_rate: None,
         };
         build_stack::<Full<Bytes>>(&parts)
     });

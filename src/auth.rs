@@ -163,6 +163,7 @@ mod tests {
                 rate_limit_rps: 0.0,
                 burst: 0,
                 max_concurrent: 0,
+                limit_scope: Default::default(),
             },
             CallerConfig {
                 name: Arc::from("billing"),
@@ -170,6 +171,7 @@ mod tests {
                 rate_limit_rps: 0.0,
                 burst: 0,
                 max_concurrent: 0,
+                limit_scope: Default::default(),
             },
         ])
     }

@@ -14,7 +14,22 @@ use governor::{Quota, RateLimiter};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
-use crate::config::CallerConfig;
+use futures_util::future::BoxFuture;
+
+use crate::config::{CallerConfig, LimitScope};
+
+/// Counts callers' requests over every replica of the fleet together (`limit_scope =
+/// "fleet"`), implemented over the fleet's shared tier.
+pub trait FleetRate: Send + Sync {
+    /// One request of `caller` against `rps` / `burst` over the whole fleet: admitted, or the
+    /// time until it would be.
+    fn admit<'a>(
+        &'a self,
+        caller: &'a str,
+        rps: f64,
+        burst: u32,
+    ) -> BoxFuture<'a, Result<(), Duration>>;
+}
 
 /// An authenticated caller.
 #[derive(Clone, Debug)]
@@ -71,7 +86,7 @@ pub struct CallerLimits {
     bucket: Option<(Bucket, TokioClock)>,
     in_flight: Option<Arc<Semaphore>>,
     /// The settings these were built from (a reload keeps limits whose settings are unchanged).
-    settings: (u64, u32, u32),
+    settings: (u64, u32, u32, LimitScope),
 }
 
 impl CallerLimits {
@@ -90,6 +105,26 @@ impl CallerLimits {
         self.settings == settings_of(cfg)
     }
 
+    /// The rate counted over the whole fleet, when this caller's is (`rate_limit_rps`,
+    /// `burst`).
+    pub fn fleet_rate(&self) -> Option<(f64, u32)> {
+        let (rps, burst, _, scope) = self.settings;
+        let rps = f64::from_bits(rps);
+        (scope == LimitScope::Fleet && rps > 0.0).then_some((rps, burst))
+    }
+
+    /// Only the cap on requests in flight (the rate was counted by the fleet).
+    pub fn admit_in_flight(&self) -> Result<Option<OwnedSemaphorePermit>, OverLimit> {
+        match &self.in_flight {
+            None => Ok(None),
+            Some(slots) => slots
+                .clone()
+                .try_acquire_owned()
+                .map(Some)
+                .map_err(|_| OverLimit::Concurrency),
+        }
+    }
+
     /// Takes one request's worth from the bucket and, when capped, one concurrency slot (held
     /// until the permit is dropped).
     pub fn admit(&self) -> Result<Option<OwnedSemaphorePermit>, OverLimit> {
@@ -100,19 +135,17 @@ impl CallerLimits {
                 retry_after: not_until.wait_time_from(clock.now()),
             });
         }
-        match &self.in_flight {
-            None => Ok(None),
-            Some(slots) => slots
-                .clone()
-                .try_acquire_owned()
-                .map(Some)
-                .map_err(|_| OverLimit::Concurrency),
-        }
+        self.admit_in_flight()
     }
 }
 
-fn settings_of(cfg: &CallerConfig) -> (u64, u32, u32) {
-    (cfg.rate_limit_rps.to_bits(), cfg.burst, cfg.max_concurrent)
+fn settings_of(cfg: &CallerConfig) -> (u64, u32, u32, LimitScope) {
+    (
+        cfg.rate_limit_rps.to_bits(),
+        cfg.burst,
+        cfg.max_concurrent,
+        cfg.limit_scope,
+    )
 }
 
 /// `rps` cells per second, bursts of `burst` (0: one second's worth, at least 1).
@@ -140,6 +173,7 @@ mod tests {
             rate_limit_rps,
             burst,
             max_concurrent,
+            limit_scope: Default::default(),
         })
     }
 

@@ -105,6 +105,8 @@ pub struct RawUpstream {
     pub circuit_failures: u32,
     #[serde(with = "humantime_serde")]
     pub circuit_cooldown: Duration,
+    pub fleet_max_rps: f64,
+    pub fleet_circuit: bool,
     pub ca_file: String,
     pub client_cert_file: String,
     pub client_key_file: String,
@@ -129,6 +131,8 @@ impl Default for RawUpstream {
             retry_budget: 0.2,
             circuit_failures: 5,
             circuit_cooldown: Duration::from_secs(5),
+            fleet_max_rps: 0.0,
+            fleet_circuit: true,
             ca_file: String::new(),
             client_cert_file: String::new(),
             client_key_file: String::new(),
@@ -280,6 +284,19 @@ pub struct RawCaller {
     pub burst: u32,
     #[serde(default)]
     pub max_concurrent: u32,
+    #[serde(default)]
+    pub limit_scope: LimitScope,
+}
+
+/// Where a caller's `rate_limit_rps` / `burst` are counted.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LimitScope {
+    /// On each replica alone.
+    #[default]
+    Replica,
+    /// Over every replica of the fleet together (in Redis).
+    Fleet,
 }
 
 /// One key hash, or several while a key is being rotated.
@@ -369,6 +386,7 @@ pub struct CallerConfig {
     pub rate_limit_rps: f64,
     pub burst: u32,
     pub max_concurrent: u32,
+    pub limit_scope: LimitScope,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -705,11 +723,19 @@ impl RawConfig {
             retry_budget,
             circuit_failures,
             circuit_cooldown,
+            fleet_max_rps,
+            fleet_circuit,
             ca_file,
             client_cert_file,
             client_key_file,
             proxy,
         } = upstream;
+        if !fleet_max_rps.is_finite() || *fleet_max_rps < 0.0 {
+            return Err(ConfigError::invalid(
+                "upstream.fleet_max_rps",
+                "must be 0 (no ceiling) or a positive rate",
+            ));
+        }
         let upstream = UpstreamConfig {
             base_url: base_url("upstream.base_url", raw_base_url)?,
             merchant_token: secret(
@@ -732,6 +758,8 @@ impl RawConfig {
             retry_budget: fraction("upstream.retry_budget", *retry_budget, 1000.0)?,
             circuit_failures: *circuit_failures,
             circuit_cooldown: nonzero("upstream.circuit_cooldown", *circuit_cooldown)?,
+            fleet_max_rps: *fleet_max_rps,
+            fleet_circuit: *fleet_circuit,
             tls: upstream_tls(ca_file, client_cert_file, client_key_file)?,
             proxy: proxy_url("upstream.proxy", proxy)?,
         };
@@ -1088,6 +1116,7 @@ fn callers(raw: &[RawCaller]) -> Result<Vec<CallerConfig>, ConfigError> {
             rate_limit_rps,
             burst,
             max_concurrent,
+            limit_scope,
         } = caller;
         let name = name.trim();
         if name.is_empty() {
@@ -1139,6 +1168,7 @@ fn callers(raw: &[RawCaller]) -> Result<Vec<CallerConfig>, ConfigError> {
             rate_limit_rps: *rate_limit_rps,
             burst: *burst,
             max_concurrent: *max_concurrent,
+            limit_scope: *limit_scope,
         });
     }
     Ok(out)

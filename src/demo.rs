@@ -45,6 +45,7 @@ pub async fn run(
         rate_limit_rps: 0.0,
         burst: 0,
         max_concurrent: 0,
+        limit_scope: Default::default(),
     });
     let main = bind_loopback(config.server.listen.port(), "server.listen")?;
     let admin = bind_loopback(config.server.admin_listen.port(), "server.admin_listen")?;

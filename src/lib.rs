@@ -118,8 +118,9 @@ use crate::admin::Admin;
 use crate::auth::CallerKeys;
 use crate::balance::cache::BalanceCache;
 use crate::balance::service::Balances;
+use crate::caller::FleetRate;
 use crate::config::Config;
-use crate::fleet::{Fleet, TokenShare};
+use crate::fleet::{CallerRates, Fleet, FleetGuard, TokenShare};
 use crate::metrics::Metrics;
 use crate::tier::{Invalidate, Invalidation, Tier};
 
@@ -164,6 +165,8 @@ struct State {
     access_sample: AccessSample,
     in_flight: InFlight,
     ready: Arc<AtomicBool>,
+    /// Where fleet-scoped callers' rates are counted (with `[redis]`).
+    fleet_rate: Option<Arc<dyn FleetRate>>,
 }
 
 impl Gateway {
@@ -203,10 +206,21 @@ impl Gateway {
         let tokens = fleet
             .clone()
             .map(|f| Arc::new(TokenShare(f)) as Arc<dyn bill24::token::TokenStore>);
+        // The fleet's ceiling and circuit; without `[redis]`, a ceiling of this replica's own.
+        let hooks = fleet.clone().map(|f| {
+            FleetGuard::new(
+                f,
+                config.upstream.fleet_max_rps,
+                config.upstream.fleet_circuit,
+            ) as Arc<dyn bill24::fleet::FleetHooks>
+        });
         let bill24 = Arc::new(
-            Bill24::start(&config.upstream, metrics.clone(), tokens)
+            Bill24::start_in_fleet(&config.upstream, metrics.clone(), tokens, hooks)
                 .map_err(StartError::Upstream)?,
         );
+        let fleet_rate = fleet
+            .clone()
+            .map(|f| CallerRates::new(f) as Arc<dyn FleetRate>);
         let balances = Balances::with_tier(
             config.cache.clone(),
             cache,
@@ -223,6 +237,7 @@ impl Gateway {
             access_sample: AccessSample::new(config.log.access_sample),
             in_flight: InFlight::default(),
             ready: Arc::new(AtomicBool::new(true)),
+            fleet_rate,
         };
         Ok(Gateway {
             config,
@@ -283,6 +298,7 @@ impl Gateway {
             balances: state.balances.clone(),
             request_timeout: config.server.request_timeout,
             max_body_bytes: config.server.max_body_bytes,
+            fleet_rate: state.fleet_rate.clone(),
         };
         let admin_state = Arc::new(Admin {
             ready: state.ready.clone(),

@@ -32,6 +32,7 @@ pub const REDIS_UP: &str = "gateway_redis_up";
 pub const REDIS_REQUESTS_TOTAL: &str = "gateway_redis_requests_total";
 pub const REDIS_DURATION: &str = "gateway_redis_duration_seconds";
 pub const FLEET_FILL_WAITS_TOTAL: &str = "gateway_fleet_fill_waits_total";
+pub const FLEET_LIMIT_WAIT: &str = "gateway_fleet_limit_wait_seconds";
 
 /// Resolves cache hits (tens of µs) as well as slow Bill24 calls (seconds).
 const REQUEST_BUCKETS: &[f64] = &[
@@ -88,6 +89,9 @@ impl Metrics {
             })
             .and_then(|b| {
                 b.set_buckets_for_metric(Matcher::Full(REDIS_DURATION.into()), REDIS_BUCKETS)
+            })
+            .and_then(|b| {
+                b.set_buckets_for_metric(Matcher::Full(FLEET_LIMIT_WAIT.into()), UPSTREAM_BUCKETS)
             });
         // Only fails on an empty bucket list, which the constants above are not.
         let recorder = builder.unwrap_or_default().build_recorder();
@@ -155,6 +159,13 @@ impl Metrics {
         describe(
             FLEET_FILL_WAITS_TOTAL,
             "Waits for another replica's fill, by how they ended.",
+        );
+        recorder.describe_histogram(
+            KeyName::from(FLEET_LIMIT_WAIT),
+            None,
+            SharedString::from(
+                "Time a Bill24 call waited for a place under the fleet's ceiling (upstream.fleet_max_rps).",
+            ),
         );
 
         let coalesced = register_counter(&recorder, COALESCED_TOTAL, vec![]);
@@ -305,6 +316,13 @@ impl Metrics {
                 )
                 .record(elapsed.as_secs_f64());
         }
+    }
+
+    /// A Bill24 call waited this long under the fleet's ceiling.
+    pub fn fleet_limit_wait(&self, waited: Duration) {
+        self.recorder
+            .register_histogram(&Key::from_name(FLEET_LIMIT_WAIT), &metadata())
+            .record(waited.as_secs_f64());
     }
 
     /// A wait for another replica's fill ended (`filled`, `failed`, `timed_out`,

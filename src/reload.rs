@@ -188,6 +188,8 @@ fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
         retry_budget,
         circuit_failures,
         circuit_cooldown,
+        fleet_max_rps,
+        fleet_circuit,
         tls,
         proxy,
     } = upstream;
@@ -220,6 +222,8 @@ fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
         "upstream.circuit_cooldown",
         *circuit_cooldown != n.circuit_cooldown,
     );
+    compare("upstream.fleet_max_rps", *fleet_max_rps != n.fleet_max_rps);
+    compare("upstream.fleet_circuit", *fleet_circuit != n.fleet_circuit);
     let bill24::tls::Tls {
         extra_roots,
         client_identity,
@@ -349,6 +353,11 @@ mod tests {
             (
                 "upstream.proxy",
                 "[upstream]\nproxy = \"http://127.0.0.1:3128\"",
+            ),
+            ("upstream.fleet_max_rps", "[upstream]\nfleet_max_rps = 20"),
+            (
+                "upstream.fleet_circuit",
+                "[upstream]\nfleet_circuit = false",
             ),
             ("cache.ttl", "[cache]\nttl = \"1s\""),
             ("cache.max_entries", "[cache]\nmax_entries = 1"),

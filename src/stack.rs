@@ -19,6 +19,7 @@ use crate::access_log::{AccessLogLayer, AccessSample, InFlight};
 use crate::auth::{AuthLayer, CallerKeys};
 use crate::balance::request::ParseLayer;
 use crate::balance::service::{BalanceService, Balances};
+use crate::caller::FleetRate;
 use crate::correlation::CorrelationLayer;
 use crate::error::{ErrorResponse, GatewayError, Rejection, Response, reject};
 use crate::limits::CallerLimitLayer;
@@ -38,6 +39,8 @@ pub struct StackParts {
     pub balances: Arc<Balances>,
     pub request_timeout: Duration,
     pub max_body_bytes: usize,
+    /// Where fleet-scoped callers' rates are counted (with `[redis]`).
+    pub fleet_rate: Option<Arc<dyn FleetRate>>,
 }
 
 /// Builds the service the main listener serves. Checks run in the contract's order: route
@@ -73,7 +76,7 @@ where
         // 401; the caller's identity for everything below.
         .layer(AuthLayer::new(parts.callers.clone()))
         // 429: the caller's rate limit and concurrency cap.
-        .layer(CallerLimitLayer)
+        .layer(CallerLimitLayer::new(parts.fleet_rate.clone()))
         // 504 once `server.request_timeout` has passed.
         .layer(DeadlineLayer::new(parts.request_timeout))
         // 415, 413, 400; the validated query.

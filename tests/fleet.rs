@@ -254,6 +254,8 @@ struct Fleet {
     /// More TOML for every replica (`[redis]` keys, `[cache]`, `[upstream]` sections...).
     extra: String,
     envs: Vec<(String, String)>,
+    /// `[[callers]]` blocks in place of the default two (orders, billing).
+    callers: Option<String>,
 }
 
 impl Fleet {
@@ -270,6 +272,7 @@ impl Fleet {
             urls,
             extra: extra.to_string(),
             envs: Vec::new(),
+            callers: None,
         }
     }
 
@@ -297,8 +300,14 @@ impl Fleet {
             bill24_sim::DEMO_CLIENT_ID,
             bill24_sim::DEMO_CLIENT_SECRET,
             section("upstream"),
-            caller_block("orders", ORDERS_KEY),
-            caller_block("billing", BILLING_KEY),
+            self.callers
+                .clone()
+                .unwrap_or_else(|| caller_block("orders", ORDERS_KEY)),
+            if self.callers.is_some() {
+                String::new()
+            } else {
+                caller_block("billing", BILLING_KEY)
+            },
         )
     }
 
@@ -966,7 +975,13 @@ async fn rediss_and_acl_users_work() {
     let (a, b) = (fleet.replica().await, fleet.replica().await);
     a.balance("TLS1").await;
     let r = b.balance("TLS1").await;
-    assert_eq!(r.x_cache(), "HIT", "shared over TLS");
+    assert_eq!(
+        r.x_cache(),
+        "HIT",
+        "shared over TLS: {} {}",
+        r.status,
+        String::from_utf8_lossy(&r.body)
+    );
     assert_eq!(fleet.sim.handle().balance_calls_for("TLS1"), 1);
     assert_eq!(fleet.sim.handle().authorize_calls(), 1);
     let output = a.running.output().join("\n");
@@ -1554,4 +1569,268 @@ async fn clock_skew_changes_no_answer_age() {
     // About one call per TTL for the fleet: the skewed replicas take their share from Redis.
     let calls = sim.balance_calls_for("SKEW");
     assert!(calls <= 7, "{calls} Bill24 calls in 7 s at a 2 s TTL");
+}
+
+// ---------------------------------------------------------------------------------------------
+// The fleet's limits in bad times (CONTRACT §13)
+// ---------------------------------------------------------------------------------------------
+
+/// `workers` callers asking a new customer each time over every replica for `run`; the Bill24
+/// balance calls the simulator saw meanwhile, and every status.
+async fn cold_traffic(
+    fleet: &Fleet,
+    replicas: &Arc<Vec<Replica>>,
+    workers: usize,
+    run: Duration,
+    tag: &str,
+) -> (u64, Vec<StatusCode>, Duration) {
+    let sim = fleet.sim.handle();
+    let before = sim.balance_calls();
+    let start = Instant::now();
+    let tasks: Vec<_> = (0..workers)
+        .map(|w| {
+            let replicas = replicas.clone();
+            let tag = tag.to_string();
+            tokio::spawn(async move {
+                let mut statuses = Vec::new();
+                let mut i = 0;
+                while start.elapsed() < run {
+                    let r = replicas[(w + i) % replicas.len()]
+                        .balance(&format!("{tag}-{w}-{i}"))
+                        .await;
+                    statuses.push(r.status);
+                    i += 1;
+                }
+                statuses
+            })
+        })
+        .collect();
+    let mut statuses = Vec::new();
+    for t in tasks {
+        statuses.extend(t.await.expect("worker"));
+    }
+    let took = start.elapsed();
+    (sim.balance_calls() - before, statuses, took)
+}
+
+/// `upstream.fleet_max_rps = 20` over three replicas: cold traffic over many customers stays
+/// within `20 × T + 20` Bill24 calls, every request answered (waiting its turn); the same
+/// traffic without the ceiling makes several times more.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_ceiling_on_bill24_calls_for_the_fleet() {
+    let redis = Redis::start(&[]);
+    let capped = Fleet::new(
+        vec![redis.url()],
+        "upstream.fleet_max_rps = 20\nupstream.queue_timeout = \"10s\"",
+    )
+    .await;
+    let replicas = Arc::new(capped.replicas(3).await);
+    for (i, r) in replicas.iter().enumerate() {
+        r.balance(&format!("warm-up-{i}")).await;
+    }
+    // Past the warm-ups' share of the burst.
+    real_sleep(Duration::from_millis(1_100)).await;
+    let (calls, statuses, took) =
+        cold_traffic(&capped, &replicas, 12, Duration::from_secs(3), "CAP").await;
+    assert!(
+        statuses.iter().all(|s| *s == StatusCode::OK),
+        "{statuses:?}"
+    );
+    let bound = 20.0 * took.as_secs_f64() + 20.0;
+    assert!(
+        (calls as f64) <= bound,
+        "{calls} Bill24 calls in {took:?} (bound {bound})"
+    );
+    assert!(calls >= 40, "the ceiling is a rate, not a stop: {calls}");
+    let waits = replicas[0]
+        .metric("gateway_fleet_limit_wait_seconds_count")
+        .await;
+    assert!(waits > 0.0, "waits are measured");
+
+    let free = Fleet::new(vec![redis.url()], "redis.key_prefix = \"free\"").await;
+    let others = Arc::new(free.replicas(3).await);
+    for (i, r) in others.iter().enumerate() {
+        r.balance(&format!("warm-up-{i}")).await;
+    }
+    let (uncapped, _, _) = cold_traffic(&free, &others, 12, Duration::from_secs(3), "FREE").await;
+    assert!(
+        uncapped >= 3 * calls,
+        "without the ceiling: {uncapped} calls, with it: {calls}"
+    );
+}
+
+/// Over the ceiling, requests wait in line no longer than `upstream.queue_timeout`; past it
+/// they get 503 `upstream_busy` with `Retry-After`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn past_the_queue_timeout_the_ceiling_answers_upstream_busy() {
+    let redis = Redis::start(&[]);
+    let fleet = Fleet::new(
+        vec![redis.url()],
+        "upstream.fleet_max_rps = 5\nupstream.queue_timeout = \"200ms\"\nupstream.retries = 0",
+    )
+    .await;
+    let (a, b) = (
+        Arc::new(fleet.replica().await),
+        Arc::new(fleet.replica().await),
+    );
+    a.balance("warm-up-a").await;
+    b.balance("warm-up-b").await;
+    real_sleep(Duration::from_millis(1_100)).await;
+    let before = fleet.sim.handle().balance_calls();
+    let requests: Vec<_> = (0..30)
+        .map(|i| {
+            let r = if i % 2 == 0 { a.clone() } else { b.clone() };
+            tokio::spawn(async move { r.balance(&format!("BUSY{i}")).await })
+        })
+        .collect();
+    let mut ok = 0;
+    for r in requests {
+        let reply = r.await.expect("request");
+        match reply.status {
+            StatusCode::OK => ok += 1,
+            StatusCode::SERVICE_UNAVAILABLE => {
+                assert_eq!(reply.error_code(), "upstream_busy");
+                assert!(reply.header("retry-after").is_some());
+            }
+            other => panic!("{other}"),
+        }
+    }
+    // A burst of 5, then one each 200 ms: one more within the queue timeout (a little
+    // more if the requests' arrivals spread).
+    assert!((6..=8).contains(&ok), "{ok} answered");
+    assert_eq!(fleet.sim.handle().balance_calls() - before, ok);
+}
+
+/// One circuit for the fleet: an outage over three replicas costs about `circuit_failures +
+/// D / circuit_cooldown` Bill24 calls rather than three times that, and a replica that never
+/// saw a failure answers `circuit_open` within 100 ms of the first opening.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_circuit_for_the_fleet() {
+    let redis = Redis::start(&[]);
+    let settings = "upstream.circuit_failures = 3\nupstream.circuit_cooldown = \"1s\"\n\
+                    upstream.retries = 0";
+    // The calls of an outage: in all, and after its first 600 ms (once the circuits opened:
+    // the probes).
+    let outage = async |fleet: &Fleet, replicas: &Arc<Vec<Replica>>, tag: &str| {
+        let sim = fleet.sim.handle();
+        sim.set_latency(Duration::from_millis(30));
+        sim.set_balance_fault(Some(Fault::Status(500)));
+        let start = sim.balance_calls();
+        let mark = tokio::spawn({
+            let sim = fleet.sim.handle();
+            async move {
+                real_sleep(Duration::from_millis(600)).await;
+                sim.balance_calls()
+            }
+        });
+        let (calls, statuses, _) =
+            cold_traffic(fleet, replicas, 6, Duration::from_millis(4_600), tag).await;
+        let opened = mark.await.expect("mark");
+        sim.set_balance_fault(None);
+        sim.set_latency(Duration::ZERO);
+        assert!(statuses.iter().all(|s| s.is_server_error()), "{statuses:?}");
+        (calls, start + calls - opened)
+    };
+    let shared = Fleet::new(vec![redis.url()], settings).await;
+    let replicas = Arc::new(shared.replicas(3).await);
+    for (i, r) in replicas.iter().enumerate() {
+        r.balance(&format!("warm-up-{i}")).await;
+    }
+    let (one, one_probes) = outage(&shared, &replicas, "ONE").await;
+
+    let alone = Fleet::new(
+        vec![redis.url()],
+        &format!("{settings}\nupstream.fleet_circuit = false\nredis.key_prefix = \"alone\""),
+    )
+    .await;
+    let others = Arc::new(alone.replicas(3).await);
+    for (i, r) in others.iter().enumerate() {
+        r.balance(&format!("warm-up-{i}")).await;
+    }
+    let (each, each_probes) = outage(&alone, &others, "EACH").await;
+    // 4 s of cool-downs of 1 s: one probe each for the fleet (one more at the edges), against
+    // one per replica.
+    assert!(
+        one_probes <= 5,
+        "{one_probes} probes with one circuit ({one} calls in all)"
+    );
+    assert!(
+        each_probes >= 9,
+        "{each_probes} probes with a circuit per replica ({each} calls in all)"
+    );
+    assert!(
+        one < each,
+        "{one} calls with one circuit, {each} with one per replica"
+    );
+
+    // A replica that never saw a failure.
+    let sim = shared.sim.handle();
+    real_sleep(Duration::from_millis(1_200)).await;
+    for (i, r) in replicas.iter().enumerate() {
+        r.balance(&format!("closed-again-{i}")).await;
+    }
+    sim.set_balance_fault(Some(Fault::Status(500)));
+    for i in 0..3 {
+        replicas[0].balance(&format!("FAIL{i}")).await;
+    }
+    let calls = sim.balance_calls();
+    real_sleep(Duration::from_millis(100)).await;
+    let quiet = replicas[2].balance("NEVER-FAILED").await;
+    assert_eq!(quiet.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(quiet.error_code(), "circuit_open");
+    assert_eq!(
+        sim.balance_calls(),
+        calls,
+        "no call from the replica that never failed"
+    );
+    sim.set_balance_fault(None);
+}
+
+/// A caller with `limit_scope = "fleet"` gets its rate once over three replicas; one with
+/// `limit_scope = "replica"` three times.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fleet_scoped_callers_get_their_rate_once() {
+    let redis = Redis::start(&[]);
+    let mut fleet = Fleet::new(vec![redis.url()], "").await;
+    let hash = |key: &str| hex::encode(bill24_gateway::hash_key(key.as_bytes()));
+    fleet.callers = Some(format!(
+        "[[callers]]\nname = \"orders\"\nkey_sha256 = \"{}\"\nrate_limit_rps = 5\nburst = 10\n\
+         limit_scope = \"fleet\"\n\
+         [[callers]]\nname = \"billing\"\nkey_sha256 = \"{}\"\nrate_limit_rps = 5\nburst = 10\n",
+        hash(ORDERS_KEY),
+        hash(BILLING_KEY)
+    ));
+    let replicas = fleet.replicas(3).await;
+    let count = async |key: &str| {
+        let mut ok = 0;
+        let mut limited = 0;
+        for i in 0..60 {
+            let r = balance(replicas[i % 3].main, key, "SAME").await;
+            match r.status {
+                StatusCode::OK => ok += 1,
+                StatusCode::TOO_MANY_REQUESTS => {
+                    assert!(r.header("retry-after").is_some());
+                    limited += 1;
+                }
+                other => panic!("{other}"),
+            }
+        }
+        (ok, limited)
+    };
+    let start = Instant::now();
+    let (fleet_ok, fleet_limited) = count(ORDERS_KEY).await;
+    let refill = (start.elapsed().as_secs_f64() * 5.0).ceil() as usize;
+    assert!(
+        (10..=10 + refill).contains(&fleet_ok),
+        "fleet-scoped: {fleet_ok} answered, {fleet_limited} limited in {:?}",
+        start.elapsed()
+    );
+    let start = Instant::now();
+    let (replica_ok, _) = count(BILLING_KEY).await;
+    let refill = (start.elapsed().as_secs_f64() * 5.0).ceil() as usize * 3;
+    assert!(
+        (30..=30 + refill).contains(&replica_ok),
+        "replica-scoped: {replica_ok} answered in {:?}",
+        start.elapsed()
+    );
 }

@@ -16,6 +16,8 @@ use futures_util::StreamExt;
 use singleflight::{Flight, Flights};
 use tokio::sync::Notify;
 
+use bill24::fleet::CircuitNews;
+
 use super::Fleet;
 use super::conn::{CallError, FIRST_BACKOFF, MAX_BACKOFF};
 use crate::tier::{Invalidation, WaitOutcome};
@@ -132,6 +134,23 @@ impl Fleet {
             "token" => {
                 self.token_version.send_modify(|v| *v += 1);
             }
+            "circuit-open" => {
+                if let Ok(ms) = arg.parse::<u64>() {
+                    // A cool-down longer than a day is not one this code sends.
+                    let cooldown = Duration::from_millis(ms.min(86_400_000));
+                    self.circuit_news.send_modify(|news| {
+                        *news = CircuitNews::Opened {
+                            cooldown,
+                            seq: news_seq(news) + 1,
+                        }
+                    });
+                }
+            }
+            "circuit-closed" => self.circuit_news.send_modify(|news| {
+                *news = CircuitNews::Closed {
+                    seq: news_seq(news) + 1,
+                }
+            }),
             _ => {}
         }
     }
@@ -156,6 +175,13 @@ impl Fleet {
         self.read_epoch().await;
         self.token_version.send_modify(|v| *v += 1);
         tracing::info!("shared tier subscription restored; local cache copies dropped");
+    }
+}
+
+fn news_seq(news: &CircuitNews) -> u64 {
+    match news {
+        CircuitNews::None => 0,
+        CircuitNews::Opened { seq, .. } | CircuitNews::Closed { seq } => *seq,
     }
 }
 

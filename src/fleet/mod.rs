@@ -26,12 +26,15 @@
 mod conn;
 mod events;
 mod fill;
+mod limits;
 pub(crate) mod seal;
 mod token;
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
+use bill24::fleet::CircuitNews;
 use tokio::sync::watch;
 
 use crate::config::{RedisConfig, UpstreamConfig};
@@ -39,6 +42,7 @@ use crate::metrics::Metrics;
 use crate::tier::Invalidate;
 use conn::Link;
 use events::{Epoch, Waits};
+pub(crate) use limits::{CallerRates, FleetGuard};
 pub(crate) use token::TokenShare;
 
 /// The key names of one merchant's fleet.
@@ -70,6 +74,19 @@ impl Names {
     fn channel(&self) -> String {
         format!("{}events", self.base)
     }
+
+    fn ceiling(&self) -> String {
+        format!("{}ceiling", self.base)
+    }
+
+    fn probe_lock(&self) -> String {
+        format!("{}circuit:probe", self.base)
+    }
+
+    /// A caller's fleet-wide rate (its name in hex: any name makes a valid key, no hash tag).
+    fn caller(&self, name: &str) -> String {
+        format!("{}caller:{}", self.base, hex::encode(name.as_bytes()))
+    }
 }
 
 /// The shared tier of one gateway replica.
@@ -90,6 +107,10 @@ pub(crate) struct Fleet {
     waits: Waits,
     epoch: Epoch,
     token_version: watch::Sender<u64>,
+    /// What other replicas' circuits did.
+    circuit_news: watch::Sender<CircuitNews>,
+    /// The fleet's size as last seen (at least 1): a limit's share when Redis is down.
+    size: AtomicUsize,
     /// Itself, for the background work a fill leaves behind (store, release, publish).
     me: Weak<Fleet>,
 }
@@ -139,6 +160,8 @@ impl Fleet {
             waits: Waits::new(16),
             epoch: Epoch::default(),
             token_version: watch::Sender::new(0),
+            circuit_news: watch::Sender::new(CircuitNews::None),
+            size: AtomicUsize::new(1),
             me: me.clone(),
         });
         tokio::spawn(events::subscribe(fleet.clone()));
@@ -148,5 +171,10 @@ impl Fleet {
 
     fn metrics(&self) -> &Metrics {
         &self.link.metrics
+    }
+
+    /// The fleet's size as last seen, at least 1.
+    pub(crate) fn size(&self) -> usize {
+        self.size.load(Ordering::Acquire).max(1)
     }
 }

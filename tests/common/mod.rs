@@ -54,6 +54,7 @@ pub fn raw_config(base_url: &str) -> RawConfig {
             rate_limit_rps: 0.0,
             burst: 0,
             max_concurrent: 0,
+            limit_scope: Default::default(),
         },
         RawCaller {
             name: "billing".into(),
@@ -61,6 +62,7 @@ pub fn raw_config(base_url: &str) -> RawConfig {
             rate_limit_rps: 0.0,
             burst: 0,
             max_concurrent: 0,
+            limit_scope: Default::default(),
         },
     ];
     raw

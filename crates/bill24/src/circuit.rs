@@ -122,6 +122,54 @@ impl Circuit {
         }
     }
 
+    /// Another replica's circuit opened for `cooldown` (one circuit for the fleet): open here
+    /// for as long, unless already open longer. A probe in flight here still decides.
+    pub fn open_for(&self, cooldown: Duration, now: Instant) -> Option<Transition> {
+        let mut state = self.lock();
+        match *state {
+            State::Open { until } if until >= now + cooldown => None,
+            State::Open { .. } => {
+                *state = State::Open {
+                    until: now + cooldown,
+                };
+                None
+            }
+            State::HalfOpen => None,
+            State::Closed { .. } => {
+                *state = State::Open {
+                    until: now + cooldown,
+                };
+                Some(Transition::Opened)
+            }
+        }
+    }
+
+    /// Another replica's probe succeeded: closed here too.
+    pub fn close(&self) -> Option<Transition> {
+        let mut state = self.lock();
+        match *state {
+            State::Closed { .. } => None,
+            _ => {
+                *state = State::Closed {
+                    consecutive_failures: 0,
+                };
+                Some(Transition::Closed)
+            }
+        }
+    }
+
+    /// The probe this replica was admitted for is another replica's to send: open again for a
+    /// cool-down (that replica's outcome will close or re-open it sooner).
+    pub fn probe_elsewhere(&self, now: Instant) {
+        *self.lock() = State::Open {
+            until: now + self.cooldown,
+        };
+    }
+
+    pub fn cooldown(&self) -> Duration {
+        self.cooldown
+    }
+
     pub fn state(&self) -> CircuitState {
         match *self.lock() {
             State::Closed { .. } => CircuitState::Closed,
@@ -136,6 +184,38 @@ mod tests {
     use super::*;
 
     const COOL: Duration = Duration::from_secs(5);
+
+    #[test]
+    fn another_replicas_circuit_opens_and_closes_this_one() {
+        let c = Circuit::new(3, COOL);
+        let t0 = Instant::now();
+        assert_eq!(c.open_for(COOL, t0), Some(Transition::Opened));
+        assert_eq!(
+            c.admit(t0 + Duration::from_secs(2)),
+            Err(Duration::from_secs(3))
+        );
+        assert_eq!(
+            c.open_for(Duration::from_secs(1), t0),
+            None,
+            "already open longer"
+        );
+        assert_eq!(
+            c.admit(t0 + Duration::from_secs(4)),
+            Err(Duration::from_secs(1))
+        );
+        assert_eq!(c.close(), Some(Transition::Closed));
+        assert_eq!(c.close(), None);
+        assert_eq!(c.admit(t0), Ok((Admission::Normal, None)));
+        // Admitted as the probe, but another replica sends it.
+        c.open_for(COOL, t0);
+        assert_eq!(
+            c.admit(t0 + COOL),
+            Ok((Admission::Probe, Some(Transition::HalfOpened)))
+        );
+        c.probe_elsewhere(t0 + COOL);
+        assert_eq!(c.state(), CircuitState::Open);
+        assert_eq!(c.admit(t0 + COOL), Err(COOL));
+    }
 
     #[test]
     fn opens_after_consecutive_failures_and_probes_after_cooldown() {

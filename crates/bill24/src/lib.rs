@@ -11,6 +11,7 @@ pub mod budget;
 mod chain;
 pub mod circuit;
 pub mod client;
+pub mod fleet;
 mod route;
 mod secret;
 pub mod tls;
@@ -24,13 +25,14 @@ use bytes::Bytes;
 use http::header::{AUTHORIZATION, CONTENT_TYPE};
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use smol_str::SmolStr;
-use tokio::sync::Semaphore;
+use tokio::sync::{Semaphore, watch};
 use tokio::time::Instant;
 
 use budget::RetryBudget;
-use circuit::{Circuit, CircuitState, Transition};
+use circuit::{Admission, Circuit, CircuitState, Transition};
 pub use client::{AUTHORIZE_PATH, BALANCE_PATH};
 use client::{Reply, Transport, TransportError};
+use fleet::{CircuitNews, FleetHooks};
 pub use secret::{REDACTED, Secret};
 use token::{AccessToken, Credentials, TokenError, TokenManager};
 
@@ -55,6 +57,11 @@ pub struct Config {
     pub retry_budget: f64,
     pub circuit_failures: u32,
     pub circuit_cooldown: Duration,
+    /// Balance calls per second across the whole fleet (0 = no ceiling); enforced through
+    /// [`fleet::FleetHooks`], which the gateway builds from it.
+    pub fleet_max_rps: f64,
+    /// With a fleet: one circuit for all replicas.
+    pub fleet_circuit: bool,
     /// Roots trusted besides the webpki roots, and a client certificate.
     pub tls: tls::Tls,
     /// `upstream.proxy` (`http://[user:pass@]host:port`); `None`: the environment decides
@@ -254,8 +261,10 @@ pub struct Bill24 {
     queue_timeout: Duration,
     retries: u32,
     budget: RetryBudget,
-    circuit: Circuit,
+    circuit: Arc<Circuit>,
     metrics: Arc<dyn Observer>,
+    /// The fleet's ceiling and circuit, when replicas share them.
+    fleet: Option<Arc<dyn FleetHooks>>,
 }
 
 impl Bill24 {
@@ -265,6 +274,17 @@ impl Bill24 {
         cfg: &Config,
         metrics: Arc<dyn Observer>,
         tokens: Option<Arc<dyn token::TokenStore>>,
+    ) -> Result<Self, String> {
+        Self::start_in_fleet(cfg, metrics, tokens, None)
+    }
+
+    /// Like [`Bill24::start`], for a replica of a fleet that shares a ceiling on balance calls
+    /// and one circuit through `fleet`. Must be called within a runtime.
+    pub fn start_in_fleet(
+        cfg: &Config,
+        metrics: Arc<dyn Observer>,
+        tokens: Option<Arc<dyn token::TokenStore>>,
+        fleet: Option<Arc<dyn FleetHooks>>,
     ) -> Result<Self, String> {
         let transport = Arc::new(Transport::new(cfg)?);
         tracing::info!(route = transport.route(), "Bill24 connections");
@@ -279,6 +299,14 @@ impl Bill24 {
             metrics.clone(),
             tokens,
         );
+        let circuit = Arc::new(Circuit::new(cfg.circuit_failures, cfg.circuit_cooldown));
+        if let Some(fleet) = &fleet {
+            tokio::spawn(follow_the_fleet(
+                fleet.circuit_news(),
+                circuit.clone(),
+                metrics.clone(),
+            ));
+        }
         Ok(Bill24 {
             transport,
             tokens,
@@ -291,8 +319,9 @@ impl Bill24 {
                 cfg.retry_budget,
                 Instant::now(),
             ),
-            circuit: Circuit::new(cfg.circuit_failures, cfg.circuit_cooldown),
+            circuit,
             metrics,
+            fleet,
         })
     }
 
@@ -303,6 +332,23 @@ impl Bill24 {
     /// Asks Bill24 for a balance: through the circuit breaker, retrying what is worth it.
     pub async fn balance(&self, call: &BalanceCall<'_>) -> Result<Answer, Failure> {
         let admission = match self.circuit.admit(Instant::now()) {
+            Ok((Admission::Probe, transition)) => {
+                // One probe for the fleet: another replica's outcome decides here too.
+                if let Some(fleet) = &self.fleet
+                    && !fleet.claim_probe(self.circuit.cooldown()).await
+                {
+                    self.circuit.probe_elsewhere(Instant::now());
+                    return Err(Failure::new(
+                        UpstreamError::CircuitOpen {
+                            retry_after: self.circuit.cooldown(),
+                        },
+                        None,
+                        None,
+                    ));
+                }
+                self.circuit_moved(transition);
+                Admission::Probe
+            }
             Ok((admission, transition)) => {
                 self.circuit_moved(transition);
                 admission
@@ -353,26 +399,23 @@ impl Bill24 {
         let failed = matches!(&result, Err(f) if f.error.counts_against_circuit());
         let transition = self.circuit.record(admission, failed, Instant::now());
         self.circuit_moved(transition);
+        if let Some(fleet) = &self.fleet {
+            match transition {
+                Some(Transition::Opened) => fleet.circuit_opened(self.circuit.cooldown()),
+                Some(Transition::Closed) => fleet.circuit_closed(),
+                _ => {}
+            }
+        }
         result
     }
 
     fn circuit_moved(&self, transition: Option<Transition>) {
-        let Some(transition) = transition else {
-            return;
-        };
-        self.metrics
-            .circuit(self.circuit.state(), transition == Transition::Opened);
-        match transition {
-            Transition::Opened => {
-                tracing::warn!(
-                    "circuit to Bill24 opened: requests fail fast until a probe succeeds"
-                );
-            }
-            Transition::HalfOpened => {
-                tracing::info!("circuit to Bill24 half-open: sending one probe request");
-            }
-            Transition::Closed => tracing::info!("circuit to Bill24 closed: Bill24 answers again"),
-        }
+        circuit_moved(self.metrics.as_ref(), &self.circuit, transition, false);
+    }
+
+    /// The circuit's state now (for the fleet's view of its replicas).
+    pub fn circuit_state(&self) -> CircuitState {
+        self.circuit.state()
     }
 
     /// One exchange: a token, the call, and on a 401 one shared refresh and one more call,
@@ -412,6 +455,14 @@ impl Bill24 {
         call: &BalanceCall<'_>,
         limit: Duration,
     ) -> Result<Attempt, Failure> {
+        // A place under the fleet's ceiling first (waiting in line, within `queue_timeout`).
+        if let Some(fleet) = &self.fleet {
+            match fleet.reserve(self.queue_timeout).await {
+                Ok(wait) if wait.is_zero() => {}
+                Ok(wait) => tokio::time::sleep(wait).await,
+                Err(fleet::NoSlot) => return Err(Failure::new(UpstreamError::Busy, None, None)),
+            }
+        }
         let _slot = match tokio::time::timeout(self.queue_timeout, self.slots.acquire()).await {
             Ok(Ok(permit)) => permit,
             _ => return Err(Failure::new(UpstreamError::Busy, None, None)),
@@ -515,6 +566,55 @@ fn classify(attempt: Attempt, elapsed: Duration) -> Result<Answer, Failure> {
         })
     } else {
         fail(UpstreamError::Status(status.as_u16()))
+    }
+}
+
+/// Logs and counts a move of the circuit; `remote`: made by another replica's news.
+fn circuit_moved(
+    metrics: &dyn Observer,
+    circuit: &Circuit,
+    transition: Option<Transition>,
+    remote: bool,
+) {
+    let Some(transition) = transition else {
+        return;
+    };
+    metrics.circuit(circuit.state(), transition == Transition::Opened);
+    let by = if remote {
+        "another replica"
+    } else {
+        "this replica"
+    };
+    match transition {
+        Transition::Opened => {
+            tracing::warn!(
+                by,
+                "circuit to Bill24 opened: requests fail fast until a probe succeeds"
+            );
+        }
+        Transition::HalfOpened => {
+            tracing::info!("circuit to Bill24 half-open: sending one probe request");
+        }
+        Transition::Closed => {
+            tracing::info!(by, "circuit to Bill24 closed: Bill24 answers again")
+        }
+    }
+}
+
+/// Applies what other replicas' circuits did to this one, for as long as the fleet tells.
+async fn follow_the_fleet(
+    mut news: watch::Receiver<CircuitNews>,
+    circuit: Arc<Circuit>,
+    metrics: Arc<dyn Observer>,
+) {
+    while news.changed().await.is_ok() {
+        let latest = *news.borrow_and_update();
+        let transition = match latest {
+            CircuitNews::None => None,
+            CircuitNews::Opened { cooldown, .. } => circuit.open_for(cooldown, Instant::now()),
+            CircuitNews::Closed { .. } => circuit.close(),
+        };
+        circuit_moved(metrics.as_ref(), &circuit, transition, true);
     }
 }
 

@@ -1,0 +1,369 @@
+//! The fleet's limits in bad times (CONTRACT §13): one ceiling on Bill24 balance calls, one
+//! circuit, and callers' rates counted over every replica together.
+//!
+//! - **Ceiling and caller rates** are GCRA buckets in Redis ([`GCRA`]: one atomic step per
+//!   call, on Redis's clock). A step reserves a place in line: the ceiling's callers wait their
+//!   turn (in the order Redis saw them, never past `queue_timeout`); a caller's request over
+//!   its rate is refused with the time until it would conform.
+//! - **The circuit**: an opening is published (`circuit-open <ms>`) and every replica opens for
+//!   that cool-down; a cooled-down circuit's probe is sent by the one replica that takes the
+//!   probe lock; its outcome (`circuit-closed`, or another opening) reaches all.
+//! - **Redis down**: each limit falls back to this replica alone at its share — the ceiling to
+//!   `fleet_max_rps / N`, a caller to `rate_limit_rps / N`, N the fleet's size as last seen —
+//!   and the circuit to the local one. Never to no limit; never a failed request because of
+//!   Redis. Logged once when it starts and once when it ends.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bill24::fleet::{CircuitNews, FleetHooks, NoSlot};
+use futures_util::future::BoxFuture;
+use redis::Script;
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use super::conn::CallError;
+use super::{Fleet, millis};
+use crate::caller::FleetRate;
+
+/// One GCRA step on Redis's clock (microseconds). `ARGV`: emission interval, tolerance (burst
+/// − 1 intervals), the longest wait a caller accepts. Returns the wait before the reserved
+/// place (≥ 0), or `-(1 + ms-ish retry)` when the wait would be longer than accepted (nothing
+/// reserved then).
+const GCRA: &str = "local t = redis.call('TIME') \
+                    local now = tonumber(t[1]) * 1000000 + tonumber(t[2]) \
+                    local interval = tonumber(ARGV[1]) \
+                    local tolerance = tonumber(ARGV[2]) \
+                    local max_wait = tonumber(ARGV[3]) \
+                    local tat = tonumber(redis.call('GET', KEYS[1]) or '0') \
+                    if tat < now then tat = now end \
+                    local wait = tat - tolerance - now \
+                    if wait < 0 then wait = 0 end \
+                    if wait > max_wait then return -1 - (wait - max_wait) end \
+                    local new = tat + interval \
+                    redis.call('SET', KEYS[1], string.format('%.0f', new), 'PX', \
+                      math.ceil((new - now) / 1000) + 1000) \
+                    return wait";
+
+/// What a step gave.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Step {
+    /// A place, after this wait.
+    Wait(Duration),
+    /// None within the accepted wait; this much longer would have been needed.
+    Refused(Duration),
+}
+
+/// `rps` per second with bursts of `burst` (0: one second's worth, at least 1): the
+/// emission interval and the tolerance.
+fn bucket(rps: f64, burst: u32) -> (Duration, Duration) {
+    let interval = Duration::from_secs_f64(1.0 / rps.max(1e-6)).max(Duration::from_nanos(1));
+    let burst = if burst == 0 {
+        rps.ceil().clamp(1.0, f64::from(u32::MAX)) as u32
+    } else {
+        burst
+    };
+    (interval, interval * burst.saturating_sub(1))
+}
+
+/// The same bucket on this replica alone (on tokio's clock).
+#[derive(Debug, Default)]
+struct LocalGcra {
+    tat: Mutex<Option<Instant>>,
+}
+
+impl LocalGcra {
+    fn step(&self, interval: Duration, tolerance: Duration, max_wait: Duration) -> Step {
+        let now = Instant::now();
+        let mut tat = self.tat.lock().unwrap_or_else(|p| p.into_inner());
+        let at = tat.filter(|t| *t > now).unwrap_or(now);
+        let wait = at.checked_sub(tolerance).map_or(Duration::ZERO, |conform| {
+            conform.saturating_duration_since(now)
+        });
+        if wait > max_wait {
+            return Step::Refused(wait - max_wait);
+        }
+        *tat = Some(at + interval);
+        Step::Wait(wait)
+    }
+}
+
+/// Whether a limit runs alone now, logged once when that starts and once when it ends.
+#[derive(Debug, Default)]
+struct Alone(AtomicBool);
+
+impl Alone {
+    fn set(&self, alone: bool, what: &'static str, share: usize) {
+        if self.0.swap(alone, Ordering::AcqRel) != alone {
+            if alone {
+                tracing::warn!(
+                    limit = what,
+                    replicas = share,
+                    "the shared tier cannot be asked: this replica enforces its share of the \
+                     fleet's limit alone"
+                );
+            } else {
+                tracing::info!(limit = what, "the fleet's limit is shared again");
+            }
+        }
+    }
+}
+
+impl Fleet {
+    /// One step of the bucket at `key`.
+    async fn gcra(
+        &self,
+        op: &'static str,
+        key: &str,
+        (interval, tolerance): (Duration, Duration),
+        max_wait: Duration,
+    ) -> Result<Step, CallError> {
+        let micros = |d: Duration| u64::try_from(d.as_micros()).unwrap_or(u64::MAX).to_string();
+        let args = [micros(interval), micros(tolerance), micros(max_wait)];
+        let script = Script::new(GCRA);
+        let answer: i64 = self
+            .link
+            .call(op, |c| {
+                let args = [args[0].as_bytes(), args[1].as_bytes(), args[2].as_bytes()];
+                async move { c.script(&script, &[key], &args).await }
+            })
+            .await?;
+        Ok(if answer >= 0 {
+            Step::Wait(Duration::from_micros(answer.unsigned_abs()))
+        } else {
+            Step::Refused(Duration::from_micros((-1 - answer).unsigned_abs()))
+        })
+    }
+}
+
+/// The ceiling and the circuit, for the Bill24 client.
+pub(crate) struct FleetGuard {
+    fleet: Arc<Fleet>,
+    /// `upstream.fleet_max_rps`; 0 = no ceiling.
+    max_rps: f64,
+    circuit: bool,
+    local: LocalGcra,
+    alone: Alone,
+}
+
+impl FleetGuard {
+    pub(crate) fn new(fleet: Arc<Fleet>, max_rps: f64, circuit: bool) -> Arc<Self> {
+        Arc::new(FleetGuard {
+            fleet,
+            max_rps,
+            circuit,
+            local: LocalGcra::default(),
+            alone: Alone::default(),
+        })
+    }
+
+    fn publish_soon(&self, message: String) {
+        let Some(fleet) = self.fleet.me.upgrade() else {
+            return;
+        };
+        tokio::spawn(async move {
+            fleet.publish(message).await;
+        });
+    }
+}
+
+impl FleetHooks for FleetGuard {
+    fn reserve(&self, within: Duration) -> BoxFuture<'_, Result<Duration, NoSlot>> {
+        Box::pin(async move {
+            if self.max_rps <= 0.0 {
+                return Ok(Duration::ZERO);
+            }
+            let key = self.fleet.keys.ceiling();
+            let step = match self
+                .fleet
+                .gcra("ceiling", &key, bucket(self.max_rps, 0), within)
+                .await
+            {
+                Ok(step) => {
+                    self.alone.set(false, "upstream.fleet_max_rps", 1);
+                    step
+                }
+                Err(_) => {
+                    let n = self.fleet.size();
+                    self.alone.set(true, "upstream.fleet_max_rps", n);
+                    let share = self.max_rps / n as f64;
+                    self.local
+                        .step(bucket(share, 0).0, bucket(share, 0).1, within)
+                }
+            };
+            match step {
+                Step::Wait(wait) => {
+                    self.fleet.metrics().fleet_limit_wait(wait);
+                    Ok(wait)
+                }
+                Step::Refused(_) => Err(NoSlot),
+            }
+        })
+    }
+
+    fn circuit_opened(&self, cooldown: Duration) {
+        if self.circuit {
+            self.publish_soon(format!("circuit-open {}", millis(cooldown)));
+        }
+    }
+
+    fn circuit_closed(&self) {
+        if self.circuit {
+            self.publish_soon("circuit-closed".into());
+        }
+    }
+
+    fn claim_probe(&self, cooldown: Duration) -> BoxFuture<'_, bool> {
+        Box::pin(async move {
+            if !self.circuit {
+                return true;
+            }
+            let key = self.fleet.keys.probe_lock();
+            let claimed: Result<Option<String>, _> = self
+                .fleet
+                .link
+                .call("probe_lock", |c| {
+                    c.query(
+                        redis::cmd("SET")
+                            .arg(&key)
+                            .arg(&self.fleet.lock_id)
+                            .arg("NX")
+                            .arg("PX")
+                            .arg(millis(cooldown).max(1))
+                            .clone(),
+                    )
+                })
+                .await;
+            // Redis cannot be asked: the local circuit decides alone.
+            !matches!(claimed, Ok(None))
+        })
+    }
+
+    fn circuit_news(&self) -> watch::Receiver<CircuitNews> {
+        self.fleet.circuit_news.subscribe()
+    }
+}
+
+/// Fleet-scoped callers' rates.
+pub(crate) struct CallerRates {
+    fleet: Arc<Fleet>,
+    local: Mutex<HashMap<String, Arc<LocalGcra>>>,
+    alone: Alone,
+}
+
+impl CallerRates {
+    pub(crate) fn new(fleet: Arc<Fleet>) -> Arc<Self> {
+        Arc::new(CallerRates {
+            fleet,
+            local: Mutex::new(HashMap::new()),
+            alone: Alone::default(),
+        })
+    }
+
+    fn local(&self, caller: &str) -> Arc<LocalGcra> {
+        let mut local = self.local.lock().unwrap_or_else(|p| p.into_inner());
+        local.entry(caller.to_string()).or_default().clone()
+    }
+}
+
+impl FleetRate for CallerRates {
+    fn admit<'a>(
+        &'a self,
+        caller: &'a str,
+        rps: f64,
+        burst: u32,
+    ) -> BoxFuture<'a, Result<(), Duration>> {
+        Box::pin(async move {
+            let key = self.fleet.keys.caller(caller);
+            let step = match self
+                .fleet
+                .gcra("caller_rate", &key, bucket(rps, burst), Duration::ZERO)
+                .await
+            {
+                Ok(step) => {
+                    self.alone.set(false, "callers.rate_limit_rps", 1);
+                    step
+                }
+                Err(_) => {
+                    let n = self.fleet.size();
+                    self.alone.set(true, "callers.rate_limit_rps", n);
+                    let share = rps / n as f64;
+                    let burst = (burst as usize).div_ceil(n.max(1)) as u32;
+                    let (interval, tolerance) = bucket(share, burst);
+                    self.local(caller).step(interval, tolerance, Duration::ZERO)
+                }
+            };
+            match step {
+                Step::Wait(_) => Ok(()),
+                Step::Refused(retry_after) => Err(retry_after),
+            }
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_bucket_allows_its_burst_then_one_per_interval() {
+        assert_eq!(
+            bucket(20.0, 0),
+            (Duration::from_millis(50), Duration::from_millis(950))
+        );
+        assert_eq!(
+            bucket(10.0, 3),
+            (Duration::from_millis(100), Duration::from_millis(200))
+        );
+        assert_eq!(bucket(0.5, 0), (Duration::from_secs(2), Duration::ZERO));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_local_bucket_queues_in_order_and_refuses_past_the_wait() {
+        let g = LocalGcra::default();
+        let (interval, tolerance) = bucket(10.0, 2);
+        let within = Duration::from_millis(250);
+        assert_eq!(
+            g.step(interval, tolerance, within),
+            Step::Wait(Duration::ZERO)
+        );
+        assert_eq!(
+            g.step(interval, tolerance, within),
+            Step::Wait(Duration::ZERO)
+        );
+        assert_eq!(
+            g.step(interval, tolerance, within),
+            Step::Wait(Duration::from_millis(100))
+        );
+        assert_eq!(
+            g.step(interval, tolerance, within),
+            Step::Wait(Duration::from_millis(200))
+        );
+        assert_eq!(
+            g.step(interval, tolerance, within),
+            Step::Refused(Duration::from_millis(50)),
+            "past the accepted wait: nothing reserved"
+        );
+        tokio::time::advance(Duration::from_millis(300)).await;
+        assert_eq!(
+            g.step(interval, tolerance, within),
+            Step::Wait(Duration::ZERO)
+        );
+        // A rate limiter accepts no wait.
+        let r = LocalGcra::default();
+        assert_eq!(
+            r.step(interval, tolerance, Duration::ZERO),
+            Step::Wait(Duration::ZERO)
+        );
+        assert_eq!(
+            r.step(interval, tolerance, Duration::ZERO),
+            Step::Wait(Duration::ZERO)
+        );
+        assert_eq!(
+            r.step(interval, tolerance, Duration::ZERO),
+            Step::Refused(Duration::from_millis(100))
+        );
+    }
+}
