@@ -2,8 +2,9 @@
 //! `{"code": "...", "message": "...", "request_id": "..."}`.
 //!
 //! Each error type says its own status, code and headers by implementing [`ErrorResponse`]
-//! next to where it is defined (the request parser's, the admin listener's, Bill24's in the
-//! balance service); this module names none of them, so it imports nothing of the gateway.
+//! next to where it is defined (the request parser's, the admin listener's); Bill24's failures,
+//! which the client crate reports without deciding any answer, get theirs in `upstream_error`.
+//! This module names none of them, so it imports nothing of the gateway.
 //! [`GatewayError`] holds the refusals of the serving layers themselves (route, caller, limits,
 //! deadline).
 //!

@@ -14,8 +14,10 @@
 //!
 //! `bill24` knows nothing of callers, the cache or serving: it takes a [`bill24::Config`] and an
 //! observer for its metrics ([`bill24::Observer`], which [`metrics`] implements) and answers
-//! balance calls with an [`bill24::Answer`] or a [`bill24::Failure`]. The simulator knows
-//! nothing of either; it speaks BILL24.md.
+//! balance calls with an [`bill24::Answer`] or a [`bill24::Failure`]. A failure says what went
+//! wrong; what the caller is told (status, code, `Retry-After`) is decided in this crate, in
+//! [`upstream_error`]. Both crates write errors on one line with [`bill24::chain`]. The
+//! simulator knows nothing of either; it speaks BILL24.md.
 //!
 //! Inside this crate, a request on the main listener ([`server`], with per-connection timers
 //! in [`connection`]) goes down the tower stack that [`stack`] builds, in this order:
@@ -42,6 +44,8 @@
 //!
 //! 1. leaves, which import no layer: [`config`], [`error`] (the [`error::ErrorResponse`]
 //!    trait that each error type implements where it is defined, and the one renderer),
+//!    [`upstream_error`] (that trait for Bill24's failures: their statuses, codes and
+//!    `Retry-After`),
 //!    [`caller`] (who a caller is and its limits), [`correlation::context`] (request id and
 //!    trace), [`balance::code`] (`customer_sync_code`), [`balance::cache`], [`holding`],
 //!    [`metrics`], [`telemetry`];
@@ -77,6 +81,7 @@ pub(crate) mod server;
 pub(crate) mod stack;
 pub(crate) mod telemetry;
 pub(crate) mod tier;
+pub(crate) mod upstream_error;
 
 pub use auth::hash_key;
 pub use bill24::Secret;

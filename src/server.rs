@@ -17,6 +17,8 @@ use std::net::SocketAddr;
 use tokio::net::{TcpListener, TcpSocket};
 use tokio::sync::{Semaphore, watch};
 
+use bill24::chain::Chain;
+
 use crate::config::ServerConfig;
 use crate::connection::{Activity, TimedIo, Tracked};
 use crate::error::Response;
@@ -178,21 +180,5 @@ pub async fn accept_loop<S, F>(
             }
             drop(permit);
         });
-    }
-}
-
-/// An error and its sources on one line ("error writing a body to connection: the peer has
-/// taken no data ...").
-struct Chain<'a>(&'a (dyn std::error::Error + 'static));
-
-impl std::fmt::Display for Chain<'_> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}", self.0)?;
-        let mut source = self.0.source();
-        while let Some(s) = source {
-            write!(f, ": {s}")?;
-            source = s.source();
-        }
-        Ok(())
     }
 }

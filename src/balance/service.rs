@@ -34,7 +34,7 @@ use super::cache::{
 use super::code::SyncCode;
 use super::request::BalanceQuery;
 use crate::config::CacheConfig;
-use crate::error::{ErrorResponse, Response, set_retry_after};
+use crate::error::{ErrorResponse, Response};
 use crate::metrics::Metrics;
 use crate::tier::{Call, Called, FillPolicy, Filled, SharedAnswer, Tier};
 
@@ -55,23 +55,6 @@ enum Outcome {
 impl Outcome {
     fn failed(&self) -> bool {
         matches!(self, Outcome::Fetched(Err(_)))
-    }
-}
-
-/// Bill24's failures, as the caller gets them (the statuses are Bill24's own to say).
-impl ErrorResponse for UpstreamError {
-    fn status(&self) -> StatusCode {
-        UpstreamError::status(self)
-    }
-
-    fn code(&self) -> &'static str {
-        UpstreamError::code(self)
-    }
-
-    fn headers(&self, headers: &mut HeaderMap) {
-        if let Some(wait) = self.retry_after() {
-            set_retry_after(headers, wait);
-        }
     }
 }
 

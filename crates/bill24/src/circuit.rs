@@ -68,7 +68,7 @@ impl Circuit {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Lets a request through, or says how long until it may try (the `Retry-After`).
+    /// Lets a request through, or says how long until one may try.
     pub fn admit(&self, now: Instant) -> Result<(Admission, Option<Transition>), Duration> {
         let mut state = self.lock();
         match *state {

@@ -1,14 +1,15 @@
 //! Bill24, the upstream: balance calls with the merchant access token, at most
 //! `upstream.max_in_flight` at once, one shared token refresh and one retry on HTTP 401,
 //! retries (with backoff, within the caller's deadline and a retry budget) on connection
-//! failures, timeouts and 5xx, a circuit breaker, and each answer classified for the caller.
+//! failures, timeouts and 5xx, a circuit breaker, and each answer classified: passed on, or
+//! a [`Failure`] that says what went wrong (the gateway decides what its caller is told).
 //! Knows nothing of callers, the cache or serving: the gateway hands it a [`Config`] and an
 //! [`Observer`] for its metrics, and gets [`Answer`]s or [`Failure`]s back.
 
 #![forbid(unsafe_code)]
 
 pub mod budget;
-mod chain;
+pub mod chain;
 pub mod circuit;
 pub mod client;
 pub mod fleet;
@@ -119,8 +120,8 @@ pub fn retry_backoff(retry: u32, jitter_draw: f64) -> Duration {
     step / 2 + (step / 2).mul_f64(jitter_draw.clamp(0.0, 1.0))
 }
 
-/// Why Bill24 gave no usable answer; each maps to 502, 503 or 504. (`EnumIter` lists them
-/// for the checks of the gateway's API documents.)
+/// Why Bill24 gave no usable answer: what happened, not what the caller is told (the gateway
+/// decides that). (`EnumIter` lists them for the checks of the gateway's API documents.)
 #[derive(Debug, Clone, thiserror::Error, strum::EnumIter)]
 pub enum UpstreamError {
     #[error("Bill24 did not answer in time")]
@@ -140,34 +141,14 @@ pub enum UpstreamError {
     #[error("too many requests to Bill24 in flight; try again shortly")]
     Busy,
     #[error("Bill24 is failing; requests are paused for a moment")]
-    CircuitOpen { retry_after: Duration },
+    CircuitOpen {
+        /// How long requests stay paused: the cool-down left, or a whole cool-down while the
+        /// probe is out.
+        paused_for: Duration,
+    },
 }
 
 impl UpstreamError {
-    pub fn status(&self) -> StatusCode {
-        match self {
-            UpstreamError::Timeout => StatusCode::GATEWAY_TIMEOUT,
-            UpstreamError::Busy | UpstreamError::CircuitOpen { .. } => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
-            _ => StatusCode::BAD_GATEWAY,
-        }
-    }
-
-    pub fn code(&self) -> &'static str {
-        match self {
-            UpstreamError::Timeout => "upstream_timeout",
-            UpstreamError::Unreachable => "upstream_unreachable",
-            UpstreamError::Tls(_) => "upstream_tls_error",
-            UpstreamError::Status(_) => "upstream_error",
-            UpstreamError::InvalidAnswer => "upstream_invalid_answer",
-            UpstreamError::Unauthorized => "upstream_unauthorized",
-            UpstreamError::Token(_) => "token_unavailable",
-            UpstreamError::Busy => "upstream_busy",
-            UpstreamError::CircuitOpen { .. } => "circuit_open",
-        }
-    }
-
     /// Worth another attempt: the failure may be transient and the request is a read.
     pub fn is_retryable(&self) -> bool {
         matches!(
@@ -185,17 +166,8 @@ impl UpstreamError {
         )
     }
 
-    /// How long a caller should wait before trying again, when that is known.
-    pub fn retry_after(&self) -> Option<Duration> {
-        match self {
-            UpstreamError::Busy => Some(Duration::from_secs(1)),
-            UpstreamError::CircuitOpen { retry_after } => Some(*retry_after),
-            _ => None,
-        }
-    }
-
     /// No token: a TLS failure says so (it is what an operator must fix), anything else is
-    /// `token_unavailable`.
+    /// [`UpstreamError::Token`].
     fn from_token(e: TokenError) -> Self {
         match e.tls_failure() {
             Some(reason) => UpstreamError::Tls(reason.to_string()),
@@ -355,7 +327,7 @@ impl Bill24 {
             }
             Err(wait) => {
                 return Err(Failure::new(
-                    UpstreamError::CircuitOpen { retry_after: wait },
+                    UpstreamError::CircuitOpen { paused_for: wait },
                     None,
                     None,
                 ));
@@ -645,7 +617,7 @@ mod tests {
         assert!(!UpstreamError::Busy.counts_against_circuit());
         assert!(
             !UpstreamError::CircuitOpen {
-                retry_after: Duration::from_secs(1)
+                paused_for: Duration::from_secs(1)
             }
             .counts_against_circuit()
         );
