@@ -818,45 +818,128 @@ async fn fault_5xx_bursts() {
     assert!(recovered(&app).await);
 }
 
-/// Resets and HTML bodies: 502 (or 503 with the circuit open), never a hang or a 500.
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn fault_resets_and_html_bodies() {
-    for fault in [Fault::Reset, Fault::Html] {
-        let app = Arc::new(spawn_app_with(suite_config).await);
-        app.balance("warm-up").await;
-        app.sim.set_balance_fault(Some(fault));
-        let statuses = load(&app, 6, Duration::from_secs(1), 30).await;
-        assert!(
-            statuses.iter().all(|s| [502, 503].contains(s)),
-            "{fault:?}: {statuses:?}"
-        );
-        app.sim.set_balance_fault(None);
-        assert!(recovered(&app).await, "{fault:?}");
+/// On a frozen clock: one request for `code`, each of its retries sent as soon as it is decided
+/// (the clock moves past the longest backoff it can have). The reply, and the Bill24 calls
+/// made.
+async fn one_request(app: &Arc<TestApp>, clock: &FrozenClock, code: &str) -> (Reply, u64) {
+    let retries = |text: &str| metric_value(text, "gateway_upstream_retries_total");
+    let before = retries(&app.metrics().await);
+    let mut decided = 0;
+    let request = tokio::spawn({
+        let app = app.clone();
+        let code = code.to_string();
+        async move { app.balance(&code).await }
+    });
+    loop {
+        // The answer, or the next retry decided (its backoff is then on the clock).
+        let mut retry = false;
+        for _ in 0..2_000 {
+            if request.is_finished() {
+                let reply = request.await.expect("request");
+                return (reply, app.sim.balance_calls_for(code));
+            }
+            if retries(&app.metrics().await) > before + f64::from(decided) {
+                retry = true;
+                break;
+            }
+            real_sleep(Duration::from_millis(5)).await;
+        }
+        assert!(retry, "{code}: neither answered nor retried within 10 s");
+        clock.advance(bill24::retry_backoff(decided, 1.0)).await;
+        decided += 1;
     }
 }
 
-/// Flapping: Bill24 alternates between failing and fine every 150 ms; everything is answered
-/// within the deadline and the gateway ends healthy.
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+/// (status, error code or `-`, Bill24 calls) of one request, as [`one_request`] makes it.
+async fn outcome(app: &Arc<TestApp>, clock: &FrozenClock, code: &str) -> (u16, String, u64) {
+    let (reply, calls) = one_request(app, clock, code).await;
+    let error = if reply.status == StatusCode::OK {
+        "-".to_string()
+    } else {
+        reply.error_code()
+    };
+    (reply.status.as_u16(), error, calls)
+}
+
+/// Resets and HTML bodies, one request at a time on a frozen clock: 502 for the first
+/// `circuit_failures` requests (a reset retried, an HTML body not), then 503 `circuit_open`
+/// without a call until the cool-down ends; the probe fails and the circuit opens again; once
+/// Bill24 is fine, the next probe closes it. Never a hang or a 500.
+#[tokio::test(start_paused = true)]
+async fn fault_resets_and_html_bodies() {
+    let clock = FrozenClock::start();
+    for (fault, error, calls) in [
+        (Fault::Reset, "upstream_unreachable", 3),
+        (Fault::Html, "upstream_invalid_answer", 1),
+    ] {
+        let app = Arc::new(spawn_app_with(suite_config).await);
+        app.balance("warm-up").await;
+        app.sim.set_balance_fault(Some(fault));
+        let failed = (502, error.to_string(), calls);
+        let open = (503, "circuit_open".to_string(), 0);
+        for i in 0..5 {
+            let code = format!("F{i}");
+            assert_eq!(
+                outcome(&app, &clock, &code).await,
+                failed,
+                "{fault:?} {code}"
+            );
+        }
+        assert_eq!(outcome(&app, &clock, "open").await, open, "{fault:?}");
+        clock.advance(Duration::from_millis(500)).await;
+        assert_eq!(outcome(&app, &clock, "probe").await, failed, "{fault:?}");
+        assert_eq!(outcome(&app, &clock, "reopened").await, open, "{fault:?}");
+        app.sim.set_balance_fault(None);
+        clock.advance(Duration::from_millis(500)).await;
+        let fine = (200, "-".to_string(), 1);
+        assert_eq!(outcome(&app, &clock, "probe-2").await, fine, "{fault:?}");
+        assert_eq!(outcome(&app, &clock, "closed").await, fine, "{fault:?}");
+    }
+}
+
+/// Flapping, one request at a time on a frozen clock: Bill24 fails (503) and recovers again
+/// and again. Failures that successes separate never open the circuit (it counts consecutive
+/// failed requests): each failed request is a 502 after its two retries, each other one a
+/// 200. Five failures in a row open it; the first request after the cool-down probes a
+/// recovered Bill24 and closes it.
+#[tokio::test(start_paused = true)]
 async fn fault_flapping() {
+    let clock = FrozenClock::start();
     let app = Arc::new(spawn_app_with(suite_config).await);
     app.balance("warm-up").await;
-    let sim = app.sim.clone();
-    let flapper = tokio::spawn(async move {
-        for i in 0..14 {
-            sim.set_balance_fault((i % 2 == 0).then_some(Fault::Status(503)));
-            tokio::time::sleep(Duration::from_millis(150)).await;
+    let failed = (502, "upstream_error".to_string(), 3);
+    let fine = (200, "-".to_string(), 1);
+    let mut n = 0;
+    let mut next = || {
+        n += 1;
+        format!("L{n}")
+    };
+    for failures in [1, 4, 2, 4, 3, 4] {
+        app.sim.set_balance_fault(Some(Fault::Status(503)));
+        for _ in 0..failures {
+            let code = next();
+            assert_eq!(outcome(&app, &clock, &code).await, failed, "{code}");
         }
-        sim.set_balance_fault(None);
-    });
-    let statuses = load(&app, 8, Duration::from_secs(2), 40).await;
-    flapper.await.expect("flapper");
-    assert!(
-        statuses.iter().all(|s| [200, 502, 503].contains(s)),
-        "{statuses:?}"
-    );
-    assert!(count(&statuses, 200) > 0);
-    assert!(recovered(&app).await);
+        app.sim.set_balance_fault(None);
+        let code = next();
+        assert_eq!(outcome(&app, &clock, &code).await, fine, "{code}");
+        clock.advance(Duration::from_millis(150)).await;
+    }
+    assert_eq!(app.metric("gateway_circuit_opened_total").await, 0.0);
+    app.sim.set_balance_fault(Some(Fault::Status(503)));
+    for _ in 0..5 {
+        let code = next();
+        assert_eq!(outcome(&app, &clock, &code).await, failed, "{code}");
+    }
+    app.sim.set_balance_fault(None);
+    let open = (503, "circuit_open".to_string(), 0);
+    assert_eq!(outcome(&app, &clock, "while-open").await, open);
+    clock.advance(Duration::from_millis(499)).await;
+    assert_eq!(outcome(&app, &clock, "still-open").await, open);
+    clock.advance(Duration::from_millis(1)).await;
+    assert_eq!(outcome(&app, &clock, "probe").await, fine);
+    assert_eq!(outcome(&app, &clock, "closed").await, fine);
+    assert_eq!(app.metric("gateway_circuit_opened_total").await, 1.0);
 }
 
 /// A 401 storm (Bill24 refuses every token): callers get 502/503 quickly, and the gateway
