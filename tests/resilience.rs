@@ -89,6 +89,7 @@ async fn retries_stay_inside_the_request_deadline() {
     );
     app.balance("warm-up").await;
     app.sim.set_balance_fault(Some(Fault::Hang));
+    let before = app.answering_seconds().await;
     let request = tokio::spawn({
         let app = app.clone();
         async move { app.balance("C").await }
@@ -101,13 +102,26 @@ async fn retries_stay_inside_the_request_deadline() {
     clock.advance(Duration::from_millis(25)).await;
     until("the retry", || app.sim.balance_calls_for("C") == 2).await;
     clock.advance(Duration::from_millis(70)).await;
-    real_sleep(Duration::from_millis(50)).await;
+    app.settle().await;
     assert!(!request.is_finished(), "answered before the deadline");
     clock.advance(Duration::from_millis(5)).await;
     let r = request.await.expect("request");
     assert_eq!(r.status, StatusCode::GATEWAY_TIMEOUT);
-    clock.advance(Duration::from_secs(5)).await;
-    real_sleep(Duration::from_millis(50)).await;
+    let took = app.answering_seconds().await - before;
+    assert!(
+        (took - 0.4).abs() < 1e-9,
+        "answered at the deadline, by the gateway's clock: {took} s"
+    );
+    // Whatever the cut attempt left behind runs out: its timers, then any retry's backoff.
+    for _ in 0..2 {
+        clock.advance(Duration::from_secs(5)).await;
+        app.settle().await;
+    }
+    assert_eq!(
+        app.metric("gateway_upstream_retries_total").await,
+        1.0,
+        "no retry decided after the deadline"
+    );
     assert_eq!(
         app.sim.balance_calls_for("C"),
         2,
@@ -368,7 +382,8 @@ async fn refresh_ahead_keeps_a_hot_key_hot() {
     app.sim.set_balance("HOT", 2);
     clock.advance(Duration::from_millis(499)).await;
     assert_eq!(app.balance("HOT").await.x_cache(), "HIT");
-    real_sleep(Duration::from_millis(50)).await;
+    app.settle().await;
+    assert_eq!(app.metric("gateway_cache_refresh_ahead_total").await, 0.0);
     assert_eq!(app.sim.balance_calls_for("HOT"), 1, "not yet in the window");
     clock.advance(Duration::from_millis(1)).await;
     // In the window: hits, and one refresh however many hits.
@@ -380,7 +395,7 @@ async fn refresh_ahead_keeps_a_hot_key_hot() {
         app.sim.balance_calls_for("HOT") == 2
     })
     .await;
-    real_sleep(Duration::from_millis(50)).await;
+    app.settle().await;
     assert_eq!(
         app.sim.balance_calls_for("HOT"),
         2,
@@ -540,17 +555,33 @@ async fn concurrency_cap_is_per_caller() {
 // Connection hardening
 // ---------------------------------------------------------------------------------------------
 
-/// For a frozen clock: whether the peer has closed the connection, read until it does (true)
-/// or until nothing more has come for 100 ms of real time (false).
-async fn closed(stream: &mut TcpStream) -> bool {
+/// For a frozen clock: the peer closes the connection (read until it does); panics after 10 s
+/// of real time.
+async fn closes(stream: &mut TcpStream) {
     let mut buf = [0u8; 1024];
     loop {
         tokio::select! {
             read = stream.read(&mut buf) => match read {
-                Ok(0) | Err(_) => return true,
+                Ok(0) | Err(_) => return,
                 Ok(_) => continue,
             },
-            _ = real_sleep(Duration::from_millis(100)) => return false,
+            _ = real_sleep(Duration::from_secs(10)) => panic!("not closed within 10 s"),
+        }
+    }
+}
+
+/// For a frozen clock: whether the peer has closed the connection by now, once the runtime
+/// has handled everything under way ([`TestApp::settle`]): what it sent is taken, without
+/// waiting for more.
+async fn closed_by_now(app: &TestApp, stream: &mut TcpStream) -> bool {
+    app.settle().await;
+    let mut buf = [0u8; 1024];
+    loop {
+        match stream.try_read(&mut buf) {
+            Ok(0) => return true,
+            Ok(_) => continue,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return false,
+            Err(_) => return true,
         }
     }
 }
@@ -602,15 +633,18 @@ async fn slow_request_heads_are_cut() {
         .await
         .expect("write");
     // The gateway has read the head's first bytes: its timer runs from here.
-    real_sleep(Duration::from_millis(20)).await;
+    app.settle().await;
     for _ in 0..2 {
         clock.advance(Duration::from_millis(100)).await;
         stream.write_all(b"X-Slow: 1\r\n").await.expect("write");
     }
     clock.advance(Duration::from_millis(99)).await;
-    assert!(!closed(&mut stream).await, "open until header_read_timeout");
+    assert!(
+        !closed_by_now(&app, &mut stream).await,
+        "open until header_read_timeout"
+    );
     clock.advance(Duration::from_millis(1)).await;
-    assert!(closed(&mut stream).await, "closed at header_read_timeout");
+    closes(&mut stream).await;
     assert_eq!(
         app.balance("K").await.status,
         StatusCode::OK,
@@ -650,9 +684,12 @@ async fn idle_keep_alive_connections_close_after_idle_timeout() {
         "still open after more than header_read_timeout idle"
     );
     clock.advance(Duration::from_millis(899)).await;
-    assert!(!closed(&mut stream).await, "not before idle_timeout");
+    assert!(
+        !closed_by_now(&app, &mut stream).await,
+        "not before idle_timeout"
+    );
     clock.advance(Duration::from_millis(1)).await;
-    assert!(closed(&mut stream).await, "closed at idle_timeout");
+    closes(&mut stream).await;
 }
 
 /// A connection that never sends anything is closed after `idle_timeout`.
@@ -661,11 +698,15 @@ async fn silent_connections_are_closed() {
     let clock = FrozenClock::start();
     let app = spawn_app_with(|c| c.server.idle_timeout = Duration::from_millis(300)).await;
     let mut stream = TcpStream::connect(app.addr).await.expect("connect");
-    real_sleep(Duration::from_millis(20)).await;
+    // The gateway has taken the connection: its timer runs from here.
+    app.settle().await;
     clock.advance(Duration::from_millis(299)).await;
-    assert!(!closed(&mut stream).await, "not before idle_timeout");
+    assert!(
+        !closed_by_now(&app, &mut stream).await,
+        "not before idle_timeout"
+    );
     clock.advance(Duration::from_millis(1)).await;
-    assert!(closed(&mut stream).await, "closed at idle_timeout");
+    closes(&mut stream).await;
 }
 
 /// Beyond `max_connections`, new connections wait until one closes.
