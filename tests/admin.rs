@@ -2,8 +2,11 @@
 
 mod common;
 
+use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Duration;
 
+use bill24_gateway::config::{RedisConfig, SecretUrl};
 use bill24_sim::Fault;
 use common::*;
 use http::{Method, StatusCode};
@@ -44,7 +47,9 @@ async fn readiness_ignores_bill24_outages() {
     );
 }
 
-/// Every metric of §6 with its labels, lowercase label values, `caller="-"` for unauthenticated.
+/// Every metric of §6 with its labels and exact values, lowercase label values, `caller="-"` for
+/// unauthenticated; and without `[redis]`, README.md's metrics but the shared tier's, each of
+/// its documented type, and no other.
 #[tokio::test]
 async fn metrics_cover_the_contract() {
     let app = spawn_app_with(|c| c.upstream.retries = 0).await;
@@ -63,6 +68,11 @@ async fn metrics_cover_the_contract() {
             .is_some_and(|c| c.starts_with("text/plain"))
     );
     let text = String::from_utf8(r.body.to_vec()).expect("utf-8");
+    let samples = samples(&text);
+    let version = format!(
+        r#"gateway_build_info{{version="{}"}}"#,
+        env!("CARGO_PKG_VERSION")
+    );
     for (series, value) in [
         (
             r#"gateway_requests_total{caller="orders",status="200",cache="miss"}"#,
@@ -115,12 +125,25 @@ async fn metrics_cover_the_contract() {
         ("gateway_cache_entries", 1.0),
         ("gateway_coalesced_requests_total", 0.0),
         (r#"gateway_token_refreshes_total{result="success"}"#, 1.0),
-        (r#"gateway_build_info{version=""#, 0.0),
+        (r#"gateway_token_refreshes_total{result="failure"}"#, 0.0),
+        (version.as_str(), 1.0),
     ] {
-        assert!(text.contains(series), "missing {series} in\n{text}");
-        if value > 0.0 {
-            assert_eq!(metric_value(&text, series), value, "{series}");
-        }
+        assert_eq!(samples.get(series), Some(&value), "{series} in\n{text}");
+    }
+    // Without `[redis]`: only documented metrics, each of its documented type, and all of
+    // them but the shared tier's.
+    let exposed = exposed_metrics(&text);
+    let documented = documented_metrics();
+    for (name, kind) in &exposed {
+        assert_eq!(
+            documented.get(name),
+            Some(kind),
+            "{name} ({kind}) as README.md's metrics table has it"
+        );
+    }
+    for name in documented.keys() {
+        let shared_tier = name.starts_with("gateway_redis_") || name.starts_with("gateway_fleet_");
+        assert_eq!(exposed.contains_key(name), !shared_tier, "{name} exposed");
     }
     let expires = metric_value(&text, "gateway_token_expires_in_seconds");
     assert!(expires > 3500.0 && expires <= 3600.0, "{expires}");
@@ -353,4 +376,184 @@ async fn a_reload_that_would_open_the_gateway_up_is_refused_unless_asked_for() {
     empty.server.admin_key_sha256 = None;
     app.reloader.apply(empty, explicit).expect("asked for");
     assert_eq!(app.balance("R").await.status, StatusCode::UNAUTHORIZED);
+}
+
+/// The metrics table of README.md: each name with its type.
+fn documented_metrics() -> BTreeMap<String, String> {
+    let readme = include_str!("../README.md");
+    let table = readme
+        .split("\n## Metrics\n")
+        .nth(1)
+        .expect("README.md has a Metrics section");
+    let rows: BTreeMap<String, String> = table
+        .lines()
+        .skip_while(|l| !l.starts_with('|'))
+        .take_while(|l| l.starts_with('|'))
+        .filter_map(|row| {
+            let cells: Vec<&str> = row.split('|').map(str::trim).collect();
+            let name = cells.get(1)?.strip_prefix('`')?.strip_suffix('`')?;
+            Some((name.to_string(), cells.get(2)?.to_string()))
+        })
+        .collect();
+    assert!(rows.len() > 10, "the table is read: {rows:?}");
+    rows
+}
+
+/// The metrics an exposition declares (`# TYPE name kind`), each checked to have samples
+/// under its own name (a histogram's `_bucket`, `_sum` and `_count`), and no sample of a
+/// `gateway_` metric without a declaration.
+fn exposed_metrics(text: &str) -> BTreeMap<String, String> {
+    let declared: BTreeMap<String, String> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.split_once(' '))
+        .map(|(name, kind)| (name.to_string(), kind.to_string()))
+        .collect();
+    for line in text
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+    {
+        let series = line.split(['{', ' ']).next().unwrap_or_default();
+        let metric = declared.iter().find(|(name, kind)| {
+            series == name.as_str()
+                || (kind.as_str() == "histogram"
+                    && ["_bucket", "_sum", "_count"]
+                        .iter()
+                        .any(|suffix| series.strip_suffix(suffix) == Some(name.as_str())))
+        });
+        assert!(
+            metric.is_some() || !series.starts_with("gateway_"),
+            "{series}: a sample without # TYPE"
+        );
+    }
+    for name in declared.keys() {
+        assert!(
+            text.lines()
+                .any(|l| !l.starts_with('#') && l.starts_with(name.as_str())),
+            "{name} declared without samples"
+        );
+    }
+    declared
+        .into_iter()
+        .filter(|(name, _)| name.starts_with("gateway_"))
+        .collect()
+}
+
+/// Every sample line: series (name and labels, as rendered) and value.
+fn samples(text: &str) -> BTreeMap<String, f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| l.rsplit_once(' '))
+        .filter_map(|(series, value)| Some((series.to_string(), value.parse().ok()?)))
+        .collect()
+}
+
+/// A `redis-server` of its own on a free loopback port, stopped when dropped.
+struct RedisServer {
+    child: std::process::Child,
+    port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl RedisServer {
+    async fn start() -> RedisServer {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
+        let dir = tempfile::tempdir().expect("tempdir");
+        let child = std::process::Command::new("redis-server")
+            .current_dir(dir.path())
+            .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .args(["--port", &port.to_string()])
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("redis-server runs (apt install redis-server)");
+        let server = RedisServer {
+            child,
+            port,
+            _dir: dir,
+        };
+        for _ in 0..500 {
+            if server.pong().await {
+                return server;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("redis-server on {port} did not answer");
+    }
+
+    async fn pong(&self) -> bool {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let Ok(mut stream) = tokio::net::TcpStream::connect(("127.0.0.1", self.port)).await else {
+            return false;
+        };
+        let mut answer = [0u8; 7];
+        stream.write_all(b"PING\r\n").await.is_ok()
+            && stream.read_exact(&mut answer).await.is_ok()
+            && &answer == b"+PONG\r\n"
+    }
+
+    fn config(&self) -> RedisConfig {
+        RedisConfig {
+            urls: vec![SecretUrl::new(format!("redis://127.0.0.1:{}", self.port))],
+            cluster: false,
+            username: None,
+            password: None,
+            key_prefix: "bill24gw".into(),
+            timeout: Duration::from_millis(500),
+        }
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// With `[redis]`, once the shared tier has been used (a fill waited for on another replica,
+/// a hit, a Bill24 call of its own), a gateway exposes exactly README.md's metrics, each of
+/// its documented type.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_exposed_metrics_are_the_documented_ones() {
+    let redis = RedisServer::start().await;
+    let filler = Arc::new(spawn_app_with(|c| c.redis = Some(redis.config())).await);
+    let waiter = spawn_app_with(|c| {
+        c.redis = Some(redis.config());
+        c.upstream.base_url = filler.sim_url();
+    })
+    .await;
+    assert_eq!(filler.balance("warm-up").await.status, StatusCode::OK);
+    filler.sim.set_latency(Duration::from_millis(300));
+    let fill = tokio::spawn({
+        let filler = filler.clone();
+        async move { filler.balance("FILLED").await.status }
+    });
+    until("the fill at Bill24", || {
+        filler.sim.balance_calls_for("FILLED") == 1
+    })
+    .await;
+    // The other replica waits for that fill rather than calling Bill24.
+    let r = waiter.balance("FILLED").await;
+    assert_eq!((r.status, r.x_cache()), (StatusCode::OK, "MISS"));
+    assert_eq!(fill.await.expect("fill"), StatusCode::OK);
+    assert_eq!(filler.sim.balance_calls_for("FILLED"), 1);
+    filler.sim.set_latency(Duration::ZERO);
+    assert_eq!(waiter.balance("FILLED").await.x_cache(), "HIT");
+    assert_eq!(waiter.balance("OWN").await.status, StatusCode::OK);
+
+    let text = waiter.metrics().await;
+    assert_eq!(
+        samples(&text).get(r#"gateway_fleet_fill_waits_total{outcome="filled"}"#),
+        Some(&1.0),
+        "{text}"
+    );
+    let exposed = exposed_metrics(&text);
+    assert_eq!(
+        exposed,
+        documented_metrics(),
+        "exposed (left) and documented\n{text}"
+    );
 }

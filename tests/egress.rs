@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use bill24_sim::{SimConfig, Simulator};
 use common::process::{BIN, Running, balance, caller_block, get};
+use common::tls::{Leaf, Pki, Usage};
 use common::{ORDERS_KEY, metric_value};
 use http::StatusCode;
 use tokio::time::Instant;
@@ -19,77 +20,6 @@ use tokio::time::Instant;
 // ---------------------------------------------------------------------------------------------
 // Certificates
 // ---------------------------------------------------------------------------------------------
-
-/// A test CA and the PEM files made with it, in a temporary directory.
-struct Pki {
-    dir: tempfile::TempDir,
-    issuer: rcgen::Issuer<'static, rcgen::KeyPair>,
-    ca_pem: String,
-}
-
-/// A certificate and its key, as PEM.
-struct Leaf {
-    cert: String,
-    key: String,
-}
-
-enum Usage {
-    Server,
-    Client,
-}
-
-impl Pki {
-    fn new(name: &str) -> Pki {
-        let key = rcgen::KeyPair::generate().expect("key");
-        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
-        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-        params
-            .distinguished_name
-            .push(rcgen::DnType::CommonName, name);
-        let ca_pem = params.self_signed(&key).expect("CA").pem();
-        let pki = Pki {
-            dir: tempfile::tempdir().expect("tempdir"),
-            issuer: rcgen::Issuer::new(params, key),
-            ca_pem,
-        };
-        pki.write("ca.pem", &pki.ca_pem);
-        pki
-    }
-
-    /// A certificate for `names` (DNS names or IP addresses), valid now unless `expired`.
-    fn leaf(&self, names: &[&str], usage: Usage, expired: bool) -> Leaf {
-        let key = rcgen::KeyPair::generate().expect("key");
-        let mut params =
-            rcgen::CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())
-                .expect("params");
-        params.distinguished_name.push(
-            rcgen::DnType::CommonName,
-            names.first().copied().unwrap_or("client"),
-        );
-        params.extended_key_usages = vec![match usage {
-            Usage::Server => rcgen::ExtendedKeyUsagePurpose::ServerAuth,
-            Usage::Client => rcgen::ExtendedKeyUsagePurpose::ClientAuth,
-        }];
-        if expired {
-            params.not_before = rcgen::date_time_ymd(2020, 1, 1);
-            params.not_after = rcgen::date_time_ymd(2021, 1, 1);
-        }
-        Leaf {
-            cert: params.signed_by(&key, &self.issuer).expect("cert").pem(),
-            key: key.serialize_pem(),
-        }
-    }
-
-    fn write(&self, name: &str, text: &str) -> PathBuf {
-        let path = self.dir.path().join(name);
-        std::fs::write(&path, text).expect("write pem");
-        path
-    }
-
-    fn path(&self, name: &str) -> String {
-        self.dir.path().join(name).display().to_string()
-    }
-}
 
 /// The simulator serving HTTPS with `leaf`; `client_ca`: client certificates are required.
 async fn https_sim(leaf: &Leaf, client_ca: Option<&str>, http2: bool) -> Simulator {

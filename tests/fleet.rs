@@ -910,30 +910,18 @@ async fn wrong_password_and_full_redis_are_survived() {
 
 /// A test CA and a certificate for 127.0.0.1 and localhost signed by it, as PEM files.
 fn tls_files(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
-    let ca_key = rcgen::KeyPair::generate().expect("key");
-    let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
-    ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    ca.distinguished_name
-        .push(rcgen::DnType::CommonName, "bill24-gateway test CA");
-    let ca_cert = ca.self_signed(&ca_key).expect("ca");
-    let issuer = rcgen::Issuer::new(ca, ca_key);
-    let key = rcgen::KeyPair::generate().expect("key");
-    let mut params =
-        rcgen::CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()])
-            .expect("params");
-    params
-        .distinguished_name
-        .push(rcgen::DnType::CommonName, "localhost");
-    let cert = params.signed_by(&key, &issuer).expect("cert");
-    let paths = (
-        dir.join("ca.pem"),
-        dir.join("cert.pem"),
-        dir.join("key.pem"),
-    );
-    std::fs::write(&paths.0, ca_cert.pem()).expect("write");
-    std::fs::write(&paths.1, cert.pem()).expect("write");
-    std::fs::write(&paths.2, key.serialize_pem()).expect("write");
-    paths
+    let pki = tls::Pki::new("bill24-gateway test CA");
+    let leaf = pki.leaf(&["localhost", "127.0.0.1"], tls::Usage::Server, false);
+    let write = |name: &str, pem: &str| {
+        let path = dir.join(name);
+        std::fs::write(&path, pem).expect("write");
+        path
+    };
+    (
+        write("ca.pem", &pki.ca_pem),
+        write("cert.pem", &leaf.cert),
+        write("key.pem", &leaf.key),
+    )
 }
 
 /// `rediss://` with an ACL user: the tier works over TLS (the test CA trusted through

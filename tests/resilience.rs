@@ -89,6 +89,7 @@ async fn retries_stay_inside_the_request_deadline() {
     );
     app.balance("warm-up").await;
     app.sim.set_balance_fault(Some(Fault::Hang));
+    let before = app.answering_seconds().await;
     let request = tokio::spawn({
         let app = app.clone();
         async move { app.balance("C").await }
@@ -101,13 +102,26 @@ async fn retries_stay_inside_the_request_deadline() {
     clock.advance(Duration::from_millis(25)).await;
     until("the retry", || app.sim.balance_calls_for("C") == 2).await;
     clock.advance(Duration::from_millis(70)).await;
-    real_sleep(Duration::from_millis(50)).await;
+    app.settle().await;
     assert!(!request.is_finished(), "answered before the deadline");
     clock.advance(Duration::from_millis(5)).await;
     let r = request.await.expect("request");
     assert_eq!(r.status, StatusCode::GATEWAY_TIMEOUT);
-    clock.advance(Duration::from_secs(5)).await;
-    real_sleep(Duration::from_millis(50)).await;
+    let took = app.answering_seconds().await - before;
+    assert!(
+        (took - 0.4).abs() < 1e-9,
+        "answered at the deadline, by the gateway's clock: {took} s"
+    );
+    // Whatever the cut attempt left behind runs out: its timers, then any retry's backoff.
+    for _ in 0..2 {
+        clock.advance(Duration::from_secs(5)).await;
+        app.settle().await;
+    }
+    assert_eq!(
+        app.metric("gateway_upstream_retries_total").await,
+        1.0,
+        "no retry decided after the deadline"
+    );
     assert_eq!(
         app.sim.balance_calls_for("C"),
         2,
@@ -368,7 +382,8 @@ async fn refresh_ahead_keeps_a_hot_key_hot() {
     app.sim.set_balance("HOT", 2);
     clock.advance(Duration::from_millis(499)).await;
     assert_eq!(app.balance("HOT").await.x_cache(), "HIT");
-    real_sleep(Duration::from_millis(50)).await;
+    app.settle().await;
+    assert_eq!(app.metric("gateway_cache_refresh_ahead_total").await, 0.0);
     assert_eq!(app.sim.balance_calls_for("HOT"), 1, "not yet in the window");
     clock.advance(Duration::from_millis(1)).await;
     // In the window: hits, and one refresh however many hits.
@@ -380,7 +395,7 @@ async fn refresh_ahead_keeps_a_hot_key_hot() {
         app.sim.balance_calls_for("HOT") == 2
     })
     .await;
-    real_sleep(Duration::from_millis(50)).await;
+    app.settle().await;
     assert_eq!(
         app.sim.balance_calls_for("HOT"),
         2,
@@ -540,17 +555,33 @@ async fn concurrency_cap_is_per_caller() {
 // Connection hardening
 // ---------------------------------------------------------------------------------------------
 
-/// For a frozen clock: whether the peer has closed the connection, read until it does (true)
-/// or until nothing more has come for 100 ms of real time (false).
-async fn closed(stream: &mut TcpStream) -> bool {
+/// For a frozen clock: the peer closes the connection (read until it does); panics after 10 s
+/// of real time.
+async fn closes(stream: &mut TcpStream) {
     let mut buf = [0u8; 1024];
     loop {
         tokio::select! {
             read = stream.read(&mut buf) => match read {
-                Ok(0) | Err(_) => return true,
+                Ok(0) | Err(_) => return,
                 Ok(_) => continue,
             },
-            _ = real_sleep(Duration::from_millis(100)) => return false,
+            _ = real_sleep(Duration::from_secs(10)) => panic!("not closed within 10 s"),
+        }
+    }
+}
+
+/// For a frozen clock: whether the peer has closed the connection by now, once the runtime
+/// has handled everything under way ([`TestApp::settle`]): what it sent is taken, without
+/// waiting for more.
+async fn closed_by_now(app: &TestApp, stream: &mut TcpStream) -> bool {
+    app.settle().await;
+    let mut buf = [0u8; 1024];
+    loop {
+        match stream.try_read(&mut buf) {
+            Ok(0) => return true,
+            Ok(_) => continue,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return false,
+            Err(_) => return true,
         }
     }
 }
@@ -602,15 +633,18 @@ async fn slow_request_heads_are_cut() {
         .await
         .expect("write");
     // The gateway has read the head's first bytes: its timer runs from here.
-    real_sleep(Duration::from_millis(20)).await;
+    app.settle().await;
     for _ in 0..2 {
         clock.advance(Duration::from_millis(100)).await;
         stream.write_all(b"X-Slow: 1\r\n").await.expect("write");
     }
     clock.advance(Duration::from_millis(99)).await;
-    assert!(!closed(&mut stream).await, "open until header_read_timeout");
+    assert!(
+        !closed_by_now(&app, &mut stream).await,
+        "open until header_read_timeout"
+    );
     clock.advance(Duration::from_millis(1)).await;
-    assert!(closed(&mut stream).await, "closed at header_read_timeout");
+    closes(&mut stream).await;
     assert_eq!(
         app.balance("K").await.status,
         StatusCode::OK,
@@ -650,9 +684,12 @@ async fn idle_keep_alive_connections_close_after_idle_timeout() {
         "still open after more than header_read_timeout idle"
     );
     clock.advance(Duration::from_millis(899)).await;
-    assert!(!closed(&mut stream).await, "not before idle_timeout");
+    assert!(
+        !closed_by_now(&app, &mut stream).await,
+        "not before idle_timeout"
+    );
     clock.advance(Duration::from_millis(1)).await;
-    assert!(closed(&mut stream).await, "closed at idle_timeout");
+    closes(&mut stream).await;
 }
 
 /// A connection that never sends anything is closed after `idle_timeout`.
@@ -661,11 +698,15 @@ async fn silent_connections_are_closed() {
     let clock = FrozenClock::start();
     let app = spawn_app_with(|c| c.server.idle_timeout = Duration::from_millis(300)).await;
     let mut stream = TcpStream::connect(app.addr).await.expect("connect");
-    real_sleep(Duration::from_millis(20)).await;
+    // The gateway has taken the connection: its timer runs from here.
+    app.settle().await;
     clock.advance(Duration::from_millis(299)).await;
-    assert!(!closed(&mut stream).await, "not before idle_timeout");
+    assert!(
+        !closed_by_now(&app, &mut stream).await,
+        "not before idle_timeout"
+    );
     clock.advance(Duration::from_millis(1)).await;
-    assert!(closed(&mut stream).await, "closed at idle_timeout");
+    closes(&mut stream).await;
 }
 
 /// Beyond `max_connections`, new connections wait until one closes.
@@ -818,45 +859,128 @@ async fn fault_5xx_bursts() {
     assert!(recovered(&app).await);
 }
 
-/// Resets and HTML bodies: 502 (or 503 with the circuit open), never a hang or a 500.
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn fault_resets_and_html_bodies() {
-    for fault in [Fault::Reset, Fault::Html] {
-        let app = Arc::new(spawn_app_with(suite_config).await);
-        app.balance("warm-up").await;
-        app.sim.set_balance_fault(Some(fault));
-        let statuses = load(&app, 6, Duration::from_secs(1), 30).await;
-        assert!(
-            statuses.iter().all(|s| [502, 503].contains(s)),
-            "{fault:?}: {statuses:?}"
-        );
-        app.sim.set_balance_fault(None);
-        assert!(recovered(&app).await, "{fault:?}");
+/// On a frozen clock: one request for `code`, each of its retries sent as soon as it is decided
+/// (the clock moves past the longest backoff it can have). The reply, and the Bill24 calls
+/// made.
+async fn one_request(app: &Arc<TestApp>, clock: &FrozenClock, code: &str) -> (Reply, u64) {
+    let retries = |text: &str| metric_value(text, "gateway_upstream_retries_total");
+    let before = retries(&app.metrics().await);
+    let mut decided = 0;
+    let request = tokio::spawn({
+        let app = app.clone();
+        let code = code.to_string();
+        async move { app.balance(&code).await }
+    });
+    loop {
+        // The answer, or the next retry decided (its backoff is then on the clock).
+        let mut retry = false;
+        for _ in 0..2_000 {
+            if request.is_finished() {
+                let reply = request.await.expect("request");
+                return (reply, app.sim.balance_calls_for(code));
+            }
+            if retries(&app.metrics().await) > before + f64::from(decided) {
+                retry = true;
+                break;
+            }
+            real_sleep(Duration::from_millis(5)).await;
+        }
+        assert!(retry, "{code}: neither answered nor retried within 10 s");
+        clock.advance(bill24::retry_backoff(decided, 1.0)).await;
+        decided += 1;
     }
 }
 
-/// Flapping: Bill24 alternates between failing and fine every 150 ms; everything is answered
-/// within the deadline and the gateway ends healthy.
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+/// (status, error code or `-`, Bill24 calls) of one request, as [`one_request`] makes it.
+async fn outcome(app: &Arc<TestApp>, clock: &FrozenClock, code: &str) -> (u16, String, u64) {
+    let (reply, calls) = one_request(app, clock, code).await;
+    let error = if reply.status == StatusCode::OK {
+        "-".to_string()
+    } else {
+        reply.error_code()
+    };
+    (reply.status.as_u16(), error, calls)
+}
+
+/// Resets and HTML bodies, one request at a time on a frozen clock: 502 for the first
+/// `circuit_failures` requests (a reset retried, an HTML body not), then 503 `circuit_open`
+/// without a call until the cool-down ends; the probe fails and the circuit opens again; once
+/// Bill24 is fine, the next probe closes it. Never a hang or a 500.
+#[tokio::test(start_paused = true)]
+async fn fault_resets_and_html_bodies() {
+    let clock = FrozenClock::start();
+    for (fault, error, calls) in [
+        (Fault::Reset, "upstream_unreachable", 3),
+        (Fault::Html, "upstream_invalid_answer", 1),
+    ] {
+        let app = Arc::new(spawn_app_with(suite_config).await);
+        app.balance("warm-up").await;
+        app.sim.set_balance_fault(Some(fault));
+        let failed = (502, error.to_string(), calls);
+        let open = (503, "circuit_open".to_string(), 0);
+        for i in 0..5 {
+            let code = format!("F{i}");
+            assert_eq!(
+                outcome(&app, &clock, &code).await,
+                failed,
+                "{fault:?} {code}"
+            );
+        }
+        assert_eq!(outcome(&app, &clock, "open").await, open, "{fault:?}");
+        clock.advance(Duration::from_millis(500)).await;
+        assert_eq!(outcome(&app, &clock, "probe").await, failed, "{fault:?}");
+        assert_eq!(outcome(&app, &clock, "reopened").await, open, "{fault:?}");
+        app.sim.set_balance_fault(None);
+        clock.advance(Duration::from_millis(500)).await;
+        let fine = (200, "-".to_string(), 1);
+        assert_eq!(outcome(&app, &clock, "probe-2").await, fine, "{fault:?}");
+        assert_eq!(outcome(&app, &clock, "closed").await, fine, "{fault:?}");
+    }
+}
+
+/// Flapping, one request at a time on a frozen clock: Bill24 fails (503) and recovers again
+/// and again. Failures that successes separate never open the circuit (it counts consecutive
+/// failed requests): each failed request is a 502 after its two retries, each other one a
+/// 200. Five failures in a row open it; the first request after the cool-down probes a
+/// recovered Bill24 and closes it.
+#[tokio::test(start_paused = true)]
 async fn fault_flapping() {
+    let clock = FrozenClock::start();
     let app = Arc::new(spawn_app_with(suite_config).await);
     app.balance("warm-up").await;
-    let sim = app.sim.clone();
-    let flapper = tokio::spawn(async move {
-        for i in 0..14 {
-            sim.set_balance_fault((i % 2 == 0).then_some(Fault::Status(503)));
-            tokio::time::sleep(Duration::from_millis(150)).await;
+    let failed = (502, "upstream_error".to_string(), 3);
+    let fine = (200, "-".to_string(), 1);
+    let mut n = 0;
+    let mut next = || {
+        n += 1;
+        format!("L{n}")
+    };
+    for failures in [1, 4, 2, 4, 3, 4] {
+        app.sim.set_balance_fault(Some(Fault::Status(503)));
+        for _ in 0..failures {
+            let code = next();
+            assert_eq!(outcome(&app, &clock, &code).await, failed, "{code}");
         }
-        sim.set_balance_fault(None);
-    });
-    let statuses = load(&app, 8, Duration::from_secs(2), 40).await;
-    flapper.await.expect("flapper");
-    assert!(
-        statuses.iter().all(|s| [200, 502, 503].contains(s)),
-        "{statuses:?}"
-    );
-    assert!(count(&statuses, 200) > 0);
-    assert!(recovered(&app).await);
+        app.sim.set_balance_fault(None);
+        let code = next();
+        assert_eq!(outcome(&app, &clock, &code).await, fine, "{code}");
+        clock.advance(Duration::from_millis(150)).await;
+    }
+    assert_eq!(app.metric("gateway_circuit_opened_total").await, 0.0);
+    app.sim.set_balance_fault(Some(Fault::Status(503)));
+    for _ in 0..5 {
+        let code = next();
+        assert_eq!(outcome(&app, &clock, &code).await, failed, "{code}");
+    }
+    app.sim.set_balance_fault(None);
+    let open = (503, "circuit_open".to_string(), 0);
+    assert_eq!(outcome(&app, &clock, "while-open").await, open);
+    clock.advance(Duration::from_millis(499)).await;
+    assert_eq!(outcome(&app, &clock, "still-open").await, open);
+    clock.advance(Duration::from_millis(1)).await;
+    assert_eq!(outcome(&app, &clock, "probe").await, fine);
+    assert_eq!(outcome(&app, &clock, "closed").await, fine);
+    assert_eq!(app.metric("gateway_circuit_opened_total").await, 1.0);
 }
 
 /// A 401 storm (Bill24 refuses every token): callers get 502/503 quickly, and the gateway

@@ -109,14 +109,20 @@ async fn slow_bill24_is_504() {
     );
     app.balance("warm-up-token").await;
     app.sim.set_latency(Duration::from_secs(2));
+    let before = app.answering_seconds().await;
     let request = at_bill24(&app, "C1").await;
     clock.advance(Duration::from_millis(199)).await;
-    real_sleep(Duration::from_millis(30)).await;
+    app.settle().await;
     assert!(!request.is_finished(), "not before the timeout");
     clock.advance(Duration::from_millis(1)).await;
     let r = request.await.expect("request");
     assert_eq!(r.status, StatusCode::GATEWAY_TIMEOUT);
     assert_eq!(r.error_code(), "upstream_timeout");
+    let took = app.answering_seconds().await - before;
+    assert!(
+        (took - 0.2).abs() < 1e-9,
+        "answered at the timeout, by the gateway's clock: {took} s"
+    );
 }
 
 /// The whole-request deadline `server.request_timeout` also answers 504, at the deadline.
@@ -132,18 +138,24 @@ async fn request_deadline_is_504() {
     );
     app.balance("warm-up-token").await;
     app.sim.set_latency(Duration::from_secs(1));
+    let before = app.answering_seconds().await;
     let request = at_bill24(&app, "C1").await;
     clock.advance(Duration::from_millis(299)).await;
-    real_sleep(Duration::from_millis(30)).await;
+    app.settle().await;
     assert!(!request.is_finished(), "not before the deadline");
     clock.advance(Duration::from_millis(1)).await;
     let r = request.await.expect("request");
     assert_eq!(r.status, StatusCode::GATEWAY_TIMEOUT);
     assert_eq!(r.error_code(), "deadline_exceeded");
+    let took = app.answering_seconds().await - before;
+    assert!(
+        (took - 0.3).abs() < 1e-9,
+        "answered at the deadline, by the gateway's clock: {took} s"
+    );
     // The fetch went on and its answer was stored for the next caller.
     clock.advance(Duration::from_millis(700)).await;
     until("the call answered", || app.sim.stats().in_flight == 0).await;
-    real_sleep(Duration::from_millis(30)).await;
+    app.settle().await;
     assert_eq!(app.balance("C1").await.x_cache(), "HIT");
     assert_eq!(app.sim.balance_calls_for("C1"), 1);
 }
@@ -382,8 +394,10 @@ async fn token_is_refreshed_in_the_background_before_expiry() {
     )
     .await;
     until("the first token", || app.sim.authorize_calls() == 1).await;
+    app.until_metric(&[r#"gateway_token_refreshes_total{result="success"}"#], 1.0)
+        .await;
     clock.advance(Duration::from_millis(900)).await;
-    real_sleep(Duration::from_millis(30)).await;
+    app.settle().await;
     assert_eq!(app.sim.refresh_calls(), 0, "not before half its life");
     clock.advance(Duration::from_millis(100)).await;
     until("the refresh at half its life", || {
@@ -391,8 +405,11 @@ async fn token_is_refreshed_in_the_background_before_expiry() {
     })
     .await;
     assert_eq!(app.sim.authorize_calls(), 2);
+    // The new token is in place (its refresh timer set) once the refresh counts as done.
+    app.until_metric(&[r#"gateway_token_refreshes_total{result="success"}"#], 2.0)
+        .await;
     clock.advance(Duration::from_millis(900)).await;
-    real_sleep(Duration::from_millis(30)).await;
+    app.settle().await;
     assert_eq!(app.sim.refresh_calls(), 1, "the new token: not sooner");
     clock.advance(Duration::from_millis(100)).await;
     until("half the new token's life later", || {
@@ -441,8 +458,11 @@ async fn token_without_expiry_is_used_until_refused() {
         for i in 0..5 {
             assert_eq!(app.balance(&format!("C{i}")).await.status, StatusCode::OK);
         }
-        clock.advance(Duration::from_secs(7200)).await;
-        real_sleep(Duration::from_millis(30)).await;
+        // Every timer due within two hours fires, and then whatever those set up.
+        for _ in 0..2 {
+            clock.advance(Duration::from_secs(3600)).await;
+            app.settle().await;
+        }
         assert_eq!(
             app.sim.authorize_calls(),
             1,
@@ -465,8 +485,10 @@ async fn authorize_down_at_start_then_recovers() {
         |_| {},
     )
     .await;
+    const FAILURES: &str = r#"gateway_token_refreshes_total{result="failure"}"#;
     until("the first attempt", || app.sim.authorize_calls() == 1).await;
-    real_sleep(Duration::from_millis(30)).await;
+    // Failed: the backoff runs from here.
+    app.until_metric(&[FAILURES], 1.0).await;
     let r = app.balance("C1").await;
     assert_eq!(r.status, StatusCode::BAD_GATEWAY);
     assert_eq!(r.error_code(), "token_unavailable");
@@ -475,19 +497,23 @@ async fn authorize_down_at_start_then_recovers() {
         1,
         "a request does not buy a token"
     );
-    // Attempts at 0, 250 ms and 750 ms; the next at 1.75 s.
-    for _ in 0..20 {
-        clock.advance(Duration::from_millis(50)).await;
-        real_sleep(Duration::from_millis(10)).await;
+    // Attempts at 0, 250 ms and 750 ms; the next at 1.75 s: each not a millisecond early.
+    for (wait, attempts) in [(250, 2), (500, 3)] {
+        clock.advance(Duration::from_millis(wait - 1)).await;
+        app.settle().await;
+        assert_eq!(app.sim.authorize_calls(), attempts - 1, "backing off");
+        clock.advance(Duration::from_millis(1)).await;
+        until("the next attempt", || app.sim.authorize_calls() == attempts).await;
+        app.until_metric(&[FAILURES], attempts as f64).await;
     }
+    clock.advance(Duration::from_millis(999)).await;
+    app.settle().await;
     assert_eq!(app.sim.authorize_calls(), 3, "backing off");
     app.sim.set_authorize_fault(None);
-    for _ in 0..15 {
-        clock.advance(Duration::from_millis(50)).await;
-        real_sleep(Duration::from_millis(10)).await;
-    }
+    clock.advance(Duration::from_millis(1)).await;
     until("a token", || app.sim.authorize_calls() == 4).await;
-    real_sleep(Duration::from_millis(30)).await;
+    app.until_metric(&[r#"gateway_token_refreshes_total{result="success"}"#], 1.0)
+        .await;
     assert_eq!(app.balance("C1").await.status, StatusCode::OK, "recovered");
     assert!(
         app.metric(r#"gateway_token_refreshes_total{result="failure"}"#)

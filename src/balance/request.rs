@@ -140,6 +140,11 @@ fn json_ws(bytes: &[u8]) -> &[u8] {
 
 /// [`parse_body`] by way of serde_json, for any shape of body.
 pub fn parse_body_json(body: &[u8]) -> Result<SyncCode, InvalidRequest> {
+    // JSON text is UTF-8 (RFC 8259 §8.1), in the members the gateway ignores too; serde_json
+    // checks only the strings it decodes.
+    if std::str::from_utf8(body).is_err() {
+        return Err(InvalidRequest::NotJson);
+    }
     match body.iter().find(|b| !b.is_ascii_whitespace()) {
         Some(b'{') => {}
         Some(_) => {
@@ -153,7 +158,11 @@ pub fn parse_body_json(body: &[u8]) -> Result<SyncCode, InvalidRequest> {
     }
     let parsed: BalanceBody<'_> = serde_json::from_slice(body).map_err(|e| match e.classify() {
         serde_json::error::Category::Data if e.to_string().starts_with("duplicate field") => {
-            InvalidRequest::DuplicateField
+            // serde stops at the second key: a body that is not JSON past it is not JSON.
+            match serde_json::from_slice::<IgnoredAny>(body) {
+                Ok(_) => InvalidRequest::DuplicateField,
+                Err(_) => InvalidRequest::NotJson,
+            }
         }
         serde_json::error::Category::Data => InvalidRequest::NotObject,
         _ => InvalidRequest::NotJson,

@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod process;
+pub mod tls;
 
 use std::net::SocketAddr;
 use std::sync::Once;
@@ -262,6 +263,30 @@ impl TestApp {
             real_sleep(Duration::from_millis(10)).await;
         }
         panic!("{series:?} did not reach {target} within 10 s");
+    }
+
+    /// Lets the gateway and the simulator (on this runtime) handle everything already under
+    /// way (timers that fired, bytes sent on a socket, tasks woken) before a check that
+    /// something has *not* happened: five round trips to the admin listener, each of which the
+    /// runtime can only complete by polling its sockets again. Counted in the runtime's own
+    /// turns, not in real time: a loaded machine makes it slower, never shorter.
+    pub async fn settle(&self) {
+        for _ in 0..5 {
+            let reply = self.admin(Method::GET, "/healthz", &[]).await;
+            assert_eq!(reply.status, StatusCode::OK);
+        }
+    }
+
+    /// The time the gateway spent answering all the requests it has answered, by its own
+    /// clock (the frozen one, in a test that freezes it): the sum of
+    /// `gateway_request_duration_seconds` over every `cache` label.
+    pub async fn answering_seconds(&self) -> f64 {
+        self.metrics()
+            .await
+            .lines()
+            .filter(|l| l.starts_with("gateway_request_duration_seconds_sum"))
+            .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+            .sum()
     }
 
     pub async fn metrics(&self) -> String {
