@@ -312,7 +312,7 @@ impl Bill24 {
                     self.circuit.probe_elsewhere(Instant::now());
                     return Err(Failure::new(
                         UpstreamError::CircuitOpen {
-                            retry_after: self.circuit.cooldown(),
+                            paused_for: self.circuit.cooldown(),
                         },
                         None,
                         None,
