@@ -300,6 +300,11 @@ impl Bill24 {
         &self.tokens
     }
 
+    /// Where the circuit breaker on Bill24 stands now.
+    pub fn circuit_state(&self) -> CircuitState {
+        self.circuit.state()
+    }
+
     /// Asks Bill24 for a balance: through the circuit breaker, retrying what is worth it.
     pub async fn balance(&self, call: &BalanceCall<'_>) -> Result<Answer, Failure> {
         let admission = match self.circuit.admit(Instant::now()) {
