@@ -12,6 +12,8 @@
 //!   its named outcome, the store and the publish.
 //! - [`events`]: the channel (fill outcomes, purges, token changes) and the purge epoch.
 //! - [`token`]: the one merchant token, for the Bill24 client's token manager.
+//! - [`registry`]: the fleet's view of itself — each replica's record and heartbeat, the
+//!   replicas alive (`GET /fleet`), and the last fleet size seen ([`Fleet::size`]).
 //!
 //! **One clock.** An entry's age is read from Redis's clock, never from a replica's: it is
 //! stored to expire at a moment in Redis time (`SET … PXAT`), and a read returns its remaining
@@ -21,14 +23,17 @@
 //! Keys (one merchant's fleet: `<key_prefix>:<client_id>:`), the hash tag grouping one
 //! customer's keys, never the whole fleet's:
 //! `P:C:{<hex code>}:entry`, `P:C:{<hex code>}:fill`, `P:C:token`, `P:C:token:lock`,
-//! `P:C:epoch`; messages on the channel `P:C:events`.
+//! `P:C:epoch`, `P:C:fleet` (a hash: one field per replica); messages on the channel
+//! `P:C:events`.
 
 mod conn;
 mod events;
 mod fill;
+mod registry;
 pub(crate) mod seal;
 mod token;
 
+use std::sync::atomic::AtomicUsize;
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
@@ -39,6 +44,7 @@ use crate::metrics::Metrics;
 use crate::tier::Invalidate;
 use conn::Link;
 use events::{Epoch, Waits};
+pub(crate) use registry::{Membership, Presence, View};
 pub(crate) use token::TokenShare;
 
 /// The key names of one merchant's fleet.
@@ -70,6 +76,10 @@ impl Names {
     fn channel(&self) -> String {
         format!("{}events", self.base)
     }
+
+    fn fleet(&self) -> String {
+        format!("{}fleet", self.base)
+    }
 }
 
 /// The shared tier of one gateway replica.
@@ -90,6 +100,8 @@ pub(crate) struct Fleet {
     waits: Waits,
     epoch: Epoch,
     token_version: watch::Sender<u64>,
+    /// Replicas alive at the last heartbeat, this one included (0 before the first).
+    replicas: AtomicUsize,
     /// Itself, for the background work a fill leaves behind (store, release, publish).
     me: Weak<Fleet>,
 }
@@ -139,6 +151,7 @@ impl Fleet {
             waits: Waits::new(16),
             epoch: Epoch::default(),
             token_version: watch::Sender::new(0),
+            replicas: AtomicUsize::new(0),
             me: me.clone(),
         });
         tokio::spawn(events::subscribe(fleet.clone()));
