@@ -306,7 +306,12 @@ def cluster_failover(work, sim, sim_port):
     procs[victim].wait()
     killed_at = time.time()
     survivors = [p for i, p in enumerate(ports) if i != victim]
-    while not cluster_ok(survivors) and time.time() - killed_at < 30:
+
+    def masters(ps):
+        return sum(subprocess.run(["redis-cli", "-p", str(p), "ROLE"], capture_output=True,
+                                  text=True).stdout.startswith("master") for p in ps)
+    # Promoted: three masters among the survivors again, and the cluster ok.
+    while (masters(survivors) < 3 or not cluster_ok(survivors)) and time.time() - killed_at < 30:
         time.sleep(0.1)
     promoted_after = round(time.time() - killed_at, 1)
     res = load_results(load)

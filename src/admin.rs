@@ -1,5 +1,5 @@
-//! The admin listener: liveness, readiness, Prometheus metrics, cache purge, and the OpenAPI
-//! documents (`/openapi.yaml`, `/openapi-admin.yaml`).
+//! The admin listener: liveness, readiness, Prometheus metrics, the view of the fleet
+//! (`/fleet`), cache purge, and the OpenAPI documents (`/openapi.yaml`, `/openapi-admin.yaml`).
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -19,6 +19,7 @@ use crate::balance::service::Balances;
 use crate::config::KeyHash;
 use crate::correlation::context::RequestId;
 use crate::error::{ErrorResponse, Response, render_body};
+use crate::fleet::{Fleet, Presence, View};
 use crate::metrics::Metrics;
 
 /// The admin listener's refusals.
@@ -80,6 +81,10 @@ pub struct Admin {
     pub balances: Arc<Balances>,
     /// `server.admin_key_sha256`: when set, purges need `Bearer <admin key>`.
     pub admin_key: Arc<ArcSwap<Option<KeyHash>>>,
+    /// The shared tier, with `[redis]`.
+    pub fleet: Option<Arc<Fleet>>,
+    /// This replica, as `/fleet` lists it.
+    pub presence: Arc<Presence>,
 }
 
 impl Admin {
@@ -101,6 +106,11 @@ impl Admin {
             "/metrics" => match only_get(method) {
                 Some(r) => r,
                 None => self.metrics_page().await,
+            },
+            // Open, like /metrics (health, readiness and metrics need no admin key).
+            "/fleet" => match only_get(method) {
+                Some(r) => r,
+                None => self.fleet_page().await,
             },
             "/openapi.yaml" => {
                 only_get(method).unwrap_or_else(|| yaml(include_str!("../openapi.yaml")))
@@ -156,6 +166,17 @@ impl Admin {
             CONTENT_TYPE,
             HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
         );
+        r
+    }
+
+    async fn fleet_page(&self) -> Response {
+        let view = match &self.fleet {
+            Some(fleet) => fleet.view(&self.presence).await,
+            None => View::alone(&self.presence),
+        };
+        let mut r = http::Response::new(Full::new(Bytes::from(view.to_json())));
+        r.headers_mut()
+            .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
         r
     }
 

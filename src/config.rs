@@ -12,6 +12,7 @@ use figment::providers::{Env, Format, Serialized, Toml};
 use figment::value::{Dict, Map, Value};
 use figment::{Figment, Metadata, Profile, Provider};
 use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
 
 pub use bill24::Config as UpstreamConfig;
 use bill24::Secret;
@@ -839,6 +840,118 @@ impl Config {
         }
         out
     }
+
+    /// A digest of the settings every replica of a fleet must agree on to act as one gateway
+    /// (CONTRACT §13): `[cache]` but its size, `[[callers]]` (names, key hashes, limits; their
+    /// order does not matter), how Bill24 is called (`[upstream]` without its secrets, TLS files
+    /// and proxy), and `redis.key_prefix`. Not what may differ from one replica to the next:
+    /// addresses, the admin key, logging, threads, `cache.max_entries`, Redis's URLs and
+    /// credentials. 16 hex digits of a SHA-256, the same for the same settings on any machine.
+    ///
+    /// Every field is named (no `..`): a key added to the config does not compile until it is
+    /// listed here as agreed or as the replica's own.
+    pub fn fleet_digest(&self) -> String {
+        let mut text = String::new();
+        let mut put = |key: &str, value: &dyn std::fmt::Display| {
+            text.push_str(key);
+            text.push('=');
+            text.push_str(&value.to_string());
+            text.push('\n');
+        };
+        let nanos = |d: &Duration| d.as_nanos();
+        let Config {
+            server: _, // addresses, timeouts of the replica's own connections
+            upstream,
+            cache,
+            log: _, // the replica's own
+            redis,
+            callers,
+        } = self;
+        // Which merchant, where, and how Bill24 is called; not the secrets (never in a
+        // digest), nor where this replica finds its certificate files, nor its egress.
+        let UpstreamConfig {
+            client_id,
+            base_url,
+            retries,
+            retry_budget,
+            timeout,
+            connect_timeout,
+            token_refresh_margin,
+            circuit_failures,
+            circuit_cooldown,
+            max_in_flight,
+            queue_timeout,
+            fleet_max_rps,
+            fleet_circuit,
+            merchant_token: _,
+            client_secret: _,
+            tls: _,
+            proxy: _,
+        } = upstream;
+        put("upstream.client_id", client_id);
+        put("upstream.base_url", base_url);
+        put("upstream.retries", retries);
+        put("upstream.retry_budget", retry_budget);
+        put("upstream.timeout", &nanos(timeout));
+        put("upstream.connect_timeout", &nanos(connect_timeout));
+        put(
+            "upstream.token_refresh_margin",
+            &nanos(token_refresh_margin),
+        );
+        put("upstream.circuit_failures", circuit_failures);
+        put("upstream.circuit_cooldown", &nanos(circuit_cooldown));
+        put("upstream.max_in_flight", max_in_flight);
+        put("upstream.queue_timeout", &nanos(queue_timeout));
+        put("upstream.fleet_max_rps", fleet_max_rps);
+        put("upstream.fleet_circuit", fleet_circuit);
+        let CacheConfig {
+            ttl,
+            max_entries: _, // this replica's memory
+            negative_ttl,
+            stale_if_error,
+            refresh_ahead,
+            ttl_jitter,
+        } = cache;
+        put("cache.ttl", &nanos(ttl));
+        put("cache.negative_ttl", &nanos(negative_ttl));
+        put("cache.stale_if_error", &nanos(stale_if_error));
+        put("cache.refresh_ahead", &nanos(refresh_ahead));
+        put("cache.ttl_jitter", ttl_jitter);
+        if let Some(RedisConfig {
+            urls: _,
+            cluster: _,
+            username: _,
+            password: _,
+            key_prefix,
+            timeout: _,
+        }) = redis
+        {
+            put("redis.key_prefix", key_prefix);
+        }
+        let mut callers: Vec<&CallerConfig> = callers.iter().collect();
+        callers.sort_by(|a, b| a.name.cmp(&b.name));
+        for caller in callers {
+            let CallerConfig {
+                name,
+                max_concurrent,
+                rate_limit_rps,
+                burst,
+                key_sha256,
+                limit_scope,
+            } = caller;
+            let mut keys: Vec<String> = key_sha256.iter().map(hex::encode).collect();
+            keys.sort();
+            // Debug quoting: a name cannot pass for another caller's line.
+            put("callers.name", &format!("{name:?}"));
+            put("callers.key_sha256", &keys.join(","));
+            put("callers.rate_limit_rps", rate_limit_rps);
+            put("callers.burst", burst);
+            put("callers.max_concurrent", max_concurrent);
+            put("callers.limit_scope", &format!("{limit_scope:?}"));
+        }
+        let digest = Sha256::digest(text.as_bytes());
+        hex::encode(&digest[..8])
+    }
 }
 
 /// `[redis]`: `None` without URLs. Key names embed `key_prefix` and `upstream.client_id`, so
@@ -1542,5 +1655,92 @@ mod tests {
         assert_eq!(keys["upstream.client_id"], KeyKind::Text);
         assert_eq!(keys["upstream.max_in_flight"], KeyKind::Parsed);
         assert_eq!(keys["callers"], KeyKind::Parsed);
+    }
+
+    fn validated(toml: &str) -> Config {
+        let raw: RawConfig = Figment::from(Serialized::defaults(RawConfig::default()))
+            .merge(Toml::string(toml))
+            .extract()
+            .expect("parses");
+        raw.validate().expect("valid")
+    }
+
+    /// `[[callers]]` tables: (name, key hash, more keys).
+    fn callers_toml(callers: &[(&str, &str, &str)]) -> String {
+        callers
+            .iter()
+            .map(|(name, hash, more)| {
+                format!("[[callers]]\nname = \"{name}\"\nkey_sha256 = \"{hash}\"\n{more}\n")
+            })
+            .collect()
+    }
+
+    /// A shared tier and `callers`, with more `[upstream]` and `[cache]` keys.
+    fn fleet_config(upstream: &str, cache: &str, callers: &[(&str, &str, &str)]) -> Config {
+        validated(&format!(
+            "[upstream]\nclient_id = \"c\"\n{upstream}\n[cache]\n{cache}\n\
+             [redis]\nurls = [\"redis://127.0.0.1:1\"]\n{}",
+            callers_toml(callers)
+        ))
+    }
+
+    #[test]
+    fn fleet_digest_covers_what_a_fleet_must_agree_on() {
+        let two = [("a", HASH_A, ""), ("b", HASH_B, "")];
+        let base = fleet_config("", "", &two).fleet_digest();
+        assert_eq!(base.len(), 16);
+        assert!(base.bytes().all(|b| b.is_ascii_hexdigit()), "{base}");
+        assert_eq!(base, fleet_config("", "", &two).fleet_digest(), "stable");
+
+        // What the replicas must agree on changes it.
+        let upstream = |toml: &str| fleet_config(toml, "", &two);
+        let cache = |toml: &str| fleet_config("", toml, &two);
+        let callers = |callers: &[(&str, &str, &str)]| fleet_config("", "", callers);
+        let mut prefix = fleet_config("", "", &two);
+        if let Some(redis) = &mut prefix.redis {
+            redis.key_prefix = "other".into();
+        }
+        for (what, config) in [
+            ("cache.ttl", cache("ttl = \"11s\"")),
+            ("cache.negative_ttl", cache("negative_ttl = \"1s\"")),
+            ("cache.stale_if_error", cache("stale_if_error = \"1m\"")),
+            ("upstream.base_url", upstream("base_url = \"http://h:1\"")),
+            ("upstream.retries", upstream("retries = 0")),
+            (
+                "upstream.circuit_cooldown",
+                upstream("circuit_cooldown = \"9s\""),
+            ),
+            ("upstream.max_in_flight", upstream("max_in_flight = 3")),
+            ("a caller less", callers(&two[..1])),
+            (
+                "a caller's key",
+                callers(&[("a", HASH_B, ""), ("b", HASH_A, "")]),
+            ),
+            (
+                "a caller's limit",
+                callers(&[("a", HASH_A, "burst = 5"), two[1]]),
+            ),
+            ("redis.key_prefix", prefix),
+        ] {
+            assert_ne!(config.fleet_digest(), base, "{what}");
+        }
+
+        // What is each replica's own does not; nor does the order of the callers.
+        let mut own = fleet_config(
+            "merchant_token = \"m\"\nclient_secret = \"s\"",
+            "max_entries = 7",
+            &[two[1], two[0]],
+        );
+        own.server.listen = "127.0.0.1:1".parse().expect("addr");
+        own.server.admin_listen = "127.0.0.1:2".parse().expect("addr");
+        own.server.worker_threads = 3;
+        own.server.admin_key_sha256 = Some([7; 32]);
+        own.log.level = "debug".into();
+        own.log.format = LogFormat::Text;
+        if let Some(redis) = &mut own.redis {
+            redis.urls = vec![SecretUrl::new("redis://10.0.0.1:6379")];
+            redis.timeout = Duration::from_secs(1);
+        }
+        assert_eq!(own.fleet_digest(), base);
     }
 }

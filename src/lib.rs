@@ -26,8 +26,9 @@
 //! concurrency) → deadline → [`balance::request`] (Content-Type, size, body) →
 //! [`balance::service`], which answers from [`balance::cache`] (L1), else through the second
 //! tier when there is one ([`tier::Tier`], one call per miss), else through one shared call to
-//! `bill24`. [`admin`] serves health, readiness, metrics and purge on its own listener;
-//! [`reload`] applies a re-read config; [`demo`] wires the simulator to a gateway.
+//! `bill24`. [`admin`] serves health, readiness, metrics, the view of the fleet and purge on
+//! its own listener; [`reload`] applies a re-read config; [`demo`] wires the simulator to a
+//! gateway.
 //!
 //! The second tier is the fleet's ([`fleet`], over Redis): it owns read-through, the fill
 //! lock, the wait, the store and the publish, and tells L1 what to drop through a callback
@@ -39,6 +40,9 @@
 //!        │                                 │
 //!        └──> balance::cache               └──> bill24::token (the TokenStore it implements)
 //! ```
+//!
+//! [`fleet`]'s `registry` is the fleet's view of itself: each replica's record and heartbeat
+//! in Redis, which [`admin`] serves as `GET /fleet` (this replica alone without Redis).
 //!
 //! The files import each other in layers, lower never importing higher:
 //!
@@ -125,7 +129,7 @@ use crate::balance::cache::BalanceCache;
 use crate::balance::service::Balances;
 use crate::caller::FleetRate;
 use crate::config::Config;
-use crate::fleet::{CallerRates, Fleet, FleetGuard, TokenShare};
+use crate::fleet::{CallerRates, Fleet, FleetGuard, Membership, Presence, TokenShare};
 use crate::metrics::Metrics;
 use crate::tier::{Invalidate, Invalidation, Tier};
 
@@ -172,6 +176,13 @@ struct State {
     ready: Arc<AtomicBool>,
     /// Where fleet-scoped callers' rates are counted (with `[redis]`).
     fleet_rate: Option<Arc<dyn FleetRate>>,
+    /// The shared tier, with `[redis]`; and this replica's place in it.
+    fleet: Option<Arc<Fleet>>,
+    membership: Option<Membership>,
+    /// This replica as `/fleet` lists it.
+    presence: Arc<Presence>,
+    /// The digest of the config in effect (a reload stores the new one).
+    digest: Arc<ArcSwap<String>>,
 }
 
 impl Gateway {
@@ -230,9 +241,16 @@ impl Gateway {
             config.cache.clone(),
             cache,
             bill24.clone(),
-            fleet.map(|f| f as Arc<dyn Tier>),
+            fleet.clone().map(|f| f as Arc<dyn Tier>),
             metrics.clone(),
         );
+        let digest = Arc::new(ArcSwap::from_pointee(config.fleet_digest()));
+        let presence = Arc::new(Presence::new(
+            main.local_addr().unwrap_or(config.server.listen),
+            digest.clone(),
+            bill24.clone(),
+        ));
+        let membership = fleet.as_ref().map(|f| f.join(presence.clone()));
         let state = State {
             metrics,
             bill24,
@@ -243,6 +261,10 @@ impl Gateway {
             in_flight: InFlight::default(),
             ready: Arc::new(AtomicBool::new(true)),
             fleet_rate,
+            fleet,
+            membership,
+            presence,
+            digest,
         };
         Ok(Gateway {
             config,
@@ -270,6 +292,7 @@ impl Gateway {
             self.state.balances.clone(),
             self.state.admin_key.clone(),
             self.state.access_sample.clone(),
+            self.state.digest.clone(),
         )
     }
 
@@ -310,6 +333,8 @@ impl Gateway {
             metrics: state.metrics.clone(),
             balances: state.balances.clone(),
             admin_key: state.admin_key.clone(),
+            fleet: state.fleet.clone(),
+            presence: state.presence.clone(),
         });
         let admin_service = tower::service_fn(move |req| admin_state.clone().handle(req));
 
@@ -378,6 +403,10 @@ impl Gateway {
         tokio::join!(admin_loop, finish);
         let _ = tokio::time::timeout(ADMIN_GRACE, admin_graceful.shutdown()).await;
         state.bill24.stop();
+        if let Some(membership) = state.membership {
+            // Gone from the fleet's view at once rather than when its heartbeat is missed.
+            membership.leave().await;
+        }
         upkeep.abort();
         tracing::info!("gateway stopped");
         Ok(())

@@ -33,6 +33,7 @@ pub const REDIS_REQUESTS_TOTAL: &str = "gateway_redis_requests_total";
 pub const REDIS_DURATION: &str = "gateway_redis_duration_seconds";
 pub const FLEET_FILL_WAITS_TOTAL: &str = "gateway_fleet_fill_waits_total";
 pub const FLEET_LIMIT_WAIT: &str = "gateway_fleet_limit_wait_seconds";
+pub const FLEET_REPLICAS: &str = "gateway_fleet_replicas";
 
 /// Resolves cache hits (tens of µs) as well as slow Bill24 calls (seconds).
 const REQUEST_BUCKETS: &[f64] = &[
@@ -167,6 +168,10 @@ impl Metrics {
                 "Time a Bill24 call waited for a place under the fleet's ceiling (upstream.fleet_max_rps).",
             ),
         );
+        describe(
+            FLEET_REPLICAS,
+            "Replicas of the fleet alive, as this replica last saw them (1 without Redis).",
+        );
 
         let coalesced = register_counter(&recorder, COALESCED_TOTAL, vec![]);
         let cache_entries = recorder.register_gauge(&Key::from_name(CACHE_ENTRIES), &metadata());
@@ -202,6 +207,10 @@ impl Metrics {
         circuit_state.set(0.0);
         let refresh_ahead = register_counter(&recorder, REFRESH_AHEAD_TOTAL, vec![]);
         refresh_ahead.absolute(0);
+        // Alone until a heartbeat says otherwise.
+        recorder
+            .register_gauge(&Key::from_name(FLEET_REPLICAS), &metadata())
+            .set(1.0);
 
         let request_durations = CACHE_LABELS.map(|cache| {
             recorder.register_histogram(
@@ -297,6 +306,13 @@ impl Metrics {
         self.recorder
             .register_gauge(&Key::from_name(REDIS_UP), &metadata())
             .set(if up { 1.0 } else { 0.0 });
+    }
+
+    /// Replicas alive at the last heartbeat (the last count seen while Redis is down).
+    pub fn set_fleet_replicas(&self, replicas: usize) {
+        self.recorder
+            .register_gauge(&Key::from_name(FLEET_REPLICAS), &metadata())
+            .set(replicas as f64);
     }
 
     /// One call to the shared tier (`result`: `ok`, `error`, `timeout`, `rejected` for a value
@@ -441,6 +457,7 @@ mod tests {
             r#"gateway_token_refreshes_total{result="failure"} 0"#,
             "gateway_cache_entries 3",
             "gateway_token_expires_in_seconds 0",
+            "gateway_fleet_replicas 1",
             "gateway_build_info{version=",
             "# HELP gateway_requests_total",
         ] {

@@ -49,6 +49,8 @@ pub struct Reloader {
     balances: Arc<Balances>,
     admin_key: Arc<ArcSwap<Option<KeyHash>>>,
     access_sample: AccessSample,
+    /// [`Config::fleet_digest`] of the config in effect, as the fleet's view shows it.
+    digest: Arc<ArcSwap<String>>,
 }
 
 impl Reloader {
@@ -58,6 +60,7 @@ impl Reloader {
         balances: Arc<Balances>,
         admin_key: Arc<ArcSwap<Option<KeyHash>>>,
         access_sample: AccessSample,
+        digest: Arc<ArcSwap<String>>,
     ) -> Self {
         Reloader {
             current: Arc::new(Mutex::new(current)),
@@ -65,6 +68,7 @@ impl Reloader {
             balances,
             admin_key,
             access_sample,
+            digest,
         }
     }
 
@@ -116,6 +120,11 @@ impl Reloader {
         current.server.admin_key_sha256 = new.server.admin_key_sha256;
         current.log.access_sample = new.log.access_sample;
         current.log.level = new.log.level;
+        // What the fleet sees: the settings in effect (those needing a restart as running).
+        let digest = current.fleet_digest();
+        if **self.digest.load() != digest {
+            self.digest.store(Arc::new(digest));
+        }
         Ok(report)
     }
 }
@@ -400,6 +409,25 @@ mod tests {
         raw.validate().expect("valid")
     }
 
+    /// A reloader over a gateway running `old`: the Bill24 client (to stop) and the fleet
+    /// digest it keeps up to date come with it.
+    fn reloader_for(old: &Config) -> (Reloader, Arc<bill24::Bill24>, Arc<ArcSwap<String>>) {
+        let metrics = Arc::new(Metrics::new());
+        let bill24 =
+            Arc::new(bill24::Bill24::start(&old.upstream, metrics.clone(), None).expect("client"));
+        let cache = Arc::new(crate::balance::cache::BalanceCache::new(10));
+        let digest = Arc::new(ArcSwap::from_pointee(old.fleet_digest()));
+        let reloader = Reloader::new(
+            old.clone(),
+            Arc::new(ArcSwap::from_pointee(CallerKeys::new(&old.callers))),
+            Balances::new(old.cache.clone(), cache, bill24.clone(), metrics),
+            Arc::new(ArcSwap::from_pointee(old.server.admin_key_sha256)),
+            AccessSample::new(old.log.access_sample),
+            digest.clone(),
+        );
+        (reloader, bill24, digest)
+    }
+
     /// Every key of the config, changed alone, is either applied at once or reported as
     /// needing a restart: never silently ignored.
     #[tokio::test]
@@ -417,18 +445,7 @@ mod tests {
         );
         for (key, toml) in changes {
             let old = config("");
-            let metrics = Arc::new(Metrics::new());
-            let bill24 = Arc::new(
-                bill24::Bill24::start(&old.upstream, metrics.clone(), None).expect("client"),
-            );
-            let cache = Arc::new(crate::balance::cache::BalanceCache::new(10));
-            let reloader = Reloader::new(
-                old.clone(),
-                Arc::new(ArcSwap::from_pointee(CallerKeys::new(&old.callers))),
-                Balances::new(old.cache.clone(), cache, bill24.clone(), metrics),
-                Arc::new(ArcSwap::from_pointee(old.server.admin_key_sha256)),
-                AccessSample::new(old.log.access_sample),
-            );
+            let (reloader, bill24, _) = reloader_for(&old);
             let new = config(&toml);
             assert_ne!(old, new, "{key}: the change changes the config");
             let report = reloader
@@ -450,5 +467,26 @@ mod tests {
             );
             bill24.stop();
         }
+    }
+
+    /// The digest the fleet sees follows what a reload puts in effect: a new `cache.ttl` at
+    /// once, a restart-only key not until the restart.
+    #[tokio::test]
+    async fn the_fleet_digest_follows_what_a_reload_applies() {
+        let old = config("");
+        let (reloader, bill24, digest) = reloader_for(&old);
+        let restart_only = config("[upstream]\nretries = 0");
+        assert_ne!(restart_only.fleet_digest(), old.fleet_digest());
+        reloader
+            .apply(restart_only, Explicit::default())
+            .expect("applied");
+        assert_eq!(**digest.load(), old.fleet_digest(), "still the running one");
+        let ttl = config("[cache]\nttl = \"1s\"");
+        reloader
+            .apply(ttl.clone(), Explicit::default())
+            .expect("applied");
+        assert_ne!(**digest.load(), old.fleet_digest());
+        assert_eq!(**digest.load(), ttl.fleet_digest());
+        bill24.stop();
     }
 }

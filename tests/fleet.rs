@@ -1822,3 +1822,461 @@ async fn fleet_scoped_callers_get_their_rate_once() {
         start.elapsed()
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// The view of the fleet (CONTRACT §13)
+// ---------------------------------------------------------------------------------------------
+
+/// `method path` on an admin listener.
+async fn admin_call(admin: SocketAddr, method: Method, path: &str) -> Reply {
+    let req = http::Request::builder()
+        .method(method)
+        .uri(format!("http://{admin}{path}"))
+        .body(Default::default())
+        .expect("request");
+    send(&client(), req).await
+}
+
+impl Replica {
+    /// `GET /fleet`: a 200 with a JSON body, parsed.
+    async fn fleet(&self) -> serde_json::Value {
+        let reply = get(self.admin, "/fleet").await;
+        assert_eq!(reply.status, StatusCode::OK, "{:?}", reply.body);
+        assert_eq!(reply.header("content-type"), Some("application/json"));
+        reply.json()
+    }
+
+    /// This replica's id, as its own view says.
+    async fn id(&self) -> String {
+        let view = self.fleet().await;
+        view["replica"].as_str().expect("replica").to_string()
+    }
+}
+
+/// The ids a view lists.
+fn listed_ids(view: &serde_json::Value) -> std::collections::BTreeSet<String> {
+    view["replicas"]
+        .as_array()
+        .expect("replicas")
+        .iter()
+        .map(|r| r["id"].as_str().expect("id").to_string())
+        .collect()
+}
+
+/// A view's entry for one replica.
+fn entry<'a>(view: &'a serde_json::Value, id: &str) -> &'a serde_json::Value {
+    view["replicas"]
+        .as_array()
+        .expect("replicas")
+        .iter()
+        .find(|r| r["id"] == id)
+        .unwrap_or_else(|| panic!("{id} not listed in {view}"))
+}
+
+/// The environment of a replica whose wall clock is off by `offset` (libfaketime; its
+/// monotonic clock is left alone).
+fn clock_ahead(offset: &'static str) -> [(&'static str, &'static str); 4] {
+    assert!(Path::new(LIBFAKETIME).exists(), "apt install faketime");
+    [
+        ("LD_PRELOAD", LIBFAKETIME),
+        ("FAKETIME", offset),
+        ("FAKETIME_DONT_FAKE_MONOTONIC", "1"),
+        ("DONT_FAKE_MONOTONIC", "1"),
+    ]
+}
+
+/// Polls the replica's `/fleet` until `check` holds; the view that passed.
+async fn until_view(
+    replica: &Replica,
+    within: Duration,
+    check: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let deadline = Instant::now() + within;
+    loop {
+        let view = replica.fleet().await;
+        if check(&view) {
+            return view;
+        }
+        assert!(Instant::now() < deadline, "after {within:?}: {view}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Three replicas, one of them with its clock ten minutes ahead, see each other: every view
+/// lists the same three ids, each with its version, start time, listen address, Redis up, the
+/// circuit closed, and the one digest they share; each heard from within the last seconds by
+/// Redis's clock (the skewed one too). `gateway_fleet_replicas` is 3 on each.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_view_of_the_fleet_lists_every_replica() {
+    let redis = Redis::start(&[]);
+    let fleet = Fleet::new(vec![redis.url()], "").await;
+    let ahead = clock_ahead("+600s");
+    let replicas = [
+        fleet.replica().await,
+        fleet.replica().await,
+        fleet.replica_with_env(&ahead).await,
+    ];
+    let mut ids = Vec::new();
+    for r in &replicas {
+        ids.push(r.id().await);
+    }
+    let all: std::collections::BTreeSet<String> = ids.iter().cloned().collect();
+    assert_eq!(all.len(), 3, "an id per replica: {ids:?}");
+    for (r, id) in replicas.iter().zip(&ids) {
+        let view = until_view(r, Duration::from_secs(5), |v| listed_ids(v) == all).await;
+        assert_eq!(view["replica"], id.as_str());
+        assert_eq!(view["redis_up"], true);
+        let digest = entry(&view, id)["config_digest"].clone();
+        assert_eq!(digest.as_str().map(str::len), Some(16), "{view}");
+        for (other, other_id) in replicas.iter().zip(&ids) {
+            let e = entry(&view, other_id);
+            assert_eq!(e["listen"], other.main.to_string().as_str(), "{e}");
+            assert_eq!(e["version"], env!("CARGO_PKG_VERSION"));
+            assert_eq!(e["config_digest"], digest, "{view}");
+            assert_eq!(e["config_matches"], true, "{view}");
+            assert_eq!(e["redis_up"], true, "{e}");
+            assert_eq!(e["circuit"], "closed", "{e}");
+            let started = e["started_at"].as_str().expect("started_at");
+            time::OffsetDateTime::parse(started, &time::format_description::well_known::Rfc3339)
+                .unwrap_or_else(|err| panic!("{started}: {err}"));
+            let last_seen = e["last_seen_ms"].as_u64().expect("last_seen_ms");
+            assert!(last_seen < 3_000, "Redis's clock, not the replica's: {e}");
+        }
+        until_metric(r, "gateway_fleet_replicas", |v| v == 3.0).await;
+    }
+}
+
+/// A fourth replica with another `cache.ttl` is flagged `config_matches: false` on every
+/// replica's view, its own included; once a reload brings its config in line (SIGHUP, no
+/// restart) it matches everywhere.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_with_another_config_is_flagged_on_every_view() {
+    let redis = Redis::start(&[]);
+    let mut fleet = Fleet::new(vec![redis.url()], "").await;
+    let mut replicas = fleet.replicas(3).await;
+    fleet.extra = "cache.ttl = \"30s\"".into();
+    replicas.push(fleet.replica().await);
+    let odd = replicas[3].id().await;
+    for r in &replicas {
+        let view = until_view(r, Duration::from_secs(5), |v| listed_ids(v).len() == 4).await;
+        for e in view["replicas"].as_array().expect("replicas") {
+            assert_eq!(e["config_matches"], e["id"] != odd.as_str(), "{view}");
+        }
+        let others: std::collections::BTreeSet<String> = view["replicas"]
+            .as_array()
+            .expect("replicas")
+            .iter()
+            .filter(|e| e["id"] != odd.as_str())
+            .map(|e| e["config_digest"].to_string())
+            .collect();
+        assert_eq!(others.len(), 1, "the three agree: {view}");
+        assert!(!others.contains(&entry(&view, &odd)["config_digest"].to_string()));
+    }
+    fleet.extra = String::new();
+    let odd_replica = &replicas[3];
+    std::fs::write(odd_replica._dir.path().join("gw.toml"), fleet.toml()).expect("config");
+    odd_replica.running.signal("HUP");
+    odd_replica.running.wait_for_line("config reloaded").await;
+    for r in &replicas {
+        until_view(r, Duration::from_secs(5), |v| {
+            listed_ids(v).len() == 4
+                && v["replicas"]
+                    .as_array()
+                    .is_some_and(|all| all.iter().all(|e| e["config_matches"] == true))
+        })
+        .await;
+    }
+}
+
+/// A replica killed outright (SIGKILL) is listed until the kill and gone from every view
+/// within five seconds of it (by Redis's clock), and `gateway_fleet_replicas` follows; one
+/// stopped cleanly (SIGTERM) removes itself at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_that_dies_leaves_the_view_within_five_seconds() {
+    let redis = Redis::start(&[]);
+    let fleet = Fleet::new(vec![redis.url()], "").await;
+    let mut replicas = fleet.replicas(4).await;
+    let mut ids = Vec::new();
+    for r in &replicas {
+        ids.push(r.id().await);
+    }
+    for r in &replicas {
+        until_view(r, Duration::from_secs(5), |v| listed_ids(v).len() == 4).await;
+        until_metric(r, "gateway_fleet_replicas", |v| v == 4.0).await;
+    }
+    let victim = ids[3].clone();
+    assert!(listed_ids(&replicas[0].fleet().await).contains(&victim));
+    replicas[3].kill();
+    let killed = Instant::now();
+    loop {
+        let view = replicas[0].fleet().await;
+        if !listed_ids(&view).contains(&victim) {
+            break;
+        }
+        assert!(
+            killed.elapsed() < Duration::from_secs(6),
+            "still listed {:?} after the kill: {view}",
+            killed.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let gone_after = killed.elapsed();
+    // Its last heartbeat was at most a second or so before the kill: not retired early.
+    assert!(
+        gone_after > Duration::from_secs(2),
+        "gone after {gone_after:?}"
+    );
+    for r in &replicas[..3] {
+        until_view(r, Duration::from_secs(2), |v| listed_ids(v).len() == 3).await;
+        until_metric(r, "gateway_fleet_replicas", |v| v == 3.0).await;
+    }
+
+    let stopped = Instant::now();
+    replicas[2].running.signal("TERM");
+    assert!(
+        replicas[2]
+            .running
+            .wait_exit(Duration::from_secs(10))
+            .await
+            .success()
+    );
+    let view = replicas[0].fleet().await;
+    assert!(!listed_ids(&view).contains(&ids[2]), "{view}");
+    assert!(
+        stopped.elapsed() < Duration::from_secs(3),
+        "removed by itself, not retired: {:?}",
+        stopped.elapsed()
+    );
+    until_metric(&replicas[0], "gateway_fleet_replicas", |v| v == 2.0).await;
+}
+
+/// With Redis killed, `/fleet` still answers 200 at once, with this replica alone and
+/// `redis_up: false`; `gateway_fleet_replicas` keeps the last size seen (the N of fleet-wide
+/// limits). When Redis is back the view is whole again by itself. Without `[redis]`, a
+/// replica's view is itself alone, and the gauge 1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_redis_down_the_view_is_this_replica_alone() {
+    let mut redis = Redis::start(&[]);
+    let fleet = Fleet::new(vec![redis.url()], "").await;
+    let replicas = fleet.replicas(2).await;
+    let id = replicas[0].id().await;
+    for r in &replicas {
+        until_view(r, Duration::from_secs(5), |v| listed_ids(v).len() == 2).await;
+        until_metric(r, "gateway_fleet_replicas", |v| v == 2.0).await;
+    }
+    redis.kill();
+    for _ in 0..5 {
+        let asked = Instant::now();
+        let view = replicas[0].fleet().await;
+        assert!(
+            asked.elapsed() < Duration::from_secs(1),
+            "{:?}",
+            asked.elapsed()
+        );
+        assert_eq!(view["redis_up"], false, "{view}");
+        assert_eq!(view["replica"], id.as_str());
+        assert_eq!(listed_ids(&view), [id.clone()].into(), "{view}");
+        let me = entry(&view, &id);
+        assert_eq!(me["redis_up"], false);
+        assert_eq!(me["config_matches"], true);
+        assert_eq!(me["circuit"], "closed");
+    }
+    assert_eq!(replicas[0].metric("gateway_fleet_replicas").await, 2.0);
+    assert_eq!(replicas[0].balance("DOWN").await.status, StatusCode::OK);
+
+    redis.restart();
+    for r in &replicas {
+        until_view(r, Duration::from_secs(15), |v| {
+            v["redis_up"] == true && listed_ids(v).len() == 2
+        })
+        .await;
+    }
+
+    let alone = Fleet::new(Vec::new(), "").await;
+    let solo = alone.replica().await;
+    let view = solo.fleet().await;
+    assert_eq!(view["redis_up"], false, "{view}");
+    assert_eq!(listed_ids(&view).len(), 1);
+    assert_eq!(
+        entry(&view, &solo.id().await)["listen"],
+        solo.main.to_string().as_str()
+    );
+    assert_eq!(solo.metric("gateway_fleet_replicas").await, 1.0);
+}
+
+/// `/fleet` is open like `/metrics` (the admin key guards the purges only); a query string
+/// is ignored, HEAD has the headers without the body, other methods are 405 with `Allow`, and
+/// paths around it (a huge suffix among them) are 404: plain answers, and the replica serves on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn odd_requests_to_the_fleet_view_get_plain_answers() {
+    let redis = Redis::start(&[]);
+    let fleet = Fleet::new(
+        vec![redis.url()],
+        &format!(
+            "server.admin_key_sha256 = \"{}\"",
+            hex::encode(bill24_gateway::hash_key(b"admin-key"))
+        ),
+    )
+    .await;
+    let r = fleet.replica().await;
+    assert_eq!(
+        admin_call(r.admin, Method::GET, "/metrics").await.status,
+        StatusCode::OK
+    );
+    assert_eq!(
+        admin_call(r.admin, Method::GET, "/fleet").await.status,
+        StatusCode::OK
+    );
+    assert_eq!(
+        admin_call(r.admin, Method::DELETE, "/cache").await.status,
+        StatusCode::UNAUTHORIZED
+    );
+
+    let query = format!("/fleet?verbose=1&x={}", "y".repeat(4_000));
+    let reply = admin_call(r.admin, Method::GET, &query).await;
+    assert_eq!(reply.status, StatusCode::OK);
+    assert_eq!(listed_ids(&reply.json()).len(), 1);
+
+    let head = admin_call(r.admin, Method::HEAD, "/fleet").await;
+    assert_eq!(head.status, StatusCode::OK);
+    assert_eq!(head.header("content-type"), Some("application/json"));
+    assert!(head.body.is_empty());
+
+    for method in [
+        Method::POST,
+        Method::PUT,
+        Method::DELETE,
+        Method::PATCH,
+        Method::OPTIONS,
+    ] {
+        let reply = admin_call(r.admin, method.clone(), "/fleet").await;
+        assert_eq!(reply.status, StatusCode::METHOD_NOT_ALLOWED, "{method}");
+        assert_eq!(reply.header("allow"), Some("GET, HEAD"), "{method}");
+        assert_eq!(reply.json()["code"], "method_not_allowed");
+    }
+
+    let huge = format!("/fleet/{}", "a".repeat(16_000));
+    for path in [
+        "/fleet/",
+        "/fleet/x",
+        "/FLEET",
+        "/fleets",
+        "/fleet%2F",
+        huge.as_str(),
+    ] {
+        let reply = admin_call(r.admin, Method::GET, path).await;
+        assert_eq!(reply.status, StatusCode::NOT_FOUND, "{path:.40}");
+        assert_eq!(reply.json()["code"], "not_found");
+    }
+    assert_eq!(get(r.admin, "/healthz").await.status, StatusCode::OK);
+    assert_eq!(listed_ids(&r.fleet().await).len(), 1);
+}
+
+/// On a 3-master Redis Cluster the fleet is one key on one node: three replicas list each
+/// other, and one killed is retired.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_view_of_the_fleet_on_a_redis_cluster() {
+    let cluster = Cluster::start();
+    let fleet = Fleet::new(cluster.urls(), "").await;
+    let mut replicas = fleet.replicas(3).await;
+    for r in &replicas {
+        until_view(r, Duration::from_secs(5), |v| {
+            v["redis_up"] == true && listed_ids(v).len() == 3
+        })
+        .await;
+    }
+    let key = format!("bill24gw:{}:fleet", bill24_sim::DEMO_CLIENT_ID);
+    let holders = cluster
+        .nodes
+        .iter()
+        .filter(|n| n.cli(&["EXISTS", &key]).trim() == "1")
+        .count();
+    assert_eq!(holders, 1, "one key, on one node");
+    replicas[2].kill();
+    for r in &replicas[..2] {
+        until_view(r, Duration::from_secs(7), |v| listed_ids(v).len() == 2).await;
+    }
+}
+
+/// A replica whose circuit opens publishes it: every replica's view shows it `open` within
+/// a heartbeat or two.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_open_circuit_shows_on_every_view() {
+    let opens_fast =
+        "upstream.retries = 0\nupstream.circuit_failures = 2\nupstream.circuit_cooldown = \"60s\"";
+    let redis = Redis::start(&[]);
+    let fleet = Fleet::new(vec![redis.url()], opens_fast).await;
+    let replicas = fleet.replicas(2).await;
+    let broken = replicas[0].id().await;
+    fleet
+        .sim
+        .handle()
+        .set_balance_fault(Some(Fault::Status(500)));
+    for i in 0..3 {
+        replicas[0].balance(&format!("CIRCUIT{i}")).await;
+    }
+    until_metric(&replicas[0], "gateway_circuit_state", |v| v == 1.0).await;
+    for r in &replicas {
+        until_view(r, Duration::from_secs(5), |v| {
+            listed_ids(v).contains(&broken) && entry(v, &broken)["circuit"] == "open"
+        })
+        .await;
+    }
+}
+
+/// Redis killed mid-run: the ceiling falls back to `fleet_max_rps / N` on each replica (N = 3,
+/// the fleet as last seen) and a fleet-scoped caller to `rate_limit_rps / N`; every request is
+/// answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_redis_killed_each_replica_keeps_its_share_of_the_limits() {
+    let mut redis = Redis::start(&[]);
+    let mut fleet = Fleet::new(
+        vec![redis.url()],
+        "upstream.fleet_max_rps = 30\nupstream.queue_timeout = \"10s\"",
+    )
+    .await;
+    let hash = |key: &str| hex::encode(bill24_gateway::hash_key(key.as_bytes()));
+    fleet.callers = Some(format!(
+        "[[callers]]\nname = \"orders\"\nkey_sha256 = \"{}\"\n\
+         [[callers]]\nname = \"billing\"\nkey_sha256 = \"{}\"\nrate_limit_rps = 3\nburst = 9\n\
+         limit_scope = \"fleet\"\n",
+        hash(ORDERS_KEY),
+        hash(BILLING_KEY)
+    ));
+    let replicas = Arc::new(fleet.replicas(3).await);
+    for r in replicas.iter() {
+        until_metric(r, "gateway_fleet_replicas", |v| v == 3.0).await;
+    }
+    redis.kill();
+    for r in replicas.iter() {
+        r.balance("after-the-kill").await;
+        until_metric(r, "gateway_redis_up", |v| v == 0.0).await;
+    }
+    real_sleep(Duration::from_millis(1_100)).await;
+    let (calls, statuses, took) =
+        cold_traffic(&fleet, &replicas, 12, Duration::from_secs(3), "ALONE").await;
+    assert!(
+        statuses.iter().all(|s| *s == StatusCode::OK),
+        "{statuses:?}"
+    );
+    // Each replica 10/s with bursts of 10: the fleet's 30/s, not three times it.
+    let bound = 30.0 * took.as_secs_f64() + 30.0;
+    assert!(
+        (calls as f64) <= bound,
+        "{calls} calls in {took:?} (bound {bound})"
+    );
+    assert!(calls >= 45, "a share, not a stop: {calls}");
+    // The fleet-scoped caller: 1/s and bursts of 3 on each replica.
+    let mut ok = 0;
+    let start = Instant::now();
+    for i in 0..30 {
+        let r = balance(replicas[i % 3].main, BILLING_KEY, "SAME").await;
+        if r.status == StatusCode::OK {
+            ok += 1;
+        } else {
+            assert_eq!(r.status, StatusCode::TOO_MANY_REQUESTS);
+        }
+    }
+    let refill = (start.elapsed().as_secs_f64()).ceil() as usize * 3;
+    assert!((9..=9 + refill).contains(&ok), "{ok} answered of 30");
+}

@@ -200,6 +200,8 @@ async fn real_responses_match_the_admin_document() {
         ("/healthz", Method::POST, "/healthz", 405, &[]),
         ("/readyz", Method::GET, "/readyz", 200, &[]),
         ("/metrics", Method::GET, "/metrics", 200, &[]),
+        ("/fleet", Method::GET, "/fleet", 200, &[]),
+        ("/fleet", Method::POST, "/fleet", 405, &[]),
         ("/openapi.yaml", Method::GET, "/openapi.yaml", 200, &[]),
         (
             "/openapi-admin.yaml",
@@ -266,6 +268,27 @@ async fn real_responses_match_the_admin_document() {
                 "{method} {url}: {got} vs {media}"
             );
         }
+    }
+    // The view of the fleet has the documented fields, and only those.
+    let fleet = app.admin(Method::GET, "/fleet", &[]).await.json();
+    for (value, schema) in [(&fleet, "Fleet"), (&fleet["replicas"][0], "Replica")] {
+        let schema = &doc["components"]["schemas"][schema];
+        let fields: BTreeSet<&str> = value
+            .as_object()
+            .map(|o| o.keys().map(String::as_str).collect())
+            .unwrap_or_default();
+        let required: BTreeSet<&str> = schema["required"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(Value::as_str)
+            .collect();
+        let documented: BTreeSet<&str> = schema["properties"]
+            .as_object()
+            .map(|p| p.keys().map(String::as_str).collect())
+            .unwrap_or_default();
+        assert!(required.is_subset(&fields), "{value}: {required:?}");
+        assert!(fields.is_subset(&documented), "{value}: {documented:?}");
     }
     let served = app.admin(Method::GET, "/openapi.yaml", &[]).await;
     assert_eq!(&served.body[..], include_str!("../openapi.yaml").as_bytes());

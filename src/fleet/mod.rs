@@ -12,6 +12,8 @@
 //!   its named outcome, the store and the publish.
 //! - [`events`]: the channel (fill outcomes, purges, token changes) and the purge epoch.
 //! - [`token`]: the one merchant token, for the Bill24 client's token manager.
+//! - [`registry`]: the fleet's view of itself — each replica's record and heartbeat, the
+//!   replicas alive (`GET /fleet`), and the last fleet size seen ([`Fleet::size`]).
 //!
 //! **One clock.** An entry's age is read from Redis's clock, never from a replica's: it is
 //! stored to expire at a moment in Redis time (`SET … PXAT`), and a read returns its remaining
@@ -21,16 +23,18 @@
 //! Keys (one merchant's fleet: `<key_prefix>:<client_id>:`), the hash tag grouping one
 //! customer's keys, never the whole fleet's:
 //! `P:C:{<hex code>}:entry`, `P:C:{<hex code>}:fill`, `P:C:token`, `P:C:token:lock`,
-//! `P:C:epoch`; messages on the channel `P:C:events`.
+//! `P:C:epoch`, `P:C:fleet` (a hash: one field per replica); messages on the channel
+//! `P:C:events`.
 
 mod conn;
 mod events;
 mod fill;
 mod limits;
+mod registry;
 pub(crate) mod seal;
 mod token;
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::AtomicUsize;
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
@@ -43,6 +47,7 @@ use crate::tier::Invalidate;
 use conn::Link;
 use events::{Epoch, Waits};
 pub(crate) use limits::{CallerRates, FleetGuard};
+pub(crate) use registry::{Membership, Presence, View};
 pub(crate) use token::TokenShare;
 
 /// The key names of one merchant's fleet.
@@ -87,6 +92,10 @@ impl Names {
     fn caller(&self, name: &str) -> String {
         format!("{}caller:{}", self.base, hex::encode(name.as_bytes()))
     }
+
+    fn fleet(&self) -> String {
+        format!("{}fleet", self.base)
+    }
 }
 
 /// The shared tier of one gateway replica.
@@ -109,8 +118,8 @@ pub(crate) struct Fleet {
     token_version: watch::Sender<u64>,
     /// What other replicas' circuits did.
     circuit_news: watch::Sender<CircuitNews>,
-    /// The fleet's size as last seen (at least 1): a limit's share when Redis is down.
-    size: AtomicUsize,
+    /// Replicas alive at the last heartbeat, this one included (0 before the first).
+    replicas: AtomicUsize,
     /// Itself, for the background work a fill leaves behind (store, release, publish).
     me: Weak<Fleet>,
 }
@@ -161,7 +170,7 @@ impl Fleet {
             epoch: Epoch::default(),
             token_version: watch::Sender::new(0),
             circuit_news: watch::Sender::new(CircuitNews::None),
-            size: AtomicUsize::new(1),
+            replicas: AtomicUsize::new(0),
             me: me.clone(),
         });
         tokio::spawn(events::subscribe(fleet.clone()));
@@ -171,10 +180,5 @@ impl Fleet {
 
     fn metrics(&self) -> &Metrics {
         &self.link.metrics
-    }
-
-    /// The fleet's size as last seen, at least 1.
-    pub(crate) fn size(&self) -> usize {
-        self.size.load(Ordering::Acquire).max(1)
     }
 }

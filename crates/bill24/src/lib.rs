@@ -301,6 +301,11 @@ impl Bill24 {
         &self.tokens
     }
 
+    /// Where the circuit breaker on Bill24 stands now.
+    pub fn circuit_state(&self) -> CircuitState {
+        self.circuit.state()
+    }
+
     /// Asks Bill24 for a balance: through the circuit breaker, retrying what is worth it.
     pub async fn balance(&self, call: &BalanceCall<'_>) -> Result<Answer, Failure> {
         let admission = match self.circuit.admit(Instant::now()) {
@@ -383,11 +388,6 @@ impl Bill24 {
 
     fn circuit_moved(&self, transition: Option<Transition>) {
         circuit_moved(self.metrics.as_ref(), &self.circuit, transition, false);
-    }
-
-    /// The circuit's state now (for the fleet's view of its replicas).
-    pub fn circuit_state(&self) -> CircuitState {
-        self.circuit.state()
     }
 
     /// One exchange: a token, the call, and on a 401 one shared refresh and one more call,
