@@ -292,8 +292,17 @@ def cluster_failover(work, sim, sim_port):
         return all("cluster_state:ok" in subprocess.run(["redis-cli", "-p", str(p), "CLUSTER", "INFO"],
                                                          capture_output=True, text=True).stdout
                    for p in ps)
+    def replication(p):
+        return subprocess.run(["redis-cli", "-p", str(p), "INFO", "replication"],
+                              capture_output=True, text=True).stdout
+
+    def synced(ps):
+        # A replica that has not synced with its master cannot take over from it.
+        infos = [replication(p) for p in ps]
+        slaves = [i for i in infos if "role:slave" in i]
+        return len(slaves) == 3 and all("master_link_status:up" in i for i in slaves)
     t0 = time.time()
-    while not cluster_ok(ports) and time.time() - t0 < 30:
+    while not (cluster_ok(ports) and synced(ports)) and time.time() - t0 < 30:
         time.sleep(0.1)
     sim_control(sim, {"reset_counters": True})
     gws = fleet(work, sim_port, None, ttl="2s", prefix="failover", redis_ports=ports)

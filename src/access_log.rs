@@ -30,14 +30,14 @@ use crate::telemetry::ACCESS_TARGET;
 const CLIENT_CLOSED: u16 = 499;
 
 /// Access lines written for 401s, at most, per second (and in a burst).
-pub const UNAUTHORIZED_LINES_PER_SEC: u32 = 20;
+pub(crate) const UNAUTHORIZED_LINES_PER_SEC: u32 = 20;
 
 /// The limit on 401 lines, shared by every request of a gateway.
 #[derive(Clone)]
-pub struct UnauthorizedLines(Arc<(Bucket, AtomicU64)>);
+pub(crate) struct UnauthorizedLines(Arc<(Bucket, AtomicU64)>);
 
 impl UnauthorizedLines {
-    pub fn new() -> Self {
+    pub(crate) fn new() -> Self {
         let per_sec = NonZeroU32::new(UNAUTHORIZED_LINES_PER_SEC).unwrap_or(NonZeroU32::MIN);
         let bucket = RateLimiter::direct_with_clock(Quota::per_second(per_sec), TokioClock::new());
         UnauthorizedLines(Arc::new((bucket, AtomicU64::new(0))))
@@ -99,7 +99,7 @@ impl InFlight {
 }
 
 #[derive(Clone)]
-pub struct AccessLogLayer {
+pub(crate) struct AccessLogLayer {
     metrics: Arc<Metrics>,
     in_flight: InFlight,
     sample: AccessSample,
@@ -107,7 +107,7 @@ pub struct AccessLogLayer {
 }
 
 impl AccessLogLayer {
-    pub fn new(metrics: Arc<Metrics>, in_flight: InFlight, sample: AccessSample) -> Self {
+    pub(crate) fn new(metrics: Arc<Metrics>, in_flight: InFlight, sample: AccessSample) -> Self {
         AccessLogLayer {
             metrics,
             in_flight,
@@ -132,7 +132,7 @@ impl<S> Layer<S> for AccessLogLayer {
 }
 
 #[derive(Clone)]
-pub struct AccessLog<S> {
+pub(crate) struct AccessLog<S> {
     inner: S,
     metrics: Arc<Metrics>,
     in_flight: InFlight,
@@ -194,7 +194,7 @@ where
 }
 
 /// Writes the line when dropped: after the response, or when the client hung up.
-pub struct Record {
+pub(crate) struct Record {
     state: RequestState,
     status: Option<u16>,
     metrics: Arc<Metrics>,

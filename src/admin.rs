@@ -24,7 +24,7 @@ use crate::metrics::Metrics;
 
 /// The admin listener's refusals.
 #[derive(Debug, Clone, thiserror::Error, strum::EnumIter)]
-pub enum AdminError {
+pub(crate) enum AdminError {
     #[error("an HTTP/1.1 request needs exactly one Host header")]
     InvalidHost,
     #[error("no such admin endpoint")]
@@ -74,7 +74,7 @@ impl ErrorResponse for AdminError {
 }
 
 /// What the admin endpoints read and act on.
-pub struct Admin {
+pub(crate) struct Admin {
     /// True from start until shutdown begins.
     pub ready: Arc<AtomicBool>,
     pub metrics: Arc<Metrics>,
@@ -88,7 +88,10 @@ pub struct Admin {
 }
 
 impl Admin {
-    pub async fn handle<B>(self: Arc<Self>, req: Request<B>) -> Result<Response, Infallible> {
+    pub(crate) async fn handle<B>(
+        self: Arc<Self>,
+        req: Request<B>,
+    ) -> Result<Response, Infallible> {
         let path = req.uri().path();
         let method = req.method();
         if !crate::stack::host_ok(&req) {

@@ -99,13 +99,13 @@ pub fn bearer_key(headers: &HeaderMap) -> Option<&[u8]> {
 /// Answers 401 unless the request carries a known caller key; records the [`Caller`] in the
 /// request's [`RequestState`].
 #[derive(Clone)]
-pub struct AuthLayer {
+pub(crate) struct AuthLayer {
     keys: Arc<ArcSwap<CallerKeys>>,
 }
 
 impl AuthLayer {
     /// `keys` may be swapped at run time (config reload).
-    pub fn new(keys: Arc<ArcSwap<CallerKeys>>) -> Self {
+    pub(crate) fn new(keys: Arc<ArcSwap<CallerKeys>>) -> Self {
         AuthLayer { keys }
     }
 }
@@ -122,7 +122,7 @@ impl<S> Layer<S> for AuthLayer {
 }
 
 #[derive(Clone)]
-pub struct Auth<S> {
+pub(crate) struct Auth<S> {
     inner: S,
     keys: Arc<ArcSwap<CallerKeys>>,
 }

@@ -43,12 +43,12 @@ pub struct Caller {
 /// governor's clock over tokio's: one clock in the process, so a test on paused time sees
 /// buckets refill as it advances.
 #[derive(Clone, Copy, Debug)]
-pub struct TokioClock {
+pub(crate) struct TokioClock {
     epoch: Instant,
 }
 
 impl TokioClock {
-    pub fn new() -> Self {
+    pub(crate) fn new() -> Self {
         TokioClock {
             epoch: Instant::now(),
         }
@@ -71,7 +71,7 @@ impl Clock for TokioClock {
 }
 
 /// A token bucket on tokio's clock.
-pub type Bucket = RateLimiter<NotKeyed, InMemoryState, TokioClock, NoOpMiddleware<Duration>>;
+pub(crate) type Bucket = RateLimiter<NotKeyed, InMemoryState, TokioClock, NoOpMiddleware<Duration>>;
 
 /// Why a caller's request is refused, and when it may try again.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -29,7 +29,7 @@ use crate::holding::Holding;
 
 /// What the connection's service is doing, shared with its [`TimedIo`].
 #[derive(Debug)]
-pub struct Activity {
+pub(crate) struct Activity {
     epoch: Instant,
     in_service: AtomicUsize,
     /// Requests handed to the service so far.
@@ -39,7 +39,7 @@ pub struct Activity {
 }
 
 impl Activity {
-    pub fn new() -> Arc<Self> {
+    pub(crate) fn new() -> Arc<Self> {
         Arc::new(Activity {
             epoch: Instant::now(),
             in_service: AtomicUsize::new(0),
@@ -73,13 +73,13 @@ enum Protocol {
 
 /// The longest a write may make no progress: `server.idle_timeout`, and never more than 10 s
 /// (a peer that takes no data for that long is not reading).
-pub fn write_stall_limit(idle_timeout: Duration) -> Duration {
+pub(crate) fn write_stall_limit(idle_timeout: Duration) -> Duration {
     idle_timeout.min(Duration::from_secs(10))
 }
 
 /// A connection's IO with the idle and header deadlines applied to its reads, and the
 /// write-progress deadline to its writes.
-pub struct TimedIo<T> {
+pub(crate) struct TimedIo<T> {
     inner: T,
     activity: Arc<Activity>,
     header_timeout: Duration,
@@ -95,7 +95,7 @@ pub struct TimedIo<T> {
 }
 
 impl<T> TimedIo<T> {
-    pub fn new(
+    pub(crate) fn new(
         inner: T,
         activity: Arc<Activity>,
         header_timeout: Duration,
@@ -269,18 +269,18 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for TimedIo<T> {
 
 /// The connection's service, telling [`Activity`] when a request is in it.
 #[derive(Clone)]
-pub struct Tracked<S> {
+pub(crate) struct Tracked<S> {
     inner: S,
     activity: Arc<Activity>,
 }
 
 impl<S> Tracked<S> {
-    pub fn new(inner: S, activity: Arc<Activity>) -> Self {
+    pub(crate) fn new(inner: S, activity: Arc<Activity>) -> Self {
         Tracked { inner, activity }
     }
 }
 
-pub struct InService(Arc<Activity>);
+pub(crate) struct InService(Arc<Activity>);
 
 impl Drop for InService {
     fn drop(&mut self) {

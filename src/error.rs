@@ -25,12 +25,12 @@ use http::{HeaderMap, HeaderValue, StatusCode};
 use http_body_util::Full;
 use serde::Serialize;
 
-pub type Body = Full<Bytes>;
-pub type Response = http::Response<Body>;
+pub(crate) type Body = Full<Bytes>;
+pub(crate) type Response = http::Response<Body>;
 
 /// An error that is answered to the client: its status, stable code and headers; its
 /// `Display` is the message.
-pub trait ErrorResponse: std::fmt::Display {
+pub(crate) trait ErrorResponse: std::fmt::Display {
     fn status(&self) -> StatusCode;
 
     /// The stable, machine-readable `code` of the error body.
@@ -58,7 +58,7 @@ pub trait ErrorResponse: std::fmt::Display {
 
 /// The refusals of the serving layers.
 #[derive(Debug, Clone, thiserror::Error, strum::EnumIter)]
-pub enum GatewayError {
+pub(crate) enum GatewayError {
     #[error("an HTTP/1.1 request needs exactly one Host header")]
     InvalidHost,
     #[error("no such endpoint; the gateway serves POST {}", bill24::BALANCE_PATH)]
@@ -129,12 +129,12 @@ impl ErrorResponse for GatewayError {
 /// The future of a layer that refuses a request: it holds the (small) error and makes the
 /// response when polled, so the futures of the layers above stay small on the way in.
 #[derive(Debug)]
-pub struct Rejection<R, E> {
+pub(crate) struct Rejection<R, E> {
     error: Option<R>,
     _error_type: PhantomData<fn() -> E>,
 }
 
-pub fn reject<R, E>(error: R) -> Rejection<R, E> {
+pub(crate) fn reject<R, E>(error: R) -> Rejection<R, E> {
     Rejection {
         error: Some(error),
         _error_type: PhantomData,
@@ -154,14 +154,14 @@ impl<R: ErrorResponse + Unpin, E> Future for Rejection<R, E> {
 }
 
 /// Sets `Retry-After` in whole seconds: rounded up, at least 1.
-pub fn set_retry_after(headers: &mut HeaderMap, wait: Duration) {
+pub(crate) fn set_retry_after(headers: &mut HeaderMap, wait: Duration) {
     let secs = (wait.as_secs_f64().ceil() as u64).max(1);
     headers.insert(RETRY_AFTER, HeaderValue::from(secs));
 }
 
 /// An error answer waiting for its body (see the module docs).
 #[derive(Debug, Clone)]
-pub struct ErrorReply {
+pub(crate) struct ErrorReply {
     pub code: &'static str,
     pub message: String,
 }
@@ -175,7 +175,7 @@ struct ErrorBody<'a> {
 
 /// Writes the JSON error body of a response made by [`ErrorResponse::into_response`]; other
 /// responses pass unchanged.
-pub fn render_body(response: &mut Response, request_id: &str) {
+pub(crate) fn render_body(response: &mut Response, request_id: &str) {
     let Some(reply) = response.extensions().get::<ErrorReply>() else {
         return;
     };

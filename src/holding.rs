@@ -18,7 +18,7 @@ pin_project! {
 }
 
 impl<F, G> Holding<F, G> {
-    pub fn new(inner: F, guard: Option<G>) -> Self {
+    pub(crate) fn new(inner: F, guard: Option<G>) -> Self {
         Holding { inner, guard }
     }
 }

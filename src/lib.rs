@@ -62,6 +62,7 @@
 //! until the shutdown future resolves; a [`Reloader`] applies a re-read config meanwhile.
 
 #![forbid(unsafe_code)]
+#![deny(unreachable_pub)]
 
 pub(crate) mod access_log;
 pub(crate) mod admin;

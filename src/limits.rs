@@ -19,13 +19,13 @@ use crate::holding::Holding;
 use crate::request_state::RequestState;
 
 #[derive(Clone, Default)]
-pub struct CallerLimitLayer {
+pub(crate) struct CallerLimitLayer {
     fleet: Option<Arc<dyn FleetRate>>,
 }
 
 impl CallerLimitLayer {
     /// Fleet-scoped callers' rates counted by `fleet` (without one, on this replica alone).
-    pub fn new(fleet: Option<Arc<dyn FleetRate>>) -> Self {
+    pub(crate) fn new(fleet: Option<Arc<dyn FleetRate>>) -> Self {
         CallerLimitLayer { fleet }
     }
 }
@@ -42,7 +42,7 @@ impl<S> Layer<S> for CallerLimitLayer {
 }
 
 #[derive(Clone)]
-pub struct CallerLimit<S> {
+pub(crate) struct CallerLimit<S> {
     inner: S,
     fleet: Option<Arc<dyn FleetRate>>,
 }

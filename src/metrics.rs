@@ -13,27 +13,27 @@ use metrics_exporter_prometheus::{
     Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder,
 };
 
-pub const REQUESTS_TOTAL: &str = "gateway_requests_total";
-pub const REQUEST_DURATION: &str = "gateway_request_duration_seconds";
-pub const UPSTREAM_REQUESTS_TOTAL: &str = "gateway_upstream_requests_total";
-pub const UPSTREAM_DURATION: &str = "gateway_upstream_duration_seconds";
-pub const CACHE_ENTRIES: &str = "gateway_cache_entries";
-pub const COALESCED_TOTAL: &str = "gateway_coalesced_requests_total";
-pub const TOKEN_REFRESHES_TOTAL: &str = "gateway_token_refreshes_total";
-pub const TOKEN_EXPIRES_IN: &str = "gateway_token_expires_in_seconds";
-pub const BUILD_INFO: &str = "gateway_build_info";
-pub const UPSTREAM_RETRIES_TOTAL: &str = "gateway_upstream_retries_total";
-pub const UPSTREAM_RETRIES_DENIED_TOTAL: &str = "gateway_upstream_retries_denied_total";
-pub const CIRCUIT_STATE: &str = "gateway_circuit_state";
-pub const CIRCUIT_OPENED_TOTAL: &str = "gateway_circuit_opened_total";
-pub const REFRESH_AHEAD_TOTAL: &str = "gateway_cache_refresh_ahead_total";
-pub const CACHE_HITS_TOTAL: &str = "gateway_cache_hits_total";
-pub const REDIS_UP: &str = "gateway_redis_up";
-pub const REDIS_REQUESTS_TOTAL: &str = "gateway_redis_requests_total";
-pub const REDIS_DURATION: &str = "gateway_redis_duration_seconds";
-pub const FLEET_FILL_WAITS_TOTAL: &str = "gateway_fleet_fill_waits_total";
-pub const FLEET_LIMIT_WAIT: &str = "gateway_fleet_limit_wait_seconds";
-pub const FLEET_REPLICAS: &str = "gateway_fleet_replicas";
+pub(crate) const REQUESTS_TOTAL: &str = "gateway_requests_total";
+pub(crate) const REQUEST_DURATION: &str = "gateway_request_duration_seconds";
+pub(crate) const UPSTREAM_REQUESTS_TOTAL: &str = "gateway_upstream_requests_total";
+pub(crate) const UPSTREAM_DURATION: &str = "gateway_upstream_duration_seconds";
+pub(crate) const CACHE_ENTRIES: &str = "gateway_cache_entries";
+pub(crate) const COALESCED_TOTAL: &str = "gateway_coalesced_requests_total";
+pub(crate) const TOKEN_REFRESHES_TOTAL: &str = "gateway_token_refreshes_total";
+pub(crate) const TOKEN_EXPIRES_IN: &str = "gateway_token_expires_in_seconds";
+pub(crate) const BUILD_INFO: &str = "gateway_build_info";
+pub(crate) const UPSTREAM_RETRIES_TOTAL: &str = "gateway_upstream_retries_total";
+pub(crate) const UPSTREAM_RETRIES_DENIED_TOTAL: &str = "gateway_upstream_retries_denied_total";
+pub(crate) const CIRCUIT_STATE: &str = "gateway_circuit_state";
+pub(crate) const CIRCUIT_OPENED_TOTAL: &str = "gateway_circuit_opened_total";
+pub(crate) const REFRESH_AHEAD_TOTAL: &str = "gateway_cache_refresh_ahead_total";
+pub(crate) const CACHE_HITS_TOTAL: &str = "gateway_cache_hits_total";
+pub(crate) const REDIS_UP: &str = "gateway_redis_up";
+pub(crate) const REDIS_REQUESTS_TOTAL: &str = "gateway_redis_requests_total";
+pub(crate) const REDIS_DURATION: &str = "gateway_redis_duration_seconds";
+pub(crate) const FLEET_FILL_WAITS_TOTAL: &str = "gateway_fleet_fill_waits_total";
+pub(crate) const FLEET_LIMIT_WAIT: &str = "gateway_fleet_limit_wait_seconds";
+pub(crate) const FLEET_REPLICAS: &str = "gateway_fleet_replicas";
 
 /// Resolves cache hits (tens of µs) as well as slow Bill24 calls (seconds).
 const REQUEST_BUCKETS: &[f64] = &[

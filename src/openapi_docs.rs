@@ -13,6 +13,7 @@ use crate::admin::AdminError;
 use crate::balance::code::InvalidSyncCode;
 use crate::balance::request::InvalidRequest;
 
+#[allow(unreachable_pub)] // shared with the integration tests, where it is public
 #[path = "../tests/common/openapi_doc.rs"]
 mod doc;
 use crate::error::{ErrorResponse, GatewayError};

@@ -164,7 +164,7 @@ impl RequestState {
 }
 
 /// Milliseconds with microsecond precision, as the access log writes durations.
-pub fn millis(d: Duration) -> f64 {
+pub(crate) fn millis(d: Duration) -> f64 {
     (d.as_secs_f64() * 1_000_000.0).round() / 1_000.0
 }
 

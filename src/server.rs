@@ -39,22 +39,22 @@ pub fn runtime(threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
 }
 
 /// Largest request head accepted (HTTP/1 read buffer; HTTP/2 header list).
-pub const MAX_HEADER_BYTES: usize = 16 * 1024;
+pub(crate) const MAX_HEADER_BYTES: usize = 16 * 1024;
 /// HTTP/2 streams a client may have open on one connection.
-pub const MAX_CONCURRENT_STREAMS: u32 = 256;
+pub(crate) const MAX_CONCURRENT_STREAMS: u32 = 256;
 /// HTTP/2 streams reset by the client before being served that a connection may pile up
 /// (rapid reset, CVE-2023-44487): past it, GOAWAY.
-pub const MAX_PENDING_RESETS: usize = 32;
+pub(crate) const MAX_PENDING_RESETS: usize = 32;
 /// HTTP/2 streams the gateway may reset because the client erred, over a connection's life
 /// (a client provoking resets, CVE-2025-8671): past it, GOAWAY. h2's default. Streams opened
 /// beyond `MAX_CONCURRENT_STREAMS` count here: each is refused alone (REFUSED_STREAM, safe to
 /// retry) while the client's other streams go on, so a client that merely opens too many
 /// before reading the gateway's SETTINGS keeps its connection (with 32 it lost it, and every
 /// stream in flight, after 32 excess streams).
-pub const MAX_LOCAL_ERROR_RESETS: usize = 1024;
+pub(crate) const MAX_LOCAL_ERROR_RESETS: usize = 1024;
 
 /// The connection builder shared by both listeners: limits on heads and HTTP/2 streams.
-pub fn connection_builder() -> auto::Builder<TokioExecutor> {
+pub(crate) fn connection_builder() -> auto::Builder<TokioExecutor> {
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
@@ -79,17 +79,17 @@ pub fn connection_builder() -> auto::Builder<TokioExecutor> {
 /// Pending connections the kernel may queue per listener (capped by `net.core.somaxconn`).
 /// The default of 128 drops SYNs when a few hundred clients connect at once, costing each a
 /// one-second retransmit.
-pub const LISTEN_BACKLOG: u32 = 4096;
+pub(crate) const LISTEN_BACKLOG: u32 = 4096;
 
 /// The kernel's send buffer for each accepted connection (it inherits the listener's). Fixed
 /// rather than auto-tuned: answers are small, and a client that stops reading must not make
 /// the kernel hold megabytes of unsent answers per connection (auto-tuning grew them to about
 /// 3 MB each in an attack) for as long as the write limit lets it.
-pub const SEND_BUFFER: u32 = 64 * 1024;
+pub(crate) const SEND_BUFFER: u32 = 64 * 1024;
 
 /// A listener on `addr` with [`LISTEN_BACKLOG`], [`SEND_BUFFER`] and `SO_REUSEADDR` (so a
 /// restart does not wait for old connections in TIME_WAIT).
-pub fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
+pub(crate) fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
     let socket = match addr {
         SocketAddr::V4(_) => TcpSocket::new_v4()?,
         SocketAddr::V6(_) => TcpSocket::new_v6()?,
@@ -102,14 +102,14 @@ pub fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
 
 /// How connections are accepted and timed out.
 #[derive(Clone, Copy, Debug)]
-pub struct ConnectionLimits {
+pub(crate) struct ConnectionLimits {
     pub max_connections: usize,
     pub header_read_timeout: Duration,
     pub idle_timeout: Duration,
 }
 
 impl ConnectionLimits {
-    pub fn from_config(cfg: &ServerConfig) -> Self {
+    pub(crate) fn from_config(cfg: &ServerConfig) -> Self {
         ConnectionLimits {
             max_connections: cfg.max_connections,
             header_read_timeout: cfg.header_read_timeout,
@@ -121,7 +121,7 @@ impl ConnectionLimits {
 /// Accepts connections until `stop` turns true, serving each with `service` and registering it
 /// with `graceful`. At most `limits.max_connections` are open at once; beyond that, new
 /// connections wait in the listen backlog. Returns (dropping the listener) once stopped.
-pub async fn accept_loop<S, F>(
+pub(crate) async fn accept_loop<S, F>(
     listener: TcpListener,
     service: S,
     builder: &auto::Builder<TokioExecutor>,

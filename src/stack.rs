@@ -27,7 +27,7 @@ use crate::metrics::Metrics;
 use crate::request_state::RequestState;
 
 /// The one endpoint: the same path as Bill24's, so a service switches by its base URL.
-pub use bill24::BALANCE_PATH;
+pub(crate) use bill24::BALANCE_PATH;
 
 /// What the stack is built from.
 #[derive(Clone)]
@@ -89,12 +89,12 @@ where
 /// `Timeout` reports an error instead, which this stack, whose services never fail, would
 /// have to turn back into a response without the request at hand.)
 #[derive(Clone, Copy, Debug)]
-pub struct DeadlineLayer {
+pub(crate) struct DeadlineLayer {
     deadline: Duration,
 }
 
 impl DeadlineLayer {
-    pub fn new(deadline: Duration) -> Self {
+    pub(crate) fn new(deadline: Duration) -> Self {
         DeadlineLayer { deadline }
     }
 }
@@ -111,7 +111,7 @@ impl<S> Layer<S> for DeadlineLayer {
 }
 
 #[derive(Clone, Debug)]
-pub struct Deadline<S> {
+pub(crate) struct Deadline<S> {
     inner: S,
     deadline: Duration,
 }
@@ -173,7 +173,7 @@ impl<F: Future<Output = Result<Response, Infallible>>> Future for DeadlineFuture
 
 /// An HTTP/1.1 request must carry exactly one `Host` (RFC 9112 §3.2: 400 otherwise). HTTP/1.0
 /// may omit it; HTTP/2 names the authority in its own pseudo-header.
-pub fn host_ok<B>(req: &Request<B>) -> bool {
+pub(crate) fn host_ok<B>(req: &Request<B>) -> bool {
     req.version() != http::Version::HTTP_11
         || req.headers().get_all(http::header::HOST).iter().count() == 1
 }
@@ -181,7 +181,7 @@ pub fn host_ok<B>(req: &Request<B>) -> bool {
 /// 400 for an HTTP/1.1 request without exactly one `Host`, 404 for any path but
 /// [`BALANCE_PATH`], 405 (with `Allow: POST`) for any method but POST.
 #[derive(Clone, Copy, Debug, Default)]
-pub struct RouteLayer;
+pub(crate) struct RouteLayer;
 
 impl<S> Layer<S> for RouteLayer {
     type Service = Route<S>;
@@ -192,7 +192,7 @@ impl<S> Layer<S> for RouteLayer {
 }
 
 #[derive(Clone, Debug)]
-pub struct Route<S> {
+pub(crate) struct Route<S> {
     inner: S,
 }
 

@@ -21,10 +21,10 @@ use tracing_subscriber::{EnvFilter, Registry, reload};
 use crate::config::{LogConfig, LogFormat};
 
 /// The target of the one-line-per-request access log.
-pub const ACCESS_TARGET: &str = "access";
+pub(crate) const ACCESS_TARGET: &str = "access";
 
 /// Every access log line has all of these, `null` where they do not apply.
-pub const ACCESS_FIELDS: &[&str] = &[
+pub(crate) const ACCESS_FIELDS: &[&str] = &[
     "request_id",
     "trace_id",
     "caller",
@@ -96,7 +96,7 @@ pub fn init(cfg: &LogConfig) -> Result<LogHandle, String> {
 
 /// One JSON object per line: `timestamp`, `level`, `target`, the event's fields (`message`
 /// among them), and for access lines every [`ACCESS_FIELDS`] name.
-pub struct JsonLines;
+pub(crate) struct JsonLines;
 
 impl<S, N> FormatEvent<S, N> for JsonLines
 where

@@ -189,11 +189,21 @@ impl Cluster {
             "{}",
             String::from_utf8_lossy(&out.stdout)
         );
-        let deadline = Instant::now() + Duration::from_secs(20);
+        let deadline = Instant::now() + Duration::from_secs(30);
         while Instant::now() < deadline {
-            if nodes
+            // Up, and every replica synced with its master (one that has not cannot take
+            // over from it).
+            let replicas_synced = nodes
                 .iter()
-                .all(|n| n.cli(&["CLUSTER", "INFO"]).contains("cluster_state:ok"))
+                .map(|n| n.cli(&["INFO", "replication"]))
+                .filter(|i| i.contains("role:slave"))
+                .filter(|i| i.contains("master_link_status:up"))
+                .count()
+                == 3 * replicas;
+            if replicas_synced
+                && nodes
+                    .iter()
+                    .all(|n| n.cli(&["CLUSTER", "INFO"]).contains("cluster_state:ok"))
             {
                 return Cluster { nodes };
             }
@@ -1331,10 +1341,16 @@ async fn a_cluster_master_killed_under_load_is_survived() {
         .filter(|(i, _)| *i != master)
         .map(|(_, n)| n)
         .collect();
+    // Promoted: three masters among the survivors, and the cluster ok again.
     let deadline = Instant::now() + Duration::from_secs(20);
-    while !survivors
+    while survivors
         .iter()
-        .all(|n| n.cli(&["CLUSTER", "INFO"]).contains("cluster_state:ok"))
+        .filter(|n| n.cli(&["ROLE"]).starts_with("master"))
+        .count()
+        < 3
+        || !survivors
+            .iter()
+            .all(|n| n.cli(&["CLUSTER", "INFO"]).contains("cluster_state:ok"))
     {
         assert!(Instant::now() < deadline, "no replica was promoted");
         real_sleep(Duration::from_millis(100)).await;

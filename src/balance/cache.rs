@@ -149,7 +149,11 @@ impl Entry {
 /// How long an answer with this body code may be served fresh, or `None` when it must not be
 /// cached: `"000"` for `cache.ttl` (shortened by up to `ttl_jitter`), `"311"` for
 /// `cache.negative_ttl`, nothing else ever. `jitter_draw` is uniform in `[0, 1)`.
-pub fn fresh_for(cfg: &CacheConfig, bill24_code: &str, jitter_draw: f64) -> Option<Duration> {
+pub(crate) fn fresh_for(
+    cfg: &CacheConfig,
+    bill24_code: &str,
+    jitter_draw: f64,
+) -> Option<Duration> {
     let ttl = match bill24_code {
         "000" => cfg.ttl,
         "311" => cfg.negative_ttl,

@@ -2,12 +2,12 @@
 //! cache, the admin purge and the log notes; imports nothing of the gateway.
 
 /// `customer_sync_code` is at most this many characters (Bill24's own limit).
-pub const MAX_SYNC_CODE_CHARS: usize = 50;
+pub(crate) const MAX_SYNC_CODE_CHARS: usize = 50;
 
 /// A validated `customer_sync_code`. Codes of up to 23 bytes (all the usual ones) are stored
 /// inline, so reading one from a request allocates nothing and a cache lookup compares it
 /// without following another pointer.
-pub type SyncCode = smol_str::SmolStr;
+pub(crate) type SyncCode = smol_str::SmolStr;
 
 /// Why a text is not a valid `customer_sync_code`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, thiserror::Error, strum::EnumIter)]

@@ -2,7 +2,7 @@
 //! validated (`request`), the cache and its freshness rules (`cache`), and the service that
 //! answers from one or the other (`service`).
 
-pub mod cache;
-pub mod code;
-pub mod request;
-pub mod service;
+pub(crate) mod cache;
+pub(crate) mod code;
+pub(crate) mod request;
+pub(crate) mod service;

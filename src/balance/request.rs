@@ -325,12 +325,12 @@ pub struct BalanceQuery {
 
 /// Turns an HTTP request into a [`BalanceQuery`]: 415, 413 and 400 in that order.
 #[derive(Clone, Copy, Debug)]
-pub struct ParseLayer {
+pub(crate) struct ParseLayer {
     max_body_bytes: usize,
 }
 
 impl ParseLayer {
-    pub fn new(max_body_bytes: usize) -> Self {
+    pub(crate) fn new(max_body_bytes: usize) -> Self {
         ParseLayer { max_body_bytes }
     }
 }
@@ -347,7 +347,7 @@ impl<S> Layer<S> for ParseLayer {
 }
 
 #[derive(Clone, Debug)]
-pub struct Parse<S> {
+pub(crate) struct Parse<S> {
     inner: S,
     max_body_bytes: usize,
 }
@@ -409,14 +409,14 @@ where
 
 /// Why a body could not be read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum BodyError {
+pub(crate) enum BodyError {
     TooLarge,
     Unreadable,
 }
 
 /// Reads a whole body of at most `limit` bytes. A body that arrives in one frame (the usual
 /// case) is returned as is, without a copy, as soon as that frame is in.
-pub async fn read_body<B>(body: B, limit: usize) -> Result<Bytes, BodyError>
+pub(crate) async fn read_body<B>(body: B, limit: usize) -> Result<Bytes, BodyError>
 where
     B: http_body::Body<Data = Bytes>,
     B::Error: Into<BoxError>,

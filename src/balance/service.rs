@@ -513,18 +513,18 @@ fn fetched(answer: &Answer, status: CacheStatus, q: &BalanceQuery) -> Response {
 
 /// The innermost service of the stack.
 #[derive(Clone)]
-pub struct BalanceService {
+pub(crate) struct BalanceService {
     balances: Arc<Balances>,
 }
 
 impl BalanceService {
-    pub fn new(balances: Arc<Balances>) -> Self {
+    pub(crate) fn new(balances: Arc<Balances>) -> Self {
         BalanceService { balances }
     }
 }
 
 /// A hit is answered in `call` itself; only a miss becomes a (boxed) future.
-pub type BalanceFuture = Either<
+pub(crate) type BalanceFuture = Either<
     Ready<Result<Response, Infallible>>,
     Pin<Box<dyn Future<Output = Result<Response, Infallible>> + Send>>,
 >;

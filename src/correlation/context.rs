@@ -8,8 +8,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use http::{HeaderMap, HeaderName, HeaderValue};
 
 // As `HeaderName`s, a lookup hashes them without parsing the name first.
-pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
-pub const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
+pub(crate) const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+pub(crate) const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
 
 /// 1–128 visible ASCII characters, from the caller or generated.
 #[derive(Clone, Debug)]
@@ -80,7 +80,7 @@ impl RequestId {
     }
 }
 
-pub fn is_valid_request_id(bytes: &[u8]) -> bool {
+pub(crate) fn is_valid_request_id(bytes: &[u8]) -> bool {
     (1..=128).contains(&bytes.len()) && bytes.iter().all(|b| (0x21..=0x7e).contains(b))
 }
 

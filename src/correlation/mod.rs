@@ -2,7 +2,7 @@
 //! trace from [`context`]) and stamps `X-Request-Id` on every response, errors included, whose
 //! JSON body it renders.
 
-pub mod context;
+pub(crate) mod context;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -19,7 +19,7 @@ use context::{RequestId, TraceContext, X_REQUEST_ID};
 /// Outermost layer: puts the request's [`RequestState`] (id and trace) into its extensions,
 /// and on the way out sets `X-Request-Id` and renders any pending error body.
 #[derive(Clone, Copy, Debug, Default)]
-pub struct CorrelationLayer;
+pub(crate) struct CorrelationLayer;
 
 impl<S> Layer<S> for CorrelationLayer {
     type Service = Correlation<S>;
@@ -30,7 +30,7 @@ impl<S> Layer<S> for CorrelationLayer {
 }
 
 #[derive(Clone, Debug)]
-pub struct Correlation<S> {
+pub(crate) struct Correlation<S> {
     inner: S,
 }
 

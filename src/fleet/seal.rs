@@ -29,7 +29,7 @@ const NONCE_LEN: usize = 24;
 
 /// The replicas' keys, derived from the merchant credentials.
 #[derive(Clone)]
-pub struct Keys {
+pub(crate) struct Keys {
     mac: [u8; 32],
     aead: [u8; 32],
 }
@@ -43,7 +43,7 @@ impl std::fmt::Debug for Keys {
 impl Keys {
     /// HKDF-SHA256 over the merchant token, client id and client secret; one key to
     /// authenticate entries, another to encrypt the token.
-    pub fn derive(merchant_token: &Secret, client_id: &str, client_secret: &Secret) -> Self {
+    pub(crate) fn derive(merchant_token: &Secret, client_id: &str, client_secret: &Secret) -> Self {
         let mut ikm = Vec::new();
         for part in [merchant_token.expose(), client_id, client_secret.expose()] {
             ikm.extend_from_slice(&(part.len() as u64).to_be_bytes());
@@ -65,14 +65,14 @@ impl Keys {
 /// with other credentials, or moved from another key).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[error("a value in the shared tier was refused (undecodable or not authentic)")]
-pub struct Rejected;
+pub(crate) struct Rejected;
 
 /// A cached Bill24 answer as the fleet stores it. Its age is read from Redis's own clock (the
 /// key's remaining PTTL against its lifetime), the same on every replica whatever their
 /// clocks say; the writer's wall-clock time is kept only to refuse an entry whose expiry was
 /// pushed back in Redis (see `fleet::MAX_SKEW`).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct StoredEntry {
+pub(crate) struct StoredEntry {
     /// When it was stored, by the writer's wall clock (Unix milliseconds).
     pub stored_at_ms: u64,
     pub fresh_for_ms: u64,
@@ -100,7 +100,12 @@ fn entry_mac(keys: &Keys, key_name: &str, customer: &str, sealed: &[u8]) -> [u8;
 }
 
 /// The entry's bytes, authenticated for `key_name` and `customer`.
-pub fn seal_entry(keys: &Keys, key_name: &str, customer: &str, entry: &StoredEntry) -> Vec<u8> {
+pub(crate) fn seal_entry(
+    keys: &Keys,
+    key_name: &str,
+    customer: &str,
+    entry: &StoredEntry,
+) -> Vec<u8> {
     let code = entry.bill24_code.as_bytes();
     let mut out = Vec::with_capacity(
         4 + 1 + 32 + 1 + code.len() + 2 + entry.content_type.len() + 4 + entry.body.len() + 32,
@@ -151,7 +156,7 @@ impl<'a> Reader<'a> {
 }
 
 /// The entry stored under `key_name` for `customer`, if it is authentic.
-pub fn open_entry(
+pub(crate) fn open_entry(
     keys: &Keys,
     key_name: &str,
     customer: &str,
@@ -220,7 +225,7 @@ fn from_unix_ms(ms: i128) -> Result<OffsetDateTime, Rejected> {
 }
 
 /// The token, encrypted for `key_name`: version, nonce, ciphertext.
-pub fn seal_token(keys: &Keys, key_name: &str, token: &SharedToken) -> Vec<u8> {
+pub(crate) fn seal_token(keys: &Keys, key_name: &str, token: &SharedToken) -> Vec<u8> {
     let plain = TokenPlain {
         token: token.token.expose(),
         refresh_token: token.refresh_token.as_ref().map(Secret::expose),
@@ -250,7 +255,11 @@ pub fn seal_token(keys: &Keys, key_name: &str, token: &SharedToken) -> Vec<u8> {
 }
 
 /// The token stored under `key_name`, if it decrypts and authenticates.
-pub fn open_token(keys: &Keys, key_name: &str, bytes: &[u8]) -> Result<SharedToken, Rejected> {
+pub(crate) fn open_token(
+    keys: &Keys,
+    key_name: &str,
+    bytes: &[u8],
+) -> Result<SharedToken, Rejected> {
     let mut r = Reader(bytes);
     if r.take(1)? != [TOKEN_VERSION] {
         return Err(Rejected);

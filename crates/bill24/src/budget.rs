@@ -16,7 +16,7 @@ use tokio::time::Instant;
 const SLOTS: usize = 10;
 
 #[derive(Debug)]
-pub struct RetryBudget {
+pub(crate) struct RetryBudget {
     /// Retries allowed per request sent (`retry_budget`).
     ratio: f64,
     /// Retries always allowed within one window (`min_per_sec` × the window in seconds).
@@ -58,7 +58,7 @@ impl Window {
 
 impl RetryBudget {
     /// `ratio` retries per request over `window`, plus `min_per_sec` retries a second.
-    pub fn new(window: Duration, min_per_sec: u32, ratio: f64, now: Instant) -> Self {
+    pub(crate) fn new(window: Duration, min_per_sec: u32, ratio: f64, now: Instant) -> Self {
         // Slots of at least a millisecond (`advance` divides by their length).
         let window = window.max(Duration::from_millis(SLOTS as u64));
         RetryBudget {
@@ -75,7 +75,7 @@ impl RetryBudget {
     }
 
     /// One request sent to Bill24.
-    pub fn deposit(&self, now: Instant) {
+    pub(crate) fn deposit(&self, now: Instant) {
         let mut w = self.lock();
         w.advance(now, self.slot_len);
         let current = w.current;
@@ -83,7 +83,7 @@ impl RetryBudget {
     }
 
     /// Takes one retry if the budget has it; `false` (and nothing taken) otherwise.
-    pub fn withdraw(&self, now: Instant) -> bool {
+    pub(crate) fn withdraw(&self, now: Instant) -> bool {
         let mut w = self.lock();
         w.advance(now, self.slot_len);
         let deposits: u64 = w.deposits.iter().sum();

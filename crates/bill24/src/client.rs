@@ -25,7 +25,7 @@ pub const AUTHORIZE_PATH: &str = "/merchantsecurity/authorize";
 pub const BALANCE_PATH: &str = "/instant_payment/get_wallet_balance";
 
 /// Bill24 answers are small; anything larger than this is treated as a failure.
-pub const MAX_ANSWER_BYTES: usize = 1 << 20;
+pub(crate) const MAX_ANSWER_BYTES: usize = 1 << 20;
 
 /// How long an unused pooled connection is kept.
 const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(60);

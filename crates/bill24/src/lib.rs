@@ -7,11 +7,12 @@
 //! [`Observer`] for its metrics, and gets [`Answer`]s or [`Failure`]s back.
 
 #![forbid(unsafe_code)]
+#![deny(unreachable_pub)]
 
-pub mod budget;
+mod budget;
 pub mod chain;
 pub mod circuit;
-pub mod client;
+mod client;
 pub mod fleet;
 mod route;
 mod secret;
