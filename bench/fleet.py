@@ -50,7 +50,7 @@ def redis_server(work, port):
 
 
 def gateway(work, name, sim_port, redis_port=None, ttl="10s", max_entries=200000, prefix="bench",
-            redis_ports=None):
+            redis_ports=None, upstream_extra="", caller_extra=""):
     redis = ""
     ports = redis_ports or ([redis_port] if redis_port else [])
     if ports:
@@ -71,6 +71,7 @@ merchant_token = "demo-merchant-token"
 client_id = "demo-client"
 client_secret = "demo-client-secret"
 token_refresh_margin = "2s"
+{upstream_extra}
 {redis}
 [cache]
 ttl = "{ttl}"
@@ -80,6 +81,7 @@ level = "warn"
 [[callers]]
 name = "bench"
 key_sha256 = "{key_hash}"
+{caller_extra}
 """)
     p = start([run.ARGS.bin, "--config", config], os.path.join(work, f"{name}.log"))
     wait_ready(f"http://127.0.0.1:{admin}/readyz")
@@ -334,6 +336,74 @@ def cluster_failover(work, sim, sim_port):
     return result
 
 
+def limits(work, sim, sim_port, redis_port, rounds):
+    """The fleet's limits (CONTRACT §13): what the ceiling costs a Bill24 call, what a
+    fleet-scoped caller costs a request against a replica-scoped one, and an outage replayed
+    over three replicas with and without one circuit."""
+    out = {}
+    # The ceiling: cold misses (every request a new customer) under a ceiling they never
+    # reach; the Redis step's own time, from the gateway's histogram.
+    g = gateway(work, "ceiling", sim_port, redis_port, ttl="1s", prefix="ceiling",
+                upstream_extra="fleet_max_rps = 1000000")
+    wrk(g["url"] + PATH, 5, 16, 10_000_000, mix="sequential", prefix=f"CEIL{time.time_ns()}-")
+    m = metrics(g["admin"])
+    steps = metric_sum(m, 'gateway_redis_duration_seconds_count{op="ceiling"}')
+    took = metric_sum(m, 'gateway_redis_duration_seconds_sum{op="ceiling"}')
+    out["ceiling_steps"] = steps
+    out["ceiling_us"] = took * 1e6 / max(steps, 1)
+    stop_all([g])
+    # A fleet-scoped caller against a replica-scoped one: hits (one key), a rate never reached.
+    scoped = {scope: gateway(work, f"scope-{scope}", sim_port, redis_port, ttl="1h", prefix="scope",
+                             caller_extra=f'rate_limit_rps = 100000000\nlimit_scope = "{scope}"')
+              for scope in ("fleet", "replica")}
+    for g in scoped.values():
+        wrk(g["url"] + PATH, 2, 64, 1, prefix="SCOPE")
+    samples = {k: [] for k in scoped}
+    for r in range(rounds):
+        for name in (list(scoped) if r % 2 == 0 else list(scoped)[::-1]):
+            g = scoped[name]
+            c0 = cpu_seconds([g["proc"].pid])
+            res = wrk(g["url"] + PATH, 5, 64, 1, prefix="SCOPE")
+            c1 = cpu_seconds([g["proc"].pid])
+            res["cpu_us"] = (c1 - c0) * 1e6 / max(res["requests"], 1)
+            samples[name].append(res)
+            log(f"  round {r + 1} {name:<8} scope {res['rps']:>9.0f} req/s  {res['cpu_us']:6.2f} µs CPU/req"
+                f"  p50 {res['p50_us']:.0f} µs  errors {res['errors']:.0f}")
+    stop_all(scoped.values())
+    out["scope_ratio"] = [f["cpu_us"] / r["cpu_us"] for f, r in zip(samples["fleet"], samples["replica"])]
+    out["scope_extra_us"] = [f["cpu_us"] - r["cpu_us"] for f, r in zip(samples["fleet"], samples["replica"])]
+    out["scope_med"] = {k: statistics.median(x["cpu_us"] for x in v) for k, v in samples.items()}
+    # An outage of 10 s over three replicas (circuit_failures 5, cool-down 1 s).
+    for label, circuit in (("one circuit", "true"), ("a circuit each", "false")):
+        gws = fleet(work, sim_port, redis_port, ttl="1s", prefix=f"outage{circuit}",
+                    upstream_extra=f"fleet_circuit = {circuit}\ncircuit_cooldown = \"1s\"\nretries = 0")
+        time.sleep(0.5)
+        sim_control(sim, {"latency_ms": 20, "balance_fault": {"status": 500}})
+        before = sim_stats(sim)["balance_calls"]
+        load = start_load(gws, f"OUT{circuit}-", seconds=10)
+        load_results(load)
+        out[label] = sim_stats(sim)["balance_calls"] - before
+        sim_control(sim, {"latency_ms": 0, "balance_fault": None})
+        stop_all(gws)
+    return out
+
+
+def limits_phase(work, sim, sim_port, redis_port):
+    rounds = int(os.environ.get("ROUNDS", "5"))
+    log(f"\n== the fleet's limits: the ceiling's step, fleet- vs replica-scoped callers ({rounds} paired "
+        f"rounds), an outage over three replicas")
+    r = limits(work, sim, sim_port, redis_port, rounds)
+    log(f"  ceiling: {r['ceiling_steps']:.0f} steps (one per Bill24 call), {r['ceiling_us']:.0f} µs each "
+        f"on average (one Redis round trip)")
+    ratio = r["scope_ratio"]
+    extra = r["scope_extra_us"]
+    log(f"  fleet-scoped caller over a replica-scoped one: {statistics.median(ratio):.2f}x CPU per request "
+        f"(per round {min(ratio):.2f}-{max(ratio):.2f}; +{statistics.median(extra):.1f} µs); medians "
+        f"{r['scope_med']['fleet']:.2f} / {r['scope_med']['replica']:.2f} µs")
+    log(f"  a 10 s Bill24 outage over three replicas (circuit_failures 5, cool-down 1 s): "
+        f"{r['one circuit']} Bill24 calls with one circuit, {r['a circuit each']} with a circuit each")
+
+
 def main():
     work = tempfile.mkdtemp(prefix="bill24-fleet-")
     log(f"fleet bench: {os.cpu_count()} CPUs, 3 replicas (1 runtime thread each), one redis-server, "
@@ -346,7 +416,7 @@ def main():
     redis_port = free_port()
     redis_proc = redis_server(work, redis_port)
 
-    phases = os.environ.get("PHASES", "stewardship,stampede,hits,faults,failover").split(",")
+    phases = os.environ.get("PHASES", "stewardship,stampede,hits,faults,failover,limits").split(",")
     if "stewardship" in phases:
         stewardship_phase(work, sim, sim_port, redis_port)
     if "stampede" in phases:
@@ -357,6 +427,8 @@ def main():
         redis_proc = faults_phase(work, sim, sim_port, redis_port, redis_proc)
     if "failover" in phases:
         failover_phase(work, sim, sim_port)
+    if "limits" in phases:
+        limits_phase(work, sim, sim_port, redis_port)
     for p in PROCS:
         stop(p)
 

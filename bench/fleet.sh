@@ -3,7 +3,8 @@
 # simulator (bench/fleet.py says what it measures). About six minutes.
 #   bench/fleet.sh           ROUNDS=5 paired rounds for the hit-cost phase
 #   PHASES=faults,failover bench/fleet.sh   only some phases (stewardship, stampede, hits,
-#                            faults: Redis killed/stopped/paused, failover: a Cluster master killed)
+#                            faults: Redis killed/stopped/paused, failover: a Cluster master killed,
+#                            limits: the fleet ceiling, fleet-scoped callers, one circuit)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
