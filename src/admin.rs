@@ -129,13 +129,14 @@ impl Admin {
                 } else {
                     if self.balances.purge_all().await {
                         tracing::info!("cache purged");
+                        no_content()
                     } else {
                         tracing::warn!(
-                            "cache purged on this replica only: the fleet's shared tier could \
-                             not be told"
+                            "cache purged on this replica; the fleet's shared tier could not be \
+                             told yet: the purge is sent again until it is"
                         );
+                        fleet_pending()
                     }
-                    no_content()
                 }
             }
             _ => match path.strip_prefix("/cache/") {
@@ -192,13 +193,15 @@ impl Admin {
         }
         if self.balances.purge(&code).await {
             tracing::info!(customer_sync_code = %code, "cache entry purged");
+            no_content()
         } else {
             tracing::warn!(
                 customer_sync_code = %code,
-                "cache entry purged on this replica only: the fleet's shared tier could not be told"
+                "cache entry purged on this replica; the fleet's shared tier could not be told \
+                 yet: the purge is sent again until it is"
             );
+            fleet_pending()
         }
-        no_content()
     }
 
     /// None when allowed; the 401 answer otherwise.
@@ -243,5 +246,15 @@ fn yaml(document: &'static str) -> Response {
 fn no_content() -> Response {
     let mut r = http::Response::new(Full::new(Bytes::new()));
     *r.status_mut() = StatusCode::NO_CONTENT;
+    r
+}
+
+/// 204 (gone here, as the contract says), saying that the fleet has not been told yet.
+fn fleet_pending() -> Response {
+    let mut r = no_content();
+    r.headers_mut().insert(
+        http::HeaderName::from_static("x-fleet-purge"),
+        HeaderValue::from_static("pending"),
+    );
     r
 }

@@ -2296,3 +2296,65 @@ async fn with_redis_killed_each_replica_keeps_its_share_of_the_limits() {
     let refill = (start.elapsed().as_secs_f64()).ceil() as usize * 3;
     assert!((9..=9 + refill).contains(&ok), "{ok} answered of 30");
 }
+
+/// A purge made while Redis does not answer: this replica's copy goes at once (204, with
+/// `X-Fleet-Purge: pending`), and the purge is sent again until the fleet has it, so the
+/// other replicas stop serving the purged answer soon after Redis answers again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_purge_redis_could_not_take_is_sent_again() {
+    let redis = Redis::start(&[]);
+    let fleet = Fleet::new(vec![redis.url()], "cache.ttl = \"60s\"").await;
+    let (a, b) = (fleet.replica().await, fleet.replica().await);
+    let sim = fleet.sim.handle();
+    sim.set_balance("PEND", 100);
+    a.balance("PEND").await;
+    assert_eq!(b.balance("PEND").await.x_cache(), "HIT");
+    sim.set_balance("PEND", 200);
+    redis.signal("STOP");
+    let reply = delete(a.admin, "/cache/PEND").await;
+    assert_eq!(reply.status, StatusCode::NO_CONTENT);
+    assert_eq!(reply.header("x-fleet-purge"), Some("pending"));
+    let r = a.balance("PEND").await;
+    assert_eq!(r.json()["data"][0]["balance"], 200, "gone here at once");
+    real_sleep(Duration::from_millis(500)).await;
+    redis.signal("CONT");
+    until_metric(&a, "gateway_redis_up", |v| v == 1.0).await;
+    let deadline = Instant::now() + Duration::from_secs(3);
+    loop {
+        let r = b.balance("PEND").await;
+        if r.json()["data"][0]["balance"] == 200 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the other replica still serves the purged answer ({})",
+            r.x_cache()
+        );
+        real_sleep(Duration::from_millis(100)).await;
+    }
+    let reply = delete(a.admin, "/cache/PEND").await;
+    assert_eq!(reply.header("x-fleet-purge"), None, "told at once now");
+}
+
+/// A fill lock set by someone else with a long expiry (no live fill keeps one longer than a
+/// lease) makes nobody wait: the customer is answered at once, on every replica.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_foreign_long_fill_lock_makes_nobody_wait() {
+    let redis = Redis::start(&[]);
+    let fleet = Fleet::new(vec![redis.url()], "").await;
+    let (a, b) = (fleet.replica().await, fleet.replica().await);
+    a.balance("warm-up-a").await;
+    b.balance("warm-up-b").await;
+    let key = format!("bill24gw:demo-client:{{{}}}:fill", hex::encode("STUCK"));
+    assert_eq!(redis.cli(&["SET", &key, "x", "PX", "3600000"]).trim(), "OK");
+    for r in [&a, &b] {
+        let start = Instant::now();
+        let reply = r.balance("STUCK").await;
+        assert_eq!(reply.status, StatusCode::OK);
+        assert!(
+            start.elapsed() < Duration::from_secs(1),
+            "{:?}",
+            start.elapsed()
+        );
+    }
+}

@@ -39,6 +39,8 @@ use crate::metrics::Metrics;
 use crate::tier::{Call, Called, FillPolicy, Filled, SharedAnswer, Tier};
 
 const X_CACHE: HeaderName = HeaderName::from_static("x-cache");
+/// How often purges the tier could not take are sent again.
+const RESEND_PURGES_EVERY: std::time::Duration = std::time::Duration::from_millis(200);
 const SHARDS: usize = 64;
 
 /// What a fill produced, shared by every request that waited on it.
@@ -75,6 +77,17 @@ pub struct Balances {
     cache_config: ArcSwap<CacheConfig>,
     fills: Flights<SyncCode, Fill>,
     metrics: Arc<Metrics>,
+    /// Purges the tier could not be told of yet: sent again until it can.
+    unsent: std::sync::Mutex<Unsent>,
+}
+
+/// Purges waiting to reach the fleet.
+#[derive(Default)]
+struct Unsent {
+    all: bool,
+    codes: std::collections::BTreeSet<String>,
+    /// A task is sending them.
+    sending: bool,
 }
 
 /// What the cache alone could do for a query.
@@ -120,6 +133,7 @@ impl Balances {
             cache_config: ArcSwap::from_pointee(cache_config),
             fills: Flights::new(SHARDS),
             metrics,
+            unsent: Default::default(),
         })
     }
 
@@ -137,21 +151,82 @@ impl Balances {
     }
 
     /// Purges one customer here and, with a tier, everywhere. False when the tier could not
-    /// be told (this replica's copy is gone all the same).
-    pub async fn purge(&self, code: &str) -> bool {
+    /// be told now (this replica's copy is gone all the same, and the purge is sent again
+    /// until the tier takes it).
+    pub async fn purge(self: &Arc<Self>, code: &str) -> bool {
         self.cache.purge(code);
-        match &self.tier {
-            Some(tier) => tier.purge(code).await,
-            None => true,
+        let Some(tier) = &self.tier else { return true };
+        if tier.purge(code).await {
+            return true;
         }
+        self.keep_unsent(|u| {
+            u.codes.insert(code.to_string());
+        });
+        false
     }
 
     /// Purges every entry here and, with a tier, everywhere; false as for [`Self::purge`].
-    pub async fn purge_all(&self) -> bool {
+    pub async fn purge_all(self: &Arc<Self>) -> bool {
         self.cache.purge_all();
-        match &self.tier {
-            Some(tier) => tier.purge_all().await,
-            None => true,
+        let Some(tier) = &self.tier else { return true };
+        if tier.purge_all().await {
+            return true;
+        }
+        self.keep_unsent(|u| {
+            u.all = true;
+            u.codes.clear();
+        });
+        false
+    }
+
+    /// Keeps a purge the tier could not take, and starts sending them again if nothing is.
+    fn keep_unsent(self: &Arc<Self>, add: impl FnOnce(&mut Unsent)) {
+        let start = {
+            let mut unsent = self.unsent.lock().unwrap_or_else(|p| p.into_inner());
+            add(&mut unsent);
+            !std::mem::replace(&mut unsent.sending, true)
+        };
+        if start {
+            tokio::spawn(self.clone().send_unsent());
+        }
+    }
+
+    /// Sends the kept purges again, every [`RESEND_PURGES_EVERY`], until the tier has them all.
+    async fn send_unsent(self: Arc<Self>) {
+        let Some(tier) = self.tier.clone() else {
+            return;
+        };
+        loop {
+            tokio::time::sleep(RESEND_PURGES_EVERY).await;
+            let (all, codes) = {
+                let unsent = self.unsent.lock().unwrap_or_else(|p| p.into_inner());
+                (unsent.all, unsent.codes.clone())
+            };
+            let mut sent = Vec::new();
+            let all_sent = all && tier.purge_all().await;
+            if !all {
+                for code in &codes {
+                    if tier.purge(code).await {
+                        sent.push(code.clone());
+                    } else {
+                        break;
+                    }
+                }
+            }
+            let mut unsent = self.unsent.lock().unwrap_or_else(|p| p.into_inner());
+            if all_sent {
+                unsent.all = false;
+            }
+            for code in sent {
+                unsent.codes.remove(&code);
+            }
+            if !unsent.all && unsent.codes.is_empty() {
+                unsent.sending = false;
+                tracing::info!(
+                    "purges made while the shared tier was unreachable have reached the fleet"
+                );
+                return;
+            }
         }
     }
 

@@ -306,6 +306,12 @@ impl Fleet {
         first: &Look,
     ) -> (WaitOutcome, Option<SharedAnswer>) {
         let bound = Instant::now() + self.fill_ttl;
+        // A holder renews its lock to one lease at most: a longer one is no live fill's (set
+        // by someone else with access to Redis), and nobody waits on it.
+        let foreign = |left: Duration| left > self.lease + EXPIRY_SLACK;
+        if first.locked.is_some_and(foreign) {
+            return (WaitOutcome::TimedOut, None);
+        }
         let mut look_in = first.locked.unwrap_or(self.lease).min(self.lease) + LOOK_AGAIN_AFTER;
         let down = self.link.down();
         let mut down = std::pin::pin!(down);
@@ -325,7 +331,7 @@ impl Fleet {
                 }
                 Ok(Look {
                     locked: Some(left), ..
-                }) => look_in = left.min(self.lease) + LOOK_AGAIN_AFTER,
+                }) if !foreign(left) => look_in = left.min(self.lease) + LOOK_AGAIN_AFTER,
                 Ok(_) => return (WaitOutcome::TimedOut, None),
                 Err(_) => return (WaitOutcome::TierDown, None),
             }
