@@ -11,8 +11,9 @@
 //!    ends with a named [`WaitOutcome`] — the holder's `fill` or `failed` message, the lock gone
 //!    without a word (looked at again each time its lease would run out), the tier down, or
 //!    the fill's bound.
-//! 4. **Store and release** in one step, in the background (the caller does not wait on
-//!    Redis), tried even when the tier is marked down meanwhile; then the message.
+//! 4. **Store and release** in one step (the holder's caller waits for it, at most
+//!    `redis.timeout`, so the next request anywhere finds the entry), in a task of its own and
+//!    tried even when the tier is marked down meanwhile; then the message.
 //!
 //! Stores set an absolute expiry in Redis's time (`PXAT`), estimated from the look's clock and
 //! this replica's monotonic clock since: a store that Redis carries out late (a pause) does not
@@ -194,12 +195,12 @@ impl Fleet {
                     && let Some(answer) = again.answer
                     && policy.serves(&answer)
                 {
-                    self.finish(code, &hex, value, Finish::Release, false);
+                    drop(self.finish(code, &hex, value, Finish::Release, false));
                     return Filled::Found(answer);
                 }
                 let called = self.hold(&lock_key, &value, call(stale)).await;
                 let finish = self.to_finish(code, &hex, epoch, &look.clock, called.share);
-                self.finish(code, &hex, value, finish, true);
+                let _ = self.finish(code, &hex, value, finish, true).await;
                 Filled::Called(called.result)
             }
             Ok(None) => {
@@ -241,7 +242,7 @@ impl Fleet {
                 drop(flight);
                 let called = call(stale).await;
                 let finish = self.to_finish(code, &hex, epoch, &look.clock, called.share);
-                self.finish(code, &hex, value, finish, false);
+                drop(self.finish(code, &hex, value, finish, false));
                 Filled::Called(called.result)
             }
         }
@@ -405,9 +406,21 @@ impl Fleet {
     /// Stores (or not) and releases the lock in the background, then says so on the channel:
     /// `fill` after a store, `failed` when the lock was this fill's and nothing was stored.
     /// `held`: the lock is known to be this fill's.
-    fn finish(&self, _code: &str, hex: &str, value: String, finish: Finish, held: bool) {
+    ///
+    /// The receiver resolves once the store (or release) is done, before the message: the
+    /// holder's caller waits for it (at most `redis.timeout`), so a request that follows the
+    /// answer anywhere in the fleet finds the entry.
+    fn finish(
+        &self,
+        _code: &str,
+        hex: &str,
+        value: String,
+        finish: Finish,
+        held: bool,
+    ) -> tokio::sync::oneshot::Receiver<()> {
+        let (done, stored) = tokio::sync::oneshot::channel();
         let Some(fleet) = self.me.upgrade() else {
-            return;
+            return stored;
         };
         let hex = hex.to_owned();
         tokio::spawn(async move {
@@ -431,6 +444,7 @@ impl Fleet {
                             .await
                         })
                         .await;
+                    let _ = done.send(());
                     if stored.is_ok() {
                         let _ = fleet.publish_anyway(format!("fill {hex}")).await;
                     }
@@ -443,12 +457,14 @@ impl Fleet {
                             c.script(&script, &[&lock_key], &[value.as_bytes()]).await
                         })
                         .await;
+                    let _ = done.send(());
                     if held && released == Ok(1) {
                         let _ = fleet.publish_anyway(format!("failed {hex}")).await;
                     }
                 }
             }
         });
+        stored
     }
 
     /// Stores an answer fetched without the lock, in the background.

@@ -47,6 +47,11 @@ const GCRA: &str = "local t = redis.call('TIME') \
                       math.ceil((new - now) / 1000) + 1000) \
                     return wait";
 
+/// Counts a failure for the fleet: the count within a cool-down.
+const COUNT_FAILURE: &str = "local n = redis.call('INCR', KEYS[1]) \
+                             if n == 1 then redis.call('PEXPIRE', KEYS[1], ARGV[1]) end \
+                             return n";
+
 /// What a step gave.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Step {
@@ -146,6 +151,8 @@ pub(crate) struct FleetGuard {
     circuit: bool,
     local: LocalGcra,
     alone: Alone,
+    /// This replica counted failures for the fleet since the last success it saw.
+    counting: AtomicBool,
 }
 
 impl FleetGuard {
@@ -156,6 +163,7 @@ impl FleetGuard {
             circuit,
             local: LocalGcra::default(),
             alone: Alone::default(),
+            counting: AtomicBool::new(false),
         })
     }
 
@@ -201,6 +209,48 @@ impl FleetHooks for FleetGuard {
                 Step::Refused(_) => Err(NoSlot),
             }
         })
+    }
+
+    fn failed(&self, threshold: u32, cooldown: Duration) -> BoxFuture<'_, bool> {
+        Box::pin(async move {
+            if !self.circuit {
+                return false;
+            }
+            self.counting.store(true, Ordering::Release);
+            let key = self.fleet.keys.circuit_failures();
+            let script = Script::new(COUNT_FAILURE);
+            let ttl = millis(cooldown).max(1).to_string();
+            let count: Result<i64, _> = self
+                .fleet
+                .link
+                .call("circuit_count", |c| {
+                    let key = key.as_str();
+                    async move { c.script(&script, &[key], &[ttl.as_bytes()]).await }
+                })
+                .await;
+            // Redis cannot be asked: the local circuit counts alone.
+            count.is_ok_and(|n| n >= i64::from(threshold))
+        })
+    }
+
+    fn succeeded(&self) {
+        // Only a replica that counted failures starts the count again: no Redis call for a
+        // success in good times.
+        if !self.circuit || !self.counting.swap(false, Ordering::AcqRel) {
+            return;
+        }
+        let Some(fleet) = self.fleet.me.upgrade() else {
+            return;
+        };
+        tokio::spawn(async move {
+            let key = fleet.keys.circuit_failures();
+            let _: Result<i64, _> = fleet
+                .link
+                .call("circuit_count", |c| {
+                    c.query(redis::cmd("DEL").arg(&key).clone())
+                })
+                .await;
+        });
     }
 
     fn circuit_opened(&self, cooldown: Duration) {

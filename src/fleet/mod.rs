@@ -84,6 +84,10 @@ impl Names {
         format!("{}ceiling", self.base)
     }
 
+    fn circuit_failures(&self) -> String {
+        format!("{}circuit:failures", self.base)
+    }
+
     fn probe_lock(&self) -> String {
         format!("{}circuit:probe", self.base)
     }

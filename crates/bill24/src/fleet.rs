@@ -30,6 +30,14 @@ pub trait FleetHooks: Send + Sync + 'static {
     /// arrival order — or [`NoSlot`] when none comes within `within`.
     fn reserve(&self, within: Duration) -> BoxFuture<'_, Result<Duration, NoSlot>>;
 
+    /// A balance call failed in a way that counts toward opening the circuit: counted for the
+    /// whole fleet (within a cool-down). True when the fleet's count reached `threshold`, so
+    /// the circuit opens here (and, through [`FleetHooks::circuit_opened`], everywhere).
+    fn failed(&self, threshold: u32, cooldown: Duration) -> BoxFuture<'_, bool>;
+
+    /// A balance call succeeded: the fleet's count of failures starts again.
+    fn succeeded(&self);
+
     /// This replica's circuit opened for `cooldown`: the fleet's opens too.
     fn circuit_opened(&self, cooldown: Duration);
 

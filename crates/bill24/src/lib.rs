@@ -235,6 +235,8 @@ pub struct Bill24 {
     retries: u32,
     budget: RetryBudget,
     circuit: Arc<Circuit>,
+    /// `upstream.circuit_failures` (0: the circuit never opens).
+    circuit_failures: u32,
     metrics: Arc<dyn Observer>,
     /// The fleet's ceiling and circuit, when replicas share them.
     fleet: Option<Arc<dyn FleetHooks>>,
@@ -293,6 +295,7 @@ impl Bill24 {
                 Instant::now(),
             ),
             circuit,
+            circuit_failures: cfg.circuit_failures,
             metrics,
             fleet,
         })
@@ -375,7 +378,26 @@ impl Bill24 {
             tokio::time::sleep(pause).await;
         };
         let failed = matches!(&result, Err(f) if f.error.counts_against_circuit());
-        let transition = self.circuit.record(admission, failed, Instant::now());
+        let mut transition = self.circuit.record(admission, failed, Instant::now());
+        if let Some(fleet) = &self.fleet
+            && admission == Admission::Normal
+            && transition.is_none()
+        {
+            if result.is_ok() {
+                fleet.succeeded();
+            } else if failed
+                && self.circuit.state() == CircuitState::Closed
+                && self.circuit_failures > 0
+                && fleet
+                    .failed(self.circuit_failures, self.circuit.cooldown())
+                    .await
+            {
+                // The fleet's failures, not only this replica's, open the circuit.
+                transition = self
+                    .circuit
+                    .open_for(self.circuit.cooldown(), Instant::now());
+            }
+        }
         self.circuit_moved(transition);
         if let Some(fleet) = &self.fleet {
             match transition {
