@@ -143,6 +143,50 @@ impl Fleet {
     }
 }
 
+/// One fleet-wide bucket and what stands in for it while Redis cannot be asked.
+struct Shared<'a> {
+    /// The Redis call's name in the metrics.
+    op: &'static str,
+    /// The setting it enforces, for the log.
+    setting: &'static str,
+    key: &'a str,
+    local: &'a LocalGcra,
+    alone: &'a Alone,
+}
+
+impl Fleet {
+    /// One step of a fleet-wide bucket of `rps` / `burst` (0: one second's worth) in Redis;
+    /// while Redis cannot be asked, of this replica's share of it (`rps / N`, `burst / N`
+    /// rounded up; N the fleet's size as last seen).
+    async fn shared_step(
+        &self,
+        bucket_at: Shared<'_>,
+        (rps, burst): (f64, u32),
+        max_wait: Duration,
+    ) -> Step {
+        let Shared {
+            op,
+            setting,
+            key,
+            local,
+            alone,
+        } = bucket_at;
+        match self.gcra(op, key, bucket(rps, burst), max_wait).await {
+            Ok(step) => {
+                alone.set(false, setting, 1);
+                step
+            }
+            Err(_) => {
+                let n = self.size();
+                alone.set(true, setting, n);
+                let burst = (burst as usize).div_ceil(n) as u32;
+                let (interval, tolerance) = bucket(rps / n as f64, burst);
+                local.step(interval, tolerance, max_wait)
+            }
+        }
+    }
+}
+
 /// The ceiling and the circuit, for the Bill24 client.
 pub(crate) struct FleetGuard {
     fleet: Arc<Fleet>,
@@ -184,23 +228,20 @@ impl FleetHooks for FleetGuard {
                 return Ok(Duration::ZERO);
             }
             let key = self.fleet.keys.ceiling();
-            let step = match self
+            let step = self
                 .fleet
-                .gcra("ceiling", &key, bucket(self.max_rps, 0), within)
-                .await
-            {
-                Ok(step) => {
-                    self.alone.set(false, "upstream.fleet_max_rps", 1);
-                    step
-                }
-                Err(_) => {
-                    let n = self.fleet.size();
-                    self.alone.set(true, "upstream.fleet_max_rps", n);
-                    let share = self.max_rps / n as f64;
-                    self.local
-                        .step(bucket(share, 0).0, bucket(share, 0).1, within)
-                }
-            };
+                .shared_step(
+                    Shared {
+                        op: "ceiling",
+                        setting: "upstream.fleet_max_rps",
+                        key: &key,
+                        local: &self.local,
+                        alone: &self.alone,
+                    },
+                    (self.max_rps, 0),
+                    within,
+                )
+                .await;
             match step {
                 Step::Wait(wait) => {
                     self.fleet.metrics().fleet_limit_wait(wait);
@@ -327,24 +368,21 @@ impl FleetRate for CallerRates {
     ) -> BoxFuture<'a, Result<(), Duration>> {
         Box::pin(async move {
             let key = self.fleet.keys.caller(caller);
-            let step = match self
+            let local = self.local(caller);
+            let step = self
                 .fleet
-                .gcra("caller_rate", &key, bucket(rps, burst), Duration::ZERO)
-                .await
-            {
-                Ok(step) => {
-                    self.alone.set(false, "callers.rate_limit_rps", 1);
-                    step
-                }
-                Err(_) => {
-                    let n = self.fleet.size();
-                    self.alone.set(true, "callers.rate_limit_rps", n);
-                    let share = rps / n as f64;
-                    let burst = (burst as usize).div_ceil(n.max(1)) as u32;
-                    let (interval, tolerance) = bucket(share, burst);
-                    self.local(caller).step(interval, tolerance, Duration::ZERO)
-                }
-            };
+                .shared_step(
+                    Shared {
+                        op: "caller_rate",
+                        setting: "callers.rate_limit_rps",
+                        key: &key,
+                        local: &local,
+                        alone: &self.alone,
+                    },
+                    (rps, burst),
+                    Duration::ZERO,
+                )
+                .await;
             match step {
                 Step::Wait(_) => Ok(()),
                 Step::Refused(retry_after) => Err(retry_after),
