@@ -344,6 +344,18 @@ impl Fleet {
         }
     }
 
+    /// `n` replicas, each having answered one request (so each holds the fleet's token).
+    async fn warm_replicas(&self, n: usize) -> Vec<Replica> {
+        let replicas = self.replicas(n).await;
+        for (i, r) in replicas.iter().enumerate() {
+            assert_eq!(
+                r.balance(&format!("warm-up-{i}")).await.status,
+                StatusCode::OK
+            );
+        }
+        replicas
+    }
+
     async fn replicas(&self, n: usize) -> Vec<Replica> {
         let mut all = Vec::new();
         for _ in 0..n {
@@ -571,10 +583,7 @@ async fn a_dead_lock_holder_delays_the_others_only_until_its_lock_expires() {
 async fn a_failed_fill_is_not_shared_and_each_waiting_replica_calls_once() {
     let redis = Redis::start(&[]);
     let fleet = Fleet::new(vec![redis.url()], "upstream.retries = 0").await;
-    let replicas = Arc::new(fleet.replicas(3).await);
-    for (i, r) in replicas.iter().enumerate() {
-        r.balance(&format!("warm-up-{i}")).await;
-    }
+    let replicas = Arc::new(fleet.warm_replicas(3).await);
     fleet.sim.handle().set_latency(Duration::from_millis(400));
     fleet.sim.handle().fail_next(1, Fault::Status(500));
     let leader = tokio::spawn({
@@ -1212,13 +1221,7 @@ async fn survives_under_load(
     fault: impl AsyncFnOnce(&Redis),
 ) -> Vec<Answered> {
     let fleet = Fleet::new(vec![redis.url()], extra).await;
-    let replicas = Arc::new(fleet.replicas(3).await);
-    for (i, r) in replicas.iter().enumerate() {
-        assert_eq!(
-            r.balance(&format!("warm-up-{i}")).await.status,
-            StatusCode::OK
-        );
-    }
+    let replicas = Arc::new(fleet.warm_replicas(3).await);
     fleet.sim.handle().set_latency(Duration::from_millis(50));
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let running = load(replicas.clone(), 300, 12, stop.clone());
@@ -1317,13 +1320,7 @@ async fn waiters_are_released_when_redis_dies() {
 async fn a_cluster_master_killed_under_load_is_survived() {
     let mut cluster = Cluster::with_replicas(1);
     let fleet = Fleet::new(cluster.urls(), "cache.ttl = \"1s\"").await;
-    let replicas = Arc::new(fleet.replicas(3).await);
-    for (i, r) in replicas.iter().enumerate() {
-        assert_eq!(
-            r.balance(&format!("warm-up-{i}")).await.status,
-            StatusCode::OK
-        );
-    }
+    let replicas = Arc::new(fleet.warm_replicas(3).await);
     fleet.sim.handle().set_latency(Duration::from_millis(50));
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let running = load(replicas.clone(), 300, 12, stop.clone());
@@ -1380,13 +1377,7 @@ async fn no_refresh_token_is_presented_twice_while_redis_is_down() {
         ..SimConfig::default()
     };
     let fleet = Fleet::with_sim(sim, vec![redis.url()], "").await;
-    let replicas = fleet.replicas(3).await;
-    for (i, r) in replicas.iter().enumerate() {
-        assert_eq!(
-            r.balance(&format!("warm-up-{i}")).await.status,
-            StatusCode::OK
-        );
-    }
+    let replicas = fleet.warm_replicas(3).await;
     let handle = fleet.sim.handle();
     assert_eq!(handle.authorize_calls(), 1, "one token for the fleet");
     redis.kill();
@@ -1628,10 +1619,7 @@ async fn one_ceiling_on_bill24_calls_for_the_fleet() {
         "upstream.fleet_max_rps = 20\nupstream.queue_timeout = \"10s\"",
     )
     .await;
-    let replicas = Arc::new(capped.replicas(3).await);
-    for (i, r) in replicas.iter().enumerate() {
-        r.balance(&format!("warm-up-{i}")).await;
-    }
+    let replicas = Arc::new(capped.warm_replicas(3).await);
     // Past the warm-ups' share of the burst.
     real_sleep(Duration::from_millis(1_100)).await;
     let (calls, statuses, took) =
@@ -1652,10 +1640,7 @@ async fn one_ceiling_on_bill24_calls_for_the_fleet() {
     assert!(waits > 0.0, "waits are measured");
 
     let free = Fleet::new(vec![redis.url()], "redis.key_prefix = \"free\"").await;
-    let others = Arc::new(free.replicas(3).await);
-    for (i, r) in others.iter().enumerate() {
-        r.balance(&format!("warm-up-{i}")).await;
-    }
+    let others = Arc::new(free.warm_replicas(3).await);
     let (uncapped, _, _) = cold_traffic(&free, &others, 12, Duration::from_secs(3), "FREE").await;
     assert!(
         uncapped >= 3 * calls,
@@ -1736,10 +1721,7 @@ async fn one_circuit_for_the_fleet() {
         (calls, start + calls - opened)
     };
     let shared = Fleet::new(vec![redis.url()], settings).await;
-    let replicas = Arc::new(shared.replicas(3).await);
-    for (i, r) in replicas.iter().enumerate() {
-        r.balance(&format!("warm-up-{i}")).await;
-    }
+    let replicas = Arc::new(shared.warm_replicas(3).await);
     let (one, one_probes) = outage(&shared, &replicas, "ONE").await;
 
     let alone = Fleet::new(
@@ -1747,10 +1729,7 @@ async fn one_circuit_for_the_fleet() {
         &format!("{settings}\nupstream.fleet_circuit = false\nredis.key_prefix = \"alone\""),
     )
     .await;
-    let others = Arc::new(alone.replicas(3).await);
-    for (i, r) in others.iter().enumerate() {
-        r.balance(&format!("warm-up-{i}")).await;
-    }
+    let others = Arc::new(alone.warm_replicas(3).await);
     let (each, each_probes) = outage(&alone, &others, "EACH").await;
     // 4 s of cool-downs of 1 s: one probe each for the fleet (one more at the edges), against
     // one per replica.
@@ -2375,10 +2354,7 @@ async fn over_the_ceiling_calls_wait_in_arrival_order() {
         "upstream.fleet_max_rps = 4\nupstream.queue_timeout = \"10s\"",
     )
     .await;
-    let replicas = Arc::new(fleet.replicas(2).await);
-    for (i, r) in replicas.iter().enumerate() {
-        r.balance(&format!("warm-up-{i}")).await;
-    }
+    let replicas = Arc::new(fleet.warm_replicas(2).await);
     real_sleep(Duration::from_millis(1_100)).await;
     let start = Instant::now();
     let mut tasks = Vec::new();
