@@ -153,6 +153,24 @@ def stampede(work, sim, sim_port, redis_port):
     return runs
 
 
+def paired_rounds(targets, rounds, seconds, keys, prefix):
+    """wrk -c64 against each target in turn, `rounds` times, the order rotating each round;
+    each run's results with the gateway's CPU per request (`cpu_us`)."""
+    samples = {k: [] for k in targets}
+    order = list(targets)
+    for r in range(rounds):
+        for name in order[r % len(order):] + order[:r % len(order)]:
+            g = targets[name]
+            c0 = cpu_seconds([g["proc"].pid])
+            res = wrk(g["url"] + PATH, seconds, 64, keys, prefix=prefix)
+            c1 = cpu_seconds([g["proc"].pid])
+            res["cpu_us"] = (c1 - c0) * 1e6 / max(res["requests"], 1)
+            samples[name].append(res)
+            log(f"  round {r + 1} {name:<18} {res['rps']:>9.0f} req/s  {res['cpu_us']:6.2f} µs CPU/req"
+                f"  p50 {res['p50_us']:.0f} µs  p99 {res['p99_us']:.0f} µs  errors {res['errors']:.0f}")
+    return samples
+
+
 def hit_cost(work, sim_port, redis_port, rounds):
     """CPU per request: an L1 hit with Redis on, with it off; an L2 hit."""
     with_redis = gateway(work, "l1-redis", sim_port, redis_port, ttl="1h", prefix="hits")
@@ -162,18 +180,7 @@ def hit_cost(work, sim_port, redis_port, rounds):
     for g in (with_redis, without):
         wrk(g["url"] + PATH, 3, 64, 1000, mix="sequential", prefix="HIT")
     targets = {"L1 hit, Redis on": with_redis, "L1 hit, Redis off": without, "L2 hit": l2}
-    samples = {k: [] for k in targets}
-    order = list(targets)
-    for r in range(rounds):
-        for name in order[r % 3:] + order[:r % 3]:
-            g = targets[name]
-            c0 = cpu_seconds([g["proc"].pid])
-            res = wrk(g["url"] + PATH, 6, 64, 1000, prefix="HIT")
-            c1 = cpu_seconds([g["proc"].pid])
-            res["cpu_us"] = (c1 - c0) * 1e6 / max(res["requests"], 1)
-            samples[name].append(res)
-            log(f"  round {r + 1} {name:<18} {res['rps']:>9.0f} req/s  {res['cpu_us']:6.2f} µs CPU/req"
-                f"  p50 {res['p50_us']:.0f} µs  p99 {res['p99_us']:.0f} µs  errors {res['errors']:.0f}")
+    samples = paired_rounds(targets, rounds, 6, 1000, "HIT")
     tiers = metrics(l2["admin"])
     l2_hits = metric_sum(tiers, 'gateway_cache_hits_total{tier="l2"}')
     all_hits = metric_sum(tiers, "gateway_cache_hits_total")
@@ -358,17 +365,7 @@ def limits(work, sim, sim_port, redis_port, rounds):
               for scope in ("fleet", "replica")}
     for g in scoped.values():
         wrk(g["url"] + PATH, 2, 64, 1, prefix="SCOPE")
-    samples = {k: [] for k in scoped}
-    for r in range(rounds):
-        for name in (list(scoped) if r % 2 == 0 else list(scoped)[::-1]):
-            g = scoped[name]
-            c0 = cpu_seconds([g["proc"].pid])
-            res = wrk(g["url"] + PATH, 5, 64, 1, prefix="SCOPE")
-            c1 = cpu_seconds([g["proc"].pid])
-            res["cpu_us"] = (c1 - c0) * 1e6 / max(res["requests"], 1)
-            samples[name].append(res)
-            log(f"  round {r + 1} {name:<8} scope {res['rps']:>9.0f} req/s  {res['cpu_us']:6.2f} µs CPU/req"
-                f"  p50 {res['p50_us']:.0f} µs  errors {res['errors']:.0f}")
+    samples = paired_rounds(scoped, rounds, 5, 1, "SCOPE")
     stop_all(scoped.values())
     out["scope_ratio"] = [f["cpu_us"] / r["cpu_us"] for f, r in zip(samples["fleet"], samples["replica"])]
     out["scope_extra_us"] = [f["cpu_us"] - r["cpu_us"] for f, r in zip(samples["fleet"], samples["replica"])]
