@@ -980,6 +980,10 @@ async fn rediss_and_acl_users_work() {
     .await;
     fleet.envs.push(("SSL_CERT_FILE".into(), ca.clone()));
     let (a, b) = (fleet.replica().await, fleet.replica().await);
+    // The TLS handshakes may take longer than a first request's wait on a loaded machine
+    // (that request then goes on without the tier): share once both are on it.
+    until_metric(&a, "gateway_redis_up", |v| v == 1.0).await;
+    until_metric(&b, "gateway_redis_up", |v| v == 1.0).await;
     a.balance("TLS1").await;
     let r = b.balance("TLS1").await;
     assert_eq!(
