@@ -13,8 +13,8 @@ use bill24_gateway::config::{CallerConfig, RawConfig};
 use bill24_gateway::hash_key;
 use bill24_gateway::internals::{
     AccessSample, BalanceCache, Balances, CacheDirectives, CacheStatus, CallerKeys, Entry,
-    InFlight, Metrics, StackParts, bearer_key, build_stack, cached_response, is_json_content_type,
-    parse_body,
+    Identity, InFlight, Metrics, StackParts, bearer_key, build_stack, cached_response,
+    is_json_content_type, parse_body,
 };
 use bytes::Bytes;
 use criterion::{Criterion, criterion_group, criterion_main};
@@ -30,6 +30,8 @@ fn callers(n: usize) -> Vec<CallerConfig> {
         .map(|i| CallerConfig {
             name: Arc::from(format!("caller-{i}")),
             key_sha256: vec![hash_key(format!("key-{i}").as_bytes())],
+            spiffe_id: None,
+            jwt_subject: None,
             rate_limit_rps: 0.0,
             burst: 0,
             max_concurrent: 0,
@@ -121,6 +123,7 @@ fn full_hit(c: &mut Criterion) {
             request_timeout: Duration::from_secs(10),
             max_body_bytes: 8192,
             fleet_rate: None,
+            identity: Arc::new(Identity::keys_only()),
         };
         build_stack::<Full<Bytes>>(&parts)
     });

@@ -22,6 +22,7 @@ use tower::{Layer, Service};
 use crate::balance::cache::{CacheStatus, Tier};
 use crate::caller::{Bucket, TokioClock};
 use crate::error::Response;
+use crate::identity::Method;
 use crate::metrics::Metrics;
 use crate::request_state::{RequestState, millis};
 use crate::telemetry::ACCESS_TARGET;
@@ -232,6 +233,8 @@ impl Drop for Record {
             request_id = self.state.id().as_str(),
             trace_id = self.state.trace().trace_id(),
             caller,
+            auth = self.state.auth_method().map(Method::label),
+            auth_error = notes.auth_error,
             customer_sync_code = notes.customer_sync_code.as_deref(),
             status,
             bill24_code = notes.bill24_code.as_deref(),

@@ -1,12 +1,20 @@
-//! Caller authentication: `Authorization: Bearer <caller key>`, whose SHA-256 must equal one of
-//! the configured `[[callers]]` hashes (compared in constant time). The key is used for nothing
-//! else: it is never logged and never forwarded.
+//! Caller authentication (CONTRACT §3, §12), by one of:
+//! - `Authorization: Bearer <caller key>`, whose SHA-256 must equal one of the configured
+//!   `[[callers]]` hashes (compared in constant time);
+//! - `Authorization: Bearer <JWT>` with `[jwt]`: verified against the JWKS, its `sub` a
+//!   caller's `jwt_subject`;
+//! - no `Authorization`, over TLS with a client certificate that chains to
+//!   `server.tls_client_ca_file` and whose URI SAN is a caller's `spiffe_id`.
+//!
+//! A request that carries an `Authorization` value is decided by it alone. Keys and tokens are
+//! used for nothing else: never logged and never forwarded.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use arc_swap::ArcSwap;
-use futures_util::future::Either;
+use futures_util::future::{BoxFuture, Either};
 use http::header::AUTHORIZATION;
 use http::{HeaderMap, Request};
 use sha2::{Digest, Sha256};
@@ -16,6 +24,9 @@ use tower::{Layer, Service};
 use crate::caller::{Caller, CallerLimits};
 use crate::config::{CallerConfig, KeyHash};
 use crate::error::{GatewayError, Rejection, Response, reject};
+use crate::identity::jwt::{JwksClient, Jwt, JwtFailure, looks_like_jwt};
+use crate::identity::tls::PeerCertificate;
+use crate::identity::{Identity, Method};
 use crate::request_state::RequestState;
 
 /// SHA-256 of a caller (or admin) key.
@@ -29,6 +40,10 @@ pub struct CallerKeys {
     /// Each hash as four words, compared word by word in constant time.
     keys: Vec<([u64; 4], usize)>,
     callers: Vec<Caller>,
+    /// `spiffe_id` → caller index.
+    spiffe_ids: HashMap<Arc<str>, usize>,
+    /// `jwt_subject` → caller index.
+    subjects: HashMap<Arc<str>, usize>,
 }
 
 fn words(hash: &KeyHash) -> [u64; 4] {
@@ -68,8 +83,26 @@ impl CallerKeys {
             for hash in &c.key_sha256 {
                 out.keys.push((words(hash), index));
             }
+            if let Some(id) = &c.spiffe_id {
+                out.spiffe_ids.insert(id.clone(), index);
+            }
+            if let Some(sub) = &c.jwt_subject {
+                out.subjects.insert(sub.clone(), index);
+            }
         }
         out
+    }
+
+    /// The caller whose `spiffe_id` is one of `uris` (a certificate's URI SANs).
+    pub(crate) fn by_spiffe_id(&self, uris: &[String]) -> Option<&Caller> {
+        uris.iter()
+            .find_map(|uri| self.spiffe_ids.get(uri.as_str()))
+            .and_then(|i| self.callers.get(*i))
+    }
+
+    /// The caller whose `jwt_subject` is `sub`.
+    pub(crate) fn by_subject(&self, sub: &str) -> Option<&Caller> {
+        self.subjects.get(sub).and_then(|i| self.callers.get(*i))
     }
 
     /// The caller whose key hash matches. Every configured hash is compared, in constant time,
@@ -96,17 +129,23 @@ pub fn bearer_key(headers: &HeaderMap) -> Option<&[u8]> {
     (!key.is_empty()).then_some(key)
 }
 
-/// Answers 401 unless the request carries a known caller key; records the [`Caller`] in the
-/// request's [`RequestState`].
+/// Answers 401 unless the request identifies a caller (by key, JWT or client certificate);
+/// records the [`Caller`] and how it was identified in the request's [`RequestState`].
 #[derive(Clone)]
 pub(crate) struct AuthLayer {
     keys: Arc<ArcSwap<CallerKeys>>,
+    jwt: Arc<Jwt>,
+    jwks_client: Arc<JwksClient>,
 }
 
 impl AuthLayer {
-    /// `keys` may be swapped at run time (config reload).
-    pub(crate) fn new(keys: Arc<ArcSwap<CallerKeys>>) -> Self {
-        AuthLayer { keys }
+    /// `keys` may be swapped at run time (config reload), and so may the JWT verifier.
+    pub(crate) fn new(keys: Arc<ArcSwap<CallerKeys>>, identity: &Identity) -> Self {
+        AuthLayer {
+            keys,
+            jwt: identity.jwt.clone(),
+            jwks_client: identity.jwks_client.clone(),
+        }
     }
 }
 
@@ -116,7 +155,7 @@ impl<S> Layer<S> for AuthLayer {
     fn layer(&self, inner: S) -> Self::Service {
         Auth {
             inner,
-            keys: self.keys.clone(),
+            layer: self.clone(),
         }
     }
 }
@@ -124,29 +163,123 @@ impl<S> Layer<S> for AuthLayer {
 #[derive(Clone)]
 pub(crate) struct Auth<S> {
     inner: S,
-    keys: Arc<ArcSwap<CallerKeys>>,
+    layer: AuthLayer,
+}
+
+/// What the request's credentials came to, without waiting.
+enum Verdict {
+    Caller(Caller, Method),
+    Refused(Option<&'static str>),
+    /// A JWT whose `kid` is not known yet: the JWKS URL may be fetched again.
+    FetchKeys,
+}
+
+impl AuthLayer {
+    fn judge(&self, headers: &HeaderMap, peer: Option<&PeerCertificate>) -> Verdict {
+        let keys = self.keys.load();
+        if let Some(token) = bearer_key(headers) {
+            if let Some(caller) = keys.identify(token) {
+                return Verdict::Caller(caller.clone(), Method::Key);
+            }
+            let Some(verifier) = self.jwt.current.load_full() else {
+                return Verdict::Refused(None);
+            };
+            if !looks_like_jwt(token) {
+                return Verdict::Refused(None);
+            }
+            return match verifier.verify(token) {
+                Ok(sub) => by_subject(&keys, &sub),
+                Err(JwtFailure::UnknownKid | JwtFailure::NoKeys)
+                    if matches!(verifier.config().jwks, crate::config::JwksSource::Url(_)) =>
+                {
+                    Verdict::FetchKeys
+                }
+                Err(failure) => Verdict::Refused(Some(failure.label())),
+            };
+        }
+        if headers.contains_key(AUTHORIZATION) {
+            return Verdict::Refused(None);
+        }
+        match peer {
+            Some(PeerCertificate::Verified(uris)) => match keys.by_spiffe_id(uris) {
+                Some(caller) => Verdict::Caller(caller.clone(), Method::Mtls),
+                None => Verdict::Refused(Some(
+                    "client certificate: its URI SAN is no caller's spiffe_id",
+                )),
+            },
+            Some(PeerCertificate::Refused(why)) => Verdict::Refused(Some(why)),
+            Some(PeerCertificate::None) | None => Verdict::Refused(None),
+        }
+    }
+}
+
+fn by_subject(keys: &CallerKeys, sub: &str) -> Verdict {
+    match keys.by_subject(sub) {
+        Some(caller) => Verdict::Caller(caller.clone(), Method::Jwt),
+        None => Verdict::Refused(Some(JwtFailure::UnknownSubject.label())),
+    }
 }
 
 impl<S, B> Service<Request<B>> for Auth<S>
 where
-    S: Service<Request<B>, Response = Response>,
+    S: Service<Request<B>, Response = Response> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+    B: Send + 'static,
 {
     type Response = Response;
     type Error = S::Error;
-    type Future = Either<Rejection<GatewayError, S::Error>, S::Future>;
+    type Future = Either<
+        Either<Rejection<GatewayError, S::Error>, S::Future>,
+        BoxFuture<'static, Result<Response, S::Error>>,
+    >;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
         self.inner.poll_ready(cx)
     }
 
     fn call(&mut self, mut req: Request<B>) -> Self::Future {
-        let caller =
-            bearer_key(req.headers()).and_then(|key| self.keys.load().identify(key).cloned());
-        let Some(caller) = caller else {
-            return Either::Left(reject(GatewayError::Unauthorized));
-        };
-        RequestState::of(&mut req).set_caller(&caller);
-        Either::Right(self.inner.call(req))
+        let verdict = self
+            .layer
+            .judge(req.headers(), req.extensions().get::<PeerCertificate>());
+        let state = RequestState::of(&mut req);
+        match verdict {
+            Verdict::Caller(caller, method) => {
+                state.set_caller(&caller, method);
+                Either::Left(Either::Right(self.inner.call(req)))
+            }
+            Verdict::Refused(why) => {
+                if let Some(why) = why {
+                    state.auth_error(why);
+                }
+                Either::Left(Either::Left(reject(GatewayError::Unauthorized)))
+            }
+            Verdict::FetchKeys => {
+                // The service was made ready for this request: take it, leave a clone.
+                let clone = self.inner.clone();
+                let mut inner = std::mem::replace(&mut self.inner, clone);
+                let layer = self.layer.clone();
+                Either::Right(Box::pin(async move {
+                    let found = match bearer_key(req.headers()) {
+                        Some(token) => {
+                            match layer.jwt.verify_fetching(&layer.jwks_client, token).await {
+                                Ok(sub) => by_subject(&layer.keys.load(), &sub),
+                                Err(failure) => Verdict::Refused(Some(failure.label())),
+                            }
+                        }
+                        None => Verdict::Refused(None),
+                    };
+                    if let Verdict::Caller(caller, method) = found {
+                        state.set_caller(&caller, method);
+                        return inner.call(req).await;
+                    }
+                    if let Verdict::Refused(Some(why)) = found {
+                        state.auth_error(why);
+                    }
+                    reject(GatewayError::Unauthorized).await
+                }))
+            }
+        }
     }
 }
 
@@ -160,6 +293,8 @@ mod tests {
             CallerConfig {
                 name: Arc::from("orders"),
                 key_sha256: vec![hash_key(b"orders-key")],
+                spiffe_id: None,
+                jwt_subject: None,
                 rate_limit_rps: 0.0,
                 burst: 0,
                 max_concurrent: 0,
@@ -168,6 +303,8 @@ mod tests {
             CallerConfig {
                 name: Arc::from("billing"),
                 key_sha256: vec![hash_key(b"old-key"), hash_key(b"new-key")],
+                spiffe_id: None,
+                jwt_subject: None,
                 rate_limit_rps: 0.0,
                 burst: 0,
                 max_concurrent: 0,

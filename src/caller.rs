@@ -170,6 +170,8 @@ mod tests {
         CallerLimits::new(&CallerConfig {
             name: Arc::from("x"),
             key_sha256: vec![],
+            spiffe_id: None,
+            jwt_subject: None,
             rate_limit_rps,
             burst,
             max_concurrent,

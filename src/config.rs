@@ -39,6 +39,7 @@ pub struct RawConfig {
     pub cache: RawCache,
     pub log: RawLog,
     pub redis: RawRedis,
+    pub jwt: RawJwt,
     pub callers: Vec<RawCaller>,
 }
 
@@ -61,6 +62,9 @@ pub struct RawServer {
     pub max_connections: u64,
     pub admin_key_sha256: String,
     pub worker_threads: u64,
+    pub tls_cert_file: String,
+    pub tls_key_file: String,
+    pub tls_client_ca_file: String,
 }
 
 impl Default for RawServer {
@@ -77,6 +81,9 @@ impl Default for RawServer {
             max_connections: 10_000,
             admin_key_sha256: String::new(),
             worker_threads: 0,
+            tls_cert_file: String::new(),
+            tls_key_file: String::new(),
+            tls_client_ca_file: String::new(),
         }
     }
 }
@@ -225,6 +232,31 @@ impl Default for RawRedis {
     }
 }
 
+/// `[jwt]`: callers identified by a JWT (CONTRACT §12), e.g. a Kubernetes projected
+/// service-account token.
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RawJwt {
+    pub issuer: String,
+    pub audience: String,
+    pub jwks_file: String,
+    pub jwks_url: String,
+    #[serde(with = "humantime_serde")]
+    pub leeway: Duration,
+}
+
+impl Default for RawJwt {
+    fn default() -> Self {
+        Self {
+            issuer: String::new(),
+            audience: "bill24-gateway".into(),
+            jwks_file: String::new(),
+            jwks_url: String::new(),
+            leeway: Duration::from_secs(30),
+        }
+    }
+}
+
 /// A URL as written that may carry credentials (`redis.urls`, `upstream.proxy`), so it prints
 /// (and serializes, for `--check-config`) with its password `[redacted]`.
 #[derive(Clone, Default, PartialEq, Eq, Deserialize)]
@@ -278,7 +310,12 @@ impl Serialize for SecretUrl {
 #[serde(deny_unknown_fields)]
 pub struct RawCaller {
     pub name: String,
+    #[serde(default = "KeyHashes::none")]
     pub key_sha256: KeyHashes,
+    #[serde(default)]
+    pub spiffe_id: String,
+    #[serde(default)]
+    pub jwt_subject: String,
     #[serde(default)]
     pub rate_limit_rps: f64,
     #[serde(default)]
@@ -309,6 +346,10 @@ pub enum KeyHashes {
 }
 
 impl KeyHashes {
+    fn none() -> Self {
+        KeyHashes::Many(Vec::new())
+    }
+
     fn as_slice(&self) -> &[String] {
         match self {
             KeyHashes::One(one) => std::slice::from_ref(one),
@@ -329,7 +370,37 @@ pub struct Config {
     pub log: LogConfig,
     /// The fleet's shared tier; `None` without `redis.urls`.
     pub redis: Option<RedisConfig>,
+    /// JWT callers; `None` without `jwt.issuer`.
+    pub jwt: Option<JwtConfig>,
     pub callers: Vec<CallerConfig>,
+}
+
+/// `[jwt]`, validated.
+#[derive(Clone, Debug, PartialEq)]
+pub struct JwtConfig {
+    pub issuer: String,
+    pub audience: String,
+    pub jwks: JwksSource,
+    pub leeway: Duration,
+}
+
+/// Where the keys that sign callers' JWTs come from.
+#[derive(Clone, Debug, PartialEq)]
+pub enum JwksSource {
+    /// A JWKS file, re-read when it changes.
+    File(PathBuf),
+    /// A JWKS served over HTTP(S), fetched at start and every 10 min, and on an unknown `kid`.
+    Url(http::Uri),
+}
+
+/// TLS on the main listener (`server.tls_*`), validated: the files were readable and made a
+/// usable certificate and key (and client CA) when the config was loaded.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ListenerTlsConfig {
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
+    /// With it, a client certificate is requested (not required) and verified against it.
+    pub client_ca_file: Option<PathBuf>,
 }
 
 /// `[redis]`, validated.
@@ -360,6 +431,8 @@ pub struct ServerConfig {
     pub admin_key_sha256: Option<KeyHash>,
     /// Runtime worker threads; 0 = one per CPU.
     pub worker_threads: usize,
+    /// The main listener speaks TLS only when set.
+    pub tls: Option<ListenerTlsConfig>,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -384,6 +457,10 @@ pub struct LogConfig {
 pub struct CallerConfig {
     pub name: Arc<str>,
     pub key_sha256: Vec<KeyHash>,
+    /// Matched against a verified client certificate's URI SAN.
+    pub spiffe_id: Option<Arc<str>>,
+    /// Matched against a verified JWT's `sub`.
+    pub jwt_subject: Option<Arc<str>>,
     pub rate_limit_rps: f64,
     pub burst: u32,
     pub max_concurrent: u32,
@@ -670,6 +747,7 @@ impl RawConfig {
             cache,
             log,
             redis,
+            jwt,
             callers: raw_callers,
         } = self;
 
@@ -685,6 +763,9 @@ impl RawConfig {
             max_connections,
             admin_key_sha256,
             worker_threads,
+            tls_cert_file,
+            tls_key_file,
+            tls_client_ca_file,
         } = server;
         let server = ServerConfig {
             listen: socket_addr("server.listen", listen)?,
@@ -706,6 +787,7 @@ impl RawConfig {
                 .ok_or_else(|| {
                     ConfigError::invalid("server.worker_threads", "must be 0 to 1024")
                 })?,
+            tls: listener_tls(tls_cert_file, tls_key_file, tls_client_ca_file)?,
         };
 
         let RawUpstream {
@@ -814,6 +896,7 @@ impl RawConfig {
             cache,
             log,
             redis,
+            jwt: jwt_config(jwt)?,
             callers: callers(raw_callers)?,
         })
     }
@@ -825,6 +908,27 @@ impl Config {
         let mut out = Vec::new();
         if self.callers.is_empty() {
             out.push("no [[callers]] configured: every request will be answered 401".into());
+        }
+        let mtls = self
+            .server
+            .tls
+            .as_ref()
+            .is_some_and(|t| t.client_ca_file.is_some());
+        for c in &self.callers {
+            if c.spiffe_id.is_some() && !mtls {
+                out.push(format!(
+                    "caller {:?} has a spiffe_id but server.tls_client_ca_file is not set: no \
+                     client certificate will identify it",
+                    c.name
+                ));
+            }
+            if c.jwt_subject.is_some() && self.jwt.is_none() {
+                out.push(format!(
+                    "caller {:?} has a jwt_subject but jwt.issuer is not set: no JWT will \
+                     identify it",
+                    c.name
+                ));
+            }
         }
         let u = &self.upstream;
         for (key, missing) in [
@@ -865,6 +969,7 @@ impl Config {
             cache,
             log: _, // the replica's own
             redis,
+            jwt,
             callers,
         } = self;
         // Which merchant, where, and how Bill24 is called; not the secrets (never in a
@@ -928,11 +1033,25 @@ impl Config {
         {
             put("redis.key_prefix", key_prefix);
         }
+        // Who a JWT must come from and be meant for; not where this replica finds the keys.
+        if let Some(JwtConfig {
+            issuer,
+            audience,
+            jwks: _,
+            leeway,
+        }) = jwt
+        {
+            put("jwt.issuer", &format!("{issuer:?}"));
+            put("jwt.audience", &format!("{audience:?}"));
+            put("jwt.leeway", &nanos(leeway));
+        }
         let mut callers: Vec<&CallerConfig> = callers.iter().collect();
         callers.sort_by(|a, b| a.name.cmp(&b.name));
         for caller in callers {
             let CallerConfig {
                 name,
+                spiffe_id,
+                jwt_subject,
                 max_concurrent,
                 rate_limit_rps,
                 burst,
@@ -944,6 +1063,8 @@ impl Config {
             // Debug quoting: a name cannot pass for another caller's line.
             put("callers.name", &format!("{name:?}"));
             put("callers.key_sha256", &keys.join(","));
+            put("callers.spiffe_id", &format!("{spiffe_id:?}"));
+            put("callers.jwt_subject", &format!("{jwt_subject:?}"));
             put("callers.rate_limit_rps", rate_limit_rps);
             put("callers.burst", burst);
             put("callers.max_concurrent", max_concurrent);
@@ -1146,6 +1267,139 @@ fn upstream_tls(
     })
 }
 
+/// `server.tls_*`: TLS on the main listener when a certificate is set. The files are read and
+/// checked here, so a gateway (or `--check-config`) refuses a pair that could not serve.
+fn listener_tls(
+    cert_file: &str,
+    key_file: &str,
+    client_ca_file: &str,
+) -> Result<Option<ListenerTlsConfig>, ConfigError> {
+    let read = |key: &str, path: &str| {
+        std::fs::read(path)
+            .map_err(|e| ConfigError::invalid(key, format!("cannot read {path}: {e}")))
+    };
+    let (cert_path, key_path) = match (cert_file.trim(), key_file.trim()) {
+        ("", "") => {
+            if !client_ca_file.trim().is_empty() {
+                return Err(ConfigError::invalid(
+                    "server.tls_client_ca_file",
+                    "needs server.tls_cert_file and server.tls_key_file: client certificates \
+                     are only asked for over TLS",
+                ));
+            }
+            return Ok(None);
+        }
+        (_, "") => {
+            return Err(ConfigError::invalid(
+                "server.tls_key_file",
+                "is not set while server.tls_cert_file is; set both or neither",
+            ));
+        }
+        ("", _) => {
+            return Err(ConfigError::invalid(
+                "server.tls_cert_file",
+                "is not set while server.tls_key_file is; set both or neither",
+            ));
+        }
+        pair => pair,
+    };
+    let cert = read("server.tls_cert_file", cert_path)?;
+    let key = read("server.tls_key_file", key_path)?;
+    bill24::tls::ClientIdentity::from_pem(&cert, &key).map_err(|e| match e {
+        bill24::tls::IdentityError::Certificate(why) => {
+            ConfigError::invalid("server.tls_cert_file", format!("{cert_path} {why}"))
+        }
+        bill24::tls::IdentityError::Key(why) => {
+            ConfigError::invalid("server.tls_key_file", format!("{key_path} {why}"))
+        }
+        bill24::tls::IdentityError::Mismatch => ConfigError::invalid(
+            "server.tls_key_file",
+            format!("{key_path} does not belong to the certificate in {cert_path}"),
+        ),
+    })?;
+    let client_ca_file = match client_ca_file.trim() {
+        "" => None,
+        path => {
+            let key = "server.tls_client_ca_file";
+            let certs = bill24::tls::certificates(&read(key, path)?)
+                .map_err(|e| ConfigError::invalid(key, format!("{path} {e}")))?;
+            bill24::tls::check_roots(&certs)
+                .map_err(|e| ConfigError::invalid(key, format!("{path}: {e}")))?;
+            Some(PathBuf::from(path))
+        }
+    };
+    Ok(Some(ListenerTlsConfig {
+        cert_file: PathBuf::from(cert_path),
+        key_file: PathBuf::from(key_path),
+        client_ca_file,
+    }))
+}
+
+/// `[jwt]`: `None` without an issuer; otherwise exactly one JWKS source.
+fn jwt_config(raw: &RawJwt) -> Result<Option<JwtConfig>, ConfigError> {
+    let RawJwt {
+        issuer,
+        audience,
+        jwks_file,
+        jwks_url,
+        leeway,
+    } = raw;
+    let issuer = issuer.trim();
+    if issuer.is_empty() {
+        return Ok(None);
+    }
+    if audience.trim().is_empty() {
+        return Err(ConfigError::invalid(
+            "jwt.audience",
+            "must not be empty: a token meant for another service would be accepted",
+        ));
+    }
+    if *leeway > Duration::from_secs(300) {
+        return Err(ConfigError::invalid(
+            "jwt.leeway",
+            "must be at most 5m (it extends every token's life)",
+        ));
+    }
+    let jwks = match (jwks_file.trim(), jwks_url.trim()) {
+        ("", "") => {
+            return Err(ConfigError::invalid(
+                "jwt.jwks_file",
+                "or jwt.jwks_url must be set when jwt.issuer is: the keys that sign the tokens",
+            ));
+        }
+        (_, url) if !url.is_empty() && !jwks_file.trim().is_empty() => {
+            return Err(ConfigError::invalid(
+                "jwt.jwks_url",
+                "is set and so is jwt.jwks_file; give one of them",
+            ));
+        }
+        (file, "") => {
+            std::fs::metadata(file).map_err(|e| {
+                ConfigError::invalid("jwt.jwks_file", format!("cannot read {file}: {e}"))
+            })?;
+            JwksSource::File(PathBuf::from(file))
+        }
+        (_, url) => {
+            let uri: http::Uri = url.parse().map_err(|_| {
+                ConfigError::invalid("jwt.jwks_url", format!("{url:?} is not a URL"))
+            })?;
+            if !matches!(uri.scheme_str(), Some("http" | "https")) || uri.host().is_none() {
+                return Err(ConfigError::invalid(
+                    "jwt.jwks_url",
+                    format!("{url:?} must be an http:// or https:// URL with a host"),
+                ));
+            }
+            JwksSource::Url(uri)
+        }
+    };
+    Ok(Some(JwtConfig {
+        issuer: issuer.to_string(),
+        audience: audience.trim().to_string(),
+        jwks,
+        leeway: *leeway,
+    }))
+}
+
 /// `upstream.proxy`: empty (the environment decides), or `http://[user:pass@]host:port`.
 fn proxy_url(key: &str, url: &SecretUrl) -> Result<Option<Secret>, ConfigError> {
     let text = url.expose().trim();
@@ -1221,11 +1475,15 @@ pub fn key_hash(key: &str, hex_digest: &str) -> Result<KeyHash, ConfigError> {
 fn callers(raw: &[RawCaller]) -> Result<Vec<CallerConfig>, ConfigError> {
     let mut names = BTreeSet::new();
     let mut hashes: BTreeMap<KeyHash, String> = BTreeMap::new();
+    let mut spiffe_ids: BTreeMap<String, String> = BTreeMap::new();
+    let mut subjects: BTreeMap<String, String> = BTreeMap::new();
     let mut out = Vec::with_capacity(raw.len());
     for (i, caller) in raw.iter().enumerate() {
         let RawCaller {
             name,
             key_sha256,
+            spiffe_id,
+            jwt_subject,
             rate_limit_rps,
             burst,
             max_concurrent,
@@ -1245,11 +1503,50 @@ fn callers(raw: &[RawCaller]) -> Result<Vec<CallerConfig>, ConfigError> {
             ));
         }
         let listed = key_sha256.as_slice();
-        if listed.is_empty() {
+        let spiffe_id = spiffe_id.trim();
+        let jwt_subject = jwt_subject.trim();
+        if listed.is_empty() && spiffe_id.is_empty() && jwt_subject.is_empty() {
             return Err(ConfigError::invalid(
                 format!("callers[{i}].key_sha256"),
-                "needs at least one key hash",
+                "needs at least one key hash, or a spiffe_id or jwt_subject to identify the \
+                 caller by",
             ));
+        }
+        if !spiffe_id.is_empty() {
+            let key = format!("callers[{i}].spiffe_id");
+            let well_formed = spiffe_id
+                .strip_prefix("spiffe://")
+                .is_some_and(|rest| !rest.is_empty() && !rest.starts_with('/'))
+                && !spiffe_id
+                    .chars()
+                    .any(|c| c.is_whitespace() || c.is_control());
+            if !well_formed {
+                return Err(ConfigError::invalid(
+                    key,
+                    format!("{spiffe_id:?} is not a SPIFFE ID (spiffe://<trust domain>/<path>)"),
+                ));
+            }
+            if let Some(other) = spiffe_ids.insert(spiffe_id.to_string(), name.to_string()) {
+                return Err(ConfigError::invalid(
+                    key,
+                    format!("{spiffe_id:?} is also the spiffe_id of caller {other:?}"),
+                ));
+            }
+        }
+        if !jwt_subject.is_empty() {
+            let key = format!("callers[{i}].jwt_subject");
+            if jwt_subject.chars().any(char::is_control) {
+                return Err(ConfigError::invalid(
+                    key,
+                    "must not hold control characters",
+                ));
+            }
+            if let Some(other) = subjects.insert(jwt_subject.to_string(), name.to_string()) {
+                return Err(ConfigError::invalid(
+                    key,
+                    format!("{jwt_subject:?} is also the jwt_subject of caller {other:?}"),
+                ));
+            }
         }
         let mut keys = Vec::with_capacity(listed.len());
         for (j, hex_digest) in listed.iter().enumerate() {
@@ -1278,6 +1575,8 @@ fn callers(raw: &[RawCaller]) -> Result<Vec<CallerConfig>, ConfigError> {
         out.push(CallerConfig {
             name: Arc::from(name),
             key_sha256: keys,
+            spiffe_id: (!spiffe_id.is_empty()).then(|| Arc::from(spiffe_id)),
+            jwt_subject: (!jwt_subject.is_empty()).then(|| Arc::from(jwt_subject)),
             rate_limit_rps: *rate_limit_rps,
             burst: *burst,
             max_concurrent: *max_concurrent,

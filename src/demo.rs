@@ -42,6 +42,8 @@ pub async fn run(
     config.callers.push(CallerConfig {
         name: Arc::from(DEMO_CALLER),
         key_sha256: vec![hash_key(DEMO_CALLER_KEY.as_bytes())],
+        spiffe_id: None,
+        jwt_subject: None,
         rate_limit_rps: 0.0,
         burst: 0,
         max_concurrent: 0,

@@ -22,7 +22,8 @@
 //! Inside this crate, a request on the main listener ([`server`], with per-connection timers
 //! in [`connection`]) goes down the tower stack that [`stack`] builds, in this order:
 //! [`correlation`] (request id, trace context, error bodies) → [`access_log`] (one line and the
-//! request metrics) → route → [`auth`] (caller key) → [`limits`] (per-caller rate and
+//! request metrics) → route → [`auth`] (caller key, JWT or client certificate, with
+//! [`identity`] keeping the listener's TLS and the JWKS current) → [`limits`] (per-caller rate and
 //! concurrency) → deadline → [`balance::request`] (Content-Type, size, body) →
 //! [`balance::service`], which answers from [`balance::cache`] (L1), else through the second
 //! tier when there is one ([`tier::Tier`], one call per miss), else through one shared call to
@@ -56,6 +57,7 @@
 //! 2. [`request_state`], the one value the layers share about a request;
 //! 3. the layers and services: [`correlation`], [`access_log`], [`auth`], [`limits`],
 //!    [`balance::request`], [`balance::service`], [`fleet`] (over [`tier`], a leaf),
+//!    [`identity`] (below [`auth`] and [`server`]),
 //!    [`stack`], [`admin`], [`connection`], [`server`], [`reload`], [`demo`].
 //!
 //! [`Gateway::bind`] binds the sockets (port 0 works, for tests) and [`Gateway::run`] serves
@@ -76,6 +78,7 @@ pub mod demo;
 pub(crate) mod error;
 pub(crate) mod fleet;
 pub(crate) mod holding;
+pub(crate) mod identity;
 pub(crate) mod limits;
 pub(crate) mod metrics;
 #[cfg(test)]
@@ -106,6 +109,7 @@ pub mod internals {
     };
     pub use crate::balance::service::{Balances, cached_response};
     pub use crate::correlation::context::{RequestId, TraceContext};
+    pub use crate::identity::Identity;
     pub use crate::metrics::Metrics;
     pub use crate::stack::{StackParts, build as build_stack};
 }
@@ -147,6 +151,8 @@ pub enum StartError {
     Upstream(String),
     #[error("cannot set up the shared tier: {0}")]
     Redis(String),
+    #[error("cannot set up caller identity (TLS, JWT): {0}")]
+    Identity(String),
 }
 
 /// How often histogram samples are folded into their buckets.
@@ -184,6 +190,8 @@ struct State {
     presence: Arc<Presence>,
     /// The digest of the config in effect (a reload stores the new one).
     digest: Arc<ArcSwap<String>>,
+    /// The listener's TLS and the JWT verifier.
+    identity: Arc<identity::Identity>,
 }
 
 impl Gateway {
@@ -202,6 +210,10 @@ impl Gateway {
         main: TcpListener,
         admin: TcpListener,
     ) -> Result<Self, StartError> {
+        let identity = Arc::new(
+            identity::Identity::new(config.server.tls.as_ref(), config.jwt.as_ref())
+                .map_err(StartError::Identity)?,
+        );
         let metrics = Arc::new(Metrics::new());
         let cache = Arc::new(BalanceCache::new(config.cache.max_entries));
         let fleet = match &config.redis {
@@ -266,6 +278,7 @@ impl Gateway {
             membership,
             presence,
             digest,
+            identity,
         };
         Ok(Gateway {
             config,
@@ -294,6 +307,7 @@ impl Gateway {
             self.state.admin_key.clone(),
             self.state.access_sample.clone(),
             self.state.digest.clone(),
+            self.state.identity.clone(),
         )
     }
 
@@ -328,7 +342,10 @@ impl Gateway {
             request_timeout: config.server.request_timeout,
             max_body_bytes: config.server.max_body_bytes,
             fleet_rate: state.fleet_rate.clone(),
+            identity: state.identity.clone(),
         };
+        // Certificate and JWKS files followed as they change.
+        let follow = tokio::spawn(state.identity.clone().follow());
         let admin_state = Arc::new(Admin {
             ready: state.ready.clone(),
             metrics: state.metrics.clone(),
@@ -347,6 +364,7 @@ impl Gateway {
 
         tracing::info!(
             listen = main_addr.map(|a| a.to_string()),
+            tls = state.identity.tls.is_some(),
             admin_listen = admin_addr.map(|a| a.to_string()),
             upstream = %config.upstream.base_url,
             callers = config.callers.len(),
@@ -366,6 +384,7 @@ impl Gateway {
         };
         let admin_loop = server::accept_loop(
             admin,
+            None,
             admin_service,
             &builder,
             &admin_graceful,
@@ -380,6 +399,7 @@ impl Gateway {
             tokio::join!(
                 server::accept_loop(
                     main,
+                    state.identity.tls.clone(),
                     stack::build(&parts),
                     &builder,
                     &main_graceful,
@@ -409,6 +429,7 @@ impl Gateway {
             membership.leave().await;
         }
         upkeep.abort();
+        follow.abort();
         tracing::info!("gateway stopped");
         Ok(())
     }

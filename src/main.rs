@@ -167,6 +167,9 @@ fn serve(path: Option<PathBuf>, demo: bool) -> Result<(), String> {
     })
 }
 
+/// The longest a reload may take to read its files.
+const CONFIG_READ_LIMIT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// On each SIGHUP, re-reads the config (file and environment) and applies it; an invalid one
 /// is rejected with a log line and the running config stays.
 async fn reload_on_sighup(path: Option<PathBuf>, reloader: Reloader, log: LogHandle) {
@@ -179,10 +182,30 @@ async fn reload_on_sighup(path: Option<PathBuf>, reloader: Reloader, log: LogHan
         }
     };
     while hangups.recv().await.is_some() {
-        let loaded = match config::load(path.as_deref()) {
-            Ok(loaded) => loaded,
-            Err(e) => {
+        // Certificate and JWKS files are read again whatever the config file holds.
+        reloader.reread_files().await;
+        // Off the runtime's threads and within a bound: a config path that blocks on open (a
+        // FIFO, a stuck mount) must not stop the gateway from serving.
+        let read = tokio::task::spawn_blocking({
+            let path = path.clone();
+            move || config::load(path.as_deref())
+        });
+        let loaded = match tokio::time::timeout(CONFIG_READ_LIMIT, read).await {
+            Ok(Ok(Ok(loaded))) => loaded,
+            Ok(Ok(Err(e))) => {
                 tracing::error!(error = %e, "config reload rejected; the running config stays");
+                continue;
+            }
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, "config reload failed; the running config stays");
+                continue;
+            }
+            Err(_) => {
+                tracing::error!(
+                    limit_ms = CONFIG_READ_LIMIT.as_millis() as u64,
+                    "config reload rejected: the file could not be read in time; the running \
+                     config stays"
+                );
                 continue;
             }
         };

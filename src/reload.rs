@@ -1,5 +1,7 @@
-//! Reloading the config while running (SIGHUP): callers (keys and limits), cache durations,
-//! the admin key and access-log sampling take effect at once, without dropping connections;
+//! Reloading the config while running (SIGHUP): callers (keys, SPIFFE IDs, JWT subjects and
+//! limits), cache durations, the admin key, `[jwt]` and access-log sampling take effect at
+//! once, without dropping connections, and the listener's certificate and the JWKS files are
+//! read again;
 //! the log level is applied by the caller of [`Reloader::apply`] (it owns the subscriber).
 //! Anything else that changed is reported as needing a restart and left as it runs.
 
@@ -13,6 +15,7 @@ use crate::balance::service::Balances;
 use crate::config::{
     CacheConfig, Config, Explicit, KeyHash, LogConfig, RedisConfig, ServerConfig, UpstreamConfig,
 };
+use crate::identity::Identity;
 
 /// What a reload did.
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -51,6 +54,7 @@ pub struct Reloader {
     access_sample: AccessSample,
     /// [`Config::fleet_digest`] of the config in effect, as the fleet's view shows it.
     digest: Arc<ArcSwap<String>>,
+    identity: Arc<Identity>,
 }
 
 impl Reloader {
@@ -61,6 +65,7 @@ impl Reloader {
         admin_key: Arc<ArcSwap<Option<KeyHash>>>,
         access_sample: AccessSample,
         digest: Arc<ArcSwap<String>>,
+        identity: Arc<Identity>,
     ) -> Self {
         Reloader {
             current: Arc::new(Mutex::new(current)),
@@ -69,7 +74,14 @@ impl Reloader {
             admin_key,
             access_sample,
             digest,
+            identity,
         }
+    }
+
+    /// Reads the listener's certificate files and the JWKS file again (SIGHUP); a broken new
+    /// file keeps the old one and logs why.
+    pub async fn reread_files(&self) {
+        self.identity.reload().await;
     }
 
     /// Applies what can change at run time; reports the rest. `new` must be validated.
@@ -115,6 +127,26 @@ impl Reloader {
             report.log_level = Some(new.log.level.clone());
             report.applied.push("log.level");
         }
+        if current.server.tls.is_some()
+            && new.server.tls.is_some()
+            && current.server.tls != new.server.tls
+        {
+            self.identity.set_tls_files(new.server.tls.as_ref());
+            report.applied.push("server.tls_cert_file");
+            current.server.tls = new.server.tls.clone();
+        }
+        if current.jwt != new.jwt {
+            match self.identity.set_jwt(new.jwt.as_ref()) {
+                Ok(_) => {
+                    report.applied.push("jwt");
+                    current.jwt = new.jwt.clone();
+                }
+                Err(why) => tracing::warn!(
+                    error = %why,
+                    "the new [jwt] cannot be used; the running one stays"
+                ),
+            }
+        }
         // Remember what is in effect: the reloadable parts as applied, the rest as running.
         current.callers = new.callers;
         current.server.admin_key_sha256 = new.server.admin_key_sha256;
@@ -146,6 +178,7 @@ fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
         cache,
         log,
         redis,
+        jwt: _,     // applied
         callers: _, // applied
     } = old;
 
@@ -161,6 +194,7 @@ fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
         max_connections,
         admin_key_sha256: _, // applied
         worker_threads,
+        tls,
     } = server;
     let n = &new.server;
     compare("server.listen", *listen != n.listen);
@@ -182,6 +216,8 @@ fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
         *max_connections != n.max_connections,
     );
     compare("server.worker_threads", *worker_threads != n.worker_threads);
+    // Turning TLS on or off changes what the listener speaks; new files are applied.
+    compare("server.tls_cert_file", tls.is_some() != n.tls.is_some());
 
     let UpstreamConfig {
         base_url,
@@ -383,6 +419,13 @@ mod tests {
             ("redis.password", "[redis]\npassword = \"p\""),
             ("redis.key_prefix", "[redis]\nkey_prefix = \"other\""),
             ("redis.timeout", "[redis]\ntimeout = \"1s\""),
+            ("jwt.issuer", "[jwt]\nissuer = \"https://other.example\""),
+            ("jwt.audience", "[jwt]\naudience = \"another-service\""),
+            (
+                "jwt.jwks_url",
+                "[jwt]\njwks_url = \"http://127.0.0.1:2/jwks\"",
+            ),
+            ("jwt.leeway", "[jwt]\nleeway = \"1s\""),
         ]
         .into_iter()
         .map(|(k, v)| (k, v.to_string()))
@@ -400,7 +443,9 @@ mod tests {
 
     fn config(toml: &str) -> Config {
         let base = "[upstream]\nbase_url = \"http://127.0.0.1:9\"\nclient_id = \"c\"\n\
-                    [redis]\nurls = [\"redis://127.0.0.1:1\"]\n";
+                    [redis]\nurls = [\"redis://127.0.0.1:1\"]\n\
+                    [jwt]\nissuer = \"https://issuer.example\"\n\
+                    jwks_url = \"http://127.0.0.1:1/jwks\"\n";
         let raw: RawConfig = Figment::from(Serialized::defaults(RawConfig::default()))
             .merge(Toml::string(base))
             .merge(Toml::string(toml))
@@ -424,6 +469,7 @@ mod tests {
             Arc::new(ArcSwap::from_pointee(old.server.admin_key_sha256)),
             AccessSample::new(old.log.access_sample),
             digest.clone(),
+            Arc::new(Identity::keys_only()),
         );
         (reloader, bill24, digest)
     }
@@ -453,7 +499,8 @@ mod tests {
                 .expect("a change, not an emptying");
             let section = key.split('.').next().unwrap_or(key);
             let applied = report.applied.contains(&key)
-                || (section == "cache" && report.applied.contains(&"cache"));
+                || (section == "cache" && report.applied.contains(&"cache"))
+                || (section == "jwt" && report.applied.contains(&"jwt"));
             let reported = report.needs_restart == [key];
             assert!(
                 applied != reported,

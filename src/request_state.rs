@@ -13,6 +13,7 @@ use crate::balance::cache::{CacheStatus, Tier};
 use crate::balance::code::SyncCode;
 use crate::caller::Caller;
 use crate::correlation::context::{RequestId, TraceContext};
+use crate::identity::Method;
 
 #[derive(Clone)]
 pub struct RequestState(Arc<Inner>);
@@ -31,7 +32,7 @@ struct Inner {
     /// The caller's trace when it sent a valid `traceparent`; otherwise started on first use
     /// (a cache hit with the access log off never needs one).
     trace: OnceLock<TraceContext>,
-    caller: OnceLock<Caller>,
+    caller: OnceLock<(Caller, Method)>,
     notes: Mutex<Notes>,
 }
 
@@ -45,6 +46,8 @@ pub struct Notes {
     pub bill24_code: Option<SmolStr>,
     pub upstream_status: Option<u16>,
     pub upstream_ms: Option<f64>,
+    /// Why the credentials presented identified no caller (a JWT or client-certificate check).
+    pub auth_error: Option<&'static str>,
 }
 
 impl RequestState {
@@ -79,7 +82,7 @@ impl RequestState {
     /// request's log line.
     pub fn detached(&self) -> Self {
         let state = RequestState::new(self.0.id.clone(), Some(self.trace()));
-        if let Some(caller) = self.caller() {
+        if let Some(caller) = self.0.caller.get() {
             let _ = state.0.caller.set(caller.clone());
         }
         state
@@ -110,13 +113,24 @@ impl RequestState {
         *self.0.trace.get_or_init(TraceContext::generate)
     }
 
-    /// Records the authenticated caller (once; a later call is ignored).
-    pub fn set_caller(&self, caller: &Caller) {
-        let _ = self.0.caller.set(caller.clone());
+    /// Records the authenticated caller and how it was identified (once; a later call is
+    /// ignored).
+    pub fn set_caller(&self, caller: &Caller, method: Method) {
+        let _ = self.0.caller.set((caller.clone(), method));
     }
 
     pub fn caller(&self) -> Option<&Caller> {
-        self.0.caller.get()
+        self.0.caller.get().map(|(caller, _)| caller)
+    }
+
+    /// How the caller was identified.
+    pub fn auth_method(&self) -> Option<Method> {
+        self.0.caller.get().map(|(_, method)| *method)
+    }
+
+    /// Why presented credentials identified no caller, for the log line.
+    pub fn auth_error(&self, why: &'static str) {
+        self.note(|n| n.auth_error = Some(why));
     }
 
     fn note(&self, f: impl FnOnce(&mut Notes)) {

@@ -22,6 +22,7 @@ use bill24::chain::Chain;
 use crate::config::ServerConfig;
 use crate::connection::{Activity, TimedIo, Tracked};
 use crate::error::Response;
+use crate::identity::tls::ListenerTls;
 
 /// The runtime for `server.worker_threads`: that many workers, or one per CPU when 0. One
 /// thread means a current-thread runtime: accepting and serving on the same thread, with no
@@ -119,10 +120,13 @@ impl ConnectionLimits {
 }
 
 /// Accepts connections until `stop` turns true, serving each with `service` and registering it
-/// with `graceful`. At most `limits.max_connections` are open at once; beyond that, new
-/// connections wait in the listen backlog. Returns (dropping the listener) once stopped.
+/// with `graceful`; over TLS when `tls` is given (the handshake within
+/// `limits.header_read_timeout`, in the connection's own task). At most
+/// `limits.max_connections` are open at once; beyond that, new connections wait in the listen
+/// backlog. Returns (dropping the listener) once stopped.
 pub(crate) async fn accept_loop<S, F>(
     listener: TcpListener,
+    tls: Option<Arc<ListenerTls>>,
     service: S,
     builder: &auto::Builder<TokioExecutor>,
     graceful: &GracefulShutdown,
@@ -160,25 +164,69 @@ pub(crate) async fn accept_loop<S, F>(
             _ = stop.changed() => return,
         };
         let _ = stream.set_nodelay(true);
-        let activity = Activity::new();
-        let io = TimedIo::new(
-            stream,
-            activity.clone(),
-            limits.header_read_timeout,
-            limits.idle_timeout,
-        );
-        let service = Tracked::new(service.clone(), activity);
-        let conn = builder
-            .serve_connection(TokioIo::new(io), TowerToHyperService::new(service))
-            .into_owned();
-        // Boxed once here: the connection's state is large (HTTP/1 and HTTP/2 both), and a
-        // task's future is otherwise moved several times as the task is set up.
-        let conn = Box::pin(graceful.watch(conn));
+        let Some(tls) = &tls else {
+            let conn = serve(stream, service.clone(), builder, limits);
+            // Boxed once here: the connection's state is large (HTTP/1 and HTTP/2 both), and
+            // a task's future is otherwise moved several times as the task is set up.
+            let conn = Box::pin(graceful.watch(conn));
+            tokio::spawn(async move {
+                if let Err(e) = conn.await {
+                    tracing::debug!(error = %Chain(&*e), "connection ended with an error");
+                }
+                drop(permit);
+            });
+            continue;
+        };
+        let tls = tls.clone();
+        let service = service.clone();
+        let builder = builder.clone();
+        let watcher = graceful.watcher();
         tokio::spawn(async move {
+            let (stream, peer) = match tls.accept(stream, limits.header_read_timeout).await {
+                Ok(accepted) => accepted,
+                Err(why) => {
+                    tracing::debug!(error = %why, "TLS connection refused");
+                    return;
+                }
+            };
+            // Every request on the connection carries what its client certificate said.
+            let service = tower::util::MapRequest::new(service, move |mut req: Request<_>| {
+                req.extensions_mut().insert(peer.clone());
+                req
+            });
+            let conn = Box::pin(watcher.watch(serve(stream, service, &builder, limits)));
             if let Err(e) = conn.await {
                 tracing::debug!(error = %Chain(&*e), "connection ended with an error");
             }
             drop(permit);
         });
     }
+}
+
+/// One connection, plain or TLS, with the per-connection timers.
+fn serve<I, S, F>(
+    io: I,
+    service: S,
+    builder: &auto::Builder<TokioExecutor>,
+    limits: ConnectionLimits,
+) -> auto::Connection<'static, TokioIo<TimedIo<I>>, TowerToHyperService<Tracked<S>>, TokioExecutor>
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    S: tower::Service<Request<Incoming>, Response = Response, Error = Infallible, Future = F>
+        + Clone
+        + Send
+        + 'static,
+    F: Future<Output = Result<Response, Infallible>> + Send + 'static,
+{
+    let activity = Activity::new();
+    let io = TimedIo::new(
+        io,
+        activity.clone(),
+        limits.header_read_timeout,
+        limits.idle_timeout,
+    );
+    let service = Tracked::new(service, activity);
+    builder
+        .serve_connection(TokioIo::new(io), TowerToHyperService::new(service))
+        .into_owned()
 }

@@ -22,6 +22,7 @@ use crate::balance::service::{BalanceService, Balances};
 use crate::caller::FleetRate;
 use crate::correlation::CorrelationLayer;
 use crate::error::{ErrorResponse, GatewayError, Rejection, Response, reject};
+use crate::identity::Identity;
 use crate::limits::CallerLimitLayer;
 use crate::metrics::Metrics;
 use crate::request_state::RequestState;
@@ -41,6 +42,8 @@ pub struct StackParts {
     pub max_body_bytes: usize,
     /// Where fleet-scoped callers' rates are counted (with `[redis]`).
     pub fleet_rate: Option<Arc<dyn FleetRate>>,
+    /// JWT and client-certificate callers.
+    pub identity: Arc<Identity>,
 }
 
 /// Builds the service the main listener serves. Checks run in the contract's order: route
@@ -74,7 +77,7 @@ where
         // 404 / 405.
         .layer(RouteLayer)
         // 401; the caller's identity for everything below.
-        .layer(AuthLayer::new(parts.callers.clone()))
+        .layer(AuthLayer::new(parts.callers.clone(), &parts.identity))
         // 429: the caller's rate limit and concurrency cap.
         .layer(CallerLimitLayer::new(parts.fleet_rate.clone()))
         // 504 once `server.request_timeout` has passed.

@@ -52,6 +52,8 @@ pub fn raw_config(base_url: &str) -> RawConfig {
         RawCaller {
             name: "orders".into(),
             key_sha256: KeyHashes::One(hex::encode(hash_key(ORDERS_KEY.as_bytes()))),
+            spiffe_id: String::new(),
+            jwt_subject: String::new(),
             rate_limit_rps: 0.0,
             burst: 0,
             max_concurrent: 0,
@@ -60,6 +62,8 @@ pub fn raw_config(base_url: &str) -> RawConfig {
         RawCaller {
             name: "billing".into(),
             key_sha256: KeyHashes::One(hex::encode(hash_key(BILLING_KEY.as_bytes()))),
+            spiffe_id: String::new(),
+            jwt_subject: String::new(),
             rate_limit_rps: 0.0,
             burst: 0,
             max_concurrent: 0,

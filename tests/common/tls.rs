@@ -64,6 +64,24 @@ impl Pki {
         }
     }
 
+    /// A client certificate whose only subject alternative name is the URI `uri` (a SPIFFE
+    /// ID).
+    pub fn client_with_uri(&self, uri: &str) -> Leaf {
+        let key = rcgen::KeyPair::generate().expect("key");
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+        params.subject_alt_names = vec![rcgen::SanType::URI(
+            rcgen::string::Ia5String::try_from(uri).expect("ia5 uri"),
+        )];
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "workload");
+        params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+        Leaf {
+            cert: params.signed_by(&key, &self.issuer).expect("cert").pem(),
+            key: key.serialize_pem(),
+        }
+    }
+
     /// Writes `text` to `name` in the directory; its path.
     pub fn write(&self, name: &str, text: &str) -> PathBuf {
         let path = self.dir.path().join(name);

@@ -1,0 +1,385 @@
+//! TLS on the main listener (CONTRACT §12): rustls, HTTP/1.1 and h2 by ALPN, the certificate
+//! and key re-read when their files change (cert-manager, kubelet) and on SIGHUP, without
+//! touching open connections; a broken new pair keeps the old one and says why.
+//!
+//! With `server.tls_client_ca_file`, a client certificate is asked for, not required. The
+//! handshake takes any certificate whose holder proves its key (the signature checks are
+//! rustls's own); whether it chains to the client CA is decided after the handshake, so that a
+//! certificate from another CA gets the same 401 as a missing key rather than a broken
+//! handshake, and never an identity.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use arc_swap::{ArcSwap, ArcSwapOption};
+use rustls::client::danger::HandshakeSignatureValid;
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
+use rustls::sign::CertifiedKey;
+use rustls::{DigitallySignedStruct, DistinguishedName, RootCertStore, SignatureScheme};
+use sha2::{Digest, Sha256};
+use tokio::net::TcpStream;
+use tokio_rustls::server::TlsStream;
+
+use crate::config::ListenerTlsConfig;
+use crate::identity::jwt::read_bounded;
+
+/// What a connection's client certificate says about its peer, for every request on it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum PeerCertificate {
+    /// None was presented.
+    None,
+    /// It chains to the client CA: its URI SANs.
+    Verified(Vec<String>),
+    /// It does not (another CA, expired, not for client auth): why, for the log line.
+    Refused(&'static str),
+}
+
+fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// The certificate the listener presents, swapped when its files change.
+#[derive(Debug)]
+struct Certificate(ArcSwap<CertifiedKey>);
+
+impl ResolvesServerCert for Certificate {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.0.load_full())
+    }
+}
+
+/// Asks for a client certificate while a client CA is configured; takes any whose holder
+/// proves its key, leaving the chain to [`ListenerTls::peer`].
+#[derive(Debug)]
+struct AskForCertificate {
+    roots: ArcSwapOption<Arc<dyn ClientCertVerifier>>,
+    provider: Arc<CryptoProvider>,
+}
+
+impl ClientCertVerifier for AskForCertificate {
+    fn offer_client_auth(&self) -> bool {
+        self.roots.load().is_some()
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        false
+    }
+
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        // No hints: a client then sends the certificate it has.
+        &[]
+    }
+
+    fn verify_client_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        Ok(ClientCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+/// The main listener's TLS: its rustls config and the files it follows.
+pub(crate) struct ListenerTls {
+    config: Arc<rustls::ServerConfig>,
+    certificate: Arc<Certificate>,
+    verifier: Arc<AskForCertificate>,
+    files: Mutex<Files>,
+}
+
+struct Files {
+    config: ListenerTlsConfig,
+    /// SHA-256 of the files' texts in use, and of the last set refused.
+    good: Option<[u8; 32]>,
+    bad: Option<[u8; 32]>,
+}
+
+/// What looking at the files did.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Reloaded {
+    Unchanged,
+    Replaced,
+    Refused,
+}
+
+/// The texts of the certificate, key and client-CA files.
+struct Texts {
+    cert: Vec<u8>,
+    key: Vec<u8>,
+    client_ca: Option<Vec<u8>>,
+}
+
+impl Texts {
+    fn digest(&self) -> [u8; 32] {
+        let mut h = Sha256::new();
+        for part in [Some(&self.cert), Some(&self.key), self.client_ca.as_ref()] {
+            let part = part.map(Vec::as_slice).unwrap_or(b"-");
+            h.update((part.len() as u64).to_be_bytes());
+            h.update(part);
+        }
+        h.finalize().into()
+    }
+}
+
+type Roots = Option<Arc<dyn ClientCertVerifier>>;
+
+/// The certificate and client verifier the texts make, or why they make none.
+fn build(texts: &Texts, provider: &Arc<CryptoProvider>) -> Result<(CertifiedKey, Roots), String> {
+    let chain = CertificateDer::pem_slice_iter(&texts.cert)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("the certificate file is not readable PEM: {e}"))?;
+    if chain.is_empty() {
+        return Err("the certificate file holds no PEM certificate".into());
+    }
+    let key = PrivateKeyDer::from_pem_slice(&texts.key)
+        .map_err(|e| format!("the key file holds no usable PEM private key: {e}"))?;
+    let certified = CertifiedKey::from_der(chain, key, provider).map_err(|e| match e {
+        rustls::Error::InconsistentKeys(_) => {
+            "the private key does not belong to the certificate".to_string()
+        }
+        other => format!("the certificate and key cannot be used: {other}"),
+    })?;
+    let roots = match &texts.client_ca {
+        None => None,
+        Some(pem) => {
+            let mut store = RootCertStore::empty();
+            for cert in CertificateDer::pem_slice_iter(pem) {
+                let cert =
+                    cert.map_err(|e| format!("the client CA file is not readable PEM: {e}"))?;
+                store
+                    .add(cert)
+                    .map_err(|e| format!("the client CA file holds an unusable CA: {e}"))?;
+            }
+            if store.is_empty() {
+                return Err("the client CA file holds no PEM certificate".into());
+            }
+            let verifier =
+                WebPkiClientVerifier::builder_with_provider(Arc::new(store), provider.clone())
+                    .build()
+                    .map_err(|e| format!("the client CA file cannot verify certificates: {e}"))?;
+            Some(verifier)
+        }
+    };
+    Ok((certified, roots))
+}
+
+async fn read_all(config: &ListenerTlsConfig) -> Result<Texts, String> {
+    let read = |path: std::path::PathBuf, key: &'static str| async move {
+        read_bounded(&path)
+            .await
+            .map_err(|e| format!("{key} {}: {e}", path.display()))
+    };
+    Ok(Texts {
+        cert: read(config.cert_file.clone(), "server.tls_cert_file").await?,
+        key: read(config.key_file.clone(), "server.tls_key_file").await?,
+        client_ca: match &config.client_ca_file {
+            Some(path) => Some(read(path.clone(), "server.tls_client_ca_file").await?),
+            None => None,
+        },
+    })
+}
+
+impl ListenerTls {
+    /// TLS from the files `config` names, read now.
+    pub(crate) fn new(config: &ListenerTlsConfig) -> Result<Self, String> {
+        let read = |path: &std::path::Path, key: &str| {
+            std::fs::read(path).map_err(|e| format!("{key} {}: {e}", path.display()))
+        };
+        let texts = Texts {
+            cert: read(&config.cert_file, "server.tls_cert_file")?,
+            key: read(&config.key_file, "server.tls_key_file")?,
+            client_ca: match &config.client_ca_file {
+                Some(path) => Some(read(path, "server.tls_client_ca_file")?),
+                None => None,
+            },
+        };
+        let provider = provider();
+        let (certified, roots) = build(&texts, &provider)?;
+        let certificate = Arc::new(Certificate(ArcSwap::from_pointee(certified)));
+        let verifier = Arc::new(AskForCertificate {
+            roots: ArcSwapOption::from(roots.map(Arc::new)),
+            provider: provider.clone(),
+        });
+        let mut server = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| e.to_string())?
+            .with_client_cert_verifier(verifier.clone())
+            .with_cert_resolver(certificate.clone());
+        server.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        Ok(ListenerTls {
+            config: Arc::new(server),
+            certificate,
+            verifier,
+            files: Mutex::new(Files {
+                config: config.clone(),
+                good: Some(texts.digest()),
+                bad: None,
+            }),
+        })
+    }
+
+    fn files(&self) -> std::sync::MutexGuard<'_, Files> {
+        self.files.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Follows new file names (a reload); the files are read by the next [`Self::reload`].
+    pub(crate) fn set_files(&self, config: &ListenerTlsConfig) {
+        let mut files = self.files();
+        if files.config != *config {
+            files.config = config.clone();
+            files.bad = None;
+        }
+    }
+
+    /// Reads the files again and, when they changed and make a usable pair, serves new
+    /// handshakes with them. Open connections keep what they negotiated.
+    pub(crate) async fn reload(&self) -> Reloaded {
+        let config = self.files().config.clone();
+        let texts = match read_all(&config).await {
+            Ok(texts) => texts,
+            Err(why) => return self.refuse(why.as_bytes(), &why),
+        };
+        let digest = texts.digest();
+        {
+            let files = self.files();
+            if files.good == Some(digest) || files.bad == Some(digest) {
+                return Reloaded::Unchanged;
+            }
+        }
+        match build(&texts, &self.verifier.provider) {
+            Ok((certified, roots)) => {
+                self.certificate.0.store(Arc::new(certified));
+                self.verifier.roots.store(roots.map(Arc::new));
+                let mut files = self.files();
+                files.good = Some(digest);
+                files.bad = None;
+                tracing::info!(
+                    cert_file = %config.cert_file.display(),
+                    "listener certificate loaded; new connections use it"
+                );
+                Reloaded::Replaced
+            }
+            Err(why) => self.refuse(&digest, &why),
+        }
+    }
+
+    fn refuse(&self, what: &[u8], why: &str) -> Reloaded {
+        let digest: [u8; 32] = Sha256::digest(what).into();
+        let mut files = self.files();
+        if files.bad != Some(digest) {
+            files.bad = Some(digest);
+            tracing::warn!(
+                error = %why,
+                "listener certificate files refused; the previous ones stay in use"
+            );
+        }
+        Reloaded::Refused
+    }
+
+    /// The TLS handshake on an accepted connection, within `deadline`.
+    pub(crate) async fn accept(
+        &self,
+        stream: TcpStream,
+        deadline: Duration,
+    ) -> Result<(TlsStream<TcpStream>, PeerCertificate), String> {
+        let acceptor = tokio_rustls::TlsAcceptor::from(self.config.clone());
+        let tls = tokio::time::timeout(deadline, acceptor.accept(stream))
+            .await
+            .map_err(|_| format!("no TLS handshake within {deadline:?}"))?
+            .map_err(|e| format!("TLS handshake failed: {e}"))?;
+        let peer = self.peer(tls.get_ref().1.peer_certificates());
+        Ok((tls, peer))
+    }
+
+    /// What the peer's certificate chain is worth, checked against the client CA in force.
+    fn peer(&self, chain: Option<&[CertificateDer<'static>]>) -> PeerCertificate {
+        let Some((leaf, intermediates)) = chain.and_then(|c| c.split_first()) else {
+            return PeerCertificate::None;
+        };
+        let Some(roots) = self.verifier.roots.load_full() else {
+            return PeerCertificate::Refused("client certificate: no client CA configured");
+        };
+        if let Err(e) = roots.verify_client_cert(leaf, intermediates, UnixTime::now()) {
+            return PeerCertificate::Refused(refusal(&e));
+        }
+        PeerCertificate::Verified(uri_sans(leaf))
+    }
+}
+
+fn refusal(e: &rustls::Error) -> &'static str {
+    use rustls::CertificateError as C;
+    match e {
+        rustls::Error::InvalidCertificate(C::UnknownIssuer | C::BadSignature) => {
+            "client certificate: not issued by server.tls_client_ca_file"
+        }
+        rustls::Error::InvalidCertificate(C::Expired | C::ExpiredContext { .. }) => {
+            "client certificate: expired"
+        }
+        rustls::Error::InvalidCertificate(C::NotValidYet | C::NotValidYetContext { .. }) => {
+            "client certificate: not yet valid"
+        }
+        rustls::Error::InvalidCertificate(C::Revoked) => "client certificate: revoked",
+        rustls::Error::InvalidCertificate(C::InvalidPurpose | C::InvalidPurposeContext { .. }) => {
+            "client certificate: not for client authentication"
+        }
+        _ => "client certificate: does not verify",
+    }
+}
+
+/// The URI subject alternative names of a certificate (a SPIFFE ID is one).
+fn uri_sans(cert: &CertificateDer<'_>) -> Vec<String> {
+    use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
+    let Ok((_, parsed)) = X509Certificate::from_der(cert.as_ref()) else {
+        return Vec::new();
+    };
+    let Ok(Some(san)) = parsed.subject_alternative_name() else {
+        return Vec::new();
+    };
+    san.value
+        .general_names
+        .iter()
+        .filter_map(|name| match name {
+            GeneralName::URI(uri) => Some(uri.to_string()),
+            _ => None,
+        })
+        .collect()
+}
