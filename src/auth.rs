@@ -166,6 +166,9 @@ pub(crate) struct Auth<S> {
     layer: AuthLayer,
 }
 
+/// A Bearer value that is no caller's key (and no JWT to verify).
+const NO_SUCH_KEY: &str = "key: matches no caller";
+
 /// What the request's credentials came to, without waiting.
 enum Verdict {
     Caller(Caller, Method),
@@ -182,10 +185,10 @@ impl AuthLayer {
                 return Verdict::Caller(caller.clone(), Method::Key);
             }
             let Some(verifier) = self.jwt.current.load_full() else {
-                return Verdict::Refused(None);
+                return Verdict::Refused(Some(NO_SUCH_KEY));
             };
             if !looks_like_jwt(token) {
-                return Verdict::Refused(None);
+                return Verdict::Refused(Some(NO_SUCH_KEY));
             }
             return match verifier.verify(token) {
                 Ok(sub) => by_subject(&keys, &sub),
@@ -198,9 +201,14 @@ impl AuthLayer {
             };
         }
         if headers.contains_key(AUTHORIZATION) {
-            return Verdict::Refused(None);
+            return Verdict::Refused(Some("authorization: not a Bearer credential"));
         }
         match peer {
+            // A SPIFFE X.509-SVID has exactly one URI SAN: a certificate with several could
+            // otherwise act as whichever caller its SANs happen to match.
+            Some(PeerCertificate::Verified(uris)) if uris.len() != 1 => {
+                Verdict::Refused(Some("client certificate: not exactly one URI SAN"))
+            }
             Some(PeerCertificate::Verified(uris)) => match keys.by_spiffe_id(uris) {
                 Some(caller) => Verdict::Caller(caller.clone(), Method::Mtls),
                 None => Verdict::Refused(Some(

@@ -240,7 +240,7 @@ pub struct RawJwt {
     pub issuer: String,
     pub audience: String,
     pub jwks_file: String,
-    pub jwks_url: String,
+    pub jwks_url: SecretUrl,
     #[serde(with = "humantime_serde")]
     pub leeway: Duration,
 }
@@ -251,7 +251,7 @@ impl Default for RawJwt {
             issuer: String::new(),
             audience: "bill24-gateway".into(),
             jwks_file: String::new(),
-            jwks_url: String::new(),
+            jwks_url: SecretUrl::default(),
             leeway: Duration::from_secs(30),
         }
     }
@@ -281,16 +281,21 @@ impl SecretUrl {
             return url.clone();
         };
         let rest = &url[scheme_end..];
-        let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+        // A query may carry a token too.
+        let (rest, query) = match rest.find('?') {
+            Some(q) => (&rest[..q], format!("?{}", bill24::REDACTED)),
+            None => (rest, String::new()),
+        };
+        let authority_end = rest.find(['/', '#']).unwrap_or(rest.len());
         let Some(at) = rest[..authority_end].rfind('@') else {
-            return url.clone();
+            return format!("{}{rest}{query}", &url[..scheme_end]);
         };
         let userinfo = &rest[..at];
         let shown = match userinfo.split_once(':') {
             Some((user, _)) => format!("{user}:{}", bill24::REDACTED),
             None => bill24::REDACTED.to_string(),
         };
-        format!("{}{shown}{}", &url[..scheme_end], &rest[at..])
+        format!("{}{shown}{}{query}", &url[..scheme_end], &rest[at..])
     }
 }
 
@@ -1360,6 +1365,7 @@ fn jwt_config(raw: &RawJwt) -> Result<Option<JwtConfig>, ConfigError> {
             "must be at most 5m (it extends every token's life)",
         ));
     }
+    let jwks_url = jwks_url.expose();
     let jwks = match (jwks_file.trim(), jwks_url.trim()) {
         ("", "") => {
             return Err(ConfigError::invalid(
@@ -1380,13 +1386,13 @@ fn jwt_config(raw: &RawJwt) -> Result<Option<JwtConfig>, ConfigError> {
             JwksSource::File(PathBuf::from(file))
         }
         (_, url) => {
-            let uri: http::Uri = url.parse().map_err(|_| {
-                ConfigError::invalid("jwt.jwks_url", format!("{url:?} is not a URL"))
-            })?;
+            let uri: http::Uri = url
+                .parse()
+                .map_err(|_| ConfigError::invalid("jwt.jwks_url", "is not a URL"))?;
             if !matches!(uri.scheme_str(), Some("http" | "https")) || uri.host().is_none() {
                 return Err(ConfigError::invalid(
                     "jwt.jwks_url",
-                    format!("{url:?} must be an http:// or https:// URL with a host"),
+                    "must be an http:// or https:// URL with a host",
                 ));
             }
             JwksSource::Url(uri)

@@ -435,6 +435,12 @@ impl Gateway {
     }
 }
 
+/// Whether the listener's TLS files and the JWKS file of `config` can be used as the gateway
+/// would use them at start (`--check-config`).
+pub fn check_identity(config: &Config) -> Result<(), String> {
+    identity::Identity::new(config.server.tls.as_ref(), config.jwt.as_ref()).map(|_| ())
+}
+
 fn bind(addr: SocketAddr, key: &'static str) -> Result<TcpListener, StartError> {
     server::listen(addr).map_err(|source| StartError::Bind { addr, key, source })
 }

@@ -99,6 +99,8 @@ fn check_config(path: Option<PathBuf>) -> Result<(), String> {
     for warning in loaded.warnings.iter().chain(&loaded.config.warnings()) {
         eprintln!("warning: {warning}");
     }
+    // The certificate, key, client CA and JWKS file as the gateway would take them at start.
+    bill24_gateway::check_identity(&loaded.config)?;
     let text = config::to_redacted_toml(&loaded.raw).map_err(|e| format!("config: {e}"))?;
     print!("{text}");
     Ok(())

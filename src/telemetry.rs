@@ -28,6 +28,8 @@ pub(crate) const ACCESS_FIELDS: &[&str] = &[
     "request_id",
     "trace_id",
     "caller",
+    "auth",
+    "auth_error",
     "customer_sync_code",
     "status",
     "bill24_code",

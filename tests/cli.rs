@@ -796,3 +796,50 @@ async fn sighup_under_a_swapped_symlink_never_strips_callers_or_the_admin_key() 
     gw.signal("TERM");
     assert!(gw.wait_exit(Duration::from_secs(10)).await.success());
 }
+
+#[test]
+fn check_config_refuses_an_unusable_jwks_and_hides_a_jwks_url_secret() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let write =
+        |name: &str, text: &str| std::fs::write(dir.path().join(name), text).expect("write");
+    write(
+        "oct.json",
+        r#"{"keys":[{"kty":"oct","k":"c2VjcmV0","kid":"s"}]}"#,
+    );
+    write("broken.json", "{");
+    for jwks in ["oct.json", "broken.json"] {
+        write(
+            "gw.toml",
+            &format!(
+                "[jwt]\nissuer = \"https://issuer\"\njwks_file = \"{jwks}\"\n{}",
+                caller_block("orders", "k")
+            ),
+        );
+        let out = run(&["--check-config", "--config", "gw.toml"], &[], dir.path());
+        assert!(
+            !out.status.success(),
+            "{jwks}: refused as the gateway would at start"
+        );
+        assert!(
+            stderr_of(&out).contains("jwt.jwks_file"),
+            "{}",
+            stderr_of(&out)
+        );
+    }
+    write(
+        "gw.toml",
+        &format!(
+            "[jwt]\nissuer = \"https://issuer\"\n\
+             jwks_url = \"http://user:hunter2@127.0.0.1:1/jwks?token=SECRETQ\"\n{}",
+            caller_block("orders", "k")
+        ),
+    );
+    let out = run(&["--check-config", "--config", "gw.toml"], &[], dir.path());
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        !stdout.contains("hunter2") && !stdout.contains("SECRETQ"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("jwks_url = \"http://user:[redacted]@127.0.0.1:1/jwks?[redacted]\""));
+}

@@ -441,6 +441,20 @@ async fn client_certificates_identify_spiffe_callers_and_nothing_else_does() {
         "{line}"
     );
 
+    // Two URI SANs, one of them the caller's: a certificate is one workload, or none.
+    let both = s
+        .pki
+        .client_with_uris(&["spiffe://cluster.local/ns/other/sa/other", ORDERS_SPIFFE]);
+    let reply = once(s.main, &tls_config(&s.pki.ca_pem, Some(&both), &[]), None).await;
+    assert_eq!(reply.status, 401, "two URI SANs identify no one");
+    let line = access_line(&s.gateway, &reply).await;
+    assert!(
+        line["auth_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("exactly one URI SAN")),
+        "{line}"
+    );
+
     // A good certificate for a workload that is no caller.
     let other = s
         .pki

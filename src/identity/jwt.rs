@@ -396,8 +396,10 @@ impl Verifier {
         }
         let key = match &header.kid {
             Some(kid) => keys.by_kid.get(kid).ok_or(JwtFailure::UnknownKid)?,
-            None => match (keys.by_kid.len(), keys.unnamed.as_slice()) {
-                (0, [only]) => only,
+            // Without a kid, the JWKS's only key, named or not.
+            None => match (keys.by_kid.values().next(), keys.unnamed.as_slice()) {
+                (Some(only), []) if keys.by_kid.len() == 1 => only,
+                (None, [only]) => only,
                 _ => return Err(JwtFailure::UnknownKid),
             },
         };
@@ -457,8 +459,9 @@ fn now_secs() -> f64 {
 
 /// A URL as logged: without user info or query.
 fn redacted_url(uri: &http::Uri) -> String {
+    let port = uri.port_u16().map(|p| format!(":{p}")).unwrap_or_default();
     format!(
-        "{}://{}{}",
+        "{}://{}{port}{}",
         uri.scheme_str().unwrap_or("http"),
         uri.host().unwrap_or(""),
         uri.path()

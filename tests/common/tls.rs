@@ -67,11 +67,19 @@ impl Pki {
     /// A client certificate whose only subject alternative name is the URI `uri` (a SPIFFE
     /// ID).
     pub fn client_with_uri(&self, uri: &str) -> Leaf {
+        self.client_with_uris(&[uri])
+    }
+
+    /// A client certificate whose subject alternative names are the URIs `uris`.
+    pub fn client_with_uris(&self, uris: &[&str]) -> Leaf {
         let key = rcgen::KeyPair::generate().expect("key");
         let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
-        params.subject_alt_names = vec![rcgen::SanType::URI(
-            rcgen::string::Ia5String::try_from(uri).expect("ia5 uri"),
-        )];
+        params.subject_alt_names = uris
+            .iter()
+            .map(|uri| {
+                rcgen::SanType::URI(rcgen::string::Ia5String::try_from(*uri).expect("ia5 uri"))
+            })
+            .collect();
         params
             .distinguished_name
             .push(rcgen::DnType::CommonName, "workload");
