@@ -25,21 +25,13 @@ use tokio::time::Instant;
 /// A free loopback port whose cluster bus port (port + 10000) is free too.
 fn free_port() -> u16 {
     for _ in 0..200 {
-        let port = 20_000 + rand_u16() % 25_000;
+        let port = 20_000 + rand::random::<u16>() % 25_000;
         let free = |p: u16| std::net::TcpListener::bind(("127.0.0.1", p)).is_ok();
         if free(port) && free(port + 10_000) {
             return port;
         }
     }
     panic!("no free port pair");
-}
-
-fn rand_u16() -> u16 {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.subsec_nanos())
-        .unwrap_or(0);
-    (nanos ^ std::process::id().wrapping_mul(2_654_435_761)) as u16 ^ (nanos >> 16) as u16
 }
 
 /// One `redis-server` on a loopback port, with its own directory; killed when dropped.
