@@ -81,13 +81,14 @@ impl Running {
         self.lines.lock().map(|l| l.clone()).unwrap_or_default()
     }
 
+    /// The first output line with `needle`, waited for in real time (tokio's clock may be
+    /// frozen); panics after 20 s.
     pub async fn wait_for_line(&self, needle: &str) -> String {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while Instant::now() < deadline {
+        for _ in 0..1_000 {
             if let Some(line) = self.output().into_iter().find(|l| l.contains(needle)) {
                 return line;
             }
-            tokio::time::sleep(Duration::from_millis(20)).await;
+            super::real_sleep(Duration::from_millis(20)).await;
         }
         panic!("no line with {needle:?} in:\n{}", self.output().join("\n"));
     }
