@@ -727,6 +727,16 @@ async fn until_metric(replica: &Replica, series: &str, check: impl Fn(f64) -> bo
     panic!("{series} = {}", replica.metric(series).await);
 }
 
+/// Whether `series` is `value` on every replica.
+async fn all_at(replicas: &[Replica], series: &str, value: f64) -> bool {
+    for r in replicas {
+        if r.metric(series).await != value {
+            return false;
+        }
+    }
+    true
+}
+
 /// `DELETE path` on an admin listener.
 async fn delete(admin: SocketAddr, path: &str) -> Reply {
     let req = http::Request::builder()
@@ -1806,17 +1816,13 @@ async fn purge_epochs_survive_a_late_replica_and_an_empty_redis() {
 
     // (b) Redis restarted empty, then a purge.
     redis.restart();
-    let all = [&a, &b, &late];
+    let all = [a, b, late];
     clock
         .advance_until(Duration::from_secs(5), "back on Redis", async || {
-            for r in all {
-                if r.metric("gateway_redis_up").await != 1.0 {
-                    return false;
-                }
-            }
-            true
+            all_at(&all, "gateway_redis_up", 1.0).await
         })
         .await;
+    let [a, b, late] = all;
     clock.advance(Duration::from_millis(300)).await;
     for r in [&a, &b, &late] {
         assert_eq!(r.balance("E1").await.json()["data"][0]["balance"], 200);
@@ -1948,9 +1954,14 @@ async fn clock_skew_changes_no_answer_age() {
 // The fleet's limits in bad times (CONTRACT §13)
 // ---------------------------------------------------------------------------------------------
 
-/// `workers` callers asking a new customer each time over every replica for `run`; the Bill24
-/// balance calls the simulator saw meanwhile, and every status.
+/// How long a caller of [`cold_traffic`] waits between an answer and its next request.
+const PACE: Duration = Duration::from_millis(50);
+
+/// `workers` callers asking a new customer each time ([`PACE`] after the last answer) over
+/// every replica for `run` of the frozen clock (moved as the callers wait); the Bill24 balance
+/// calls the simulator saw meanwhile, every status, and how long it took (to the last answer).
 async fn cold_traffic(
+    clock: &Frozen,
     fleet: &Fleet,
     replicas: &Arc<Vec<Replica>>,
     workers: usize,
@@ -1973,14 +1984,17 @@ async fn cold_traffic(
                         .await;
                     statuses.push(r.status);
                     i += 1;
+                    // An answer that takes no time (an open circuit's) does not make the
+                    // caller spin without the clock moving.
+                    tokio::time::sleep(PACE).await;
                 }
                 statuses
             })
         })
         .collect();
     let mut statuses = Vec::new();
-    for t in tasks {
-        statuses.extend(t.await.expect("worker"));
+    for t in clock.run(futures_util::future::join_all(tasks)).await {
+        statuses.extend(t.expect("worker"));
     }
     let took = start.elapsed();
     (sim.balance_calls() - before, statuses, took)
@@ -1989,19 +2003,24 @@ async fn cold_traffic(
 /// `upstream.fleet_max_rps = 20` over three replicas: cold traffic over many customers stays
 /// within `20 × T + 20` Bill24 calls, every request answered (waiting its turn); the same
 /// traffic without the ceiling makes several times more.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[tokio::test(start_paused = true)]
 async fn one_ceiling_on_bill24_calls_for_the_fleet() {
-    let redis = Redis::start(&[]);
+    let clock = Frozen::start();
+    let redis = Redis::frozen(&clock);
     let capped = Fleet::new(
         vec![redis.url()],
         "upstream.fleet_max_rps = 20\nupstream.queue_timeout = \"10s\"",
     )
-    .await;
+    .await
+    .on(&clock);
     let replicas = Arc::new(capped.warm_replicas(3).await);
     // Past the warm-ups' share of the burst.
-    real_sleep(Duration::from_millis(1_100)).await;
+    clock.advance(Duration::from_millis(1_100)).await;
+    // Each call takes Bill24 50 ms, so a caller's rate does not depend on the machine's speed.
+    capped.sim.handle().set_latency(Duration::from_millis(50));
+    let three_seconds = Duration::from_secs(3);
     let (calls, statuses, took) =
-        cold_traffic(&capped, &replicas, 12, Duration::from_secs(3), "CAP").await;
+        cold_traffic(&clock, &capped, &replicas, 12, three_seconds, "CAP").await;
     assert!(
         statuses.iter().all(|s| *s == StatusCode::OK),
         "{statuses:?}"
@@ -2017,9 +2036,13 @@ async fn one_ceiling_on_bill24_calls_for_the_fleet() {
         .await;
     assert!(waits > 0.0, "waits are measured");
 
-    let free = Fleet::new(vec![redis.url()], "redis.key_prefix = \"free\"").await;
+    let free = Fleet::new(vec![redis.url()], "redis.key_prefix = \"free\"")
+        .await
+        .on(&clock);
     let others = Arc::new(free.warm_replicas(3).await);
-    let (uncapped, _, _) = cold_traffic(&free, &others, 12, Duration::from_secs(3), "FREE").await;
+    free.sim.handle().set_latency(Duration::from_millis(50));
+    let (uncapped, _, _) =
+        cold_traffic(&clock, &free, &others, 12, Duration::from_secs(3), "FREE").await;
     assert!(
         uncapped >= 3 * calls,
         "without the ceiling: {uncapped} calls, with it: {calls}"
@@ -2028,21 +2051,23 @@ async fn one_ceiling_on_bill24_calls_for_the_fleet() {
 
 /// Over the ceiling, requests wait in line no longer than `upstream.queue_timeout`; past it
 /// they get 503 `upstream_busy` with `Retry-After`.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[tokio::test(start_paused = true)]
 async fn past_the_queue_timeout_the_ceiling_answers_upstream_busy() {
-    let redis = Redis::start(&[]);
+    let clock = Frozen::start();
+    let redis = Redis::frozen(&clock);
     let fleet = Fleet::new(
         vec![redis.url()],
         "upstream.fleet_max_rps = 5\nupstream.queue_timeout = \"200ms\"\nupstream.retries = 0",
     )
-    .await;
+    .await
+    .on(&clock);
     let (a, b) = (
         Arc::new(fleet.replica().await),
         Arc::new(fleet.replica().await),
     );
     a.balance("warm-up-a").await;
     b.balance("warm-up-b").await;
-    real_sleep(Duration::from_millis(1_100)).await;
+    clock.advance(Duration::from_millis(1_100)).await;
     let before = fleet.sim.handle().balance_calls();
     let requests: Vec<_> = (0..30)
         .map(|i| {
@@ -2051,8 +2076,8 @@ async fn past_the_queue_timeout_the_ceiling_answers_upstream_busy() {
         })
         .collect();
     let mut ok = 0;
-    for r in requests {
-        let reply = r.await.expect("request");
+    for reply in clock.run(futures_util::future::join_all(requests)).await {
+        let reply = reply.expect("request");
         match reply.status {
             StatusCode::OK => ok += 1,
             StatusCode::SERVICE_UNAVAILABLE => {
@@ -2065,15 +2090,17 @@ async fn past_the_queue_timeout_the_ceiling_answers_upstream_busy() {
     // A burst of 5, then one each 200 ms: one more within the queue timeout (a little
     // more if the requests' arrivals spread).
     assert!((6..=8).contains(&ok), "{ok} answered");
+    assert_eq!(ok, 6, "on a frozen clock the arrivals do not spread");
     assert_eq!(fleet.sim.handle().balance_calls() - before, ok);
 }
 
 /// One circuit for the fleet: an outage over three replicas costs about `circuit_failures +
 /// D / circuit_cooldown` Bill24 calls rather than three times that, and a replica that never
 /// saw a failure answers `circuit_open` within 100 ms of the first opening.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[tokio::test(start_paused = true)]
 async fn one_circuit_for_the_fleet() {
-    let redis = Redis::start(&[]);
+    let clock = Frozen::start();
+    let redis = Redis::frozen(&clock);
     let settings = "upstream.circuit_failures = 3\nupstream.circuit_cooldown = \"1s\"\n\
                     upstream.retries = 0";
     // The calls of an outage: in all, and after its first 600 ms (once the circuits opened:
@@ -2086,19 +2113,26 @@ async fn one_circuit_for_the_fleet() {
         let mark = tokio::spawn({
             let sim = fleet.sim.handle();
             async move {
-                real_sleep(Duration::from_millis(600)).await;
+                tokio::time::sleep(Duration::from_millis(600)).await;
                 sim.balance_calls()
             }
         });
-        let (calls, statuses, _) =
-            cold_traffic(fleet, replicas, 6, Duration::from_millis(4_600), tag).await;
+        let (calls, statuses, _) = cold_traffic(
+            &clock,
+            fleet,
+            replicas,
+            6,
+            Duration::from_millis(4_600),
+            tag,
+        )
+        .await;
         let opened = mark.await.expect("mark");
         sim.set_balance_fault(None);
         sim.set_latency(Duration::ZERO);
         assert!(statuses.iter().all(|s| s.is_server_error()), "{statuses:?}");
         (calls, start + calls - opened)
     };
-    let shared = Fleet::new(vec![redis.url()], settings).await;
+    let shared = Fleet::new(vec![redis.url()], settings).await.on(&clock);
     let replicas = Arc::new(shared.warm_replicas(3).await);
     let (one, one_probes) = outage(&shared, &replicas, "ONE").await;
 
@@ -2106,7 +2140,8 @@ async fn one_circuit_for_the_fleet() {
         vec![redis.url()],
         &format!("{settings}\nupstream.fleet_circuit = false\nredis.key_prefix = \"alone\""),
     )
-    .await;
+    .await
+    .on(&clock);
     let others = Arc::new(alone.warm_replicas(3).await);
     let (each, each_probes) = outage(&alone, &others, "EACH").await;
     // 4 s of cool-downs of 1 s: one probe each for the fleet (one more at the edges), against
@@ -2132,17 +2167,17 @@ async fn one_circuit_for_the_fleet() {
 
     // A replica that never saw a failure.
     let sim = shared.sim.handle();
-    real_sleep(Duration::from_millis(1_200)).await;
+    clock.advance(Duration::from_millis(1_200)).await;
     for (i, r) in replicas.iter().enumerate() {
-        r.balance(&format!("closed-again-{i}")).await;
+        clock.run(r.balance(&format!("closed-again-{i}"))).await;
     }
     sim.set_balance_fault(Some(Fault::Status(500)));
     for i in 0..3 {
-        replicas[0].balance(&format!("FAIL{i}")).await;
+        clock.run(replicas[0].balance(&format!("FAIL{i}"))).await;
     }
     let calls = sim.balance_calls();
-    real_sleep(Duration::from_millis(100)).await;
-    let quiet = replicas[2].balance("NEVER-FAILED").await;
+    clock.advance(Duration::from_millis(100)).await;
+    let quiet = clock.run(replicas[2].balance("NEVER-FAILED")).await;
     assert_eq!(quiet.status, StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(quiet.error_code(), "circuit_open");
     assert_eq!(
@@ -2599,14 +2634,16 @@ async fn an_open_circuit_shows_on_every_view() {
 /// Redis killed mid-run: the ceiling falls back to `fleet_max_rps / N` on each replica (N = 3,
 /// the fleet as last seen) and a fleet-scoped caller to `rate_limit_rps / N`; every request is
 /// answered.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[tokio::test(start_paused = true)]
 async fn with_redis_killed_each_replica_keeps_its_share_of_the_limits() {
-    let mut redis = Redis::start(&[]);
+    let clock = Frozen::start();
+    let mut redis = Redis::frozen(&clock);
     let mut fleet = Fleet::new(
         vec![redis.url()],
         "upstream.fleet_max_rps = 30\nupstream.queue_timeout = \"10s\"",
     )
-    .await;
+    .await
+    .on(&clock);
     let hash = |key: &str| hex::encode(bill24_gateway::hash_key(key.as_bytes()));
     fleet.callers = Some(format!(
         "[[callers]]\nname = \"orders\"\nkey_sha256 = \"{}\"\n\
@@ -2616,17 +2653,24 @@ async fn with_redis_killed_each_replica_keeps_its_share_of_the_limits() {
         hash(BILLING_KEY)
     ));
     let replicas = Arc::new(fleet.replicas(3).await);
-    for r in replicas.iter() {
-        until_metric(r, "gateway_fleet_replicas", |v| v == 3.0).await;
-    }
+    clock
+        .advance_until(Duration::from_secs(3), "three replicas seen", async || {
+            all_at(&replicas, "gateway_fleet_replicas", 3.0).await
+        })
+        .await;
     redis.kill();
     for r in replicas.iter() {
-        r.balance("after-the-kill").await;
-        until_metric(r, "gateway_redis_up", |v| v == 0.0).await;
+        clock.run(r.balance("after-the-kill")).await;
     }
-    real_sleep(Duration::from_millis(1_100)).await;
+    clock
+        .advance_until(Duration::from_secs(5), "Redis seen down", async || {
+            all_at(&replicas, "gateway_redis_up", 0.0).await
+        })
+        .await;
+    clock.advance(Duration::from_millis(1_100)).await;
+    let three_seconds = Duration::from_secs(3);
     let (calls, statuses, took) =
-        cold_traffic(&fleet, &replicas, 12, Duration::from_secs(3), "ALONE").await;
+        cold_traffic(&clock, &fleet, &replicas, 12, three_seconds, "ALONE").await;
     assert!(
         statuses.iter().all(|s| *s == StatusCode::OK),
         "{statuses:?}"
@@ -2642,7 +2686,9 @@ async fn with_redis_killed_each_replica_keeps_its_share_of_the_limits() {
     let mut ok = 0;
     let start = Instant::now();
     for i in 0..30 {
-        let r = balance(replicas[i % 3].main, BILLING_KEY, "SAME").await;
+        let r = clock
+            .run(balance(replicas[i % 3].main, BILLING_KEY, "SAME"))
+            .await;
         if r.status == StatusCode::OK {
             ok += 1;
         } else {
@@ -2717,16 +2763,18 @@ async fn a_foreign_long_fill_lock_makes_nobody_wait() {
 
 /// Calls over the ceiling wait their turn in the order they came, across replicas: each is
 /// answered after the one sent before it.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[tokio::test(start_paused = true)]
 async fn over_the_ceiling_calls_wait_in_arrival_order() {
-    let redis = Redis::start(&[]);
+    let clock = Frozen::start();
+    let redis = Redis::frozen(&clock);
     let fleet = Fleet::new(
         vec![redis.url()],
         "upstream.fleet_max_rps = 4\nupstream.queue_timeout = \"10s\"",
     )
-    .await;
+    .await
+    .on(&clock);
     let replicas = Arc::new(fleet.warm_replicas(2).await);
-    real_sleep(Duration::from_millis(1_100)).await;
+    clock.advance(Duration::from_millis(1_100)).await;
     let start = Instant::now();
     let mut tasks = Vec::new();
     for i in 0..10 {
@@ -2736,11 +2784,11 @@ async fn over_the_ceiling_calls_wait_in_arrival_order() {
             (r.status, start.elapsed())
         }));
         // Sent one after another, each well after the one before reached Redis.
-        real_sleep(Duration::from_millis(30)).await;
+        clock.advance(Duration::from_millis(30)).await;
     }
     let mut answered = Vec::new();
-    for t in tasks {
-        let (status, at) = t.await.expect("request");
+    for t in clock.run(futures_util::future::join_all(tasks)).await {
+        let (status, at) = t.expect("request");
         assert_eq!(status, StatusCode::OK);
         answered.push(at);
     }
