@@ -2404,19 +2404,37 @@ async fn a_replica_with_another_config_is_flagged_on_every_view() {
 
 /// A replica killed outright (SIGKILL) is listed until the kill and gone from every view
 /// within five seconds of it (by Redis's clock), and `gateway_fleet_replicas` follows; one
-/// stopped cleanly (SIGTERM) removes itself at once.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+/// stopped cleanly (SIGTERM) removes itself at once. The two that go are the built binary; the
+/// two that watch run on the frozen clock, which moves Redis's.
+#[tokio::test(start_paused = true)]
 async fn a_replica_that_dies_leaves_the_view_within_five_seconds() {
-    let redis = Redis::start(&[]);
-    let fleet = Fleet::new(vec![redis.url()], "").await;
-    let mut replicas = fleet.replicas(4).await;
+    let clock = Frozen::start();
+    let redis = Redis::frozen(&clock);
+    let fleet = Fleet::new(vec![redis.url()], "").await.on(&clock);
+    let mut replicas = vec![
+        fleet.replica().await,
+        fleet.replica().await,
+        fleet.replica_with_env(&[]).await,
+        fleet.replica_with_env(&[]).await,
+    ];
     let mut ids = Vec::new();
     for r in &replicas {
         ids.push(r.id().await);
     }
+    let sees = async |r: &Replica, n: usize| {
+        let watching = matches!(r.run, Run::Local { .. });
+        clock
+            .advance_until(Duration::from_secs(3), "the view", async || {
+                listed_ids(&r.fleet().await).len() == n
+                    && (!watching || r.metric("gateway_fleet_replicas").await == n as f64)
+            })
+            .await;
+        if !watching {
+            until_metric(r, "gateway_fleet_replicas", |v| v == n as f64).await;
+        }
+    };
     for r in &replicas {
-        until_view(r, Duration::from_secs(5), |v| listed_ids(v).len() == 4).await;
-        until_metric(r, "gateway_fleet_replicas", |v| v == 4.0).await;
+        sees(r, 4).await;
     }
     let victim = ids[3].clone();
     assert!(listed_ids(&replicas[0].fleet().await).contains(&victim));
@@ -2432,7 +2450,7 @@ async fn a_replica_that_dies_leaves_the_view_within_five_seconds() {
             "still listed {:?} after the kill: {view}",
             killed.elapsed()
         );
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        clock.advance(Duration::from_millis(100)).await;
     }
     let gone_after = killed.elapsed();
     // Its last heartbeat was at most a second or so before the kill: not retired early.
@@ -2441,8 +2459,7 @@ async fn a_replica_that_dies_leaves_the_view_within_five_seconds() {
         "gone after {gone_after:?}"
     );
     for r in &replicas[..3] {
-        until_view(r, Duration::from_secs(2), |v| listed_ids(v).len() == 3).await;
-        until_metric(r, "gateway_fleet_replicas", |v| v == 3.0).await;
+        sees(r, 3).await;
     }
 
     let stopped = Instant::now();
@@ -2454,27 +2471,31 @@ async fn a_replica_that_dies_leaves_the_view_within_five_seconds() {
         "removed by itself, not retired: {:?}",
         stopped.elapsed()
     );
-    until_metric(&replicas[0], "gateway_fleet_replicas", |v| v == 2.0).await;
+    sees(&replicas[0], 2).await;
 }
 
 /// With Redis killed, `/fleet` still answers 200 at once, with this replica alone and
 /// `redis_up: false`; `gateway_fleet_replicas` keeps the last size seen (the N of fleet-wide
 /// limits). When Redis is back the view is whole again by itself. Without `[redis]`, a
 /// replica's view is itself alone, and the gauge 1.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[tokio::test(start_paused = true)]
 async fn with_redis_down_the_view_is_this_replica_alone() {
-    let mut redis = Redis::start(&[]);
-    let fleet = Fleet::new(vec![redis.url()], "").await;
+    let clock = Frozen::start();
+    let mut redis = Redis::frozen(&clock);
+    let fleet = Fleet::new(vec![redis.url()], "").await.on(&clock);
     let replicas = fleet.replicas(2).await;
     let id = replicas[0].id().await;
-    for r in &replicas {
-        until_view(r, Duration::from_secs(5), |v| listed_ids(v).len() == 2).await;
-        until_metric(r, "gateway_fleet_replicas", |v| v == 2.0).await;
-    }
+    clock
+        .advance_until(Duration::from_secs(3), "both listed", async || {
+            listed_ids(&replicas[0].fleet().await).len() == 2
+                && listed_ids(&replicas[1].fleet().await).len() == 2
+                && all_at(&replicas, "gateway_fleet_replicas", 2.0).await
+        })
+        .await;
     redis.kill();
     for _ in 0..5 {
         let asked = Instant::now();
-        let view = replicas[0].fleet().await;
+        let view = clock.run(replicas[0].fleet()).await;
         assert!(
             asked.elapsed() < Duration::from_secs(1),
             "{:?}",
@@ -2489,17 +2510,23 @@ async fn with_redis_down_the_view_is_this_replica_alone() {
         assert_eq!(me["circuit"], "closed");
     }
     assert_eq!(replicas[0].metric("gateway_fleet_replicas").await, 2.0);
-    assert_eq!(replicas[0].balance("DOWN").await.status, StatusCode::OK);
+    let reply = clock.run(replicas[0].balance("DOWN")).await;
+    assert_eq!(reply.status, StatusCode::OK);
 
     redis.restart();
-    for r in &replicas {
-        until_view(r, Duration::from_secs(15), |v| {
-            v["redis_up"] == true && listed_ids(v).len() == 2
+    clock
+        .advance_until(Duration::from_secs(15), "whole again", async || {
+            for r in &replicas {
+                let v = r.fleet().await;
+                if v["redis_up"] != true || listed_ids(&v).len() != 2 {
+                    return false;
+                }
+            }
+            true
         })
         .await;
-    }
 
-    let alone = Fleet::new(Vec::new(), "").await;
+    let alone = Fleet::new(Vec::new(), "").await.on(&clock);
     let solo = alone.replica().await;
     let view = solo.fleet().await;
     assert_eq!(view["redis_up"], false, "{view}");
@@ -2607,12 +2634,13 @@ async fn the_view_of_the_fleet_on_a_redis_cluster() {
 
 /// A replica whose circuit opens publishes it: every replica's view shows it `open` within
 /// a heartbeat or two.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[tokio::test(start_paused = true)]
 async fn an_open_circuit_shows_on_every_view() {
     let opens_fast =
         "upstream.retries = 0\nupstream.circuit_failures = 2\nupstream.circuit_cooldown = \"60s\"";
-    let redis = Redis::start(&[]);
-    let fleet = Fleet::new(vec![redis.url()], opens_fast).await;
+    let clock = Frozen::start();
+    let redis = Redis::frozen(&clock);
+    let fleet = Fleet::new(vec![redis.url()], opens_fast).await.on(&clock);
     let replicas = fleet.replicas(2).await;
     let broken = replicas[0].id().await;
     fleet
@@ -2620,15 +2648,20 @@ async fn an_open_circuit_shows_on_every_view() {
         .handle()
         .set_balance_fault(Some(Fault::Status(500)));
     for i in 0..3 {
-        replicas[0].balance(&format!("CIRCUIT{i}")).await;
+        clock.run(replicas[0].balance(&format!("CIRCUIT{i}"))).await;
     }
-    until_metric(&replicas[0], "gateway_circuit_state", |v| v == 1.0).await;
-    for r in &replicas {
-        until_view(r, Duration::from_secs(5), |v| {
-            listed_ids(v).contains(&broken) && entry(v, &broken)["circuit"] == "open"
+    assert_eq!(replicas[0].metric("gateway_circuit_state").await, 1.0);
+    clock
+        .advance_until(Duration::from_secs(2), "open on every view", async || {
+            for r in &replicas {
+                let v = r.fleet().await;
+                if !listed_ids(&v).contains(&broken) || entry(&v, &broken)["circuit"] != "open" {
+                    return false;
+                }
+            }
+            true
         })
         .await;
-    }
 }
 
 /// Redis killed mid-run: the ceiling falls back to `fleet_max_rps / N` on each replica (N = 3,
