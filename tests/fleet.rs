@@ -1054,6 +1054,48 @@ async fn background_refreshes_happen_once_for_the_fleet() {
     assert_eq!(sim.stats().unauthorized_balance_calls, 0);
 }
 
+/// A replica that takes the fleet's token as it starts counts the token's age on the one
+/// clock: Bill24 says when a token expires in wall time (`tokenExpireTime`), the refresh is a
+/// monotonic timer, and both move together. So it refreshes when the token is due, not as if
+/// the token had just been issued, and never presents an expired one.
+#[tokio::test(start_paused = true)]
+async fn a_replica_that_takes_the_fleets_token_refreshes_it_when_due() {
+    let clock = Frozen::start();
+    let redis = Redis::frozen(&clock);
+    let sim = SimConfig {
+        token_lifetime: Duration::from_secs(4),
+        ..SimConfig::default()
+    };
+    let fleet = Fleet::with_sim(
+        sim,
+        vec![redis.url()],
+        "upstream.token_refresh_margin = \"1s\"",
+    )
+    .await
+    .on(&clock);
+    let mut first = fleet.replica().await;
+    assert_eq!(first.balance("FIRST").await.status, StatusCode::OK);
+    clock.advance(Duration::from_secs(2)).await;
+    let late = fleet.replica().await;
+    assert_eq!(clock.run(late.balance("LATE")).await.status, StatusCode::OK);
+    let handle = fleet.sim.handle();
+    assert_eq!(handle.authorize_calls(), 1, "the fleet's token, taken");
+    first.stop().await;
+    // Due 3 s after it was issued (1 s before its expiry), expired at 4 s: traffic on the late
+    // replica, alone now, past both.
+    for i in 0..30 {
+        let reply = clock.run(late.balance(&format!("LATE{i}"))).await;
+        assert_eq!(reply.status, StatusCode::OK);
+        clock.advance(Duration::from_millis(100)).await;
+    }
+    assert_eq!(handle.refresh_calls(), 1, "refreshed once, when due");
+    assert_eq!(
+        handle.stats().unauthorized_balance_calls,
+        0,
+        "never expired"
+    );
+}
+
 // ---------------------------------------------------------------------------------------------
 // Confidential and authentic
 // ---------------------------------------------------------------------------------------------
