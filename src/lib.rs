@@ -3,7 +3,7 @@
 //!
 //! # Layout
 //!
-//! The workspace has four crates, and dependencies point one way:
+//! The workspace has five crates, and dependencies point one way:
 //!
 //! ```text
 //! bill24-gateway (this crate) ──> bill24 ──> singleflight
@@ -11,6 +11,9 @@
 //!        │                           retries, circuit breaker, wire shapes)
 //!        └──> bill24-sim             (the Bill24 simulator: demo, tests, load tests)
 //! ```
+//!
+//! and all three read time from `clock`: tokio's monotonic clock, and the one wall clock
+//! (`clock::now_utc`), which moves with tokio's when a test pauses and advances it.
 //!
 //! `bill24` knows nothing of callers, the cache or serving: it takes a [`bill24::Config`] and an
 //! observer for its metrics ([`bill24::Observer`], which [`metrics`] implements) and answers

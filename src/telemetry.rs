@@ -113,7 +113,7 @@ where
     ) -> fmt::Result {
         let meta = event.metadata();
         let mut line = JsonLine::default();
-        let now = time::OffsetDateTime::now_utc()
+        let now = clock::now_utc()
             .format(&time::format_description::well_known::Rfc3339)
             .unwrap_or_default();
         line.string("timestamp", &now);

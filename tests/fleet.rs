@@ -1,8 +1,19 @@
-//! The fleet (CONTRACT §10) through the real thing: several gateway processes (the built
-//! binary) in front of one Bill24 simulator, sharing a real `redis-server` (Debian's package;
-//! `.ci/run` installs it) or a 3-master Redis Cluster made with `redis-cli --cluster create`.
-//! Redis is killed, stopped (SIGSTOP) and given a wrong password mid-test; entries and the
-//! token are tampered with in Redis directly.
+//! The fleet (CONTRACT §10) through the real thing: several gateway replicas in front of one
+//! Bill24 simulator, sharing a real `redis-server` (Debian's package; `.ci/run` installs it)
+//! or a 3-master Redis Cluster made with `redis-cli --cluster create`. Redis is killed,
+//! stopped (SIGSTOP) and given a wrong password mid-test; entries and the token are tampered
+//! with in Redis directly.
+//!
+//! Two ways to run the replicas:
+//! - **On a frozen clock** ([`Frozen`]), for everything that takes time (a TTL, a cool-down, a
+//!   token's lifetime, heartbeats, the ceiling's rate): the replicas are real gateways with
+//!   their own listeners, run in the test's process on its paused tokio clock, with the
+//!   simulator; `redis-server` runs with its wall clock read from a file that the test moves
+//!   with tokio's ([`FROZEN_TIME_C`]), so entry expiry, `PTTL`, `TIME`, heartbeats and the
+//!   ceiling's buckets move exactly as far as the test says, and no test waits for them.
+//! - **The built binary**, for the faults (Redis paused, stopped and killed under load, a
+//!   Cluster failover, a replica killed outright, clocks skewed with libfaketime), which happen
+//!   in real time.
 
 mod common;
 
@@ -25,21 +36,13 @@ use tokio::time::Instant;
 /// A free loopback port whose cluster bus port (port + 10000) is free too.
 fn free_port() -> u16 {
     for _ in 0..200 {
-        let port = 20_000 + rand_u16() % 25_000;
+        let port = 20_000 + rand::random::<u16>() % 25_000;
         let free = |p: u16| std::net::TcpListener::bind(("127.0.0.1", p)).is_ok();
         if free(port) && free(port + 10_000) {
             return port;
         }
     }
     panic!("no free port pair");
-}
-
-fn rand_u16() -> u16 {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.subsec_nanos())
-        .unwrap_or(0);
-    (nanos ^ std::process::id().wrapping_mul(2_654_435_761)) as u16 ^ (nanos >> 16) as u16
 }
 
 /// One `redis-server` on a loopback port, with its own directory; killed when dropped.
@@ -52,6 +55,8 @@ struct Redis {
     args: Vec<String>,
     /// `redis-cli` arguments to reach it (TLS, password).
     cli: Vec<String>,
+    /// The file its wall clock is read from, on a frozen clock.
+    time_file: Option<PathBuf>,
 }
 
 impl Redis {
@@ -64,6 +69,17 @@ impl Redis {
     }
 
     fn start_conf(conf: &str, args: &[&str], cli: &[&str]) -> Redis {
+        Redis::start_full(conf, args, cli, None)
+    }
+
+    /// A standalone server whose wall clock is `clock`'s.
+    fn frozen(clock: &Frozen) -> Redis {
+        let redis = Redis::start_full("", &[], &[], Some(clock.time_file.clone()));
+        clock.watch(&redis);
+        redis
+    }
+
+    fn start_full(conf: &str, args: &[&str], cli: &[&str], time_file: Option<PathBuf>) -> Redis {
         let dir = tempfile::tempdir().expect("tempdir");
         let mut redis = Redis {
             child: None,
@@ -72,6 +88,7 @@ impl Redis {
             conf: conf.to_string(),
             args: args.iter().map(|a| a.to_string()).collect(),
             cli: cli.iter().map(|a| a.to_string()).collect(),
+            time_file,
         };
         redis.launch();
         redis
@@ -90,12 +107,16 @@ impl Redis {
             .args(self.args.iter().map(|a| a.replace("{port}", &port)))
             .stdout(Stdio::null())
             .stderr(Stdio::null());
+        if let Some(file) = &self.time_file {
+            cmd.env("LD_PRELOAD", frozen_time_library())
+                .env("FROZEN_TIME_FILE", file);
+        }
         self.child = Some(
             cmd.spawn()
                 .expect("redis-server runs (apt install redis-server)"),
         );
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
+        // Counted in real time (tokio's clock may be frozen): 10 s.
+        for _ in 0..500 {
             if self.cli(&["PING"]).trim() == "PONG" {
                 return;
             }
@@ -149,6 +170,17 @@ impl Drop for Redis {
     }
 }
 
+/// Runs `command` to its end; panics with its output unless it succeeded.
+fn succeed(command: &mut Command) {
+    let out = command.output().expect("runs");
+    assert!(
+        out.status.success(),
+        "{command:?}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// A Redis Cluster of three masters, made with `redis-cli --cluster create`.
 struct Cluster {
     nodes: Vec<Redis>,
@@ -177,17 +209,12 @@ impl Cluster {
             .iter()
             .map(|n| format!("127.0.0.1:{}", n.port))
             .collect();
-        let out = Command::new("redis-cli")
-            .arg("--cluster")
-            .arg("create")
-            .args(&addresses)
-            .args(["--cluster-replicas", &replicas.to_string(), "--cluster-yes"])
-            .output()
-            .expect("redis-cli --cluster create");
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stdout)
+        succeed(
+            Command::new("redis-cli")
+                .arg("--cluster")
+                .arg("create")
+                .args(&addresses)
+                .args(["--cluster-replicas", &replicas.to_string(), "--cluster-yes"]),
         );
         let deadline = Instant::now() + Duration::from_secs(30);
         while Instant::now() < deadline {
@@ -221,15 +248,288 @@ impl Cluster {
 // Gateway replicas
 // ---------------------------------------------------------------------------------------------
 
-/// A gateway process of the fleet.
+// ---------------------------------------------------------------------------------------------
+// The frozen clock: tokio's and Redis's
+// ---------------------------------------------------------------------------------------------
+
+/// The C source of the wall clock that a frozen test's `redis-server` reads (see the file).
+const FROZEN_TIME_C: &str = include_str!("common/frozen_time.c");
+
+/// [`FROZEN_TIME_C`] built once (with the C compiler every Rust build on Linux has: `cc`),
+/// under a name of its own content so a run never overwrites a library a server has loaded.
+fn frozen_time_library() -> &'static Path {
+    static LIBRARY: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    LIBRARY.get_or_init(|| {
+        use std::hash::{Hash, Hasher};
+        let mut hash = std::collections::hash_map::DefaultHasher::new();
+        FROZEN_TIME_C.hash(&mut hash);
+        let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
+        let library = dir.join(format!("frozen_time-{:016x}.so", hash.finish()));
+        if library.exists() {
+            return library;
+        }
+        let source = dir.join(format!("frozen_time-{}.c", std::process::id()));
+        let built = dir.join(format!("frozen_time-{}.so", std::process::id()));
+        std::fs::write(&source, FROZEN_TIME_C).expect("write the C source");
+        succeed(
+            Command::new("cc")
+                .args(["-shared", "-fPIC", "-O2", "-o"])
+                .arg(&built)
+                .arg(&source),
+        );
+        std::fs::rename(&built, &library).expect("rename");
+        let _ = std::fs::remove_file(&source);
+        library
+    })
+}
+
+/// How far the frozen clock moves at a time: well under `redis.timeout` (50 ms), so a Redis
+/// call never sees its deadline pass between two moments at which the test waited for Redis.
+const STEP: Duration = Duration::from_millis(10);
+
+/// Tokio's clock frozen ([`FrozenClock`]) and the wall clock of the test's `redis-server`s
+/// with it: [`Frozen::advance`] moves both by the same amount, a step at a time, and waits at
+/// each step for what the step set going (timers that fired, the Redis calls they made, the
+/// answers) before the next. The replicas run in this process ([`Fleet::on`]); their wall
+/// clock is tokio's too (`clock::now_utc`). Create it first thing in a
+/// `#[tokio::test(start_paused = true)]`.
+struct Frozen {
+    _clock: FrozenClock,
+    _dir: tempfile::TempDir,
+    time_file: PathBuf,
+    /// Redis's time (µs since the epoch) when tokio's clock stood at `start`.
+    start_us: u64,
+    start: Instant,
+    /// The frozen servers, to wait on at each step (their URLs, and a connection once made).
+    servers: std::sync::Mutex<Vec<(String, Option<redis::aio::MultiplexedConnection>)>>,
+    access: Access,
+    _log: tracing::subscriber::DefaultGuard,
+}
+
+impl Frozen {
+    fn start() -> Frozen {
+        let clock = FrozenClock::start();
+        let dir = tempfile::tempdir().expect("tempdir");
+        let access = Access::default();
+        // The replicas' access lines, from this thread (the runtime's only one).
+        let log = tracing::subscriber::set_default(tracing_subscriber::layer::SubscriberExt::with(
+            tracing_subscriber::Registry::default(),
+            access.clone(),
+        ));
+        let frozen = Frozen {
+            _clock: clock,
+            time_file: dir.path().join("time"),
+            _dir: dir,
+            start_us: u64::try_from(clock::now_utc().unix_timestamp_nanos() / 1_000)
+                .expect("after 1970"),
+            start: Instant::now(),
+            servers: std::sync::Mutex::new(Vec::new()),
+            access,
+            _log: log,
+        };
+        frozen.write_time();
+        frozen
+    }
+
+    /// Redis's wall clock, in step with tokio's.
+    fn write_time(&self) {
+        let us = self.start_us + u64::try_from(self.start.elapsed().as_micros()).expect("us");
+        let next = self.time_file.with_extension("next");
+        std::fs::write(&next, us.to_string()).expect("write the time");
+        // Whole or not at all: a server reads the file at every clock call.
+        std::fs::rename(&next, &self.time_file).expect("rename the time");
+    }
+
+    fn watch(&self, redis: &Redis) {
+        self.servers
+            .lock()
+            .expect("servers")
+            .push((redis.url(), None));
+    }
+
+    /// Moves both clocks by `by`, a [`STEP`] at a time.
+    async fn advance(&self, by: Duration) {
+        let mut left = by;
+        while !left.is_zero() {
+            let step = left.min(STEP);
+            left -= step;
+            // Redis's clock first: the tasks the step wakes find it moved.
+            tokio::time::advance(step).await;
+            self.write_time();
+            self.settle().await;
+        }
+    }
+
+    /// Runs `work` to its end, moving both clocks a step at a time whenever it is still
+    /// waiting once everything under way has settled (a timeout, the simulator's latency, a
+    /// place under the ceiling): time passes as far as the work needs, no further.
+    async fn run<T>(&self, work: impl std::future::Future<Output = T>) -> T {
+        let mut work = std::pin::pin!(work);
+        loop {
+            tokio::select! {
+                biased;
+                done = &mut work => return done,
+                () = self.settle() => {}
+            }
+            tokio::select! {
+                biased;
+                done = &mut work => return done,
+                () = self.advance(STEP) => {}
+            }
+        }
+    }
+
+    /// Moves both clocks a step at a time until `check` holds; panics past `within`.
+    async fn advance_until(
+        &self,
+        within: Duration,
+        what: &str,
+        mut check: impl AsyncFnMut() -> bool,
+    ) {
+        let start = Instant::now();
+        while !check().await {
+            assert!(start.elapsed() < within, "{what}: not within {within:?}");
+            self.advance(STEP).await;
+        }
+    }
+
+    /// Lets everything under way finish before the clock moves again: the tasks that are
+    /// ready run, and two `PING`s to each frozen server come back (Redis answers in order, so
+    /// by then it has answered every command sent before, and the replies are here), twice
+    /// over for the commands those answers lead to.
+    async fn settle(&self) {
+        for _ in 0..3 {
+            for _ in 0..10 {
+                tokio::task::yield_now().await;
+            }
+            let count = self.servers.lock().expect("servers").len();
+            for i in 0..count {
+                let (url, conn) = self.servers.lock().expect("servers")[i].clone();
+                let mut conn = match conn {
+                    Some(conn) => conn,
+                    None => match redis::Client::open(url.as_str())
+                        .expect("url")
+                        .get_multiplexed_async_connection()
+                        .await
+                    {
+                        Ok(conn) => conn,
+                        // Down: nothing to wait for.
+                        Err(_) => continue,
+                    },
+                };
+                let mut ok = true;
+                for _ in 0..2 {
+                    let pong: redis::RedisResult<String> =
+                        redis::cmd("PING").query_async(&mut conn).await;
+                    ok &= pong.is_ok();
+                }
+                self.servers.lock().expect("servers")[i].1 = ok.then_some(conn);
+            }
+        }
+    }
+}
+
+/// The access lines of the replicas run in this process, as JSON objects.
+#[derive(Clone, Default)]
+struct Access(Arc<std::sync::Mutex<Vec<serde_json::Value>>>);
+
+impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for Access {
+    fn on_event(&self, event: &tracing::Event<'_>, _: tracing_subscriber::layer::Context<'_, S>) {
+        struct Fields(serde_json::Map<String, serde_json::Value>);
+        impl tracing::field::Visit for Fields {
+            fn record_str(&mut self, field: &tracing::field::Field, value: &str) {
+                self.0.insert(field.name().into(), value.into());
+            }
+            fn record_u64(&mut self, field: &tracing::field::Field, value: u64) {
+                self.0.insert(field.name().into(), value.into());
+            }
+            fn record_i64(&mut self, field: &tracing::field::Field, value: i64) {
+                self.0.insert(field.name().into(), value.into());
+            }
+            fn record_bool(&mut self, field: &tracing::field::Field, value: bool) {
+                self.0.insert(field.name().into(), value.into());
+            }
+            fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+                self.0
+                    .insert(field.name().into(), format!("{value:?}").into());
+            }
+        }
+        if event.metadata().target() != "access" {
+            return;
+        }
+        let mut fields = Fields(serde_json::Map::new());
+        event.record(&mut fields);
+        self.0
+            .lock()
+            .expect("access lines")
+            .push(serde_json::Value::Object(fields.0));
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Gateway replicas
+// ---------------------------------------------------------------------------------------------
+
+/// A gateway replica of the fleet.
 struct Replica {
-    running: Running,
     main: SocketAddr,
     admin: SocketAddr,
-    _dir: tempfile::TempDir,
+    run: Run,
+    /// Its config file.
+    dir: tempfile::TempDir,
+}
+
+/// How a replica runs.
+enum Run {
+    /// The built binary.
+    Process(Running),
+    /// In the test's process, on its frozen clock.
+    Local {
+        access: Access,
+        stop: Option<tokio::sync::oneshot::Sender<()>>,
+        task: Option<tokio::task::JoinHandle<Result<(), bill24_gateway::StartError>>>,
+    },
+}
+
+impl Drop for Replica {
+    fn drop(&mut self) {
+        if let Run::Local { stop, .. } = &mut self.run
+            && let Some(stop) = stop.take()
+        {
+            let _ = stop.send(());
+        }
+    }
 }
 
 impl Replica {
+    /// The process of a replica run from the built binary.
+    fn running(&self) -> &Running {
+        match &self.run {
+            Run::Process(running) => running,
+            Run::Local { .. } => panic!("a replica run in the test's process has no process"),
+        }
+    }
+
+    /// A clean stop (what SIGTERM does to the binary), waited for.
+    async fn stop(&mut self) {
+        match &mut self.run {
+            Run::Process(running) => {
+                running.signal("TERM");
+                assert!(running.wait_exit(Duration::from_secs(10)).await.success());
+            }
+            Run::Local { stop, task, .. } => {
+                if let Some(stop) = stop.take() {
+                    let _ = stop.send(());
+                }
+                if let Some(task) = task.take() {
+                    task.await
+                        .expect("the gateway task did not panic")
+                        .expect("the gateway ran");
+                }
+            }
+        }
+    }
+
     async fn balance(&self, code: &str) -> Reply {
         balance(self.main, ORDERS_KEY, code).await
     }
@@ -245,15 +545,28 @@ impl Replica {
 
     /// The access log line of the request with this id.
     async fn access_line(&self, request_id: &str) -> serde_json::Value {
-        let line = self
-            .running
-            .wait_for_line(&format!("\"request_id\":\"{request_id}\""))
-            .await;
-        serde_json::from_str(&line).expect("json")
+        let access = match &self.run {
+            Run::Process(running) => {
+                let line = running
+                    .wait_for_line(&format!("\"request_id\":\"{request_id}\""))
+                    .await;
+                return serde_json::from_str(&line).expect("json");
+            }
+            Run::Local { access, .. } => access,
+        };
+        // Written when the exchange is over, which may be just after the answer arrived.
+        for _ in 0..1_000 {
+            let lines = access.0.lock().expect("access lines").clone();
+            if let Some(line) = lines.into_iter().find(|l| l["request_id"] == request_id) {
+                return line;
+            }
+            real_sleep(Duration::from_millis(2)).await;
+        }
+        panic!("no access line for {request_id}");
     }
 
     fn kill(&mut self) {
-        self.running.signal("KILL");
+        self.running().signal("KILL");
     }
 }
 
@@ -266,6 +579,8 @@ struct Fleet {
     envs: Vec<(String, String)>,
     /// `[[callers]]` blocks in place of the default two (orders, billing).
     callers: Option<String>,
+    /// Replicas run in the test's process on a frozen clock, their access lines here.
+    local: Option<Access>,
 }
 
 impl Fleet {
@@ -283,6 +598,7 @@ impl Fleet {
             extra: extra.to_string(),
             envs: Vec::new(),
             callers: None,
+            local: None,
         }
     }
 
@@ -321,12 +637,45 @@ impl Fleet {
         )
     }
 
-    /// Starts one more replica and waits until it serves.
-    async fn replica(&self) -> Replica {
-        self.replica_with_env(&[]).await
+    /// Replicas from now on run in the test's process on `clock` (the simulator already does).
+    fn on(mut self, clock: &Frozen) -> Fleet {
+        self.local = Some(clock.access.clone());
+        self
     }
 
-    /// A replica with more environment variables (a faked clock).
+    /// Starts one more replica and waits until it serves: in this process on a frozen clock
+    /// ([`Fleet::on`]), else the built binary.
+    async fn replica(&self) -> Replica {
+        let Some(access) = &self.local else {
+            return self.replica_with_env(&[]).await;
+        };
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("gw.toml");
+        std::fs::write(&path, self.toml()).expect("write config");
+        let config = bill24_gateway::config::load(Some(&path))
+            .expect("the replicas' config loads")
+            .config;
+        let gateway = bill24_gateway::Gateway::bind(config)
+            .await
+            .expect("gateway binds");
+        let (main, admin) = (gateway.main_addr(), gateway.admin_addr());
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(gateway.run(async move {
+            let _ = stopped.await;
+        }));
+        Replica {
+            main,
+            admin,
+            run: Run::Local {
+                access: access.clone(),
+                stop: Some(stop),
+                task: Some(task),
+            },
+            dir,
+        }
+    }
+
+    /// A replica from the built binary, with more environment variables (a faked clock).
     async fn replica_with_env(&self, more: &[(&str, &str)]) -> Replica {
         let mut envs: Vec<(&str, &str)> = self
             .envs
@@ -337,10 +686,10 @@ impl Fleet {
         let (running, dir) = Running::start(&[], &self.toml(), &envs);
         let (main, admin) = running.addresses().await;
         Replica {
-            running,
             main,
             admin,
-            _dir: dir,
+            run: Run::Process(running),
+            dir,
         }
     }
 
@@ -365,17 +714,27 @@ impl Fleet {
     }
 }
 
-/// Waits (real time) until `check` holds on the replica's metrics.
+/// Waits (real time, whatever tokio's clock does) until `check` holds on the replica's
+/// metrics; panics after 15 s.
 async fn until_metric(replica: &Replica, series: &str, check: impl Fn(f64) -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(15);
-    loop {
+    for _ in 0..300 {
         let value = replica.metric(series).await;
         if check(value) {
             return;
         }
-        assert!(Instant::now() < deadline, "{series} = {value}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        real_sleep(Duration::from_millis(50)).await;
     }
+    panic!("{series} = {}", replica.metric(series).await);
+}
+
+/// Whether `series` is `value` on every replica.
+async fn all_at(replicas: &[Replica], series: &str, value: f64) -> bool {
+    for r in replicas {
+        if r.metric(series).await != value {
+            return false;
+        }
+    }
+    true
 }
 
 /// `DELETE path` on an admin listener.
@@ -399,16 +758,19 @@ fn request_id(reply: &Reply) -> String {
 /// A customer asked through each of three replicas costs Bill24 one call per TTL window: the
 /// first replica fetches, the others answer from Redis (HIT, `cache_tier` l2) with the same
 /// `Age`, and the entry expires at the same moment everywhere.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[tokio::test(start_paused = true)]
 async fn one_bill24_call_per_customer_per_ttl_across_the_fleet() {
-    let redis = Redis::start(&[]);
-    let fleet = Fleet::new(vec![redis.url()], "cache.ttl = \"3s\"").await;
+    let clock = Frozen::start();
+    let redis = Redis::frozen(&clock);
+    let fleet = Fleet::new(vec![redis.url()], "cache.ttl = \"3s\"")
+        .await
+        .on(&clock);
     let replicas = fleet.replicas(3).await;
     let first = replicas[0].balance("SHARED1").await;
     assert_eq!((first.status, first.x_cache()), (StatusCode::OK, "MISS"));
     let line = replicas[0].access_line(&request_id(&first)).await;
     assert!(line["cache_tier"].is_null(), "from Bill24: {line}");
-    tokio::time::sleep(Duration::from_millis(1_100)).await;
+    clock.advance(Duration::from_millis(1_100)).await;
     for replica in &replicas[1..] {
         let r = replica.balance("SHARED1").await;
         assert_eq!((r.status, r.x_cache()), (StatusCode::OK, "HIT"));
@@ -440,8 +802,14 @@ async fn one_bill24_call_per_customer_per_ttl_across_the_fleet() {
         1.0
     );
     assert_eq!(replicas[1].metric("gateway_redis_up").await, 1.0);
-    // Past the TTL counted from the first store, on every replica: one more call in all.
-    tokio::time::sleep(Duration::from_millis(2_000)).await;
+    // Short of the TTL counted from the first store, still the one call; past it, on every
+    // replica, one more call in all.
+    clock.advance(Duration::from_millis(1_890)).await;
+    for replica in &replicas {
+        assert_eq!(replica.balance("SHARED1").await.x_cache(), "HIT");
+    }
+    assert_eq!(fleet.sim.handle().balance_calls_for("SHARED1"), 1);
+    clock.advance(Duration::from_millis(10)).await;
     for replica in &replicas {
         let r = replica.balance("SHARED1").await;
         assert_eq!(r.status, StatusCode::OK);
@@ -453,15 +821,17 @@ async fn one_bill24_call_per_customer_per_ttl_across_the_fleet() {
 /// one replica answers on another; a replica that never saw a customer serves the expired
 /// entry another one stored when Bill24 fails; and a hot key close to expiry on two replicas
 /// is refreshed once.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[tokio::test(start_paused = true)]
 async fn negative_stale_and_refresh_ahead_hold_fleet_wide() {
-    let redis = Redis::start(&[]);
+    let clock = Frozen::start();
+    let redis = Redis::frozen(&clock);
     let fleet = Fleet::new(
         vec![redis.url()],
         "cache.ttl = \"1s\"\ncache.negative_ttl = \"5s\"\ncache.stale_if_error = \"30s\"\n\
          upstream.retries = 0",
     )
-    .await;
+    .await
+    .on(&clock);
     let (a, b) = (fleet.replica().await, fleet.replica().await);
     let sim = fleet.sim.handle();
     a.balance("UNKNOWN-NEG").await;
@@ -473,7 +843,7 @@ async fn negative_stale_and_refresh_ahead_hold_fleet_wide() {
     assert_eq!(sim.balance_calls_for("UNKNOWN-NEG"), 1);
 
     a.balance("STALE-X").await;
-    tokio::time::sleep(Duration::from_millis(1_200)).await;
+    clock.advance(Duration::from_millis(1_200)).await;
     sim.set_balance_fault(Some(Fault::Status(503)));
     let r = b.balance("STALE-X").await;
     assert_eq!((r.status, r.x_cache()), (StatusCode::OK, "STALE"));
@@ -484,23 +854,24 @@ async fn negative_stale_and_refresh_ahead_hold_fleet_wide() {
         vec![redis.url()],
         "cache.ttl = \"3s\"\ncache.refresh_ahead = \"1s\"\nredis.key_prefix = \"ahead\"",
     )
-    .await;
+    .await
+    .on(&clock);
     let (a, b) = (fleet.replica().await, fleet.replica().await);
     let sim = fleet.sim.handle();
     a.balance("HOT").await;
     b.balance("HOT").await;
     assert_eq!(sim.balance_calls_for("HOT"), 1);
-    tokio::time::sleep(Duration::from_millis(2_200)).await;
+    clock.advance(Duration::from_millis(2_200)).await;
     // In the window on both replicas: hits, and one background refresh for the two (whose
     // own window opens 2 s later).
     for _ in 0..5 {
         assert_eq!(a.balance("HOT").await.x_cache(), "HIT");
         assert_eq!(b.balance("HOT").await.x_cache(), "HIT");
     }
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    clock.advance(Duration::from_millis(300)).await;
     assert_eq!(sim.balance_calls_for("HOT"), 2, "one refresh for the fleet");
     // Past the first entry's expiry: still hits on both, from the refreshed entry.
-    tokio::time::sleep(Duration::from_millis(1_000)).await;
+    clock.advance(Duration::from_millis(1_000)).await;
     assert_eq!(a.balance("HOT").await.x_cache(), "HIT");
     assert_eq!(b.balance("HOT").await.x_cache(), "HIT");
     assert_eq!(sim.balance_calls_for("HOT"), 2);
@@ -651,9 +1022,10 @@ async fn the_fleet_shares_one_token_and_refreshes_it_once() {
 /// Background refresh of a short-lived token, on three replicas at once: one refresh per
 /// token for the whole fleet (each replica due at the same moment), never a refresh token
 /// presented twice, and no request sees a 401.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[tokio::test(start_paused = true)]
 async fn background_refreshes_happen_once_for_the_fleet() {
-    let redis = Redis::start(&[]);
+    let clock = Frozen::start();
+    let redis = Redis::frozen(&clock);
     let fleet = Fleet::with_sim(
         SimConfig {
             token_lifetime: Duration::from_secs(3),
@@ -662,7 +1034,8 @@ async fn background_refreshes_happen_once_for_the_fleet() {
         vec![redis.url()],
         "upstream.token_refresh_margin = \"1s\"",
     )
-    .await;
+    .await
+    .on(&clock);
     let replicas = fleet.replicas(3).await;
     let sim = fleet.sim.handle();
     // Refreshes due every 2 s (the 3 s tokens, 1 s before expiry): over 5 s, two.
@@ -673,12 +1046,54 @@ async fn background_refreshes_happen_once_for_the_fleet() {
             assert_eq!(r.balance(&format!("BG{i}")).await.status, StatusCode::OK);
             i += 1;
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        clock.advance(Duration::from_millis(100)).await;
     }
     assert_eq!(sim.refresh_calls(), 2, "one per token, not one per replica");
     assert_eq!(sim.authorize_calls(), 3);
     assert_eq!(sim.stats().reused_refresh_tokens, 0);
     assert_eq!(sim.stats().unauthorized_balance_calls, 0);
+}
+
+/// A replica that takes the fleet's token as it starts counts the token's age on the one
+/// clock: Bill24 says when a token expires in wall time (`tokenExpireTime`), the refresh is a
+/// monotonic timer, and both move together. So it refreshes when the token is due, not as if
+/// the token had just been issued, and never presents an expired one.
+#[tokio::test(start_paused = true)]
+async fn a_replica_that_takes_the_fleets_token_refreshes_it_when_due() {
+    let clock = Frozen::start();
+    let redis = Redis::frozen(&clock);
+    let sim = SimConfig {
+        token_lifetime: Duration::from_secs(4),
+        ..SimConfig::default()
+    };
+    let fleet = Fleet::with_sim(
+        sim,
+        vec![redis.url()],
+        "upstream.token_refresh_margin = \"1s\"",
+    )
+    .await
+    .on(&clock);
+    let mut first = fleet.replica().await;
+    assert_eq!(first.balance("FIRST").await.status, StatusCode::OK);
+    clock.advance(Duration::from_secs(2)).await;
+    let late = fleet.replica().await;
+    assert_eq!(clock.run(late.balance("LATE")).await.status, StatusCode::OK);
+    let handle = fleet.sim.handle();
+    assert_eq!(handle.authorize_calls(), 1, "the fleet's token, taken");
+    first.stop().await;
+    // Due 3 s after it was issued (1 s before its expiry), expired at 4 s: traffic on the late
+    // replica, alone now, past both.
+    for i in 0..30 {
+        let reply = clock.run(late.balance(&format!("LATE{i}"))).await;
+        assert_eq!(reply.status, StatusCode::OK);
+        clock.advance(Duration::from_millis(100)).await;
+    }
+    assert_eq!(handle.refresh_calls(), 1, "refreshed once, when due");
+    assert_eq!(
+        handle.stats().unauthorized_balance_calls,
+        0,
+        "never expired"
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -995,7 +1410,7 @@ async fn rediss_and_acl_users_work() {
     );
     assert_eq!(fleet.sim.handle().balance_calls_for("TLS1"), 1);
     assert_eq!(fleet.sim.handle().authorize_calls(), 1);
-    let output = a.running.output().join("\n");
+    let output = a.running().output().join("\n");
     assert!(!output.contains("s3cret-acl"), "no password in the logs");
 }
 
@@ -1231,8 +1646,9 @@ async fn survives_under_load(
     let running = load(replicas.clone(), 300, 12, stop.clone());
     real_sleep(Duration::from_millis(700)).await;
     fault(redis).await;
-    // Long enough after the fault for a leaked lock (or a missed message) to show.
-    real_sleep(Duration::from_secs(3)).await;
+    // Requests after the fault, to the customers whose locks its late commands may have set
+    // (a leaked lock also shows in Redis, below).
+    real_sleep(Duration::from_millis(900)).await;
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let answers = running.await.expect("load");
     assert_all_answered(&answers, Duration::from_millis(1_200), "under the fault");
@@ -1247,26 +1663,26 @@ async fn survives_under_load(
     answers
 }
 
-/// `CLIENT PAUSE 2000 ALL` under load: the `SET NX` a replica gave up on runs when Redis
-/// resumes, and must not leave a lock that makes the customer's next requests wait (they used
-/// to get 504 after 10 s, for up to 12 s after the resume).
+/// `CLIENT PAUSE` (900 ms, eighteen times `redis.timeout`) under load: the `SET NX` a replica
+/// gave up on runs when Redis resumes, and must not leave a lock that makes the customer's
+/// next requests wait (they used to get 504 after 10 s, for up to 12 s after the resume).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_paused_under_load_answers_everything_and_leaks_no_lock() {
     let redis = Redis::start(&[]);
     survives_under_load(&redis, "cache.ttl = \"1s\"", async |redis: &Redis| {
-        assert_eq!(redis.cli(&["CLIENT", "PAUSE", "2000", "ALL"]).trim(), "OK");
-        real_sleep(Duration::from_millis(2_000)).await;
+        assert_eq!(redis.cli(&["CLIENT", "PAUSE", "900", "ALL"]).trim(), "OK");
+        real_sleep(Duration::from_millis(900)).await;
     })
     .await;
 }
 
-/// SIGSTOP for two seconds under load, then SIGCONT: as for a pause.
+/// SIGSTOP for 900 ms under load, then SIGCONT: as for a pause.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_stopped_under_load_answers_everything_and_leaks_no_lock() {
     let redis = Redis::start(&[]);
     survives_under_load(&redis, "cache.ttl = \"1s\"", async |redis: &Redis| {
         redis.signal("STOP");
-        real_sleep(Duration::from_millis(2_000)).await;
+        real_sleep(Duration::from_millis(900)).await;
         redis.signal("CONT");
     })
     .await;
@@ -1356,7 +1772,8 @@ async fn a_cluster_master_killed_under_load_is_survived() {
         assert!(Instant::now() < deadline, "no replica was promoted");
         real_sleep(Duration::from_millis(100)).await;
     }
-    real_sleep(Duration::from_secs(3)).await;
+    // Requests to the new master, and to the customers whose locks the failover may have left.
+    real_sleep(Duration::from_millis(900)).await;
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let answers = running.await.expect("load");
     assert_all_answered(&answers, Duration::from_millis(1_200), "master killed");
@@ -1373,14 +1790,15 @@ async fn a_cluster_master_killed_under_load_is_survived() {
 
 /// With Redis down, each replica refreshes its token on its own: never with the refresh token
 /// the fleet shared (single-use: presenting it twice can revoke the whole family).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[tokio::test(start_paused = true)]
 async fn no_refresh_token_is_presented_twice_while_redis_is_down() {
-    let mut redis = Redis::start(&[]);
+    let clock = Frozen::start();
+    let mut redis = Redis::frozen(&clock);
     let sim = SimConfig {
         token_lifetime: Duration::from_secs(3),
         ..SimConfig::default()
     };
-    let fleet = Fleet::with_sim(sim, vec![redis.url()], "").await;
+    let fleet = Fleet::with_sim(sim, vec![redis.url()], "").await.on(&clock);
     let replicas = fleet.warm_replicas(3).await;
     let handle = fleet.sim.handle();
     assert_eq!(handle.authorize_calls(), 1, "one token for the fleet");
@@ -1390,10 +1808,11 @@ async fn no_refresh_token_is_presented_twice_while_redis_is_down() {
     let mut i = 0;
     while Instant::now() < until {
         for r in &replicas {
-            assert_eq!(r.balance(&format!("DOWN{i}")).await.status, StatusCode::OK);
+            let reply = clock.run(r.balance(&format!("DOWN{i}"))).await;
+            assert_eq!(reply.status, StatusCode::OK);
             i += 1;
         }
-        real_sleep(Duration::from_millis(100)).await;
+        clock.advance(Duration::from_millis(100)).await;
     }
     assert_eq!(
         handle.stats().reused_refresh_tokens,
@@ -1409,10 +1828,11 @@ async fn no_refresh_token_is_presented_twice_while_redis_is_down() {
 /// `DELETE /cache` is honoured by a replica started after it (it reads the epoch before it
 /// uses an entry) and after Redis restarts empty (the epoch is a value Redis holds, not a
 /// count that starts again at 1).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[tokio::test(start_paused = true)]
 async fn purge_epochs_survive_a_late_replica_and_an_empty_redis() {
-    let mut redis = Redis::start(&[]);
-    let fleet = Fleet::new(vec![redis.url()], "").await;
+    let clock = Frozen::start();
+    let mut redis = Redis::frozen(&clock);
+    let fleet = Fleet::new(vec![redis.url()], "").await.on(&clock);
     let (a, b) = (fleet.replica().await, fleet.replica().await);
     let sim = fleet.sim.handle();
     sim.set_balance("E1", 100);
@@ -1440,10 +1860,14 @@ async fn purge_epochs_survive_a_late_replica_and_an_empty_redis() {
 
     // (b) Redis restarted empty, then a purge.
     redis.restart();
-    for r in [&a, &b, &late] {
-        until_metric(r, "gateway_redis_up", |v| v == 1.0).await;
-    }
-    real_sleep(Duration::from_millis(300)).await;
+    let all = [a, b, late];
+    clock
+        .advance_until(Duration::from_secs(5), "back on Redis", async || {
+            all_at(&all, "gateway_redis_up", 1.0).await
+        })
+        .await;
+    let [a, b, late] = all;
+    clock.advance(Duration::from_millis(300)).await;
     for r in [&a, &b, &late] {
         assert_eq!(r.balance("E1").await.json()["data"][0]["balance"], 200);
     }
@@ -1452,7 +1876,7 @@ async fn purge_epochs_survive_a_late_replica_and_an_empty_redis() {
         delete(b.admin, "/cache").await.status,
         StatusCode::NO_CONTENT
     );
-    real_sleep(Duration::from_millis(300)).await;
+    clock.advance(Duration::from_millis(300)).await;
     for r in [&a, &b, &late] {
         let reply = r.balance("E1").await;
         assert_eq!(
@@ -1574,9 +1998,14 @@ async fn clock_skew_changes_no_answer_age() {
 // The fleet's limits in bad times (CONTRACT §13)
 // ---------------------------------------------------------------------------------------------
 
-/// `workers` callers asking a new customer each time over every replica for `run`; the Bill24
-/// balance calls the simulator saw meanwhile, and every status.
+/// How long a caller of [`cold_traffic`] waits between an answer and its next request.
+const PACE: Duration = Duration::from_millis(50);
+
+/// `workers` callers asking a new customer each time ([`PACE`] after the last answer) over
+/// every replica for `run` of the frozen clock (moved as the callers wait); the Bill24 balance
+/// calls the simulator saw meanwhile, every status, and how long it took (to the last answer).
 async fn cold_traffic(
+    clock: &Frozen,
     fleet: &Fleet,
     replicas: &Arc<Vec<Replica>>,
     workers: usize,
@@ -1599,14 +2028,17 @@ async fn cold_traffic(
                         .await;
                     statuses.push(r.status);
                     i += 1;
+                    // An answer that takes no time (an open circuit's) does not make the
+                    // caller spin without the clock moving.
+                    tokio::time::sleep(PACE).await;
                 }
                 statuses
             })
         })
         .collect();
     let mut statuses = Vec::new();
-    for t in tasks {
-        statuses.extend(t.await.expect("worker"));
+    for t in clock.run(futures_util::future::join_all(tasks)).await {
+        statuses.extend(t.expect("worker"));
     }
     let took = start.elapsed();
     (sim.balance_calls() - before, statuses, took)
@@ -1615,19 +2047,24 @@ async fn cold_traffic(
 /// `upstream.fleet_max_rps = 20` over three replicas: cold traffic over many customers stays
 /// within `20 × T + 20` Bill24 calls, every request answered (waiting its turn); the same
 /// traffic without the ceiling makes several times more.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[tokio::test(start_paused = true)]
 async fn one_ceiling_on_bill24_calls_for_the_fleet() {
-    let redis = Redis::start(&[]);
+    let clock = Frozen::start();
+    let redis = Redis::frozen(&clock);
     let capped = Fleet::new(
         vec![redis.url()],
         "upstream.fleet_max_rps = 20\nupstream.queue_timeout = \"10s\"",
     )
-    .await;
+    .await
+    .on(&clock);
     let replicas = Arc::new(capped.warm_replicas(3).await);
     // Past the warm-ups' share of the burst.
-    real_sleep(Duration::from_millis(1_100)).await;
+    clock.advance(Duration::from_millis(1_100)).await;
+    // Each call takes Bill24 50 ms, so a caller's rate does not depend on the machine's speed.
+    capped.sim.handle().set_latency(Duration::from_millis(50));
+    let three_seconds = Duration::from_secs(3);
     let (calls, statuses, took) =
-        cold_traffic(&capped, &replicas, 12, Duration::from_secs(3), "CAP").await;
+        cold_traffic(&clock, &capped, &replicas, 12, three_seconds, "CAP").await;
     assert!(
         statuses.iter().all(|s| *s == StatusCode::OK),
         "{statuses:?}"
@@ -1643,9 +2080,13 @@ async fn one_ceiling_on_bill24_calls_for_the_fleet() {
         .await;
     assert!(waits > 0.0, "waits are measured");
 
-    let free = Fleet::new(vec![redis.url()], "redis.key_prefix = \"free\"").await;
+    let free = Fleet::new(vec![redis.url()], "redis.key_prefix = \"free\"")
+        .await
+        .on(&clock);
     let others = Arc::new(free.warm_replicas(3).await);
-    let (uncapped, _, _) = cold_traffic(&free, &others, 12, Duration::from_secs(3), "FREE").await;
+    free.sim.handle().set_latency(Duration::from_millis(50));
+    let (uncapped, _, _) =
+        cold_traffic(&clock, &free, &others, 12, Duration::from_secs(3), "FREE").await;
     assert!(
         uncapped >= 3 * calls,
         "without the ceiling: {uncapped} calls, with it: {calls}"
@@ -1654,21 +2095,23 @@ async fn one_ceiling_on_bill24_calls_for_the_fleet() {
 
 /// Over the ceiling, requests wait in line no longer than `upstream.queue_timeout`; past it
 /// they get 503 `upstream_busy` with `Retry-After`.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[tokio::test(start_paused = true)]
 async fn past_the_queue_timeout_the_ceiling_answers_upstream_busy() {
-    let redis = Redis::start(&[]);
+    let clock = Frozen::start();
+    let redis = Redis::frozen(&clock);
     let fleet = Fleet::new(
         vec![redis.url()],
         "upstream.fleet_max_rps = 5\nupstream.queue_timeout = \"200ms\"\nupstream.retries = 0",
     )
-    .await;
+    .await
+    .on(&clock);
     let (a, b) = (
         Arc::new(fleet.replica().await),
         Arc::new(fleet.replica().await),
     );
     a.balance("warm-up-a").await;
     b.balance("warm-up-b").await;
-    real_sleep(Duration::from_millis(1_100)).await;
+    clock.advance(Duration::from_millis(1_100)).await;
     let before = fleet.sim.handle().balance_calls();
     let requests: Vec<_> = (0..30)
         .map(|i| {
@@ -1677,8 +2120,8 @@ async fn past_the_queue_timeout_the_ceiling_answers_upstream_busy() {
         })
         .collect();
     let mut ok = 0;
-    for r in requests {
-        let reply = r.await.expect("request");
+    for reply in clock.run(futures_util::future::join_all(requests)).await {
+        let reply = reply.expect("request");
         match reply.status {
             StatusCode::OK => ok += 1,
             StatusCode::SERVICE_UNAVAILABLE => {
@@ -1691,15 +2134,17 @@ async fn past_the_queue_timeout_the_ceiling_answers_upstream_busy() {
     // A burst of 5, then one each 200 ms: one more within the queue timeout (a little
     // more if the requests' arrivals spread).
     assert!((6..=8).contains(&ok), "{ok} answered");
+    assert_eq!(ok, 6, "on a frozen clock the arrivals do not spread");
     assert_eq!(fleet.sim.handle().balance_calls() - before, ok);
 }
 
 /// One circuit for the fleet: an outage over three replicas costs about `circuit_failures +
 /// D / circuit_cooldown` Bill24 calls rather than three times that, and a replica that never
 /// saw a failure answers `circuit_open` within 100 ms of the first opening.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[tokio::test(start_paused = true)]
 async fn one_circuit_for_the_fleet() {
-    let redis = Redis::start(&[]);
+    let clock = Frozen::start();
+    let redis = Redis::frozen(&clock);
     let settings = "upstream.circuit_failures = 3\nupstream.circuit_cooldown = \"1s\"\n\
                     upstream.retries = 0";
     // The calls of an outage: in all, and after its first 600 ms (once the circuits opened:
@@ -1712,19 +2157,26 @@ async fn one_circuit_for_the_fleet() {
         let mark = tokio::spawn({
             let sim = fleet.sim.handle();
             async move {
-                real_sleep(Duration::from_millis(600)).await;
+                tokio::time::sleep(Duration::from_millis(600)).await;
                 sim.balance_calls()
             }
         });
-        let (calls, statuses, _) =
-            cold_traffic(fleet, replicas, 6, Duration::from_millis(4_600), tag).await;
+        let (calls, statuses, _) = cold_traffic(
+            &clock,
+            fleet,
+            replicas,
+            6,
+            Duration::from_millis(4_600),
+            tag,
+        )
+        .await;
         let opened = mark.await.expect("mark");
         sim.set_balance_fault(None);
         sim.set_latency(Duration::ZERO);
         assert!(statuses.iter().all(|s| s.is_server_error()), "{statuses:?}");
         (calls, start + calls - opened)
     };
-    let shared = Fleet::new(vec![redis.url()], settings).await;
+    let shared = Fleet::new(vec![redis.url()], settings).await.on(&clock);
     let replicas = Arc::new(shared.warm_replicas(3).await);
     let (one, one_probes) = outage(&shared, &replicas, "ONE").await;
 
@@ -1732,7 +2184,8 @@ async fn one_circuit_for_the_fleet() {
         vec![redis.url()],
         &format!("{settings}\nupstream.fleet_circuit = false\nredis.key_prefix = \"alone\""),
     )
-    .await;
+    .await
+    .on(&clock);
     let others = Arc::new(alone.warm_replicas(3).await);
     let (each, each_probes) = outage(&alone, &others, "EACH").await;
     // 4 s of cool-downs of 1 s: one probe each for the fleet (one more at the edges), against
@@ -1758,17 +2211,17 @@ async fn one_circuit_for_the_fleet() {
 
     // A replica that never saw a failure.
     let sim = shared.sim.handle();
-    real_sleep(Duration::from_millis(1_200)).await;
+    clock.advance(Duration::from_millis(1_200)).await;
     for (i, r) in replicas.iter().enumerate() {
-        r.balance(&format!("closed-again-{i}")).await;
+        clock.run(r.balance(&format!("closed-again-{i}"))).await;
     }
     sim.set_balance_fault(Some(Fault::Status(500)));
     for i in 0..3 {
-        replicas[0].balance(&format!("FAIL{i}")).await;
+        clock.run(replicas[0].balance(&format!("FAIL{i}"))).await;
     }
     let calls = sim.balance_calls();
-    real_sleep(Duration::from_millis(100)).await;
-    let quiet = replicas[2].balance("NEVER-FAILED").await;
+    clock.advance(Duration::from_millis(100)).await;
+    let quiet = clock.run(replicas[2].balance("NEVER-FAILED")).await;
     assert_eq!(quiet.status, StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(quiet.error_code(), "circuit_open");
     assert_eq!(
@@ -1979,9 +2432,9 @@ async fn a_replica_with_another_config_is_flagged_on_every_view() {
     }
     fleet.extra = String::new();
     let odd_replica = &replicas[3];
-    std::fs::write(odd_replica._dir.path().join("gw.toml"), fleet.toml()).expect("config");
-    odd_replica.running.signal("HUP");
-    odd_replica.running.wait_for_line("config reloaded").await;
+    std::fs::write(odd_replica.dir.path().join("gw.toml"), fleet.toml()).expect("config");
+    odd_replica.running().signal("HUP");
+    odd_replica.running().wait_for_line("config reloaded").await;
     for r in &replicas {
         until_view(r, Duration::from_secs(5), |v| {
             listed_ids(v).len() == 4
@@ -1995,19 +2448,37 @@ async fn a_replica_with_another_config_is_flagged_on_every_view() {
 
 /// A replica killed outright (SIGKILL) is listed until the kill and gone from every view
 /// within five seconds of it (by Redis's clock), and `gateway_fleet_replicas` follows; one
-/// stopped cleanly (SIGTERM) removes itself at once.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+/// stopped cleanly (SIGTERM) removes itself at once. The two that go are the built binary; the
+/// two that watch run on the frozen clock, which moves Redis's.
+#[tokio::test(start_paused = true)]
 async fn a_replica_that_dies_leaves_the_view_within_five_seconds() {
-    let redis = Redis::start(&[]);
-    let fleet = Fleet::new(vec![redis.url()], "").await;
-    let mut replicas = fleet.replicas(4).await;
+    let clock = Frozen::start();
+    let redis = Redis::frozen(&clock);
+    let fleet = Fleet::new(vec![redis.url()], "").await.on(&clock);
+    let mut replicas = vec![
+        fleet.replica().await,
+        fleet.replica().await,
+        fleet.replica_with_env(&[]).await,
+        fleet.replica_with_env(&[]).await,
+    ];
     let mut ids = Vec::new();
     for r in &replicas {
         ids.push(r.id().await);
     }
+    let sees = async |r: &Replica, n: usize| {
+        let watching = matches!(r.run, Run::Local { .. });
+        clock
+            .advance_until(Duration::from_secs(3), "the view", async || {
+                listed_ids(&r.fleet().await).len() == n
+                    && (!watching || r.metric("gateway_fleet_replicas").await == n as f64)
+            })
+            .await;
+        if !watching {
+            until_metric(r, "gateway_fleet_replicas", |v| v == n as f64).await;
+        }
+    };
     for r in &replicas {
-        until_view(r, Duration::from_secs(5), |v| listed_ids(v).len() == 4).await;
-        until_metric(r, "gateway_fleet_replicas", |v| v == 4.0).await;
+        sees(r, 4).await;
     }
     let victim = ids[3].clone();
     assert!(listed_ids(&replicas[0].fleet().await).contains(&victim));
@@ -2023,7 +2494,7 @@ async fn a_replica_that_dies_leaves_the_view_within_five_seconds() {
             "still listed {:?} after the kill: {view}",
             killed.elapsed()
         );
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        clock.advance(Duration::from_millis(100)).await;
     }
     let gone_after = killed.elapsed();
     // Its last heartbeat was at most a second or so before the kill: not retired early.
@@ -2032,19 +2503,11 @@ async fn a_replica_that_dies_leaves_the_view_within_five_seconds() {
         "gone after {gone_after:?}"
     );
     for r in &replicas[..3] {
-        until_view(r, Duration::from_secs(2), |v| listed_ids(v).len() == 3).await;
-        until_metric(r, "gateway_fleet_replicas", |v| v == 3.0).await;
+        sees(r, 3).await;
     }
 
     let stopped = Instant::now();
-    replicas[2].running.signal("TERM");
-    assert!(
-        replicas[2]
-            .running
-            .wait_exit(Duration::from_secs(10))
-            .await
-            .success()
-    );
+    replicas[2].stop().await;
     let view = replicas[0].fleet().await;
     assert!(!listed_ids(&view).contains(&ids[2]), "{view}");
     assert!(
@@ -2052,27 +2515,31 @@ async fn a_replica_that_dies_leaves_the_view_within_five_seconds() {
         "removed by itself, not retired: {:?}",
         stopped.elapsed()
     );
-    until_metric(&replicas[0], "gateway_fleet_replicas", |v| v == 2.0).await;
+    sees(&replicas[0], 2).await;
 }
 
 /// With Redis killed, `/fleet` still answers 200 at once, with this replica alone and
 /// `redis_up: false`; `gateway_fleet_replicas` keeps the last size seen (the N of fleet-wide
 /// limits). When Redis is back the view is whole again by itself. Without `[redis]`, a
 /// replica's view is itself alone, and the gauge 1.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[tokio::test(start_paused = true)]
 async fn with_redis_down_the_view_is_this_replica_alone() {
-    let mut redis = Redis::start(&[]);
-    let fleet = Fleet::new(vec![redis.url()], "").await;
+    let clock = Frozen::start();
+    let mut redis = Redis::frozen(&clock);
+    let fleet = Fleet::new(vec![redis.url()], "").await.on(&clock);
     let replicas = fleet.replicas(2).await;
     let id = replicas[0].id().await;
-    for r in &replicas {
-        until_view(r, Duration::from_secs(5), |v| listed_ids(v).len() == 2).await;
-        until_metric(r, "gateway_fleet_replicas", |v| v == 2.0).await;
-    }
+    clock
+        .advance_until(Duration::from_secs(3), "both listed", async || {
+            listed_ids(&replicas[0].fleet().await).len() == 2
+                && listed_ids(&replicas[1].fleet().await).len() == 2
+                && all_at(&replicas, "gateway_fleet_replicas", 2.0).await
+        })
+        .await;
     redis.kill();
     for _ in 0..5 {
         let asked = Instant::now();
-        let view = replicas[0].fleet().await;
+        let view = clock.run(replicas[0].fleet()).await;
         assert!(
             asked.elapsed() < Duration::from_secs(1),
             "{:?}",
@@ -2087,17 +2554,23 @@ async fn with_redis_down_the_view_is_this_replica_alone() {
         assert_eq!(me["circuit"], "closed");
     }
     assert_eq!(replicas[0].metric("gateway_fleet_replicas").await, 2.0);
-    assert_eq!(replicas[0].balance("DOWN").await.status, StatusCode::OK);
+    let reply = clock.run(replicas[0].balance("DOWN")).await;
+    assert_eq!(reply.status, StatusCode::OK);
 
     redis.restart();
-    for r in &replicas {
-        until_view(r, Duration::from_secs(15), |v| {
-            v["redis_up"] == true && listed_ids(v).len() == 2
+    clock
+        .advance_until(Duration::from_secs(15), "whole again", async || {
+            for r in &replicas {
+                let v = r.fleet().await;
+                if v["redis_up"] != true || listed_ids(&v).len() != 2 {
+                    return false;
+                }
+            }
+            true
         })
         .await;
-    }
 
-    let alone = Fleet::new(Vec::new(), "").await;
+    let alone = Fleet::new(Vec::new(), "").await.on(&clock);
     let solo = alone.replica().await;
     let view = solo.fleet().await;
     assert_eq!(view["redis_up"], false, "{view}");
@@ -2205,12 +2678,13 @@ async fn the_view_of_the_fleet_on_a_redis_cluster() {
 
 /// A replica whose circuit opens publishes it: every replica's view shows it `open` within
 /// a heartbeat or two.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[tokio::test(start_paused = true)]
 async fn an_open_circuit_shows_on_every_view() {
     let opens_fast =
         "upstream.retries = 0\nupstream.circuit_failures = 2\nupstream.circuit_cooldown = \"60s\"";
-    let redis = Redis::start(&[]);
-    let fleet = Fleet::new(vec![redis.url()], opens_fast).await;
+    let clock = Frozen::start();
+    let redis = Redis::frozen(&clock);
+    let fleet = Fleet::new(vec![redis.url()], opens_fast).await.on(&clock);
     let replicas = fleet.replicas(2).await;
     let broken = replicas[0].id().await;
     fleet
@@ -2218,28 +2692,35 @@ async fn an_open_circuit_shows_on_every_view() {
         .handle()
         .set_balance_fault(Some(Fault::Status(500)));
     for i in 0..3 {
-        replicas[0].balance(&format!("CIRCUIT{i}")).await;
+        clock.run(replicas[0].balance(&format!("CIRCUIT{i}"))).await;
     }
-    until_metric(&replicas[0], "gateway_circuit_state", |v| v == 1.0).await;
-    for r in &replicas {
-        until_view(r, Duration::from_secs(5), |v| {
-            listed_ids(v).contains(&broken) && entry(v, &broken)["circuit"] == "open"
+    assert_eq!(replicas[0].metric("gateway_circuit_state").await, 1.0);
+    clock
+        .advance_until(Duration::from_secs(2), "open on every view", async || {
+            for r in &replicas {
+                let v = r.fleet().await;
+                if !listed_ids(&v).contains(&broken) || entry(&v, &broken)["circuit"] != "open" {
+                    return false;
+                }
+            }
+            true
         })
         .await;
-    }
 }
 
 /// Redis killed mid-run: the ceiling falls back to `fleet_max_rps / N` on each replica (N = 3,
 /// the fleet as last seen) and a fleet-scoped caller to `rate_limit_rps / N`; every request is
 /// answered.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[tokio::test(start_paused = true)]
 async fn with_redis_killed_each_replica_keeps_its_share_of_the_limits() {
-    let mut redis = Redis::start(&[]);
+    let clock = Frozen::start();
+    let mut redis = Redis::frozen(&clock);
     let mut fleet = Fleet::new(
         vec![redis.url()],
         "upstream.fleet_max_rps = 30\nupstream.queue_timeout = \"10s\"",
     )
-    .await;
+    .await
+    .on(&clock);
     let hash = |key: &str| hex::encode(bill24_gateway::hash_key(key.as_bytes()));
     fleet.callers = Some(format!(
         "[[callers]]\nname = \"orders\"\nkey_sha256 = \"{}\"\n\
@@ -2249,17 +2730,24 @@ async fn with_redis_killed_each_replica_keeps_its_share_of_the_limits() {
         hash(BILLING_KEY)
     ));
     let replicas = Arc::new(fleet.replicas(3).await);
-    for r in replicas.iter() {
-        until_metric(r, "gateway_fleet_replicas", |v| v == 3.0).await;
-    }
+    clock
+        .advance_until(Duration::from_secs(3), "three replicas seen", async || {
+            all_at(&replicas, "gateway_fleet_replicas", 3.0).await
+        })
+        .await;
     redis.kill();
     for r in replicas.iter() {
-        r.balance("after-the-kill").await;
-        until_metric(r, "gateway_redis_up", |v| v == 0.0).await;
+        clock.run(r.balance("after-the-kill")).await;
     }
-    real_sleep(Duration::from_millis(1_100)).await;
+    clock
+        .advance_until(Duration::from_secs(5), "Redis seen down", async || {
+            all_at(&replicas, "gateway_redis_up", 0.0).await
+        })
+        .await;
+    clock.advance(Duration::from_millis(1_100)).await;
+    let three_seconds = Duration::from_secs(3);
     let (calls, statuses, took) =
-        cold_traffic(&fleet, &replicas, 12, Duration::from_secs(3), "ALONE").await;
+        cold_traffic(&clock, &fleet, &replicas, 12, three_seconds, "ALONE").await;
     assert!(
         statuses.iter().all(|s| *s == StatusCode::OK),
         "{statuses:?}"
@@ -2275,7 +2763,9 @@ async fn with_redis_killed_each_replica_keeps_its_share_of_the_limits() {
     let mut ok = 0;
     let start = Instant::now();
     for i in 0..30 {
-        let r = balance(replicas[i % 3].main, BILLING_KEY, "SAME").await;
+        let r = clock
+            .run(balance(replicas[i % 3].main, BILLING_KEY, "SAME"))
+            .await;
         if r.status == StatusCode::OK {
             ok += 1;
         } else {
@@ -2350,16 +2840,18 @@ async fn a_foreign_long_fill_lock_makes_nobody_wait() {
 
 /// Calls over the ceiling wait their turn in the order they came, across replicas: each is
 /// answered after the one sent before it.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[tokio::test(start_paused = true)]
 async fn over_the_ceiling_calls_wait_in_arrival_order() {
-    let redis = Redis::start(&[]);
+    let clock = Frozen::start();
+    let redis = Redis::frozen(&clock);
     let fleet = Fleet::new(
         vec![redis.url()],
         "upstream.fleet_max_rps = 4\nupstream.queue_timeout = \"10s\"",
     )
-    .await;
+    .await
+    .on(&clock);
     let replicas = Arc::new(fleet.warm_replicas(2).await);
-    real_sleep(Duration::from_millis(1_100)).await;
+    clock.advance(Duration::from_millis(1_100)).await;
     let start = Instant::now();
     let mut tasks = Vec::new();
     for i in 0..10 {
@@ -2369,11 +2861,11 @@ async fn over_the_ceiling_calls_wait_in_arrival_order() {
             (r.status, start.elapsed())
         }));
         // Sent one after another, each well after the one before reached Redis.
-        real_sleep(Duration::from_millis(30)).await;
+        clock.advance(Duration::from_millis(30)).await;
     }
     let mut answered = Vec::new();
-    for t in tasks {
-        let (status, at) = t.await.expect("request");
+    for t in clock.run(futures_util::future::join_all(tasks)).await {
+        let (status, at) = t.expect("request");
         assert_eq!(status, StatusCode::OK);
         answered.push(at);
     }

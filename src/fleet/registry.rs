@@ -24,7 +24,6 @@ use bill24::Bill24;
 use bill24::circuit::CircuitState;
 use redis::Script;
 use serde::{Deserialize, Serialize};
-use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 use tokio::task::JoinHandle;
 use tokio::time::MissedTickBehavior;
@@ -122,7 +121,7 @@ impl Presence {
         digest: Arc<ArcSwap<String>>,
         bill24: Arc<Bill24>,
     ) -> Self {
-        let now = OffsetDateTime::now_utc();
+        let now = clock::now_utc();
         // To the millisecond: finer says nothing about when a process started.
         let now = now.replace_millisecond(now.millisecond()).unwrap_or(now);
         Presence {

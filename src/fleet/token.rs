@@ -7,7 +7,6 @@ use std::time::Duration;
 use bill24::token::{SharedToken, TokenStore, Unavailable};
 use futures_util::future::BoxFuture;
 use redis::Script;
-use time::OffsetDateTime;
 use tokio::sync::watch;
 
 use super::fill::RELEASE;
@@ -76,7 +75,7 @@ impl TokenStore for TokenShare {
             // Kept until it expires (an hour at most when Bill24 gave no expiry).
             let left = token
                 .expires_at
-                .map(|at| at - OffsetDateTime::now_utc())
+                .map(|at| at - clock::now_utc())
                 .and_then(|d| Duration::try_from(d).ok())
                 .unwrap_or(Duration::from_secs(3600));
             set.arg("PX").arg(millis(left).max(1));

@@ -7,8 +7,6 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::time::Instant;
-
 use bill24_sim::{SimConfig, Simulator};
 
 use super::{BILLING_KEY, ORDERS_KEY, PATH, Reply, body_for, client, send};
@@ -81,13 +79,14 @@ impl Running {
         self.lines.lock().map(|l| l.clone()).unwrap_or_default()
     }
 
+    /// The first output line with `needle`, waited for in real time (tokio's clock may be
+    /// frozen); panics after 20 s.
     pub async fn wait_for_line(&self, needle: &str) -> String {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while Instant::now() < deadline {
+        for _ in 0..1_000 {
             if let Some(line) = self.output().into_iter().find(|l| l.contains(needle)) {
                 return line;
             }
-            tokio::time::sleep(Duration::from_millis(20)).await;
+            super::real_sleep(Duration::from_millis(20)).await;
         }
         panic!("no line with {needle:?} in:\n{}", self.output().join("\n"));
     }
@@ -118,17 +117,18 @@ impl Running {
         assert!(status.success());
     }
 
+    /// Waits in real time (tokio's clock may be frozen) for the process to exit.
     pub async fn wait_exit(&mut self, within: Duration) -> std::process::ExitStatus {
-        let deadline = Instant::now() + within;
-        loop {
+        let tick = Duration::from_millis(20);
+        for _ in 0..=within.as_millis() / tick.as_millis() {
             if let Some(status) = self.child.try_wait().expect("wait") {
                 // Let the reader threads drain the pipes.
-                tokio::time::sleep(Duration::from_millis(100)).await;
+                super::real_sleep(Duration::from_millis(100)).await;
                 return status;
             }
-            assert!(Instant::now() < deadline, "exited within {within:?}");
-            tokio::time::sleep(Duration::from_millis(20)).await;
+            super::real_sleep(tick).await;
         }
+        panic!("not exited within {within:?}");
     }
 }
 

@@ -772,7 +772,7 @@ async fn authorize(state: &State, recorded: Recorded) -> Result<SimResponse, std
     tokens.refresh.insert(refresh.clone());
     drop(tokens);
 
-    let expires = OffsetDateTime::now_utc() + lifetime;
+    let expires = clock::now_utc() + lifetime;
     let mut data = serde_json::json!({
         "issuer": "http://bill24-simulator",
         "token": access,

@@ -482,7 +482,7 @@ impl Inner {
         if stale.is_some_and(|s| s.expose() == token.token.expose()) {
             return false;
         }
-        let now = OffsetDateTime::now_utc();
+        let now = clock::now_utc();
         match token.expires_at {
             None => true,
             Some(expires) => {
@@ -496,7 +496,7 @@ impl Inner {
     /// A token another replica obtained, on this replica's clock.
     fn adopt(&self, shared: SharedToken) -> Arc<AccessToken> {
         let now = Instant::now();
-        let now_wall = OffsetDateTime::now_utc();
+        let now_wall = clock::now_utc();
         let left = |at: OffsetDateTime| Duration::try_from(at - now_wall).unwrap_or_default();
         let refresh_at = shared.expires_at.map(|expires| {
             let lifetime = Duration::try_from(expires - shared.issued_at).unwrap_or_default();
@@ -608,7 +608,7 @@ impl Inner {
         let now = Instant::now();
         let lifetime = match issued.expires_at {
             Some(at) => {
-                let left = at - OffsetDateTime::now_utc();
+                let left = at - clock::now_utc();
                 if left.is_positive() {
                     Duration::try_from(left).ok()
                 } else {
@@ -628,7 +628,7 @@ impl Inner {
                 None
             }
         };
-        let now_wall = OffsetDateTime::now_utc();
+        let now_wall = clock::now_utc();
         Arc::new(AccessToken {
             authorization: bearer(&issued.token),
             refresh_token: issued.refresh_token,
