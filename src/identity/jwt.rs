@@ -451,10 +451,7 @@ fn header_of(token: &str) -> Result<RawHeader, JwtFailure> {
 }
 
 fn now_secs() -> f64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs_f64())
-        .unwrap_or(0.0)
+    clock::now_utc().unix_timestamp_nanos() as f64 / 1e9
 }
 
 /// A URL as logged: without user info or query.
