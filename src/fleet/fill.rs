@@ -84,6 +84,17 @@ struct Look {
     clock: RedisClock,
 }
 
+/// One fill of one key: what its steps share.
+struct KeyFill<'a> {
+    code: &'a str,
+    hex: &'a str,
+    epoch: u64,
+    /// Redis's clock as the first look read it.
+    clock: RedisClock,
+    /// This fill's lock value (random).
+    value: String,
+}
+
 /// Whether the holder stored an answer or not.
 enum Finish {
     Store { sealed: Vec<u8>, expires_at_ms: u64 },
@@ -133,9 +144,8 @@ impl Fleet {
             return alone(call).await;
         };
         let hex = hex_code(code);
-        let mut look = match self.look(code, &hex, epoch).await {
-            Ok(look) => look,
-            Err(_) => return alone(call).await,
+        let Ok(mut look) = self.look(code, &hex, epoch).await else {
+            return alone(call).await;
         };
         if let Some(theirs) = look.other_epoch
             && let Some(now) = self.read_epoch().await
@@ -143,10 +153,10 @@ impl Fleet {
         {
             // A purge this replica had not heard of yet: the entry is of the epoch in force.
             epoch = now;
-            look = match self.look(code, &hex, epoch).await {
-                Ok(look) => look,
-                Err(_) => return alone(call).await,
+            let Ok(again) = self.look(code, &hex, epoch).await else {
+                return alone(call).await;
             };
+            look = again;
         }
         if policy.cached_ok
             && let Some(answer) = &look.answer
@@ -168,43 +178,49 @@ impl Fleet {
                 Joined::Joined(flight) | Joined::Started(flight) => flight,
                 Joined::Declined(()) => return alone(call).await,
             };
-        let value = hex::encode(rand::random::<[u8; 16]>());
+        let fill = KeyFill {
+            code,
+            hex: &hex,
+            epoch,
+            clock: look.clock,
+            value: hex::encode(rand::random::<[u8; 16]>()),
+        };
         let lock_key = self.keys.fill(&hex);
-        let lease = millis(self.lease);
         let locked: Result<Option<String>, _> = self
             .link
             .call("lock", |c| {
                 c.query(
                     redis::cmd("SET")
                         .arg(&lock_key)
-                        .arg(&value)
+                        .arg(&fill.value)
                         .arg("NX")
                         .arg("PX")
-                        .arg(lease)
+                        .arg(millis(self.lease))
                         .clone(),
                 )
             })
             .await;
+        if !matches!(locked, Ok(None)) {
+            self.waits.remove_if_unshared(&hex, &flight);
+        }
         match locked {
             Ok(Some(_)) => {
-                self.waits.remove_if_unshared(&hex, &flight);
                 // Another replica may have stored its answer and released the lock between
                 // the look and the lock.
                 if policy.cached_ok
-                    && let Ok(again) = self.look(code, &hex, epoch).await
-                    && let Some(answer) = again.answer
-                    && policy.serves(&answer)
+                    && let Some(answer) = self.look_for(&fill, policy).await
                 {
-                    drop(self.finish(code, &hex, value, Finish::Release, false));
+                    drop(self.finish(&fill, Finish::Release, false));
                     return Filled::Found(answer);
                 }
-                let called = self.hold(&lock_key, &value, call(stale)).await;
-                let finish = self.to_finish(code, &hex, epoch, &look.clock, called.share);
-                let _ = self.finish(code, &hex, value, finish, true).await;
+                let called = self.hold(&lock_key, &fill.value, call(stale)).await;
+                let _ = self
+                    .finish(&fill, self.to_finish(&fill, called.share), true)
+                    .await;
                 Filled::Called(called.result)
             }
             Ok(None) => {
-                let (outcome, answer) = self.wait(code, &hex, epoch, &flight, &look).await;
+                let (outcome, answer) = self.wait(&fill, &flight, &look).await;
                 self.waits.remove_if_unshared(&hex, &flight);
                 drop(flight);
                 self.metrics().fleet_fill_wait(outcome.label());
@@ -212,9 +228,7 @@ impl Fleet {
                     return Filled::Joined(answer);
                 }
                 if outcome == WaitOutcome::Filled
-                    && let Ok(after) = self.look(code, &hex, epoch).await
-                    && let Some(answer) = after.answer
-                    && policy.serves(&answer)
+                    && let Some(answer) = self.look_for(&fill, policy).await
                 {
                     return Filled::Joined(answer);
                 }
@@ -225,27 +239,28 @@ impl Fleet {
                     && let Finish::Store {
                         sealed,
                         expires_at_ms,
-                    } = self.to_finish(code, &hex, epoch, &look.clock, called.share)
+                    } = self.to_finish(&fill, called.share)
                 {
                     self.store_unlocked(&hex, sealed, expires_at_ms);
                 }
                 Filled::Called(called.result)
             }
-            Err(CallError::Skipped) => {
-                self.waits.remove_if_unshared(&hex, &flight);
-                alone(call).await
-            }
+            Err(CallError::Skipped) => alone(call).await,
             Err(CallError::Failed) => {
                 // The lock may still be set when Redis carries out the command late: stored
                 // and released (if it is this fill's) as soon as Redis answers again.
-                self.waits.remove_if_unshared(&hex, &flight);
                 drop(flight);
                 let called = call(stale).await;
-                let finish = self.to_finish(code, &hex, epoch, &look.clock, called.share);
-                drop(self.finish(code, &hex, value, finish, false));
+                drop(self.finish(&fill, self.to_finish(&fill, called.share), false));
                 Filled::Called(called.result)
             }
         }
+    }
+
+    /// Looks again; the entry found, when `policy` may serve it.
+    async fn look_for(&self, fill: &KeyFill<'_>, policy: FillPolicy) -> Option<SharedAnswer> {
+        let look = self.look(fill.code, fill.hex, fill.epoch).await.ok()?;
+        look.answer.filter(|answer| policy.serves(answer))
     }
 
     /// One look at the customer's keys.
@@ -300,9 +315,7 @@ impl Fleet {
     /// down, or the bound. The answer, when a look on the way found one.
     async fn wait(
         &self,
-        code: &str,
-        hex: &str,
-        epoch: u64,
+        fill: &KeyFill<'_>,
         flight: &Flight<WaitOutcome>,
         first: &Look,
     ) -> (WaitOutcome, Option<SharedAnswer>) {
@@ -325,7 +338,7 @@ impl Fleet {
             if Instant::now() >= bound {
                 return (WaitOutcome::TimedOut, None);
             }
-            match self.look(code, hex, epoch).await {
+            match self.look(fill.code, fill.hex, fill.epoch).await {
                 Ok(look) if look.answer.as_ref().is_some_and(|a| a.is_fresh()) => {
                     // Stored, and its message lost or still on its way.
                     return (WaitOutcome::Filled, look.answer);
@@ -370,18 +383,11 @@ impl Fleet {
     }
 
     /// What the holder leaves in the tier for an answer (or for none).
-    fn to_finish(
-        &self,
-        code: &str,
-        hex: &str,
-        epoch: u64,
-        clock: &RedisClock,
-        share: Option<SharedAnswer>,
-    ) -> Finish {
+    fn to_finish(&self, fill: &KeyFill<'_>, share: Option<SharedAnswer>) -> Finish {
         let Some(answer) = share else {
             return Finish::Release;
         };
-        let now = clock.now_ms();
+        let now = fill.clock.now_ms();
         let lifetime = answer.fresh_for + answer.stale_for;
         let left = millis(lifetime.saturating_sub(answer.age));
         if left == 0 {
@@ -391,12 +397,17 @@ impl Fleet {
             stored_at_ms: now.saturating_sub(millis(answer.age)),
             fresh_for_ms: millis(answer.fresh_for),
             stale_for_ms: millis(answer.stale_for),
-            epoch,
+            epoch: fill.epoch,
             bill24_code: answer.bill24_code,
             content_type: Bytes::copy_from_slice(answer.content_type.as_bytes()),
             body: answer.body,
         };
-        let sealed = seal::seal_entry(&self.secrets, &self.keys.entry(hex), code, &stored);
+        let sealed = seal::seal_entry(
+            &self.secrets,
+            &self.keys.entry(fill.hex),
+            fill.code,
+            &stored,
+        );
         Finish::Store {
             sealed,
             expires_at_ms: now.saturating_add(left),
@@ -412,9 +423,7 @@ impl Fleet {
     /// answer anywhere in the fleet finds the entry.
     fn finish(
         &self,
-        _code: &str,
-        hex: &str,
-        value: String,
+        fill: &KeyFill<'_>,
         finish: Finish,
         held: bool,
     ) -> tokio::sync::oneshot::Receiver<()> {
@@ -422,7 +431,8 @@ impl Fleet {
         let Some(fleet) = self.me.upgrade() else {
             return stored;
         };
-        let hex = hex.to_owned();
+        let hex = fill.hex.to_owned();
+        let value = fill.value.clone();
         tokio::spawn(async move {
             let entry_key = fleet.keys.entry(&hex);
             let lock_key = fleet.keys.fill(&hex);
