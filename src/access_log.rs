@@ -222,7 +222,8 @@ impl Drop for Record {
         }
         let sampled = if status == 401 {
             match self.unauthorized.admit() {
-                Some(skipped) => Some(skipped),
+                // `null` when none was left out since the line before, as on other lines.
+                Some(skipped) => (skipped > 0).then_some(skipped),
                 None => return,
             }
         } else {

@@ -493,6 +493,13 @@ pub enum ConfigError {
     },
     #[error("invalid config key `{key}`: {message}")]
     Invalid { key: String, message: String },
+    /// Not about one key: the file does not parse (a TOML syntax error), or its top level is
+    /// not a table.
+    #[error("not valid TOML{source_note}: {message}")]
+    Malformed {
+        message: String,
+        source_note: String,
+    },
 }
 
 impl ConfigError {
@@ -518,12 +525,28 @@ impl ConfigError {
                 expected: expected.join(", "),
                 source_note,
             },
-            kind => ConfigError::invalid(
-                if key.is_empty() { "<root>".into() } else { key },
-                format!("{kind}{source_note}"),
-            ),
+            kind if key.is_empty() => ConfigError::Malformed {
+                message: one_line(&kind.to_string()),
+                source_note,
+            },
+            kind => ConfigError::invalid(key, format!("{kind}{source_note}")),
         }
     }
+}
+
+/// A parser's message on one line: its text lines joined, the source excerpt it draws (lines
+/// of `|` and `N |`) left out.
+fn one_line(message: &str) -> String {
+    let excerpt = |line: &str| {
+        let t = line.trim_start_matches(|c: char| c.is_ascii_digit() || c == ' ');
+        t.starts_with('|')
+    };
+    message
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !excerpt(l))
+        .collect::<Vec<_>>()
+        .join(": ")
 }
 
 // ---------------------------------------------------------------------------------------------

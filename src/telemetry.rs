@@ -82,6 +82,8 @@ pub fn init(cfg: &LogConfig) -> Result<LogHandle, String> {
     let text = (cfg.format == LogFormat::Text).then(|| {
         tracing_subscriber::fmt::layer()
             .with_target(true)
+            // Colours for a person at a terminal; none in a file or a log pipeline.
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
             .with_writer(std::io::stdout)
     });
     Registry::default()
@@ -129,7 +131,20 @@ where
         }
         line.buf.push(b'}');
         // serde_json only ever writes UTF-8.
-        writer.write_str(std::str::from_utf8(&line.buf).map_err(|_| fmt::Error)?)?;
+        let mut rest = std::str::from_utf8(&line.buf).map_err(|_| fmt::Error)?;
+        // U+2028 and U+2029 are valid in JSON strings but end a line for JavaScript and some
+        // log shippers: escaped (they occur only inside strings here).
+        while let Some(at) = rest.find(['\u{2028}', '\u{2029}']) {
+            writer.write_str(&rest[..at])?;
+            let separator = &rest[at..at + 3];
+            writer.write_str(if separator == "\u{2028}" {
+                "\\u2028"
+            } else {
+                "\\u2029"
+            })?;
+            rest = &rest[at + 3..];
+        }
+        writer.write_str(rest)?;
         writer.write_char('\n')
     }
 }
@@ -239,6 +254,13 @@ mod tests {
     }
 
     fn capture(f: impl FnOnce()) -> Vec<serde_json::Value> {
+        capture_text(f)
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("each line is JSON"))
+            .collect()
+    }
+
+    fn capture_text(f: impl FnOnce()) -> String {
         let out = Capture::default();
         let subscriber = Registry::default().with(
             tracing_subscriber::fmt::layer()
@@ -247,11 +269,19 @@ mod tests {
         );
         tracing::subscriber::with_default(subscriber, f);
         let bytes = out.0.lock().map(|b| b.clone()).unwrap_or_default();
-        String::from_utf8(bytes)
-            .expect("utf-8")
-            .lines()
-            .map(|l| serde_json::from_str(l).expect("each line is JSON"))
-            .collect()
+        String::from_utf8(bytes).expect("utf-8")
+    }
+
+    #[test]
+    fn line_and_paragraph_separators_are_escaped() {
+        let odd = "a\u{2028}b\u{2029}c \u{2028}\u{2028}";
+        let text = capture_text(|| tracing::warn!(value = odd, "x\u{2029}y"));
+        assert!(!text.contains(['\u{2028}', '\u{2029}']), "{text:?}");
+        assert_eq!(text.lines().count(), 1);
+        assert!(text.contains(r"a\u2028b\u2029c \u2028\u2028"), "{text}");
+        let line: serde_json::Value = serde_json::from_str(&text).expect("JSON");
+        assert_eq!(line["value"], odd);
+        assert_eq!(line["message"], "x\u{2029}y");
     }
 
     #[test]

@@ -157,6 +157,32 @@ fn check_config_errors_name_the_key() {
     assert_one_line_failure(&out, "cache.ttl");
 }
 
+/// A file that is not TOML at all is said to be so, with where, on one line; not as a key.
+#[test]
+fn a_toml_syntax_error_says_where() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    for toml in [
+        "[cache\nttl = \"3s\"\n",
+        "[cache]\nttl = = 3\n",
+        "ttl \"3s\"\n",
+    ] {
+        std::fs::write(dir.path().join("bad.toml"), toml).expect("write");
+        for args in [
+            &["--check-config", "--config", "bad.toml"][..],
+            &["--config", "bad.toml"],
+        ] {
+            let out = run(args, &[], dir.path());
+            assert_one_line_failure(&out, "not valid TOML");
+            let err = stderr_of(&out);
+            assert!(err.contains("bad.toml") && err.contains("line "), "{err}");
+            assert!(
+                !err.contains("<root>") && !err.contains("config key"),
+                "{err}"
+            );
+        }
+    }
+}
+
 #[test]
 fn missing_config_file_and_unreadable_secret_file_fail_clearly() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -428,16 +454,15 @@ async fn grace_running_out_still_exits_zero_and_counts_cut_requests() {
     assert_eq!(json["requests_cut"], 1);
 }
 
-/// `--demo` runs with no config: the printed curl answers MISS then HIT.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn demo_answers_miss_then_hit() {
-    let dir = tempfile::tempdir().expect("tempdir");
+/// The demo started with `envs`, its output read as it comes; and the URL its curl line names.
+async fn start_demo(dir: &Path, envs: &[(&str, &str)]) -> (Running, String) {
     let mut child = Command::new(BIN)
         .arg("--demo")
-        .current_dir(dir.path())
+        .current_dir(dir)
         .env_remove("RUST_LOG")
         .env("GATEWAY_SERVER__LISTEN", "127.0.0.1:0")
         .env("GATEWAY_SERVER__ADMIN_LISTEN", "127.0.0.1:0")
+        .envs(envs.iter().copied())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -454,18 +479,23 @@ async fn demo_answers_miss_then_hit() {
             }
         });
     }
-    let mut running = Running {
-        child,
-        lines: lines.clone(),
-    };
+    let running = Running { child, lines };
     let curl = running.wait_for_line("curl -i -X POST").await;
+    assert!(curl.contains(bill24_gateway::demo::DEMO_CALLER_KEY));
     let url = curl
         .split_whitespace()
         .find(|w| w.starts_with("http://"))
         .expect("url in the curl")
         .to_string();
+    (running, url)
+}
+
+/// `--demo` runs with no config: the printed curl answers MISS then HIT.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn demo_answers_miss_then_hit() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (mut running, url) = start_demo(dir.path(), &[]).await;
     let key = bill24_gateway::demo::DEMO_CALLER_KEY;
-    assert!(curl.contains(key));
     let ask = || {
         http::Request::post(url.as_str())
             .header("authorization", format!("Bearer {key}"))
@@ -480,6 +510,33 @@ async fn demo_answers_miss_then_hit() {
     assert_eq!(second.x_cache(), "HIT");
     running.signal("TERM");
     assert!(running.wait_exit(Duration::from_secs(10)).await.success());
+}
+
+/// `log.format = "text"` written to a pipe (not a terminal) carries no ANSI colour codes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn text_logs_to_a_pipe_have_no_colour_codes() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (mut running, url) = start_demo(dir.path(), &[("GATEWAY_LOG__FORMAT", "text")]).await;
+    let reply = send(
+        &client(),
+        http::Request::post(url.as_str())
+            .header("authorization", "Bearer not-the-key")
+            .body(body_for(bill24_gateway::demo::DEMO_CUSTOMER).into())
+            .expect("request"),
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::UNAUTHORIZED);
+    let id = reply.header("x-request-id").expect("id").to_string();
+    let line = running.wait_for_line(&id).await;
+    assert!(
+        line.contains("INFO") && line.contains("status=401"),
+        "{line}"
+    );
+    running.signal("TERM");
+    assert!(running.wait_exit(Duration::from_secs(10)).await.success());
+    let lines = running.lines.lock().map(|l| l.clone()).unwrap_or_default();
+    let coloured: Vec<_> = lines.iter().filter(|l| l.contains('\u{1b}')).collect();
+    assert!(coloured.is_empty(), "{coloured:?}");
 }
 
 /// SIGHUP re-reads the config: callers (key rotation included), cache durations and the log
