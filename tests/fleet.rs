@@ -1825,6 +1825,53 @@ async fn no_refresh_token_is_presented_twice_while_redis_is_down() {
     );
 }
 
+/// A storm of `purge-all` messages on the fleet's channel (anyone who may publish there can
+/// send them) costs one epoch read per 20 ms at most, not one a message; a real `DELETE /cache`
+/// in the storm still reaches the other replica at once.
+#[tokio::test(start_paused = true)]
+async fn a_storm_of_purge_messages_costs_few_epoch_reads() {
+    let clock = Frozen::start();
+    let redis = Redis::frozen(&clock);
+    let fleet = Fleet::new(vec![redis.url()], "").await.on(&clock);
+    let (a, b) = (fleet.replica().await, fleet.replica().await);
+    a.balance("STORM").await;
+    assert_eq!(b.balance("STORM").await.x_cache(), "HIT");
+    let reads = r#"gateway_redis_requests_total{op="epoch",result="ok"}"#;
+    let before = b.metric(reads).await;
+    let mut conn = redis::Client::open(redis.url())
+        .expect("client")
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connect");
+    let channel = format!("bill24gw:{}:events", bill24_sim::DEMO_CLIENT_ID);
+    let mut storm = redis::pipe();
+    for _ in 0..20_000 {
+        storm.cmd("PUBLISH").arg(&channel).arg("purge-all").ignore();
+    }
+    clock
+        .run(storm.query_async::<()>(&mut conn))
+        .await
+        .expect("published");
+    clock.advance(Duration::from_millis(500)).await;
+    let storm_reads = b.metric(reads).await - before;
+    assert!(
+        storm_reads <= 500.0 / 20.0 + 2.0,
+        "{storm_reads} epoch reads in 500 ms of 20 000 messages"
+    );
+    assert!(storm_reads >= 1.0, "the messages were heard");
+    assert_eq!(b.balance("STORM").await.x_cache(), "HIT", "nothing purged");
+    clock
+        .run(storm.query_async::<()>(&mut conn))
+        .await
+        .expect("published");
+    assert_eq!(
+        delete(a.admin, "/cache").await.status,
+        StatusCode::NO_CONTENT
+    );
+    clock.advance(Duration::from_millis(50)).await;
+    assert_eq!(b.balance("STORM").await.x_cache(), "MISS", "the real purge");
+}
+
 /// `DELETE /cache` is honoured by a replica started after it (it reads the epoch before it
 /// uses an entry) and after Redis restarts empty (the epoch is a value Redis holds, not a
 /// count that starts again at 1).

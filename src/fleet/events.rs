@@ -4,7 +4,8 @@
 //!
 //! The epoch is a random value in Redis (`P:C:epoch`, absent = 0); an entry serves only when
 //! it was stored under the epoch in force. A `purge-all` message only says "look again": each
-//! replica re-reads the epoch from Redis (one read however many messages came meanwhile), so
+//! replica re-reads the epoch from Redis (one read per 20 ms at most, however many messages
+//! came meanwhile), so
 //! neither a forged message nor a Redis that restarted empty can set it to something Redis
 //! does not hold.
 
@@ -26,6 +27,10 @@ use crate::tier::{Invalidation, WaitOutcome};
 const UNKNOWN: u64 = u64::MAX;
 /// How often the epoch is read even without a message (a missed one costs at most this).
 const EPOCH_RECHECK: Duration = Duration::from_secs(1);
+/// The least time between two reads of the epoch: a storm of `purge-all` messages (anyone
+/// who may publish on the channel can send them) costs one read per gap, not one per message;
+/// a purge is seen at most this much later than otherwise.
+const EPOCH_READ_GAP: Duration = Duration::from_millis(20);
 
 /// Waits for other replicas' fills, by hex code: a message finishes (and removes) the key's
 /// flight, so a wait registered before the lock was looked at cannot miss it.
@@ -185,8 +190,8 @@ fn news_seq(news: &CircuitNews) -> u64 {
     }
 }
 
-/// Reads the epoch again after `purge-all` messages (however many came, one read at a time)
-/// and every [`EPOCH_RECHECK`].
+/// Reads the epoch again after `purge-all` messages (however many came, one read per
+/// [`EPOCH_READ_GAP`] at most) and every [`EPOCH_RECHECK`].
 pub(super) async fn watch_epoch(fleet: Arc<Fleet>) {
     loop {
         tokio::select! {
@@ -196,6 +201,7 @@ pub(super) async fn watch_epoch(fleet: Arc<Fleet>) {
         if fleet.link.is_up() {
             fleet.read_epoch().await;
         }
+        tokio::time::sleep(EPOCH_READ_GAP).await;
     }
 }
 
