@@ -1,6 +1,7 @@
 //! Micro-benchmarks of the cache-hit path, piece by piece, and of the whole tower stack in
 //! process (no sockets): caller-key check, body parse and validation, cache lookup, response
-//! build, request metrics, and one full hit. `cargo bench --bench hit_path`.
+//! build, request metrics, and one full hit; and what the shared tier does to an entry (seal
+//! and open) beside an HMAC of the same bytes. `cargo bench --bench hit_path`.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -14,7 +15,7 @@ use bill24_gateway::hash_key;
 use bill24_gateway::internals::{
     AccessSample, BalanceCache, Balances, CacheDirectives, CacheStatus, CallerKeys, Entry,
     Identity, InFlight, Metrics, StackParts, bearer_key, build_stack, cached_response,
-    is_json_content_type, parse_body,
+    is_json_content_type, parse_body, seal,
 };
 use bytes::Bytes;
 use criterion::{Criterion, criterion_group, criterion_main};
@@ -148,9 +149,41 @@ fn full_hit(c: &mut Criterion) {
     );
 }
 
+/// An entry as the fleet stores it in Redis: sealed (encrypted and authenticated) on a fill,
+/// opened on an L1 miss that Redis answers. Beside it, an HMAC-SHA256 over the same bytes
+/// (the work of authenticating it without encrypting it), as a baseline.
+fn fleet_entry(c: &mut Criterion) {
+    let keys = seal::Keys::derive(
+        &bill24::Secret::new("merchant-token"),
+        "client-id",
+        &bill24::Secret::new("client-secret"),
+    );
+    let stored = seal::StoredEntry {
+        stored_at_ms: 1_764_000_000_000,
+        fresh_for_ms: 4_000,
+        stale_for_ms: 0,
+        epoch: 7,
+        bill24_code: smol_str::SmolStr::new_static("000"),
+        content_type: Bytes::from_static(b"application/json; charset=utf-8"),
+        body: Bytes::from_static(BODY),
+    };
+    let key = "bill24gw:client-id:{42454e43483132}:entry";
+    let sealed = seal::seal_entry(&keys, key, "BENCH12", &stored);
+    c.bench_function("fleet entry: seal (XChaCha20-Poly1305)", |b| {
+        b.iter(|| seal::seal_entry(&keys, key, "BENCH12", &stored))
+    });
+    c.bench_function("fleet entry: open (XChaCha20-Poly1305)", |b| {
+        b.iter(|| seal::open_entry(&keys, key, "BENCH12", &sealed).is_ok())
+    });
+    let mac = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, b"an entry authentication key");
+    c.bench_function("fleet entry: baseline HMAC-SHA256 of the same bytes", |b| {
+        b.iter(|| ring::hmac::sign(&mac, &sealed))
+    });
+}
+
 criterion_group! {
     name = benches;
     config = Criterion::default().measurement_time(Duration::from_secs(3)).warm_up_time(Duration::from_secs(1));
-    targets = pieces, full_hit
+    targets = pieces, full_hit, fleet_entry
 }
 criterion_main!(benches);

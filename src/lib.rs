@@ -112,6 +112,10 @@ pub mod internals {
     };
     pub use crate::balance::service::{Balances, cached_response};
     pub use crate::correlation::context::{RequestId, TraceContext};
+    /// What the shared tier stores (for the benchmarks).
+    pub mod seal {
+        pub use crate::fleet::seal::{Keys, StoredEntry, open_entry, seal_entry};
+    }
     pub use crate::identity::Identity;
     pub use crate::metrics::Metrics;
     pub use crate::stack::{StackParts, build as build_stack};

@@ -1,20 +1,19 @@
 //! What the shared tier stores, sealed with keys only the merchant's replicas can derive (HKDF
-//! from the merchant credentials every replica already has): a cached answer is authenticated
-//! (HMAC-SHA256 over the answer, its Redis key name and its customer, so a genuine entry moved
-//! onto another customer's key does not verify), and the access token is encrypted
-//! (XChaCha20-Poly1305, a random nonce per write, the key name as associated data). Someone who
-//! can read or write Redis but lacks the credentials can neither use the token nor plant a
-//! balance. Pure functions; nothing here does I/O.
+//! from the merchant credentials every replica already has): cached answers and the access
+//! token are encrypted and authenticated (XChaCha20-Poly1305, a random nonce per write), each
+//! with a key of its own. An entry's associated data is its Redis key name and its customer, so
+//! a genuine entry moved onto another customer's key does not open; the token's is its key
+//! name. Someone who can read or write Redis but lacks the credentials can neither read a
+//! balance (nor the wallet owner's name), nor use the token, nor plant either. Pure functions;
+//! nothing here does I/O.
 
 use bytes::Bytes;
 use chacha20poly1305::aead::{Aead, KeyInit, Payload};
 use chacha20poly1305::{XChaCha20Poly1305, XNonce};
 use hkdf::Hkdf;
-use hmac::{Hmac, Mac};
 use serde::{Deserialize, Serialize};
 use sha2::Sha256;
 use smol_str::SmolStr;
-use subtle::ConstantTimeEq;
 use time::OffsetDateTime;
 
 use bill24::Secret;
@@ -22,16 +21,16 @@ use bill24::token::SharedToken;
 
 const ENTRY_MAGIC: &[u8; 4] = b"B24E";
 /// 2: the epoch is a value compared for equality, the age read from Redis's clock.
-const ENTRY_VERSION: u8 = 2;
+/// 3: encrypted (XChaCha20-Poly1305) instead of only authenticated (HMAC-SHA256).
+const ENTRY_VERSION: u8 = 3;
 const TOKEN_VERSION: u8 = 1;
-const MAC_LEN: usize = 32;
 const NONCE_LEN: usize = 24;
 
 /// The replicas' keys, derived from the merchant credentials.
 #[derive(Clone)]
-pub(crate) struct Keys {
-    mac: [u8; 32],
-    aead: [u8; 32],
+pub struct Keys {
+    entry: [u8; 32],
+    token: [u8; 32],
 }
 
 impl std::fmt::Debug for Keys {
@@ -41,9 +40,9 @@ impl std::fmt::Debug for Keys {
 }
 
 impl Keys {
-    /// HKDF-SHA256 over the merchant token, client id and client secret; one key to
-    /// authenticate entries, another to encrypt the token.
-    pub(crate) fn derive(merchant_token: &Secret, client_id: &str, client_secret: &Secret) -> Self {
+    /// HKDF-SHA256 over the merchant token, client id and client secret; one key for entries,
+    /// another for the token.
+    pub fn derive(merchant_token: &Secret, client_id: &str, client_secret: &Secret) -> Self {
         let mut ikm = Vec::new();
         for part in [merchant_token.expose(), client_id, client_secret.expose()] {
             ikm.extend_from_slice(&(part.len() as u64).to_be_bytes());
@@ -51,12 +50,12 @@ impl Keys {
         }
         let hkdf = Hkdf::<Sha256>::new(Some(b"bill24-gateway fleet v1"), &ikm);
         let mut keys = Keys {
-            mac: [0; 32],
-            aead: [0; 32],
+            entry: [0; 32],
+            token: [0; 32],
         };
         // 32 bytes is a valid length for HKDF-SHA256: these cannot fail.
-        let _ = hkdf.expand(b"entry authentication", &mut keys.mac);
-        let _ = hkdf.expand(b"token encryption", &mut keys.aead);
+        let _ = hkdf.expand(b"entry encryption", &mut keys.entry);
+        let _ = hkdf.expand(b"token encryption", &mut keys.token);
         keys
     }
 }
@@ -65,14 +64,14 @@ impl Keys {
 /// with other credentials, or moved from another key).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[error("a value in the shared tier was refused (undecodable or not authentic)")]
-pub(crate) struct Rejected;
+pub struct Rejected;
 
 /// A cached Bill24 answer as the fleet stores it. Its age is read from Redis's own clock (the
 /// key's remaining PTTL against its lifetime), the same on every replica whatever their
 /// clocks say; the writer's wall-clock time is kept only to refuse an entry whose expiry was
 /// pushed back in Redis (see `fleet::MAX_SKEW`).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct StoredEntry {
+pub struct StoredEntry {
     /// When it was stored, by the writer's wall clock (Unix milliseconds).
     pub stored_at_ms: u64,
     pub fresh_for_ms: u64,
@@ -85,54 +84,74 @@ pub(crate) struct StoredEntry {
     pub body: Bytes,
 }
 
-type HmacSha256 = Hmac<Sha256>;
-
-fn entry_mac(keys: &Keys, key_name: &str, customer: &str, sealed: &[u8]) -> [u8; MAC_LEN] {
-    // Every key length is valid for HMAC.
-    let mut mac = <HmacSha256 as KeyInit>::new_from_slice(&keys.mac)
-        .unwrap_or_else(|_| <HmacSha256 as KeyInit>::new(&Default::default()));
+/// An entry's associated data: the format, its key name and its customer.
+fn entry_aad(key_name: &str, customer: &str) -> Vec<u8> {
+    let mut aad = Vec::with_capacity(5 + 16 + key_name.len() + customer.len());
+    aad.extend_from_slice(ENTRY_MAGIC);
+    aad.push(ENTRY_VERSION);
     for part in [key_name.as_bytes(), customer.as_bytes()] {
-        mac.update(&(part.len() as u64).to_be_bytes());
-        mac.update(part);
+        aad.extend_from_slice(&(part.len() as u64).to_be_bytes());
+        aad.extend_from_slice(part);
     }
-    mac.update(sealed);
-    mac.finalize().into_bytes().into()
+    aad
 }
 
-/// The entry's bytes, authenticated for `key_name` and `customer`.
-pub(crate) fn seal_entry(
-    keys: &Keys,
-    key_name: &str,
-    customer: &str,
-    entry: &StoredEntry,
-) -> Vec<u8> {
+/// `prefix`, a random nonce and `msg` encrypted under `key` with `aad`.
+fn encrypt(key: &[u8; 32], prefix: &[u8], msg: &[u8], aad: &[u8]) -> Vec<u8> {
+    let nonce_bytes: [u8; NONCE_LEN] = rand::random();
+    let cipher = XChaCha20Poly1305::new(key.into());
+    // XChaCha20-Poly1305 refuses only messages over 256 GiB.
+    let Ok(ciphertext) = cipher.encrypt(&XNonce::from(nonce_bytes), Payload { msg, aad }) else {
+        return Vec::new();
+    };
+    let mut out = Vec::with_capacity(prefix.len() + NONCE_LEN + ciphertext.len());
+    out.extend_from_slice(prefix);
+    out.extend_from_slice(&nonce_bytes);
+    out.extend_from_slice(&ciphertext);
+    out
+}
+
+/// The plaintext of `bytes` (after `prefix`, which it must start with), if it authenticates.
+fn decrypt(key: &[u8; 32], prefix: &[u8], bytes: &[u8], aad: &[u8]) -> Result<Vec<u8>, Rejected> {
+    let mut r = Reader(bytes);
+    if r.take(prefix.len())? != prefix {
+        return Err(Rejected);
+    }
+    let mut nonce_bytes = [0u8; NONCE_LEN];
+    nonce_bytes.copy_from_slice(r.take(NONCE_LEN)?);
+    let cipher = XChaCha20Poly1305::new(key.into());
+    cipher
+        .decrypt(&XNonce::from(nonce_bytes), Payload { msg: r.0, aad })
+        .map_err(|_| Rejected)
+}
+
+/// The entry's bytes, encrypted for `key_name` and `customer`.
+pub fn seal_entry(keys: &Keys, key_name: &str, customer: &str, entry: &StoredEntry) -> Vec<u8> {
     let code = entry.bill24_code.as_bytes();
-    let mut out = Vec::with_capacity(
-        4 + 1 + 32 + 1 + code.len() + 2 + entry.content_type.len() + 4 + entry.body.len() + 32,
+    let mut plain = Vec::with_capacity(
+        32 + 1 + code.len() + 2 + entry.content_type.len() + 4 + entry.body.len(),
     );
-    out.extend_from_slice(ENTRY_MAGIC);
-    out.push(ENTRY_VERSION);
     for n in [
         entry.stored_at_ms,
         entry.fresh_for_ms,
         entry.stale_for_ms,
         entry.epoch,
     ] {
-        out.extend_from_slice(&n.to_be_bytes());
+        plain.extend_from_slice(&n.to_be_bytes());
     }
     // Body codes are short and Content-Types small; longer ones are cut, and the entry does
-    // not verify (never written that way by this code).
-    out.push(code.len().min(255) as u8);
-    out.extend_from_slice(&code[..code.len().min(255)]);
+    // not open (never written that way by this code).
+    plain.push(code.len().min(255) as u8);
+    plain.extend_from_slice(&code[..code.len().min(255)]);
     let ct = &entry.content_type[..entry.content_type.len().min(u16::MAX as usize)];
-    out.extend_from_slice(&(ct.len() as u16).to_be_bytes());
-    out.extend_from_slice(ct);
+    plain.extend_from_slice(&(ct.len() as u16).to_be_bytes());
+    plain.extend_from_slice(ct);
     let body = &entry.body[..entry.body.len().min(u32::MAX as usize)];
-    out.extend_from_slice(&(body.len() as u32).to_be_bytes());
-    out.extend_from_slice(body);
-    let mac = entry_mac(keys, key_name, customer, &out);
-    out.extend_from_slice(&mac);
-    out
+    plain.extend_from_slice(&(body.len() as u32).to_be_bytes());
+    plain.extend_from_slice(body);
+    let mut prefix = ENTRY_MAGIC.to_vec();
+    prefix.push(ENTRY_VERSION);
+    encrypt(&keys.entry, &prefix, &plain, &entry_aad(key_name, customer))
 }
 
 /// Reads bytes in order, refusing anything short.
@@ -156,24 +175,16 @@ impl<'a> Reader<'a> {
 }
 
 /// The entry stored under `key_name` for `customer`, if it is authentic.
-pub(crate) fn open_entry(
+pub fn open_entry(
     keys: &Keys,
     key_name: &str,
     customer: &str,
     bytes: &[u8],
 ) -> Result<StoredEntry, Rejected> {
-    if bytes.len() < MAC_LEN {
-        return Err(Rejected);
-    }
-    let (sealed, mac) = bytes.split_at(bytes.len() - MAC_LEN);
-    let expected = entry_mac(keys, key_name, customer, sealed);
-    if !bool::from(expected.ct_eq(mac)) {
-        return Err(Rejected);
-    }
-    let mut r = Reader(sealed);
-    if r.take(4)? != ENTRY_MAGIC || r.take(1)? != [ENTRY_VERSION] {
-        return Err(Rejected);
-    }
+    let mut prefix = ENTRY_MAGIC.to_vec();
+    prefix.push(ENTRY_VERSION);
+    let plain = decrypt(&keys.entry, &prefix, bytes, &entry_aad(key_name, customer))?;
+    let mut r = Reader(&plain);
     let stored_at_ms = r.u64()?;
     let fresh_for_ms = r.u64()?;
     let stale_for_ms = r.u64()?;
@@ -210,7 +221,7 @@ struct TokenPlain<'a> {
     expires_at_ms: Option<i128>,
 }
 
-fn aad(key_name: &str) -> Vec<u8> {
+fn token_aad(key_name: &str) -> Vec<u8> {
     let mut aad = b"bill24-gateway token v1\0".to_vec();
     aad.extend_from_slice(key_name.as_bytes());
     aad
@@ -234,24 +245,7 @@ pub(crate) fn seal_token(keys: &Keys, key_name: &str, token: &SharedToken) -> Ve
     };
     // Serializing strings and numbers cannot fail.
     let msg = serde_json::to_vec(&plain).unwrap_or_default();
-    let nonce_bytes: [u8; NONCE_LEN] = rand::random();
-    let nonce = XNonce::from(nonce_bytes);
-    let cipher = XChaCha20Poly1305::new(&keys.aead.into());
-    let aad = aad(key_name);
-    let Ok(ciphertext) = cipher.encrypt(
-        &nonce,
-        Payload {
-            msg: &msg,
-            aad: &aad,
-        },
-    ) else {
-        return Vec::new();
-    };
-    let mut out = Vec::with_capacity(1 + NONCE_LEN + ciphertext.len());
-    out.push(TOKEN_VERSION);
-    out.extend_from_slice(&nonce_bytes);
-    out.extend_from_slice(&ciphertext);
-    out
+    encrypt(&keys.token, &[TOKEN_VERSION], &msg, &token_aad(key_name))
 }
 
 /// The token stored under `key_name`, if it decrypts and authenticates.
@@ -260,23 +254,7 @@ pub(crate) fn open_token(
     key_name: &str,
     bytes: &[u8],
 ) -> Result<SharedToken, Rejected> {
-    let mut r = Reader(bytes);
-    if r.take(1)? != [TOKEN_VERSION] {
-        return Err(Rejected);
-    }
-    let mut nonce_bytes = [0u8; NONCE_LEN];
-    nonce_bytes.copy_from_slice(r.take(NONCE_LEN)?);
-    let cipher = XChaCha20Poly1305::new(&keys.aead.into());
-    let aad = aad(key_name);
-    let plain = cipher
-        .decrypt(
-            &XNonce::from(nonce_bytes),
-            Payload {
-                msg: r.0,
-                aad: &aad,
-            },
-        )
-        .map_err(|_| Rejected)?;
+    let plain = decrypt(&keys.token, &[TOKEN_VERSION], bytes, &token_aad(key_name))?;
     let token: TokenPlain<'_> = serde_json::from_slice(&plain).map_err(|_| Rejected)?;
     if token.token.is_empty() {
         return Err(Rejected);
@@ -329,6 +307,24 @@ mod tests {
             open_entry(&other, "p:c:{4d}:entry", "M", &sealed),
             Err(Rejected)
         );
+    }
+
+    #[test]
+    fn an_entry_is_not_readable_in_redis() {
+        let k = keys();
+        let mut e = entry();
+        e.body = Bytes::from_static(br#"{"data":[{"name":"SOK DARA","balance":123456}]}"#);
+        let sealed = seal_entry(&k, "key", "M", &e);
+        for clear in [&b"SOK DARA"[..], b"123456", b"application/json", b"balance"] {
+            assert!(
+                !sealed.windows(clear.len()).any(|w| w == clear),
+                "{} in the clear",
+                String::from_utf8_lossy(clear)
+            );
+        }
+        // A fresh nonce each time.
+        assert_ne!(seal_entry(&k, "key", "M", &e), sealed);
+        assert_eq!(open_entry(&k, "key", "M", &sealed), Ok(e));
     }
 
     #[test]
