@@ -193,42 +193,69 @@ impl Expiry<SyncCode, Arc<Entry>> for EntryLifetime {
     }
 }
 
-/// Purge generations per group of keys: a purge of one code moves only its group's count, so
-/// fills of other codes in flight meanwhile still store their answers.
-const GENERATION_SLOTS: usize = 1024;
+/// How long a purge of one code is remembered: longer than any fill lasts.
+const PURGE_MEMORY: Duration = Duration::from_secs(600);
+/// How many purged codes are remembered at once. Past it the oldest are forgotten, and a fill
+/// that began before a forgotten purge does not store its answer (as after `DELETE /cache`).
+const PURGED_CODES: u64 = 100_000;
 
-/// The purge generation of one key, read before a fetch and checked before its answer is
-/// stored: the cache-wide count (`DELETE /cache`) and the key's group's.
+/// What a fill read before it began, checked before its answer is stored: the count of
+/// `DELETE /cache`s and the count of one-code purges then.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Generation {
     all: u64,
-    slot: u64,
+    seq: u64,
 }
 
-/// The moka cache plus purge generations: a fetch that started before a purge of its key (or
-/// of everything) does not store its (possibly pre-purge) answer.
+/// The moka cache plus what was purged: a fetch that began before a purge of its key (or of
+/// everything) does not store its (possibly pre-purge) answer; a purge of another key does
+/// not stop it.
 ///
 /// moka's synchronous cache: a lookup is a plain function call, so a hit is answered without
 /// an `await` (moka's maintenance runs inline, a few entries at a time).
 pub struct BalanceCache {
     entries: moka::sync::Cache<SyncCode, Arc<Entry>, foldhash::fast::RandomState>,
     all: AtomicU64,
-    slots: Box<[AtomicU64]>,
-    slot_hasher: foldhash::fast::RandomState,
+    /// One-code purges so far; each is remembered by its number.
+    seq: AtomicU64,
+    /// The number of the latest purge of each code purged within [`PURGE_MEMORY`].
+    purged: moka::sync::Cache<SyncCode, u64, foldhash::fast::RandomState>,
+    /// The highest number of a purge forgotten early or expired.
+    forgotten: Arc<AtomicU64>,
 }
 
 impl BalanceCache {
     pub fn new(max_entries: u64) -> Self {
+        Self::remembering(max_entries, PURGED_CODES)
+    }
+
+    fn remembering(max_entries: u64, purged_codes: u64) -> Self {
         let entries = moka::sync::Cache::builder()
             .max_capacity(max_entries)
             .expire_after(EntryLifetime)
             // Seeded per process; faster than SipHash on short keys.
             .build_with_hasher(foldhash::fast::RandomState::default());
+        let forgotten = Arc::new(AtomicU64::new(0));
+        let floor = forgotten.clone();
+        let purged = moka::sync::Cache::builder()
+            .max_capacity(purged_codes)
+            .time_to_live(PURGE_MEMORY)
+            .eviction_listener(move |_, seq: u64, cause| {
+                if matches!(
+                    cause,
+                    moka::notification::RemovalCause::Size
+                        | moka::notification::RemovalCause::Expired
+                ) {
+                    floor.fetch_max(seq, Ordering::AcqRel);
+                }
+            })
+            .build_with_hasher(foldhash::fast::RandomState::default());
         BalanceCache {
             entries,
             all: AtomicU64::new(0),
-            slots: (0..GENERATION_SLOTS).map(|_| AtomicU64::new(0)).collect(),
-            slot_hasher: foldhash::fast::RandomState::default(),
+            seq: AtomicU64::new(0),
+            purged,
+            forgotten,
         }
     }
 
@@ -236,28 +263,32 @@ impl BalanceCache {
         self.entries.get(code)
     }
 
-    fn slot(&self, code: &str) -> &AtomicU64 {
-        use std::hash::BuildHasher;
-        let index = (self.slot_hasher.hash_one(code) as usize) % GENERATION_SLOTS;
-        &self.slots[index]
-    }
-
-    /// `code`'s purge generation now; pass it back to [`BalanceCache::insert_if_current`].
-    pub fn generation(&self, code: &str) -> Generation {
+    /// What purges stand at now; pass it back to [`BalanceCache::insert_if_current`].
+    pub fn generation(&self) -> Generation {
         Generation {
             all: self.all.load(Ordering::Acquire),
-            slot: self.slot(code).load(Ordering::Acquire),
+            seq: self.seq.load(Ordering::Acquire),
         }
+    }
+
+    /// Whether neither `code` nor everything was purged since `generation` was read.
+    pub fn is_current(&self, code: &str, generation: Generation) -> bool {
+        self.all.load(Ordering::Acquire) == generation.all
+            && self.forgotten.load(Ordering::Acquire) <= generation.seq
+            && self
+                .purged
+                .get(code)
+                .is_none_or(|purge| purge <= generation.seq)
     }
 
     /// Stores `entry` unless `code` (or everything) was purged since `generation` was read. A
     /// purge that lands while the entry goes in removes it again.
     pub fn insert_if_current(&self, code: SyncCode, entry: Arc<Entry>, generation: Generation) {
-        if self.generation(&code) != generation {
+        if !self.is_current(&code, generation) {
             return;
         }
         self.entries.insert(code.clone(), entry);
-        if self.generation(&code) != generation {
+        if !self.is_current(&code, generation) {
             self.entries.invalidate(&code);
         }
     }
@@ -268,7 +299,8 @@ impl BalanceCache {
     }
 
     pub fn purge(&self, code: &str) {
-        self.slot(code).fetch_add(1, Ordering::AcqRel);
+        let seq = self.seq.fetch_add(1, Ordering::AcqRel) + 1;
+        self.purged.insert(SyncCode::from(code), seq);
         self.entries.invalidate(code);
     }
 
@@ -395,12 +427,12 @@ mod tests {
             stale_for: Duration::ZERO,
             ..entry(Instant::now())
         };
-        cache.insert_if_current("k".into(), Arc::new(short), cache.generation("k"));
+        cache.insert_if_current("k".into(), Arc::new(short), cache.generation());
         let long = Entry {
             fresh_for: Duration::from_secs(30),
             ..entry(Instant::now())
         };
-        cache.insert_if_current("k".into(), Arc::new(long), cache.generation("k"));
+        cache.insert_if_current("k".into(), Arc::new(long), cache.generation());
         tokio::time::sleep(Duration::from_millis(250)).await;
         assert!(
             cache.get("k").is_some(),
@@ -411,22 +443,16 @@ mod tests {
     #[test]
     fn purge_discards_inserts_from_before_it_for_that_code_only() {
         let cache = BalanceCache::new(10);
-        let before_a = cache.generation("a");
-        let before_b = cache.generation("b");
+        let before = cache.generation();
         cache.purge("a");
-        cache.insert_if_current("a".into(), Arc::new(entry(Instant::now())), before_a);
+        cache.insert_if_current("a".into(), Arc::new(entry(Instant::now())), before);
         assert!(cache.get("a").is_none(), "fetched before its purge");
-        cache.insert_if_current("b".into(), Arc::new(entry(Instant::now())), before_b);
-        let b_collides = cache.generation("b") != before_b;
-        assert_eq!(
-            cache.get("b").is_some(),
-            !b_collides,
-            "another code's fill stores (unless it shares a slot)"
-        );
-        let now_a = cache.generation("a");
-        cache.insert_if_current("a".into(), Arc::new(entry(Instant::now())), now_a);
-        assert!(cache.get("a").is_some());
-        let before_all = cache.generation("c");
+        cache.insert_if_current("b".into(), Arc::new(entry(Instant::now())), before);
+        assert!(cache.get("b").is_some(), "another code's fill stores");
+        let now = cache.generation();
+        cache.insert_if_current("a".into(), Arc::new(entry(Instant::now())), now);
+        assert!(cache.get("a").is_some(), "fetched after its purge");
+        let before_all = cache.generation();
         cache.purge_all();
         assert!(cache.get("a").is_none());
         cache.insert_if_current("c".into(), Arc::new(entry(Instant::now())), before_all);
@@ -434,17 +460,41 @@ mod tests {
     }
 
     #[test]
-    fn purging_one_code_leaves_nearly_every_other_fill_alone() {
+    fn purging_other_codes_leaves_every_fill_alone() {
         let cache = BalanceCache::new(10_000);
         let codes: Vec<String> = (0..2_000).map(|i| format!("C{i}")).collect();
-        let before: Vec<Generation> = codes.iter().map(|c| cache.generation(c)).collect();
-        cache.purge("someone-else");
-        let moved = codes
+        let before = cache.generation();
+        for i in 0..5_000 {
+            cache.purge(&format!("someone-else-{i}"));
+        }
+        let discarded = codes
             .iter()
-            .zip(&before)
-            .filter(|(c, g)| cache.generation(c) != **g)
+            .filter(|c| !cache.is_current(c, before))
             .count();
-        // One slot of 1024: about 2 of 2 000 codes share it.
-        assert!(moved <= 12, "{moved} fills discarded by an unrelated purge");
+        assert_eq!(discarded, 0, "fills discarded by unrelated purges");
+        cache.purge("C7");
+        assert!(!cache.is_current("C7", before));
+        assert!(cache.is_current("C8", before));
+    }
+
+    #[test]
+    fn a_forgotten_purge_stops_every_fill_from_before_it() {
+        let cache = BalanceCache::remembering(10, 100);
+        let before = cache.generation();
+        for i in 0..1_000 {
+            cache.purge(&format!("P{i}"));
+        }
+        cache.purged.run_pending_tasks();
+        assert!(cache.purged.entry_count() <= 100);
+        for i in (0..1_000).step_by(37) {
+            assert!(!cache.is_current(&format!("P{i}"), before), "P{i}");
+        }
+        assert!(
+            !cache.is_current("other", before),
+            "older than a purge it no longer remembers"
+        );
+        let after = cache.generation();
+        assert!(cache.is_current("other", after));
+        assert!(cache.is_current("P3", after));
     }
 }

@@ -380,7 +380,7 @@ impl Balances {
     /// One fill on behalf of every request waiting on `fill`.
     async fn fill(self: Arc<Self>, q: BalanceQuery, fill: Arc<Fill>, guard: Guard<FetchResult>) {
         let code = &q.customer_sync_code;
-        let generation = self.cache.generation(code);
+        let generation = self.cache.generation();
         let outcome = match &self.tier {
             Some(tier) if fill.store.load(Ordering::Acquire) => {
                 let call: Call<'_> = Box::new(|stale: Option<SharedAnswer>| {
@@ -444,7 +444,7 @@ impl Balances {
         if let Some((entry, answer)) = entry {
             self.cache
                 .insert_if_current(q.customer_sync_code.clone(), Arc::new(entry), generation);
-            if self.cache.generation(&q.customer_sync_code) == generation {
+            if self.cache.is_current(&q.customer_sync_code, generation) {
                 share = Some(answer);
             }
         }
