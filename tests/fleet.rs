@@ -1312,6 +1312,18 @@ async fn wrong_password_and_full_redis_are_survived() {
         assert_eq!(a.balance(&format!("PW{i}")).await.status, StatusCode::OK);
     }
     until_metric(&a, "gateway_redis_up", |v| v == 0.0).await;
+    // Never in the fleet, and it says so (once), without the password.
+    let line = a
+        .running()
+        .wait_for_line("shared tier (Redis) is failing")
+        .await;
+    assert!(line.contains("\"level\":\"WARN\""), "{line}");
+    assert!(line.to_lowercase().contains("password"), "{line}");
+    assert!(!line.contains("\"wrong\""), "{line}");
+    assert!(
+        !a.running().output().iter().any(|l| l.contains("answering")),
+        "never said to be answering"
+    );
 
     let full = Redis::start(&["--maxmemory", "1mb", "--maxmemory-policy", "noeviction"]);
     // Filled with someone else's data up to its limit.
@@ -1333,9 +1345,17 @@ async fn wrong_password_and_full_redis_are_survived() {
     }
     let fleet = Fleet::new(vec![full.url()], "").await;
     let b = fleet.replica().await;
-    for i in 0..5 {
+    for i in 0..20 {
         assert_eq!(b.balance(&format!("FULL{i}")).await.status, StatusCode::OK);
     }
+    // Redis answers, but refuses writes: the tier stays up (no flapping), said once.
+    let line = b.running().wait_for_line("refuses writes").await;
+    assert!(line.contains("\"level\":\"WARN\""), "{line}");
+    assert_eq!(b.metric("gateway_redis_up").await, 1.0);
+    let output = b.running().output();
+    let count = |needle: &str| output.iter().filter(|l| l.contains(needle)).count();
+    assert_eq!(count("refuses writes"), 1, "{output:?}");
+    assert_eq!(count("is failing"), 0, "{output:?}");
 }
 
 // ---------------------------------------------------------------------------------------------

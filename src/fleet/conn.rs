@@ -20,6 +20,8 @@ use crate::metrics::Metrics;
 
 /// Consecutive failed calls that mark the tier down.
 const FAILURES_TO_DOWN: u32 = 3;
+/// How often a Redis that refuses writes (out of memory) is logged, at most.
+const FULL_LOG_EVERY: Duration = Duration::from_secs(60);
 /// The first pause before probing a tier that is down; doubles up to [`MAX_BACKOFF`].
 pub(super) const FIRST_BACKOFF: Duration = Duration::from_millis(200);
 pub(super) const MAX_BACKOFF: Duration = Duration::from_secs(1);
@@ -79,6 +81,11 @@ pub(super) struct Link {
     /// While down: when the next probe may go, and the pause after that one.
     retry: Mutex<(Instant, Duration)>,
     probing: AtomicBool,
+    /// Whether the tier's state has been logged since start (the first one always is, down
+    /// or up).
+    told: AtomicBool,
+    /// When a refused write (out of memory) was last logged.
+    full_told: Mutex<Option<Instant>>,
     pub(super) timeout: Duration,
     pub(super) metrics: Arc<Metrics>,
     /// True once the first connection attempt is over (whatever its outcome).
@@ -120,6 +127,8 @@ impl Link {
             failures: AtomicU32::new(0),
             retry: Mutex::new((Instant::now(), FIRST_BACKOFF)),
             probing: AtomicBool::new(false),
+            told: AtomicBool::new(false),
+            full_told: Mutex::new(None),
             timeout: cfg.timeout,
             metrics,
             ready: watch::Sender::new(false),
@@ -220,6 +229,14 @@ impl Link {
                 self.succeeded();
                 Ok(value)
             }
+            Ok(Err(e)) if e.code() == Some("OOM") => {
+                // Redis answers, but refuses writes: reads still serve, so the tier stays up
+                // (marking it down would flap with every probe that succeeds).
+                self.metrics.redis(op, "error", elapsed);
+                self.succeeded();
+                self.refused_write(op);
+                Err(CallError::Failed)
+            }
             Ok(Err(e)) => {
                 self.metrics.redis(op, "error", elapsed);
                 self.failed(op, &e.to_string());
@@ -241,7 +258,25 @@ impl Link {
                 retry.1 = FIRST_BACKOFF;
             }
             self.metrics.set_redis_up(true);
-            tracing::info!("shared tier (Redis) is answering again; sharing resumes");
+            if self.told.swap(true, Ordering::AcqRel) {
+                tracing::info!("shared tier (Redis) is answering again; sharing resumes");
+            } else {
+                tracing::info!("shared tier (Redis) is answering; sharing with the fleet");
+            }
+        }
+    }
+
+    fn refused_write(&self, op: &'static str) {
+        let Ok(mut last) = self.full_told.lock() else {
+            return;
+        };
+        if last.is_none_or(|at| at.elapsed() >= FULL_LOG_EVERY) {
+            *last = Some(Instant::now());
+            tracing::warn!(
+                op,
+                "shared tier (Redis) refuses writes: out of memory (maxmemory); entries are \
+                 read but not shared until it has room"
+            );
         }
     }
 
@@ -268,7 +303,10 @@ impl Link {
                 pause
             })
             .unwrap_or(FIRST_BACKOFF);
-        if self.up.send_replace(false) {
+        let was_up = self.up.send_replace(false);
+        // At start too: a replica that never reaches Redis (a wrong password, a wrong
+        // address) runs outside the fleet, and says so.
+        if was_up || !self.told.swap(true, Ordering::AcqRel) {
             self.metrics.set_redis_up(false);
             tracing::warn!(
                 op,
