@@ -2795,6 +2795,62 @@ async fn an_open_circuit_shows_on_every_view() {
         .await;
 }
 
+/// Redis killed under cold traffic that keeps the ceiling's queue full, and back (empty) a
+/// few seconds later: neither switch hands out a new burst or a second queue, so the fleet's
+/// Bill24 calls over the whole run stay within `20 × T + 20` (CONTRACT §13).
+#[tokio::test(start_paused = true)]
+async fn the_ceiling_holds_while_redis_goes_and_comes_back() {
+    let clock = Frozen::start();
+    let mut redis = Redis::frozen(&clock);
+    let fleet = Fleet::new(
+        vec![redis.url()],
+        "upstream.fleet_max_rps = 20\nupstream.queue_timeout = \"2s\"",
+    )
+    .await
+    .on(&clock);
+    let replicas = Arc::new(fleet.warm_replicas(3).await);
+    clock
+        .advance_until(Duration::from_secs(3), "three replicas seen", async || {
+            all_at(&replicas, "gateway_fleet_replicas", 3.0).await
+        })
+        .await;
+    clock.advance(Duration::from_millis(1_100)).await;
+    fleet.sim.handle().set_latency(Duration::from_millis(50));
+    let (went, back) = (Duration::from_secs(2), Duration::from_secs(5));
+    let fault = tokio::spawn(async move {
+        tokio::time::sleep(went).await;
+        redis.kill();
+        tokio::time::sleep(back - went).await;
+        redis.restart();
+        redis
+    });
+    // 30 callers keep about 1.5 s of the ceiling's queue reserved when Redis goes.
+    let run = Duration::from_secs(8);
+    let (calls, statuses, took) = cold_traffic(&clock, &fleet, &replicas, 30, run, "SWITCH").await;
+    let _redis = fault.await.expect("fault");
+    // A caller whose turn is further off than `queue_timeout` hears 503 at once.
+    let answered = statuses.iter().filter(|s| **s == StatusCode::OK).count();
+    assert!(
+        statuses
+            .iter()
+            .all(|s| [StatusCode::OK, StatusCode::SERVICE_UNAVAILABLE].contains(s)),
+        "{statuses:?}"
+    );
+    assert!(answered * 10 >= statuses.len() * 9, "{statuses:?}");
+    let bound = 20.0 * took.as_secs_f64() + 20.0;
+    assert!(
+        (calls as f64) <= bound,
+        "{calls} Bill24 calls in {took:?} (bound {bound})"
+    );
+    assert!(
+        calls as f64 >= 0.6 * bound,
+        "still a rate: {calls} of {bound}"
+    );
+    for r in replicas.iter() {
+        assert_eq!(r.metric("gateway_redis_up").await, 1.0, "back on Redis");
+    }
+}
+
 /// Redis killed mid-run: the ceiling falls back to `fleet_max_rps / N` on each replica (N = 3,
 /// the fleet as last seen) and a fleet-scoped caller to `rate_limit_rps / N`; every request is
 /// answered.

@@ -12,6 +12,12 @@
 //!   `fleet_max_rps / N`, a caller to `rate_limit_rps / N`, N the fleet's size as last seen —
 //!   and the circuit to the local one. Never to no limit; never a failed request because of
 //!   Redis. Logged once when it starts and once when it ends.
+//! - **The switch gives no new burst.** Going alone, a replica's bucket starts where the
+//!   shared line stood at its last place in it (places already handed out are still used);
+//!   back on Redis, its first step moves the shared line to where its own stood, plus a
+//!   whole tolerance (Redis's bucket may be empty after a restart, or its line long past).
+//!   So the fleet's count over any window stays within `rate × T + burst` across the
+//!   switches, not one more burst (and queue) for each.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -29,9 +35,10 @@ use super::{Fleet, millis};
 use crate::caller::FleetRate;
 
 /// One GCRA step on Redis's clock (microseconds). `ARGV`: emission interval, tolerance (burst
-/// − 1 intervals), the longest wait a caller accepts. Returns the wait before the reserved
-/// place (≥ 0), or `-(1 + ms-ish retry)` when the wait would be longer than accepted (nothing
-/// reserved then).
+/// − 1 intervals), the longest wait a caller accepts, and a floor: the line is moved to at
+/// least that long from now first (0: not moved; kept even when no place is reserved).
+/// Returns the wait before the reserved place (≥ 0), or `-(1 + ms-ish retry)` when the wait
+/// would be longer than accepted (nothing reserved then).
 const GCRA: &str = "local t = redis.call('TIME') \
                     local now = tonumber(t[1]) * 1000000 + tonumber(t[2]) \
                     local interval = tonumber(ARGV[1]) \
@@ -39,12 +46,18 @@ const GCRA: &str = "local t = redis.call('TIME') \
                     local max_wait = tonumber(ARGV[3]) \
                     local tat = tonumber(redis.call('GET', KEYS[1]) or '0') \
                     if tat < now then tat = now end \
+                    local floor = now + tonumber(ARGV[4]) \
+                    local moved = tat < floor \
+                    if moved then tat = floor end \
                     local wait = tat - tolerance - now \
                     if wait < 0 then wait = 0 end \
+                    local new = tat \
+                    if wait <= max_wait then new = tat + interval end \
+                    if moved or wait <= max_wait then \
+                      redis.call('SET', KEYS[1], string.format('%.0f', new), 'PX', \
+                        math.ceil((new - now) / 1000) + 1000) \
+                    end \
                     if wait > max_wait then return -1 - (wait - max_wait) end \
-                    local new = tat + interval \
-                    redis.call('SET', KEYS[1], string.format('%.0f', new), 'PX', \
-                      math.ceil((new - now) / 1000) + 1000) \
                     return wait";
 
 /// Counts a failure for the fleet: the count within a cool-down.
@@ -73,16 +86,59 @@ fn bucket(rps: f64, burst: u32) -> (Duration, Duration) {
     (interval, interval * burst.saturating_sub(1))
 }
 
-/// The same bucket on this replica alone (on tokio's clock).
+/// The same bucket on this replica alone (on tokio's clock), and where this replica's last
+/// place in the shared line was.
 #[derive(Debug, Default)]
 struct LocalGcra {
     tat: Mutex<Option<Instant>>,
+    /// This replica's last place in this bucket's line, and in the shared one.
+    local_place: Mutex<Option<Instant>>,
+    /// When this replica last heard from the shared line, and how far ahead it reached then.
+    shared_line: Mutex<Option<(Instant, Duration)>>,
+    /// This bucket stands in for the shared one now.
+    alone: AtomicBool,
 }
 
 impl LocalGcra {
+    /// Going alone (when it was not yet): no place before the one after the shared line's
+    /// last one known here, and no burst (a line this replica never took part in starts as a
+    /// new one).
+    fn go_alone(&self, (interval, tolerance): (Duration, Duration)) {
+        if self.alone.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let now = Instant::now();
+        // A full line reaches about as far ahead however late it is (each second hands out as
+        // many places as it adds): taken as still that far ahead within a second of hearing
+        // from it, as that far from then after.
+        let from = match *lock(&self.shared_line) {
+            Some((at, ahead)) if now.duration_since(at) < Duration::from_secs(1) => now + ahead,
+            Some((at, ahead)) => (at + ahead).max(now),
+            // Never heard from it: nothing known to carry on from.
+            None => return,
+        };
+        let mut tat = lock(&self.tat);
+        let held = from + tolerance + interval;
+        if tat.is_none_or(|t| t < held) {
+            *tat = Some(held);
+        }
+    }
+
+    /// How far ahead of now this replica's last place in this bucket's line is.
+    fn ahead(&self) -> Duration {
+        lock(&self.local_place).map_or(Duration::ZERO, |p| {
+            p.saturating_duration_since(Instant::now())
+        })
+    }
+
+    /// The shared line reaches `ahead` from now.
+    fn placed(&self, ahead: Duration) {
+        *lock(&self.shared_line) = Some((Instant::now(), ahead));
+    }
+
     fn step(&self, interval: Duration, tolerance: Duration, max_wait: Duration) -> Step {
         let now = Instant::now();
-        let mut tat = self.tat.lock().unwrap_or_else(|p| p.into_inner());
+        let mut tat = lock(&self.tat);
         let at = tat.filter(|t| *t > now).unwrap_or(now);
         let wait = at.checked_sub(tolerance).map_or(Duration::ZERO, |conform| {
             conform.saturating_duration_since(now)
@@ -91,8 +147,13 @@ impl LocalGcra {
             return Step::Refused(wait - max_wait);
         }
         *tat = Some(at + interval);
+        *lock(&self.local_place) = Some(now + wait);
         Step::Wait(wait)
     }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// Whether a limit runs alone now, logged once when that starts and once when it ends.
@@ -124,14 +185,20 @@ impl Fleet {
         key: &str,
         (interval, tolerance): (Duration, Duration),
         max_wait: Duration,
+        floor: Duration,
     ) -> Result<Step, CallError> {
         let micros = |d: Duration| u64::try_from(d.as_micros()).unwrap_or(u64::MAX).to_string();
-        let args = [micros(interval), micros(tolerance), micros(max_wait)];
+        let args = [
+            micros(interval),
+            micros(tolerance),
+            micros(max_wait),
+            micros(floor),
+        ];
         let script = Script::new(GCRA);
         let answer: i64 = self
             .link
             .call(op, |c| {
-                let args = [args[0].as_bytes(), args[1].as_bytes(), args[2].as_bytes()];
+                let args = args.each_ref().map(|a| a.as_bytes());
                 async move { c.script(&script, &[key], &args).await }
             })
             .await?;
@@ -171,16 +238,32 @@ impl Fleet {
             local,
             alone,
         } = bucket_at;
-        match self.gcra(op, key, bucket(rps, burst), max_wait).await {
+        let shared = bucket(rps, burst);
+        // Back from alone: the shared line's next place comes after this replica's own last
+        // one, with no burst in hand.
+        let floor = if local.alone.load(Ordering::Acquire) {
+            local.ahead() + shared.1 + shared.0
+        } else {
+            Duration::ZERO
+        };
+        match self.gcra(op, key, shared, max_wait, floor).await {
             Ok(step) => {
                 alone.set(false, setting, 1);
+                local.alone.store(false, Ordering::Release);
+                // Where the shared line ends, as Redis said: this place, or past the longest
+                // wait accepted.
+                local.placed(match step {
+                    Step::Wait(wait) => wait,
+                    Step::Refused(more) => max_wait + more,
+                });
                 step
             }
             Err(_) => {
                 let n = self.size();
-                alone.set(true, setting, n);
                 let burst = (burst as usize).div_ceil(n) as u32;
                 let (interval, tolerance) = bucket(rps / n as f64, burst);
+                alone.set(true, setting, n);
+                local.go_alone((interval, tolerance));
                 local.step(interval, tolerance, max_wait)
             }
         }
