@@ -24,8 +24,9 @@ use crate::{Config, Endpoint, tls};
 pub const AUTHORIZE_PATH: &str = "/merchantsecurity/authorize";
 pub const BALANCE_PATH: &str = "/instant_payment/get_wallet_balance";
 
-/// Bill24 answers are small; anything larger than this is treated as a failure.
-pub(crate) const MAX_ANSWER_BYTES: usize = 1 << 20;
+/// Bill24 answers are small (a balance is a few hundred bytes); a body larger than this is not
+/// read on: the call fails as an answer the gateway cannot use, and is not retried.
+pub const MAX_ANSWER_BYTES: usize = 1 << 20;
 
 /// How long an unused pooled connection is kept.
 const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
@@ -49,8 +50,9 @@ pub enum TransportError {
     Connect(String),
     #[error("connection failed: {0}")]
     Io(String),
-    #[error("answer larger than {MAX_ANSWER_BYTES} bytes")]
-    TooLarge,
+    /// Bill24 answered (with this status), but with a body over [`MAX_ANSWER_BYTES`].
+    #[error("answer larger than {MAX_ANSWER_BYTES} bytes (HTTP {})", .0.as_u16())]
+    TooLarge(StatusCode),
     /// The TLS handshake failed: why, in words (`certificate verify failed: unknown issuer`).
     #[error("{0}")]
     Tls(String),
@@ -60,9 +62,11 @@ pub enum TransportError {
 }
 
 impl TransportError {
-    /// The `status` label of `gateway_upstream_requests_total` for a call with no HTTP status.
-    pub fn label(&self) -> &'static str {
+    /// The `status` label of `gateway_upstream_requests_total`: the HTTP status when Bill24
+    /// sent one, else what went wrong.
+    pub fn label(&self) -> &str {
         match self {
+            TransportError::TooLarge(status) => status.as_str(),
             TransportError::Timeout(_) => "timeout",
             TransportError::Tls(_) => "tls_error",
             TransportError::Proxy(_) => "proxy_error",
@@ -192,7 +196,7 @@ impl Transport {
                     if e.downcast_ref::<http_body_util::LengthLimitError>()
                         .is_some()
                     {
-                        TransportError::TooLarge
+                        TransportError::TooLarge(parts.status)
                     } else if let Some(proxy) = &self.forward_proxy {
                         TransportError::Proxy(format!(
                             "through the proxy {proxy}: {}",
