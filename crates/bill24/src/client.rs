@@ -2,6 +2,12 @@
 //! HTTP/2 when Bill24 offers it by ALPN; plain `http://` for the simulator), reached directly or
 //! through an egress proxy ([`crate::route`]), the two endpoint URLs, and one POST with its
 //! deadline and a cap on the answer's size.
+//!
+//! A connection that stops answering is not reused: HTTP/2 connections are PINGed (idle ones
+//! too) and closed when a PING goes unanswered, and a call that times out takes its connection
+//! out of the pool, so the next call opens a new one. (HTTP/2 multiplexes every call onto one
+//! connection: without both, one wedged connection would stall every call until the peer
+//! closed it.)
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -13,7 +19,7 @@ use http::{HeaderMap, HeaderValue, Request, StatusCode, Uri};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
 use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::connect::{HttpConnector, capture_connection};
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use tokio::time::Instant;
 
@@ -30,6 +36,17 @@ pub const MAX_ANSWER_BYTES: usize = 1 << 20;
 
 /// How long an unused pooled connection is kept.
 const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// The HTTP/2 keep-alive of a connection to Bill24, derived from `upstream.timeout`: after
+/// one timeout without a frame from Bill24 a PING goes out, and a PING unanswered for one
+/// more timeout closes the connection (a Bill24 that cannot answer a PING in that time could
+/// not answer a call in time either). Bounded below so that a very short timeout does not
+/// make a PING flood, and above so that a dead connection is found within a minute.
+pub(crate) fn keep_alive(timeout: Duration) -> (Duration, Duration) {
+    let interval = timeout.clamp(Duration::from_secs(1), Duration::from_secs(30));
+    let ack_within = timeout.clamp(Duration::from_millis(100), Duration::from_secs(20));
+    (interval, ack_within)
+}
 
 type HttpClient = Client<HttpsConnector<Route>, Full<Bytes>>;
 
@@ -120,7 +137,11 @@ impl Transport {
             .enable_http1()
             .enable_http2()
             .wrap_connector(chosen.route);
+        let (ping_interval, ping_timeout) = keep_alive(cfg.timeout);
         let client = Client::builder(TokioExecutor::new())
+            .http2_keep_alive_interval(ping_interval)
+            .http2_keep_alive_timeout(ping_timeout)
+            .http2_keep_alive_while_idle(true)
             .pool_idle_timeout(POOL_IDLE_TIMEOUT)
             .pool_max_idle_per_host(cfg.max_in_flight)
             .pool_timer(TokioTimer::new())
@@ -173,6 +194,8 @@ impl Transport {
                 .headers_mut()
                 .insert(PROXY_AUTHORIZATION, auth.clone());
         }
+        // Which pooled connection carries the call, so that a timeout can retire it.
+        let connection = capture_connection(&mut request);
         let start = Instant::now();
         let exchange = async {
             let response = self
@@ -216,7 +239,14 @@ impl Transport {
         };
         match tokio::time::timeout(timeout, exchange).await {
             Ok(result) => result,
-            Err(_) => Err(TransportError::Timeout(timeout)),
+            Err(_) => {
+                // The connection may be wedged (a peer that neither reads nor writes, or a
+                // full send window): the pool must not hand it to the next call.
+                if let Some(connected) = connection.connection_metadata().as_ref() {
+                    connected.poison();
+                }
+                Err(TransportError::Timeout(timeout))
+            }
         }
     }
 
@@ -270,5 +300,19 @@ fn classify_other(e: &hyper_util::client::legacy::Error) -> TransportError {
         TransportError::Connect(error_chain(e))
     } else {
         TransportError::Io(error_chain(e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keep_alive_follows_the_timeout_within_bounds() {
+        let ms = Duration::from_millis;
+        assert_eq!(keep_alive(ms(5_000)), (ms(5_000), ms(5_000)));
+        assert_eq!(keep_alive(ms(300)), (ms(1_000), ms(300)));
+        assert_eq!(keep_alive(ms(10)), (ms(1_000), ms(100)));
+        assert_eq!(keep_alive(ms(120_000)), (ms(30_000), ms(20_000)));
     }
 }
