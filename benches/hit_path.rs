@@ -72,7 +72,7 @@ fn pieces(c: &mut Criterion) {
         })
     });
 
-    let cache = BalanceCache::new(100_000);
+    let cache = BalanceCache::new(100_000, 128 << 20);
     let codes: Vec<String> = (0..1000).map(|i| format!("BENCH{i}")).collect();
     for code in &codes {
         cache.insert(code.into(), Arc::new(entry()));
@@ -108,7 +108,10 @@ fn full_hit(c: &mut Criterion) {
         let metrics = Arc::new(Metrics::new());
         let bill24 =
             Arc::new(Bill24::start(&config.upstream, metrics.clone(), None).expect("client"));
-        let cache = Arc::new(BalanceCache::new(config.cache.max_entries));
+        let cache = Arc::new(BalanceCache::new(
+            config.cache.max_entries,
+            config.cache.max_bytes,
+        ));
         let balances = Balances::new(config.cache.clone(), cache, bill24, metrics.clone());
         for i in 0..1000 {
             balances

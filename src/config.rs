@@ -155,6 +155,7 @@ pub struct RawCache {
     #[serde(with = "humantime_serde")]
     pub ttl: Duration,
     pub max_entries: u64,
+    pub max_bytes: u64,
     #[serde(with = "humantime_serde")]
     pub negative_ttl: Duration,
     #[serde(with = "humantime_serde")]
@@ -169,6 +170,7 @@ impl Default for RawCache {
         Self {
             ttl: Duration::from_secs(10),
             max_entries: 100_000,
+            max_bytes: DEFAULT_CACHE_MAX_BYTES,
             negative_ttl: Duration::ZERO,
             stale_if_error: Duration::ZERO,
             refresh_ahead: Duration::ZERO,
@@ -440,10 +442,19 @@ pub struct ServerConfig {
     pub tls: Option<ListenerTlsConfig>,
 }
 
+/// `cache.max_bytes` by default: 128 MiB, room for the default 100 000 entries of ordinary
+/// answers (about 800 bytes each with their bookkeeping), so that only unusually large answers
+/// meet this bound first.
+const DEFAULT_CACHE_MAX_BYTES: u64 = 128 << 20;
+/// The smallest `cache.max_bytes`: room for 16 answers of the largest size that is cached.
+const MIN_CACHE_MAX_BYTES: u64 = 1 << 20;
+
 #[derive(Clone, Debug, PartialEq)]
 pub struct CacheConfig {
     pub ttl: Duration,
     pub max_entries: u64,
+    /// What the cached entries may weigh together (answers, keys and bookkeeping).
+    pub max_bytes: u64,
     pub negative_ttl: Duration,
     pub stale_if_error: Duration,
     pub refresh_ahead: Duration,
@@ -878,6 +889,7 @@ impl RawConfig {
         let RawCache {
             ttl,
             max_entries,
+            max_bytes,
             negative_ttl,
             stale_if_error,
             refresh_ahead,
@@ -890,9 +902,16 @@ impl RawConfig {
                 "must be below 1.0 (a fraction of cache.ttl)",
             ));
         }
+        if *max_bytes < MIN_CACHE_MAX_BYTES {
+            return Err(ConfigError::invalid(
+                "cache.max_bytes",
+                format!("must be at least {MIN_CACHE_MAX_BYTES} (1 MiB)"),
+            ));
+        }
         let cache = CacheConfig {
             ttl: *ttl,
             max_entries: *max_entries,
+            max_bytes: *max_bytes,
             negative_ttl: *negative_ttl,
             stale_if_error: *stale_if_error,
             refresh_ahead: *refresh_ahead,
@@ -977,7 +996,7 @@ impl Config {
     /// (CONTRACT §13): `[cache]` but its size, `[[callers]]` (names, key hashes, limits; their
     /// order does not matter), how Bill24 is called (`[upstream]` without its secrets, TLS files
     /// and proxy), and `redis.key_prefix`. Not what may differ from one replica to the next:
-    /// addresses, the admin key, logging, threads, `cache.max_entries`, Redis's URLs and
+    /// addresses, the admin key, logging, threads, the cache's size, Redis's URLs and
     /// credentials. 16 hex digits of a SHA-256, the same for the same settings on any machine.
     ///
     /// Every field is named (no `..`): a key added to the config does not compile until it is
@@ -1040,6 +1059,7 @@ impl Config {
         let CacheConfig {
             ttl,
             max_entries: _, // this replica's memory
+            max_bytes: _,
             negative_ttl,
             stale_if_error,
             refresh_ahead,
@@ -1829,6 +1849,29 @@ mod tests {
     }
 
     #[test]
+    fn cache_max_bytes_is_a_whole_number_of_at_least_one_mib() {
+        Jail::expect_with(|jail| {
+            assert_eq!(load_in_jail(None)?.config.cache.max_bytes, 128 << 20);
+            jail.create_file("a.toml", "[cache]\nmax_bytes = 1048576\n")?;
+            assert_eq!(
+                load_in_jail(Some("a.toml"))?.config.cache.max_bytes,
+                1 << 20
+            );
+            jail.set_env("GATEWAY_CACHE__MAX_BYTES", "268435456");
+            assert_eq!(
+                load_in_jail(Some("a.toml"))?.config.cache.max_bytes,
+                256 << 20
+            );
+            for bad in ["lots", "1e9", "-5", "1048575"] {
+                jail.set_env("GATEWAY_CACHE__MAX_BYTES", bad);
+                let err = load_in_jail(None).expect_err(bad);
+                assert!(err.contains("cache.max_bytes"), "{bad}: {err}");
+            }
+            Ok(())
+        });
+    }
+
+    #[test]
     fn validation_names_the_key() {
         let cases: &[(&str, &str)] = &[
             ("[server]\nlisten = \"nope\"\n", "server.listen"),
@@ -1849,6 +1892,11 @@ mod tests {
             ("[upstream]\nmax_in_flight = 0\n", "upstream.max_in_flight"),
             ("[upstream]\nretry_budget = -1.0\n", "upstream.retry_budget"),
             ("[cache]\nttl_jitter = 1.0\n", "cache.ttl_jitter"),
+            ("[cache]\nmax_bytes = 1048575\n", "cache.max_bytes"),
+            ("[cache]\nmax_bytes = 0\n", "cache.max_bytes"),
+            ("[cache]\nmax_bytes = -1\n", "cache.max_bytes"),
+            ("[cache]\nmax_bytes = 1.5\n", "cache.max_bytes"),
+            ("[cache]\nmax_bytes = \"128MiB\"\n", "cache.max_bytes"),
             ("[log]\nformat = \"xml\"\n", "log.format"),
             ("[log]\nlevel = \"info,[\"\n", "log.level"),
             ("[log]\naccess_sample = 1.5\n", "log.access_sample"),

@@ -222,7 +222,10 @@ impl Gateway {
                 .map_err(StartError::Identity)?,
         );
         let metrics = Arc::new(Metrics::new());
-        let cache = Arc::new(BalanceCache::new(config.cache.max_entries));
+        let cache = Arc::new(BalanceCache::new(
+            config.cache.max_entries,
+            config.cache.max_bytes,
+        ));
         let fleet = match &config.redis {
             Some(redis) => {
                 // What the fleet tells L1 to drop (purges made elsewhere, or ones it may have

@@ -107,9 +107,11 @@ impl Reloader {
             self.callers.store(Arc::new(keys));
             report.applied.push("callers");
         }
-        // `cache.max_entries` sized the cache when it was built; the running one stays.
+        // `cache.max_entries` and `cache.max_bytes` sized the cache when it was built; the
+        // running one stays.
         let mut cache = new.cache.clone();
         cache.max_entries = current.cache.max_entries;
+        cache.max_bytes = current.cache.max_bytes;
         if cache != current.cache {
             self.balances.set_cache_config(cache.clone());
             report.applied.push("cache");
@@ -283,12 +285,14 @@ fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
     let CacheConfig {
         ttl: _, // applied
         max_entries,
+        max_bytes,
         negative_ttl: _,   // applied
         stale_if_error: _, // applied
         refresh_ahead: _,  // applied
         ttl_jitter: _,     // applied
     } = cache;
     compare("cache.max_entries", *max_entries != new.cache.max_entries);
+    compare("cache.max_bytes", *max_bytes != new.cache.max_bytes);
 
     let LogConfig {
         format,
@@ -406,6 +410,7 @@ mod tests {
             ),
             ("cache.ttl", "[cache]\nttl = \"1s\""),
             ("cache.max_entries", "[cache]\nmax_entries = 1"),
+            ("cache.max_bytes", "[cache]\nmax_bytes = 2097152"),
             ("cache.negative_ttl", "[cache]\nnegative_ttl = \"1s\""),
             ("cache.stale_if_error", "[cache]\nstale_if_error = \"1s\""),
             ("cache.refresh_ahead", "[cache]\nrefresh_ahead = \"1s\""),
@@ -460,7 +465,7 @@ mod tests {
         let metrics = Arc::new(Metrics::new());
         let bill24 =
             Arc::new(bill24::Bill24::start(&old.upstream, metrics.clone(), None).expect("client"));
-        let cache = Arc::new(crate::balance::cache::BalanceCache::new(10));
+        let cache = Arc::new(crate::balance::cache::BalanceCache::new(10, 1 << 20));
         let digest = Arc::new(ArcSwap::from_pointee(old.fleet_digest()));
         let reloader = Reloader::new(
             old.clone(),

@@ -23,6 +23,7 @@ impl ErrorResponse for UpstreamError {
             | UpstreamError::Tls(_)
             | UpstreamError::Status(_)
             | UpstreamError::InvalidAnswer
+            | UpstreamError::AnswerTooLarge
             | UpstreamError::Unauthorized
             | UpstreamError::Token(_) => StatusCode::BAD_GATEWAY,
         }
@@ -34,7 +35,9 @@ impl ErrorResponse for UpstreamError {
             UpstreamError::Unreachable => "upstream_unreachable",
             UpstreamError::Tls(_) => "upstream_tls_error",
             UpstreamError::Status(_) => "upstream_error",
-            UpstreamError::InvalidAnswer => "upstream_invalid_answer",
+            UpstreamError::InvalidAnswer | UpstreamError::AnswerTooLarge => {
+                "upstream_invalid_answer"
+            }
             UpstreamError::Unauthorized => "upstream_unauthorized",
             UpstreamError::Token(_) => "token_unavailable",
             UpstreamError::Busy => "upstream_busy",
@@ -83,6 +86,12 @@ mod tests {
             (UpstreamError::Status(503), 502, "upstream_error", None),
             (
                 UpstreamError::InvalidAnswer,
+                502,
+                "upstream_invalid_answer",
+                None,
+            ),
+            (
+                UpstreamError::AnswerTooLarge,
                 502,
                 "upstream_invalid_answer",
                 None,

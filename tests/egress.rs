@@ -8,6 +8,8 @@ mod common;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use bill24_sim::{SimConfig, Simulator};
@@ -676,4 +678,176 @@ async fn a_proxy_that_refuses_the_tunnel_is_a_proxy_error() {
         ))
         .await;
     assert_eq!(sim.handle().stats().connections, 0);
+}
+
+// ---------------------------------------------------------------------------------------------
+// A connection that stops answering
+// ---------------------------------------------------------------------------------------------
+
+/// A TCP relay in front of Bill24 that the test can freeze: every connection open at that
+/// moment stops reading and writing, its sockets held open (a peer that hangs without closing,
+/// or one whose buffers are full); connections made afterwards are relayed as usual.
+struct Relay {
+    addr: SocketAddr,
+    /// Connections accepted.
+    connections: Arc<AtomicU64>,
+    /// Frozen connections whose gateway side has since closed.
+    closed_while_frozen: Arc<AtomicU64>,
+    freeze: tokio::sync::watch::Sender<u64>,
+}
+
+impl Relay {
+    async fn start(target: SocketAddr) -> Relay {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind relay");
+        let relay = Relay {
+            addr: listener.local_addr().expect("relay addr"),
+            connections: Arc::default(),
+            closed_while_frozen: Arc::default(),
+            freeze: tokio::sync::watch::channel(0).0,
+        };
+        let connections = relay.connections.clone();
+        let closed = relay.closed_while_frozen.clone();
+        let freeze = relay.freeze.clone();
+        tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                connections.fetch_add(1, Ordering::SeqCst);
+                let mut frozen = freeze.subscribe();
+                frozen.mark_unchanged();
+                let closed = closed.clone();
+                tokio::spawn(async move {
+                    let Ok(mut outbound) = tokio::net::TcpStream::connect(target).await else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => return,
+                        _ = frozen.changed() => {}
+                    }
+                    // Frozen: nothing is read or written any more; watch for the gateway
+                    // giving up on the connection (the unread bytes stay where they are).
+                    loop {
+                        match inbound.ready(tokio::io::Interest::READABLE).await {
+                            Ok(ready) if !ready.is_read_closed() => {
+                                tokio::time::sleep(Duration::from_millis(10)).await;
+                            }
+                            _ => break,
+                        }
+                    }
+                    closed.fetch_add(1, Ordering::SeqCst);
+                    drop(outbound);
+                });
+            }
+        });
+        relay
+    }
+
+    fn freeze(&self) {
+        self.freeze.send_modify(|n| *n += 1);
+    }
+
+    fn connections(&self) -> u64 {
+        self.connections.load(Ordering::SeqCst)
+    }
+}
+
+/// The HTTPS + h2 simulator behind a [`Relay`], and a gateway (no retries) that reaches it
+/// through the relay with `upstream.timeout` 1 s: PINGs after 1 s without a frame, unanswered
+/// for 1 s more closes the connection.
+async fn behind_relay(pki: &Pki) -> (Simulator, Relay, Gateway) {
+    let sim = https_sim(
+        &pki.leaf(&["localhost", "127.0.0.1"], Usage::Server, false),
+        None,
+        true,
+    )
+    .await;
+    let relay = Relay::start(sim.addr()).await;
+    let upstream = format!("ca_file = \"{}\"\ntimeout = \"1s\"", pki.path("ca.pem"));
+    let gw = gateway(&config(&format!("https://{}", relay.addr), &upstream), &[]).await;
+    let first = balance(gw.main, ORDERS_KEY, "BEFORE").await;
+    assert_eq!(first.status, StatusCode::OK, "{:?}", first.body);
+    let stats = sim.handle().stats();
+    assert_eq!(
+        (relay.connections(), stats.connections, stats.http2_requests),
+        (1, 1, 2),
+        "authorize and the balance call on one h2 connection"
+    );
+    (sim, relay, gw)
+}
+
+/// Bill24's h2 connection wedges under a call (it stops reading and writing, the socket stays
+/// open): that call gets 504 at `upstream.timeout`, and the next call goes out on a new
+/// connection and is answered at once, rather than queueing behind the wedged one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wedged_h2_connection_is_not_reused_after_a_timeout() {
+    let pki = Pki::new("private CA");
+    let (sim, relay, gw) = behind_relay(&pki).await;
+    relay.freeze();
+
+    let started = Instant::now();
+    let stalled = balance(gw.main, ORDERS_KEY, "STALLED").await;
+    assert_eq!(
+        stalled.status,
+        StatusCode::GATEWAY_TIMEOUT,
+        "{:?}",
+        stalled.body
+    );
+    assert_eq!(stalled.error_code(), "upstream_timeout");
+    assert!(started.elapsed() >= Duration::from_secs(1));
+
+    let started = Instant::now();
+    let next = balance(gw.main, ORDERS_KEY, "NEXT").await;
+    assert_eq!(next.status, StatusCode::OK, "{:?}", next.body);
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "answered at once: {:?}",
+        started.elapsed()
+    );
+    let handle = sim.handle();
+    assert_eq!(relay.connections(), 2, "one new connection");
+    assert_eq!(handle.stats().connections, 2);
+    assert_eq!(
+        handle.balance_calls_for("STALLED"),
+        0,
+        "it never got through"
+    );
+    assert_eq!(handle.balance_calls_for("NEXT"), 1);
+    assert_eq!(handle.stats().balance_calls, 2);
+}
+
+/// An idle h2 connection whose Bill24 stops answering is found by its PINGs and closed within
+/// the PING interval plus the PING timeout (2 s here), before any call needs it; the next
+/// call opens a new connection and is answered at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_h2_connection_that_stops_answering_pings_is_closed() {
+    let pki = Pki::new("private CA");
+    let (sim, relay, gw) = behind_relay(&pki).await;
+    let frozen_at = Instant::now();
+    relay.freeze();
+    let deadline = frozen_at + Duration::from_secs(6);
+    while relay.closed_while_frozen.load(Ordering::SeqCst) == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the gateway kept the silent connection for 6 s"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let closed_after = frozen_at.elapsed();
+    assert!(
+        closed_after >= Duration::from_millis(900) && closed_after <= Duration::from_millis(3_500),
+        "closed {closed_after:?} after the freeze"
+    );
+    assert_eq!(
+        relay.connections(),
+        1,
+        "no call needed a connection meanwhile"
+    );
+
+    let started = Instant::now();
+    let next = balance(gw.main, ORDERS_KEY, "AFTER").await;
+    assert_eq!(next.status, StatusCode::OK, "{:?}", next.body);
+    assert!(started.elapsed() < Duration::from_secs(1));
+    assert_eq!(relay.connections(), 2);
+    assert_eq!(sim.handle().stats().connections, 2);
+    assert_eq!(sim.handle().stats().balance_calls, 2);
 }

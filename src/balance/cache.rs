@@ -1,5 +1,7 @@
 //! The balance cache: Bill24 answers per `customer_sync_code`, kept as bytes plus their body
 //! code, and freshness as pure functions of `now` (moka only evicts, on the entry's own clock).
+//! Bounded twice: at most `cache.max_entries` entries, weighing at most `cache.max_bytes`
+//! together, and no answer over [`MAX_CACHED_ANSWER_BYTES`] is kept at all.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, LazyLock};
@@ -199,6 +201,38 @@ const PURGE_MEMORY: Duration = Duration::from_secs(600);
 /// that began before a forgotten purge does not store its answer (as after `DELETE /cache`).
 const PURGED_CODES: u64 = 100_000;
 
+/// An answer longer than this is passed on but not cached, in either tier. A balance is a few
+/// hundred bytes (two wallets at most); an answer hundreds of times that is a broken or hostile
+/// Bill24, whose answers must not crowd out every ordinary customer's.
+pub(crate) const MAX_CACHED_ANSWER_BYTES: usize = 64 << 10;
+
+/// What an entry is taken to cost besides its body and key: the entry, moka's bookkeeping for
+/// it and the allocator's rounding (about 800 bytes of RSS per entry were measured with answers
+/// of about 200 bytes).
+const ENTRY_OVERHEAD: usize = 512;
+
+/// Bounds by entries and by bytes at once, with moka's one weighted capacity: each entry
+/// weighs its cost in bytes, but never less than a least weight of `max_bytes / max_entries`,
+/// and the capacity is `max_entries` least weights (never more than `max_bytes`). Weights
+/// within the capacity then keep both the entry count within `max_entries` and the bytes
+/// within `max_bytes`, and `max_entries` small entries fit exactly. `(least weight, capacity)`.
+fn weights(max_entries: u64, max_bytes: u64) -> (u32, u64) {
+    if max_entries == 0 {
+        return (u32::MAX, 0);
+    }
+    let least = u32::try_from(max_bytes / max_entries)
+        .unwrap_or(u32::MAX)
+        .max(1);
+    (least, max_bytes.min(u64::from(least) * max_entries))
+}
+
+/// One entry's weight: its bytes (answer, key, content type, [`ENTRY_OVERHEAD`]), at least
+/// `least`.
+fn weigh(code: &str, entry: &Entry, least: u32) -> u32 {
+    let bytes = entry.body.len() + code.len() + entry.content_type.len() + ENTRY_OVERHEAD;
+    u32::try_from(bytes).unwrap_or(u32::MAX).max(least)
+}
+
 /// What a fill read before it began, checked before its answer is stored: the count of
 /// `DELETE /cache`s and the count of one-code purges then.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -225,13 +259,15 @@ pub struct BalanceCache {
 }
 
 impl BalanceCache {
-    pub fn new(max_entries: u64) -> Self {
-        Self::remembering(max_entries, PURGED_CODES)
+    pub fn new(max_entries: u64, max_bytes: u64) -> Self {
+        Self::remembering(max_entries, max_bytes, PURGED_CODES)
     }
 
-    fn remembering(max_entries: u64, purged_codes: u64) -> Self {
+    fn remembering(max_entries: u64, max_bytes: u64, purged_codes: u64) -> Self {
+        let (least, capacity) = weights(max_entries, max_bytes);
         let entries = moka::sync::Cache::builder()
-            .max_capacity(max_entries)
+            .max_capacity(capacity)
+            .weigher(move |code: &SyncCode, entry: &Arc<Entry>| weigh(code, entry, least))
             .expire_after(EntryLifetime)
             // Seeded per process; faster than SipHash on short keys.
             .build_with_hasher(foldhash::fast::RandomState::default());
@@ -315,6 +351,13 @@ impl BalanceCache {
         self.entries.entry_count()
     }
 
+    /// What the entries weigh together after pending maintenance: at most `cache.max_bytes`.
+    #[cfg(test)]
+    fn weight(&self) -> u64 {
+        self.entries.run_pending_tasks();
+        self.entries.weighted_size()
+    }
+
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
@@ -328,6 +371,7 @@ mod tests {
         CacheConfig {
             ttl: Duration::from_secs(10),
             max_entries: 10,
+            max_bytes: 1 << 20,
             negative_ttl: Duration::ZERO,
             stale_if_error: Duration::from_secs(30),
             refresh_ahead: Duration::ZERO,
@@ -421,7 +465,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_replaced_entry_lives_by_its_own_lifetime() {
-        let cache = BalanceCache::new(10);
+        let cache = BalanceCache::new(10, 1 << 20);
         let short = Entry {
             fresh_for: Duration::from_millis(100),
             stale_for: Duration::ZERO,
@@ -442,7 +486,7 @@ mod tests {
 
     #[test]
     fn purge_discards_inserts_from_before_it_for_that_code_only() {
-        let cache = BalanceCache::new(10);
+        let cache = BalanceCache::new(10, 1 << 20);
         let before = cache.generation();
         cache.purge("a");
         cache.insert_if_current("a".into(), Arc::new(entry(Instant::now())), before);
@@ -459,9 +503,55 @@ mod tests {
         assert!(cache.get("c").is_none(), "fetched before DELETE /cache");
     }
 
+    fn sized(body_len: usize) -> Arc<Entry> {
+        Arc::new(Entry {
+            body: Bytes::from(vec![b' '; body_len]),
+            ..entry(Instant::now())
+        })
+    }
+
+    #[test]
+    fn both_bounds_hold_whichever_binds_first() {
+        // Small entries: the count binds (each weighs the least weight, 1 MiB / 100).
+        assert_eq!(weights(100, 1 << 20), (10_485, 1_048_500));
+        let cache = BalanceCache::new(100, 1 << 20);
+        for i in 0..300 {
+            cache.insert(format!("S{i}").as_str().into(), sized(100));
+        }
+        assert!(cache.len() <= 100, "{} entries", cache.len());
+        assert!(
+            cache.len() >= 90,
+            "the count binds, not the bytes: {}",
+            cache.len()
+        );
+        // Large entries: the bytes bind, long before the count.
+        let cache = BalanceCache::new(100, 1 << 20);
+        for i in 0..300 {
+            cache.insert(format!("L{i}").as_str().into(), sized(60_000));
+        }
+        assert!(cache.weight() <= 1 << 20, "{} bytes", cache.weight());
+        assert!(
+            cache.len() <= 17,
+            "{} entries of 60 kB in 1 MiB",
+            cache.len()
+        );
+        // An entry's weight is what it holds, never less than the least weight.
+        let e = sized(60_000);
+        assert_eq!(
+            weigh("L1", &e, 10_485) as usize,
+            60_000 + 2 + e.content_type.len() + ENTRY_OVERHEAD
+        );
+        assert_eq!(weigh("S1", &sized(100), 10_485), 10_485);
+        // No entries at all, and a least weight beyond u32: both bounds still hold.
+        assert_eq!(weights(0, 1 << 20), (u32::MAX, 0));
+        assert_eq!(weights(1, 1 << 40), (u32::MAX, u64::from(u32::MAX)));
+        assert_eq!(weights(1 << 30, 1 << 20), (1, 1 << 20));
+        assert_eq!(weights(100_000, 128 << 20), (1_342, 134_200_000));
+    }
+
     #[test]
     fn purging_other_codes_leaves_every_fill_alone() {
-        let cache = BalanceCache::new(10_000);
+        let cache = BalanceCache::new(10_000, 128 << 20);
         let codes: Vec<String> = (0..2_000).map(|i| format!("C{i}")).collect();
         let before = cache.generation();
         for i in 0..5_000 {
@@ -479,7 +569,7 @@ mod tests {
 
     #[test]
     fn a_forgotten_purge_stops_every_fill_from_before_it() {
-        let cache = BalanceCache::remembering(10, 100);
+        let cache = BalanceCache::remembering(10, 1 << 20, 100);
         let before = cache.generation();
         for i in 0..1_000 {
             cache.purge(&format!("P{i}"));

@@ -29,7 +29,8 @@ use tokio::time::Instant;
 use tower::Service;
 
 use super::cache::{
-    BalanceCache, CacheStatus, Entry, Freshness, Generation, Tier as CacheTier, fresh_for,
+    BalanceCache, CacheStatus, Entry, Freshness, Generation, MAX_CACHED_ANSWER_BYTES,
+    Tier as CacheTier, fresh_for,
 };
 use super::code::SyncCode;
 use super::request::BalanceQuery;
@@ -452,7 +453,8 @@ impl Balances {
     }
 
     /// The cache entry for an answer, and the same as the tier holds it, when it may be
-    /// cached at all.
+    /// cached at all. An answer over [`MAX_CACHED_ANSWER_BYTES`] is passed on, not kept: the
+    /// caller's balance is right, only each ask for it goes to Bill24.
     fn entry_for(&self, answer: &Answer) -> Option<(Entry, SharedAnswer)> {
         if answer.status != StatusCode::OK {
             return None;
@@ -460,6 +462,14 @@ impl Balances {
         let code = answer.bill24_code.as_ref()?;
         let cfg = self.cache_config.load();
         let fresh_for = fresh_for(&cfg, code, rand::random::<f64>())?;
+        if answer.body.len() > MAX_CACHED_ANSWER_BYTES {
+            tracing::warn!(
+                bytes = answer.body.len(),
+                limit = MAX_CACHED_ANSWER_BYTES,
+                "Bill24 answer too large to cache: passed on, not cached"
+            );
+            return None;
+        }
         let shared = SharedAnswer {
             // A copy of exactly the body: the answer's bytes may be a slice of the connection's
             // read buffer, which a cached entry would otherwise keep alive in full.
@@ -721,7 +731,7 @@ mod tests {
         });
         let balances = Balances::with_tier(
             config.cache.clone(),
-            Arc::new(BalanceCache::new(100)),
+            Arc::new(BalanceCache::new(100, 1 << 20)),
             bill24,
             Some(tier.clone() as Arc<dyn Tier>),
             metrics,

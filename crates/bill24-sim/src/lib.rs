@@ -200,6 +200,9 @@ pub struct Control {
     pub reset_counters: Option<bool>,
     /// Close every open connection now (clients must open new ones).
     pub close_connections: Option<bool>,
+    /// Make every `"000"` answer exactly this many bytes long, by lengthening its first
+    /// wallet's name (still valid JSON); 0 or shorter than the plain answer: no padding.
+    pub answer_bytes: Option<u64>,
 }
 
 /// A field that is present, even as `null` (which plain `Option<Option<_>>` reads as absent).
@@ -248,6 +251,7 @@ struct Settings {
     token_lifetime: Duration,
     expire_format: ExpireFormat,
     refusal_style: RefusalStyle,
+    answer_bytes: usize,
 }
 
 struct Tokens {
@@ -312,6 +316,7 @@ impl Simulator {
                 token_lifetime: config.token_lifetime,
                 expire_format: ExpireFormat::default(),
                 refusal_style: RefusalStyle::default(),
+                answer_bytes: 0,
             }),
             credentials: config,
             tokens: Mutex::new(Tokens {
@@ -407,6 +412,9 @@ impl SimHandle {
             if let Some(r) = control.refusal_style {
                 set.refusal_style = r;
             }
+            if let Some(n) = control.answer_bytes {
+                set.answer_bytes = usize::try_from(n).unwrap_or(usize::MAX);
+            }
         }
         if let Some(revoke) = control.revoke {
             let mut tokens = lock(&s.tokens);
@@ -492,6 +500,14 @@ impl SimHandle {
     pub fn set_refusal_style(&self, style: RefusalStyle) {
         self.apply(&Control {
             refusal_style: Some(style),
+            ..Control::default()
+        });
+    }
+
+    /// Makes every `"000"` answer exactly `bytes` long (0: answers as usual).
+    pub fn set_answer_bytes(&self, bytes: u64) {
+        self.apply(&Control {
+            answer_bytes: Some(bytes),
             ..Control::default()
         });
     }
@@ -829,7 +845,7 @@ async fn balance(
         *lock(&state.per_customer).entry(code.clone()).or_default() += 1;
     }
     *lock(&state.last_balance) = Some(recorded);
-    let (latency, fault) = {
+    let (latency, fault, answer_bytes) = {
         let mut s = lock(&state.settings);
         let fault = match s.fail_next {
             (n, Some(f)) if n > 0 => {
@@ -838,7 +854,7 @@ async fn balance(
             }
             _ => s.balance_fault,
         };
-        (s.latency, fault)
+        (s.latency, fault, s.answer_bytes)
     };
     if !latency.is_zero() {
         tokio::time::sleep(latency).await;
@@ -878,15 +894,25 @@ async fn balance(
         .get(&code)
         .cloned()
         .unwrap_or_else(|| default_wallets(&code));
-    Ok(json(
-        StatusCode::OK,
-        &BalanceAnswer {
-            code: "000",
-            message: "Success",
-            message_kh: MESSAGE_KH_SUCCESS,
-            data: Some(wallets),
-        },
-    ))
+    let mut answer = BalanceAnswer {
+        code: "000",
+        message: "Success",
+        message_kh: MESSAGE_KH_SUCCESS,
+        data: Some(wallets),
+    };
+    pad(&mut answer, answer_bytes);
+    Ok(json(StatusCode::OK, &answer))
+}
+
+/// Lengthens the first wallet's name (ASCII, one byte per character in the JSON) so that the
+/// answer is `bytes` long, when it is shorter.
+fn pad(answer: &mut BalanceAnswer, bytes: usize) {
+    let len = serde_json::to_vec(&*answer).map_or(0, |b| b.len());
+    if let Some(wallet) = answer.data.as_mut().and_then(|w| w.first_mut())
+        && bytes > len
+    {
+        wallet.name.push_str(&"x".repeat(bytes - len));
+    }
 }
 
 /// A balance answer, fields in Bill24's order.

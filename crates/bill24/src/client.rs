@@ -2,6 +2,12 @@
 //! HTTP/2 when Bill24 offers it by ALPN; plain `http://` for the simulator), reached directly or
 //! through an egress proxy ([`crate::route`]), the two endpoint URLs, and one POST with its
 //! deadline and a cap on the answer's size.
+//!
+//! A connection that stops answering is not reused: HTTP/2 connections are PINGed (idle ones
+//! too) and closed when a PING goes unanswered, and a call that times out takes its connection
+//! out of the pool, so the next call opens a new one. (HTTP/2 multiplexes every call onto one
+//! connection: without both, one wedged connection would stall every call until the peer
+//! closed it.)
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -13,7 +19,7 @@ use http::{HeaderMap, HeaderValue, Request, StatusCode, Uri};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
 use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::connect::{HttpConnector, capture_connection};
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use tokio::time::Instant;
 
@@ -24,11 +30,23 @@ use crate::{Config, Endpoint, tls};
 pub const AUTHORIZE_PATH: &str = "/merchantsecurity/authorize";
 pub const BALANCE_PATH: &str = "/instant_payment/get_wallet_balance";
 
-/// Bill24 answers are small; anything larger than this is treated as a failure.
-pub(crate) const MAX_ANSWER_BYTES: usize = 1 << 20;
+/// Bill24 answers are small (a balance is a few hundred bytes); a body larger than this is not
+/// read on: the call fails as an answer the gateway cannot use, and is not retried.
+pub const MAX_ANSWER_BYTES: usize = 1 << 20;
 
 /// How long an unused pooled connection is kept.
 const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// The HTTP/2 keep-alive of a connection to Bill24, derived from `upstream.timeout`: after
+/// one timeout without a frame from Bill24 a PING goes out, and a PING unanswered for one
+/// more timeout closes the connection (a Bill24 that cannot answer a PING in that time could
+/// not answer a call in time either). Bounded below so that a very short timeout does not
+/// make a PING flood, and above so that a dead connection is found within a minute.
+pub(crate) fn keep_alive(timeout: Duration) -> (Duration, Duration) {
+    let interval = timeout.clamp(Duration::from_secs(1), Duration::from_secs(30));
+    let ack_within = timeout.clamp(Duration::from_millis(100), Duration::from_secs(20));
+    (interval, ack_within)
+}
 
 type HttpClient = Client<HttpsConnector<Route>, Full<Bytes>>;
 
@@ -49,8 +67,9 @@ pub enum TransportError {
     Connect(String),
     #[error("connection failed: {0}")]
     Io(String),
-    #[error("answer larger than {MAX_ANSWER_BYTES} bytes")]
-    TooLarge,
+    /// Bill24 answered (with this status), but with a body over [`MAX_ANSWER_BYTES`].
+    #[error("answer larger than {MAX_ANSWER_BYTES} bytes (HTTP {})", .0.as_u16())]
+    TooLarge(StatusCode),
     /// The TLS handshake failed: why, in words (`certificate verify failed: unknown issuer`).
     #[error("{0}")]
     Tls(String),
@@ -60,9 +79,11 @@ pub enum TransportError {
 }
 
 impl TransportError {
-    /// The `status` label of `gateway_upstream_requests_total` for a call with no HTTP status.
-    pub fn label(&self) -> &'static str {
+    /// The `status` label of `gateway_upstream_requests_total`: the HTTP status when Bill24
+    /// sent one, else what went wrong.
+    pub fn label(&self) -> &str {
         match self {
+            TransportError::TooLarge(status) => status.as_str(),
             TransportError::Timeout(_) => "timeout",
             TransportError::Tls(_) => "tls_error",
             TransportError::Proxy(_) => "proxy_error",
@@ -116,7 +137,11 @@ impl Transport {
             .enable_http1()
             .enable_http2()
             .wrap_connector(chosen.route);
+        let (ping_interval, ping_timeout) = keep_alive(cfg.timeout);
         let client = Client::builder(TokioExecutor::new())
+            .http2_keep_alive_interval(ping_interval)
+            .http2_keep_alive_timeout(ping_timeout)
+            .http2_keep_alive_while_idle(true)
             .pool_idle_timeout(POOL_IDLE_TIMEOUT)
             .pool_max_idle_per_host(cfg.max_in_flight)
             .pool_timer(TokioTimer::new())
@@ -169,6 +194,8 @@ impl Transport {
                 .headers_mut()
                 .insert(PROXY_AUTHORIZATION, auth.clone());
         }
+        // Which pooled connection carries the call, so that a timeout can retire it.
+        let connection = capture_connection(&mut request);
         let start = Instant::now();
         let exchange = async {
             let response = self
@@ -192,7 +219,7 @@ impl Transport {
                     if e.downcast_ref::<http_body_util::LengthLimitError>()
                         .is_some()
                     {
-                        TransportError::TooLarge
+                        TransportError::TooLarge(parts.status)
                     } else if let Some(proxy) = &self.forward_proxy {
                         TransportError::Proxy(format!(
                             "through the proxy {proxy}: {}",
@@ -212,7 +239,14 @@ impl Transport {
         };
         match tokio::time::timeout(timeout, exchange).await {
             Ok(result) => result,
-            Err(_) => Err(TransportError::Timeout(timeout)),
+            Err(_) => {
+                // The connection may be wedged (a peer that neither reads nor writes, or a
+                // full send window): the pool must not hand it to the next call.
+                if let Some(connected) = connection.connection_metadata().as_ref() {
+                    connected.poison();
+                }
+                Err(TransportError::Timeout(timeout))
+            }
         }
     }
 
@@ -266,5 +300,19 @@ fn classify_other(e: &hyper_util::client::legacy::Error) -> TransportError {
         TransportError::Connect(error_chain(e))
     } else {
         TransportError::Io(error_chain(e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keep_alive_follows_the_timeout_within_bounds() {
+        let ms = Duration::from_millis;
+        assert_eq!(keep_alive(ms(5_000)), (ms(5_000), ms(5_000)));
+        assert_eq!(keep_alive(ms(300)), (ms(1_000), ms(300)));
+        assert_eq!(keep_alive(ms(10)), (ms(1_000), ms(100)));
+        assert_eq!(keep_alive(ms(120_000)), (ms(30_000), ms(20_000)));
     }
 }

@@ -32,7 +32,7 @@ use tokio::time::Instant;
 
 use budget::RetryBudget;
 use circuit::{Admission, Circuit, CircuitState, Transition};
-pub use client::{AUTHORIZE_PATH, BALANCE_PATH};
+pub use client::{AUTHORIZE_PATH, BALANCE_PATH, MAX_ANSWER_BYTES};
 use client::{Reply, Transport, TransportError};
 use fleet::{CircuitNews, FleetHooks};
 pub use secret::{REDACTED, Secret};
@@ -135,6 +135,10 @@ pub enum UpstreamError {
     Status(u16),
     #[error("Bill24's answer was not valid JSON")]
     InvalidAnswer,
+    /// A body over [`MAX_ANSWER_BYTES`]: Bill24 answered, but nothing the gateway could use
+    /// (and asking again would most likely bring the same).
+    #[error("Bill24's answer was larger than {MAX_ANSWER_BYTES} bytes")]
+    AnswerTooLarge,
     #[error("Bill24 refused the gateway's access token")]
     Unauthorized,
     #[error("the gateway has no valid Bill24 access token")]
@@ -180,9 +184,8 @@ impl UpstreamError {
         match e {
             TransportError::Timeout(_) => UpstreamError::Timeout,
             TransportError::Connect(_) => UpstreamError::Unreachable,
-            TransportError::Io(_) | TransportError::TooLarge | TransportError::Proxy(_) => {
-                UpstreamError::Unreachable
-            }
+            TransportError::Io(_) | TransportError::Proxy(_) => UpstreamError::Unreachable,
+            TransportError::TooLarge(_) => UpstreamError::AnswerTooLarge,
             TransportError::Tls(reason) => UpstreamError::Tls(reason.clone()),
         }
     }
@@ -500,9 +503,13 @@ impl Bill24 {
                     error = %e,
                     "Bill24 balance call failed"
                 );
+                let upstream_status = match e {
+                    TransportError::TooLarge(status) => Some(status.as_u16()),
+                    _ => None,
+                };
                 Err(Failure::new(
                     UpstreamError::from_transport(&e),
-                    None,
+                    upstream_status,
                     Some(match e {
                         TransportError::Timeout(t) => t,
                         _ => elapsed,
@@ -633,6 +640,12 @@ mod tests {
         assert!(UpstreamError::Unreachable.is_retryable());
         assert!(UpstreamError::Status(503).is_retryable());
         assert!(!UpstreamError::InvalidAnswer.is_retryable());
+        assert!(!UpstreamError::AnswerTooLarge.is_retryable());
+        assert!(UpstreamError::AnswerTooLarge.counts_against_circuit());
+        assert!(matches!(
+            UpstreamError::from_transport(&TransportError::TooLarge(StatusCode::OK)),
+            UpstreamError::AnswerTooLarge
+        ));
         assert!(!UpstreamError::Unauthorized.is_retryable());
         assert!(!UpstreamError::Busy.is_retryable());
         assert!(!UpstreamError::Token(TokenError::Abandoned).is_retryable());
