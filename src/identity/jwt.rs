@@ -22,6 +22,7 @@ use sha2::{Digest, Sha256};
 use tokio::time::Instant;
 
 use crate::config::{JwksSource, JwtConfig};
+use crate::identity::file;
 
 /// The most verified tokens remembered per key set.
 const REMEMBERED_TOKENS: u64 = 10_000;
@@ -30,7 +31,7 @@ pub(crate) const JWKS_REFETCH_EVERY: Duration = Duration::from_secs(600);
 /// At most one fetch for an unknown `kid` (or after a failed fetch) this often.
 pub(crate) const JWKS_UNKNOWN_KID_EVERY: Duration = Duration::from_secs(30);
 /// The largest JWKS accepted.
-pub(crate) const MAX_JWKS_BYTES: usize = 1024 * 1024;
+pub(crate) const MAX_JWKS_BYTES: usize = file::MAX_FILE_BYTES;
 /// The longest token looked at; longer ones are refused unread.
 const MAX_TOKEN_BYTES: usize = 16 * 1024;
 
@@ -259,7 +260,7 @@ impl Verifier {
             fetch: tokio::sync::Mutex::new(()),
         };
         if let JwksSource::File(path) = &verifier.config.jwks {
-            let text = std::fs::read(path)
+            let text = file::read(path)
                 .map_err(|e| format!("cannot read jwt.jwks_file {}: {e}", path.display()))?;
             let set = KeySet::parse(&text)
                 .map_err(|e| format!("jwt.jwks_file {} {e}", path.display()))?;
@@ -271,6 +272,12 @@ impl Verifier {
 
     pub(crate) fn config(&self) -> &JwtConfig {
         &self.config
+    }
+
+    /// How many keys are in use.
+    #[cfg(test)]
+    pub(crate) fn key_count(&self) -> usize {
+        self.keys.load().len()
     }
 
     fn seen(&self) -> std::sync::MutexGuard<'_, Seen> {
@@ -313,7 +320,12 @@ impl Verifier {
     /// fetched when `force` or when it is due (every 10 min; 30 s after a failed fetch).
     pub(crate) async fn upkeep(&self, client: &JwksClient, force: bool) -> Loaded {
         match &self.config.jwks {
-            JwksSource::File(path) => match read_bounded(path).await {
+            JwksSource::File(path) => match file::in_time({
+                let path = path.clone();
+                move || file::read(&path)
+            })
+            .await
+            {
                 Ok(text) => self.offer(&text, &path.display().to_string()),
                 Err(why) => {
                     let digest: [u8; 32] = Sha256::digest(why.as_bytes()).into();
@@ -375,17 +387,17 @@ impl Verifier {
         }
     }
 
-    /// Verifies `token` with the keys in hand: its subject, or why not. An unknown `kid` is
-    /// [`JwtFailure::UnknownKid`]; the caller may refresh a URL's keys and ask again.
-    pub(crate) fn verify(&self, token: &[u8]) -> Result<Arc<str>, JwtFailure> {
+    /// Verifies `token`, whose SHA-256 is `digest`, with the keys in hand: its subject, or why
+    /// not. An unknown `kid` is [`JwtFailure::UnknownKid`]; the caller may refresh a URL's keys
+    /// and ask again.
+    pub(crate) fn verify(&self, token: &[u8], digest: &[u8; 32]) -> Result<Arc<str>, JwtFailure> {
         let keys = self.keys.load();
-        let digest: [u8; 32] = Sha256::digest(token).into();
         let leeway = self.config.leeway.as_secs_f64();
-        if let Some((sub, exp)) = keys.verified.get(&digest) {
+        if let Some((sub, exp)) = keys.verified.get(digest) {
             if now_secs() <= exp + leeway {
                 return Ok(sub);
             }
-            keys.verified.invalidate(&digest);
+            keys.verified.invalidate(digest);
             return Err(JwtFailure::Expired);
         }
         let token = std::str::from_utf8(token).map_err(|_| JwtFailure::Malformed)?;
@@ -420,7 +432,7 @@ impl Verifier {
             return Err(JwtFailure::MissingClaim);
         };
         let sub: Arc<str> = Arc::from(sub);
-        keys.verified.insert(digest, (sub.clone(), exp));
+        keys.verified.insert(*digest, (sub.clone(), exp));
         Ok(sub)
     }
 }
@@ -463,28 +475,6 @@ fn redacted_url(uri: &http::Uri) -> String {
         uri.host().unwrap_or(""),
         uri.path()
     )
-}
-
-/// A file read off the runtime's threads, within a bound (a FIFO or a stuck network mount
-/// must not hold anything up), at most [`MAX_JWKS_BYTES`].
-pub(crate) async fn read_bounded(path: &std::path::Path) -> Result<Vec<u8>, String> {
-    use tokio::io::AsyncReadExt;
-    let read = async {
-        let file = tokio::fs::File::open(path).await?;
-        let mut text = Vec::new();
-        file.take(MAX_JWKS_BYTES as u64 + 1)
-            .read_to_end(&mut text)
-            .await?;
-        Ok::<_, std::io::Error>(text)
-    };
-    match tokio::time::timeout(Duration::from_secs(2), read).await {
-        Ok(Ok(text)) if text.len() > MAX_JWKS_BYTES => {
-            Err(format!("is larger than {MAX_JWKS_BYTES} bytes"))
-        }
-        Ok(Ok(text)) => Ok(text),
-        Ok(Err(e)) => Err(e.to_string()),
-        Err(_) => Err("could not be read within 2 s".into()),
-    }
 }
 
 /// Fetches JWKS documents over HTTP(S) (webpki roots).
@@ -564,22 +554,23 @@ pub(crate) struct Jwt {
 }
 
 impl Jwt {
-    /// Verifies `token`; on an unknown `kid` with a JWKS URL, fetches the keys again (at most
-    /// once per 30 s) and tries once more.
+    /// Verifies `token` (SHA-256 `digest`); on an unknown `kid` with a JWKS URL, fetches the
+    /// keys again (at most once per 30 s) and tries once more.
     pub(crate) async fn verify_fetching(
         &self,
         client: &JwksClient,
         token: &[u8],
+        digest: &[u8; 32],
     ) -> Result<Arc<str>, JwtFailure> {
         let Some(verifier) = self.current.load_full() else {
             return Err(JwtFailure::NoKeys);
         };
-        match verifier.verify(token) {
+        match verifier.verify(token, digest) {
             Err(JwtFailure::UnknownKid | JwtFailure::NoKeys)
                 if matches!(verifier.config.jwks, JwksSource::Url(_)) =>
             {
                 verifier.upkeep(client, true).await;
-                verifier.verify(token)
+                verifier.verify(token, digest)
             }
             other => other,
         }

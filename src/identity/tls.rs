@@ -25,7 +25,7 @@ use tokio::net::TcpStream;
 use tokio_rustls::server::TlsStream;
 
 use crate::config::ListenerTlsConfig;
-use crate::identity::jwt::read_bounded;
+use crate::identity::file;
 
 /// What a connection's client certificate says about its peer, for every request on it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -202,17 +202,16 @@ fn build(texts: &Texts, provider: &Arc<CryptoProvider>) -> Result<(CertifiedKey,
     Ok((certified, roots))
 }
 
-async fn read_all(config: &ListenerTlsConfig) -> Result<Texts, String> {
-    let read = |path: std::path::PathBuf, key: &'static str| async move {
-        read_bounded(&path)
-            .await
-            .map_err(|e| format!("{key} {}: {e}", path.display()))
+/// Reads the files `config` names (blocking).
+fn read_texts(config: &ListenerTlsConfig) -> Result<Texts, String> {
+    let read = |path: &std::path::Path, key: &str| {
+        file::read(path).map_err(|e| format!("{key} {}: {e}", path.display()))
     };
     Ok(Texts {
-        cert: read(config.cert_file.clone(), "server.tls_cert_file").await?,
-        key: read(config.key_file.clone(), "server.tls_key_file").await?,
+        cert: read(&config.cert_file, "server.tls_cert_file")?,
+        key: read(&config.key_file, "server.tls_key_file")?,
         client_ca: match &config.client_ca_file {
-            Some(path) => Some(read(path.clone(), "server.tls_client_ca_file").await?),
+            Some(path) => Some(read(path, "server.tls_client_ca_file")?),
             None => None,
         },
     })
@@ -221,17 +220,7 @@ async fn read_all(config: &ListenerTlsConfig) -> Result<Texts, String> {
 impl ListenerTls {
     /// TLS from the files `config` names, read now.
     pub(crate) fn new(config: &ListenerTlsConfig) -> Result<Self, String> {
-        let read = |path: &std::path::Path, key: &str| {
-            std::fs::read(path).map_err(|e| format!("{key} {}: {e}", path.display()))
-        };
-        let texts = Texts {
-            cert: read(&config.cert_file, "server.tls_cert_file")?,
-            key: read(&config.key_file, "server.tls_key_file")?,
-            client_ca: match &config.client_ca_file {
-                Some(path) => Some(read(path, "server.tls_client_ca_file")?),
-                None => None,
-            },
-        };
+        let texts = read_texts(config)?;
         let provider = provider();
         let (certified, roots) = build(&texts, &provider)?;
         let certificate = Arc::new(Certificate(ArcSwap::from_pointee(certified)));
@@ -274,7 +263,12 @@ impl ListenerTls {
     /// handshakes with them. Open connections keep what they negotiated.
     pub(crate) async fn reload(&self) -> Reloaded {
         let config = self.files().config.clone();
-        let texts = match read_all(&config).await {
+        let texts = match file::in_time({
+            let config = config.clone();
+            move || read_texts(&config)
+        })
+        .await
+        {
             Ok(texts) => texts,
             Err(why) => return self.refuse(why.as_bytes(), &why),
         };
