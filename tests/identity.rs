@@ -293,7 +293,8 @@ struct Setup {
     pki: Pki,
     _sim: bill24_sim::Simulator,
     gateway: Running,
-    _dir: tempfile::TempDir,
+    /// Holds the config file, `gw.toml`.
+    dir: tempfile::TempDir,
     main: SocketAddr,
 }
 
@@ -332,7 +333,7 @@ async fn start(pki: Pki, mtls: bool, jwt: &str, extra_callers: &str) -> Setup {
         pki,
         _sim: sim,
         gateway,
-        _dir: dir,
+        dir,
         main,
     }
 }
@@ -345,6 +346,27 @@ async fn access_line(gateway: &Running, reply: &Reply) -> serde_json::Value {
         .to_string();
     let line = gateway.wait_for_line(&id).await;
     serde_json::from_str(&line).expect("json line")
+}
+
+/// `reply` is a 200 for `caller`, identified by `auth` as its access line says.
+async fn assert_served(gateway: &Running, reply: &Reply, caller: &str, auth: &str) {
+    assert_eq!(reply.status, 200, "{caller}: {:?}", reply.body);
+    let line = access_line(gateway, reply).await;
+    assert_eq!(line["caller"], caller, "{line}");
+    assert_eq!(line["auth"], auth, "{line}");
+}
+
+/// `reply` is a 401 `unauthorized` for no caller, and its access line's `auth_error` says
+/// `why`.
+async fn assert_refused(gateway: &Running, reply: &Reply, why: &str) {
+    assert_eq!(reply.status, 401, "{why}: {:?}", reply.body);
+    assert_eq!(reply.error_code(), "unauthorized", "{why}");
+    let line = access_line(gateway, reply).await;
+    assert_eq!(line["caller"], serde_json::Value::Null, "{line}");
+    assert!(
+        line["auth_error"].as_str().is_some_and(|e| e.contains(why)),
+        "{why}: {line}"
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -367,16 +389,13 @@ async fn the_listener_speaks_tls_with_h2_and_http1_by_alpn_and_keys_still_work()
                 .balance(Some(ORDERS_KEY), "CUST001")
                 .await
                 .expect("answer");
-            assert_eq!(reply.status, 200, "{:?}", reply.body);
-            let line = access_line(&s.gateway, &reply).await;
-            assert_eq!(line["caller"], "orders");
-            assert_eq!(line["auth"], "key");
+            assert_served(&s.gateway, &reply, "orders", "key").await;
         }
         let reply = conn
             .balance(Some("wrong"), "CUST001")
             .await
             .expect("answer");
-        assert_eq!(reply.status, 401);
+        assert_refused(&s.gateway, &reply, "key: matches no caller").await;
     }
     // Plain HTTP to the TLS port is no way around it.
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -409,10 +428,7 @@ async fn client_certificates_identify_spiffe_callers_and_nothing_else_does() {
         None,
     )
     .await;
-    assert_eq!(reply.status, 200, "{:?}", reply.body);
-    let line = access_line(&s.gateway, &reply).await;
-    assert_eq!(line["caller"], "orders-mesh");
-    assert_eq!(line["auth"], "mtls");
+    assert_served(&s.gateway, &reply, "orders-mesh", "mtls").await;
 
     // Over HTTP/1.1 too, several requests on one connection.
     let mut conn = connect(
@@ -432,37 +448,21 @@ async fn client_certificates_identify_spiffe_callers_and_nothing_else_does() {
     let rogue_ca = Pki::new("rogue CA");
     let rogue = rogue_ca.client_with_uri(ORDERS_SPIFFE);
     let reply = once(s.main, &tls_config(&s.pki.ca_pem, Some(&rogue), &[]), None).await;
-    assert_eq!(reply.status, 401);
-    assert_eq!(reply.error_code(), "unauthorized");
-    let line = access_line(&s.gateway, &reply).await;
-    assert_eq!(line["caller"], serde_json::Value::Null);
-    assert!(
-        line["auth_error"]
-            .as_str()
-            .is_some_and(|e| e.contains("not issued by")),
-        "{line}"
-    );
+    assert_refused(&s.gateway, &reply, "not issued by").await;
 
     // Two URI SANs, one of them the caller's: a certificate is one workload, or none.
     let both = s
         .pki
         .client_with_uris(&["spiffe://cluster.local/ns/other/sa/other", ORDERS_SPIFFE]);
     let reply = once(s.main, &tls_config(&s.pki.ca_pem, Some(&both), &[]), None).await;
-    assert_eq!(reply.status, 401, "two URI SANs identify no one");
-    let line = access_line(&s.gateway, &reply).await;
-    assert!(
-        line["auth_error"]
-            .as_str()
-            .is_some_and(|e| e.contains("exactly one URI SAN")),
-        "{line}"
-    );
+    assert_refused(&s.gateway, &reply, "exactly one URI SAN").await;
 
     // A good certificate for a workload that is no caller.
     let other = s
         .pki
         .client_with_uri("spiffe://cluster.local/ns/other/sa/other");
     let reply = once(s.main, &tls_config(&s.pki.ca_pem, Some(&other), &[]), None).await;
-    assert_eq!(reply.status, 401);
+    assert_refused(&s.gateway, &reply, "no caller's spiffe_id").await;
 
     // A certificate with DNS names only.
     let dns = s.pki.leaf(&["orders.local"], Usage::Client, false);
@@ -508,10 +508,7 @@ async fn jwts_identify_callers_and_every_bad_shape_is_refused_saying_which_check
     for key in [&es, &rs] {
         let token = key.token(ORDERS_SUB);
         let reply = once(s.main, &config, Some(&token)).await;
-        assert_eq!(reply.status, 200, "{}: {:?}", key.alg(), reply.body);
-        let line = access_line(&s.gateway, &reply).await;
-        assert_eq!(line["caller"], "orders-jwt");
-        assert_eq!(line["auth"], "jwt");
+        assert_served(&s.gateway, &reply, "orders-jwt", "jwt").await;
     }
 
     let good = es.token(ORDERS_SUB);
@@ -603,14 +600,11 @@ async fn jwts_identify_callers_and_every_bad_shape_is_refused_saying_which_check
     ];
     for (what, token, why) in &bad {
         let reply = once(s.main, &config, Some(token)).await;
-        assert_eq!(reply.status, 401, "{what}");
-        assert_eq!(reply.error_code(), "unauthorized", "{what}");
-        assert!(!String::from_utf8_lossy(&reply.body).contains(token.as_str()));
-        let line = access_line(&s.gateway, &reply).await;
         assert!(
-            line["auth_error"].as_str().is_some_and(|e| e.contains(why)),
-            "{what}: {line}"
+            !String::from_utf8_lossy(&reply.body).contains(token.as_str()),
+            "{what}"
         );
+        assert_refused(&s.gateway, &reply, why).await;
     }
     // No token, good or bad, ever reaches the log.
     let output = s.gateway.output().join("\n");
@@ -757,6 +751,27 @@ async fn rotated_certificates_and_jwks_serve_new_connections_while_open_ones_sta
     s.gateway.wait_for_line("config reloaded").await;
     let after = connect(s.main, fresh_config()).await.expect("connects");
     assert_ne!(after.peer_cert, fresh.peer_cert);
+
+    // New file names on SIGHUP: in use by the time the reload is logged, not a poll later.
+    let renamed = s.pki.leaf(&["localhost"], Usage::Server, false);
+    s.pki.write("renamed.pem", &renamed.cert);
+    s.pki.write("renamed.key", &renamed.key);
+    let config_path = s.dir.path().join("gw.toml");
+    let config = std::fs::read_to_string(&config_path).expect("config");
+    let config = config
+        .replace("server.pem", "renamed.pem")
+        .replace("server.key", "renamed.key");
+    std::fs::write(&config_path, config).expect("write config");
+    s.gateway.signal("HUP");
+    s.gateway
+        .wait_for_line(r#"[\"server.tls_cert_file\"]"#)
+        .await;
+    let renamed_conn = connect(s.main, fresh_config()).await.expect("connects");
+    let expected = CertificateDer::from_pem_slice(renamed.cert.as_bytes()).expect("pem");
+    assert!(
+        renamed_conn.peer_cert == expected.as_ref(),
+        "new connections present the certificate of the new file names at once"
+    );
 }
 
 /// A JWKS served over HTTP by the test, counting its fetches.
@@ -829,17 +844,11 @@ async fn a_jwks_url_is_fetched_at_start_and_again_for_an_unknown_kid_at_most_eve
         .balance(Some(&second.token(ORDERS_SUB)), "CUST001")
         .await
         .expect("answer");
-    assert_eq!(reply.status, 401);
+    assert_refused(&s.gateway, &reply, "unknown kid").await;
     assert_eq!(
         fetches.load(Ordering::SeqCst),
         1,
         "at most one fetch per 30 s"
-    );
-    let line = access_line(&s.gateway, &reply).await;
-    assert!(
-        line["auth_error"]
-            .as_str()
-            .is_some_and(|e| e.contains("unknown kid"))
     );
 
     // 30 s after the last fetch, an unknown kid fetches once, and the keys it brought verify
