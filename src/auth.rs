@@ -6,8 +6,9 @@
 //! - no `Authorization`, over TLS with a client certificate that chains to
 //!   `server.tls_client_ca_file` and whose URI SAN is a caller's `spiffe_id`.
 //!
-//! A request that carries an `Authorization` value is decided by it alone. Keys and tokens are
-//! used for nothing else: never logged and never forwarded.
+//! A request that carries an `Authorization` value is decided by it alone; a Bearer value over
+//! 8 KiB is refused unread. Keys and tokens are used for nothing else: never logged and never
+//! forwarded.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -24,7 +25,7 @@ use tower::{Layer, Service};
 use crate::caller::{Caller, CallerLimits};
 use crate::config::{CallerConfig, KeyHash};
 use crate::error::{GatewayError, Rejection, Response, reject};
-use crate::identity::jwt::{JwksClient, Jwt, JwtFailure, looks_like_jwt};
+use crate::identity::jwt::{JwksClient, Jwt, JwtFailure, MAX_TOKEN_BYTES, looks_like_jwt};
 use crate::identity::tls::PeerCertificate;
 use crate::identity::{Identity, Method};
 use crate::request_state::RequestState;
@@ -173,6 +174,9 @@ pub(crate) struct Auth<S> {
 
 /// A Bearer value that is no caller's key (and no JWT to verify).
 const NO_SUCH_KEY: &str = "key: matches no caller";
+/// A Bearer value too long to be a key or a token.
+const TOO_LONG: &str = "authorization: Bearer value over 8192 bytes";
+const _: () = assert!(MAX_TOKEN_BYTES == 8192, "TOO_LONG states the bound");
 
 /// What the request's credentials came to.
 enum Decision {
@@ -191,6 +195,9 @@ impl AuthLayer {
     fn judge(&self, headers: &HeaderMap, peer: Option<&PeerCertificate>) -> Judged {
         let keys = self.keys.load();
         if let Some(token) = bearer_key(headers) {
+            if token.len() > MAX_TOKEN_BYTES {
+                return Judged::Now(Decision::Refused(Some(TOO_LONG)));
+            }
             // One hash serves both the key lookup and the verified-token memory.
             let digest = hash_key(token);
             if let Some(caller) = keys.identify_hash(&digest) {

@@ -490,22 +490,39 @@ fn jwt_section(jwks_file: &str) -> String {
     )
 }
 
+/// [`start`] with `[jwt]` on the JWKS `jwks_text`, in the file `jwks.json` next to the
+/// certificates.
+async fn start_with_jwks(ca: &str, mtls: bool, jwks_text: &str, extra_callers: &str) -> Setup {
+    let pki = Pki::new(ca);
+    let jwks_path = pki.write("jwks.json", jwks_text);
+    let jwt = jwt_section(&jwks_path.display().to_string());
+    start(pki, mtls, &jwt, extra_callers).await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn jwts_identify_callers_and_every_bad_shape_is_refused_saying_which_check() {
     let es = SigningKey::es256("es-1");
     let rs = SigningKey::rs256("rs-1");
-    let pki = Pki::new("listener CA");
-    let jwks_path = pki.write("jwks.json", &jwks(&[&es, &rs]));
-    let s = start(
-        pki,
-        false,
-        &jwt_section(&jwks_path.display().to_string()),
-        "",
-    )
-    .await;
+    // Keys the JWKS says are not for verifying signatures: `use: enc`, and `key_ops` without
+    // `verify`; and one whose `key_ops` does allow it.
+    let enc = SigningKey::es256("enc-1");
+    let sign_only = SigningKey::es256("ops-1");
+    let verify_ops = SigningKey::es256("ops-2");
+    let mut enc_jwk = enc.jwk();
+    enc_jwk["use"] = "enc".into();
+    let with_ops = |key: &SigningKey, ops: &[&str]| {
+        let mut jwk = key.jwk();
+        let fields = jwk.as_object_mut().expect("object");
+        fields.remove("use");
+        fields.insert("key_ops".into(), serde_json::json!(ops));
+        jwk
+    };
+    let set = serde_json::json!({"keys": [es.jwk(), rs.jwk(), enc_jwk,
+        with_ops(&sign_only, &["sign"]), with_ops(&verify_ops, &["verify"])]});
+    let s = start_with_jwks("listener CA", false, &set.to_string(), "").await;
     let config = tls_config(&s.pki.ca_pem, None, &[b"h2"]);
 
-    for key in [&es, &rs] {
+    for key in [&es, &rs, &verify_ops] {
         let token = key.token(ORDERS_SUB);
         let reply = once(s.main, &config, Some(&token)).await;
         assert_served(&s.gateway, &reply, "orders-jwt", "jwt").await;
@@ -597,6 +614,24 @@ async fn jwts_identify_callers_and_every_bad_shape_is_refused_saying_which_check
             "key does not fit",
         ),
         ("garbage", "a.b.c".to_string(), "malformed"),
+        (
+            "a key for encryption (use: enc)",
+            enc.token(ORDERS_SUB),
+            "key not for verifying signatures",
+        ),
+        (
+            "a key whose key_ops lack verify",
+            sign_only.token(ORDERS_SUB),
+            "key not for verifying signatures",
+        ),
+        (
+            "a crit header",
+            es.token_with(
+                serde_json::json!({"alg": "ES256", "kid": "es-1", "crit": ["exp"], "exp": 1}),
+                claims(ORDERS_SUB),
+            ),
+            "crit",
+        ),
     ];
     for (what, token, why) in &bad {
         let reply = once(s.main, &config, Some(token)).await;
@@ -622,17 +657,9 @@ async fn jwts_identify_callers_and_every_bad_shape_is_refused_saying_which_check
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn jwt_callers_get_the_same_limits_as_key_callers() {
     let es = SigningKey::es256("es-1");
-    let pki = Pki::new("listener CA");
-    let jwks_path = pki.write("jwks.json", &jwks(&[&es]));
     let limited = "[[callers]]\nname = \"limited\"\njwt_subject = \"system:serviceaccount:x:limited\"\n\
                    rate_limit_rps = 1\nburst = 2\n";
-    let s = start(
-        pki,
-        false,
-        &jwt_section(&jwks_path.display().to_string()),
-        limited,
-    )
-    .await;
+    let s = start_with_jwks("listener CA", false, &jwks(&[&es]), limited).await;
     let config = tls_config(&s.pki.ca_pem, None, &[]);
     let token = es.token("system:serviceaccount:x:limited");
     let mut conn = connect(s.main, config).await.expect("connects");
@@ -666,15 +693,8 @@ async fn admin_of(gateway: &Running) -> SocketAddr {
 async fn rotated_certificates_and_jwks_serve_new_connections_while_open_ones_stay() {
     let old_key = SigningKey::es256("old");
     let new_key = SigningKey::es256("new");
-    let pki = Pki::new("rotation CA");
-    let jwks_path = pki.write("jwks.json", &jwks(&[&old_key]));
-    let s = start(
-        pki,
-        true,
-        &jwt_section(&jwks_path.display().to_string()),
-        "",
-    )
-    .await;
+    let s = start_with_jwks("rotation CA", true, &jwks(&[&old_key]), "").await;
+    let jwks_path = s.pki.path("jwks.json");
     let config = tls_config(&s.pki.ca_pem, None, &[b"h2"]);
     let mut open = connect(s.main, config.clone()).await.expect("connects");
     let first_cert = open.peer_cert.clone();
@@ -876,4 +896,127 @@ async fn a_jwks_url_is_fetched_at_start_and_again_for_an_unknown_kid_at_most_eve
         2,
         "again within 30 s: no fetch"
     );
+}
+
+/// A Bearer value over 8 KiB is refused unread with a 401 that says so, over HTTP/1.1 and h2,
+/// as long as the request head fits the 16 KiB header limit; a head beyond that limit is
+/// 431, as for any header.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversized_bearer_token_is_401_within_the_header_limit_and_431_beyond() {
+    let es = SigningKey::es256("es-1");
+    let s = start_with_jwks("listener CA", false, &jwks(&[&es]), "").await;
+    // JWT-shaped, with a claim that makes it 12 KiB, and signed: only its size is wrong.
+    let mut big = claims(ORDERS_SUB);
+    big["padding"] = "x".repeat(9 * 1024).into();
+    let oversized = es.token_with(es.header(), big);
+    assert!((12 * 1024..14 * 1024).contains(&oversized.len()));
+    let too_large_for_the_head = format!("{}.{}.sig", "a".repeat(10 * 1024), "b".repeat(8 * 1024));
+    for alpn in [&b"http/1.1"[..], b"h2"] {
+        let config = tls_config(&s.pki.ca_pem, None, &[alpn]);
+        let mut conn = connect(s.main, config).await.expect("connects");
+        let reply = conn
+            .balance(Some(&oversized), "CUST001")
+            .await
+            .expect("answer");
+        assert_refused(&s.gateway, &reply, "Bearer value over 8192 bytes").await;
+        // The connection goes on.
+        let reply = conn
+            .balance(Some(&es.token(ORDERS_SUB)), "CUST001")
+            .await
+            .expect("answer");
+        assert_served(&s.gateway, &reply, "orders-jwt", "jwt").await;
+
+        let mut conn = connect(s.main, tls_config(&s.pki.ca_pem, None, &[alpn]))
+            .await
+            .expect("connects");
+        let reply = conn
+            .balance(Some(&too_large_for_the_head), "CUST001")
+            .await
+            .expect("answer");
+        assert_eq!(reply.status, 431, "{alpn:?}");
+    }
+}
+
+/// A TLS 1.3 ClientHello naming `host` in its SNI extension, byte by byte (rustls as a client
+/// sends only valid names).
+fn client_hello(host: &[u8]) -> Vec<u8> {
+    fn vec16(body: &[u8]) -> Vec<u8> {
+        let mut v = (body.len() as u16).to_be_bytes().to_vec();
+        v.extend_from_slice(body);
+        v
+    }
+    fn ext(kind: u16, body: &[u8]) -> Vec<u8> {
+        let mut v = kind.to_be_bytes().to_vec();
+        v.extend(vec16(body));
+        v
+    }
+    let mut name = vec![0u8];
+    name.extend(vec16(host));
+    let mut share = vec![0x00, 0x1d];
+    share.extend(vec16(&[7u8; 32]));
+    let extensions = [
+        ext(0x0000, &vec16(&name)),                     // server_name
+        ext(0x002b, &[2, 0x03, 0x04]),                  // supported_versions: TLS 1.3
+        ext(0x000a, &vec16(&[0x00, 0x1d])),             // supported_groups: x25519
+        ext(0x000d, &vec16(&[0x04, 0x03, 0x08, 0x04])), // signature_algorithms
+        ext(0x0033, &vec16(&share)),                    // key_share
+    ]
+    .concat();
+    let mut hello = vec![0x03, 0x03];
+    hello.extend([1u8; 32]); // random
+    hello.push(0); // no session id
+    hello.extend(vec16(&[0x13, 0x01])); // TLS_AES_128_GCM_SHA256
+    hello.extend([1, 0]); // no compression
+    hello.extend(vec16(&extensions));
+    let mut handshake = vec![1u8]; // ClientHello
+    handshake.extend(&(hello.len() as u32).to_be_bytes()[1..]);
+    handshake.extend(hello);
+    let mut record = vec![0x16, 0x03, 0x01];
+    record.extend(vec16(&handshake));
+    record
+}
+
+/// Handshakes that fail on purpose (an illegal SNI name, plain HTTP on the TLS port) cannot
+/// flood the log: rustls's own warnings are not logged, and the gateway logs one line per
+/// reason (then at most one a minute, counting the failures it stands for).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_handshakes_log_one_line_per_reason_not_one_per_attempt() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let s = start(Pki::new("listener CA"), false, "", "").await;
+    let attempt = |bytes: Vec<u8>| async move {
+        let mut tcp = tokio::net::TcpStream::connect(s.main)
+            .await
+            .expect("connect");
+        tcp.write_all(&bytes).await.expect("write");
+        let mut answer = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(5), tcp.read_to_end(&mut answer)).await;
+    };
+    for _ in 0..20 {
+        attempt(client_hello(b"not a host name!")).await;
+        attempt(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n".to_vec()).await;
+    }
+    let line = s.gateway.wait_for_line("illegal SNI").await;
+    let line: serde_json::Value = serde_json::from_str(&line).expect("json");
+    assert_eq!(line["message"], "TLS handshake failed", "{line}");
+    assert_eq!(line["failures"], 1, "{line}");
+    s.gateway.wait_for_line("not TLS").await;
+    // The listener still serves.
+    let config = tls_config(&s.pki.ca_pem, None, &[]);
+    let reply = once(s.main, &config, Some(ORDERS_KEY)).await;
+    assert_served(&s.gateway, &reply, "orders", "key").await;
+    let output = s.gateway.output();
+    let failed: Vec<&String> = output
+        .iter()
+        .filter(|l| l.contains("TLS handshake failed"))
+        .collect();
+    assert_eq!(failed.len(), 2, "one line per reason: {failed:#?}");
+    let from_rustls: Vec<&String> = output
+        .iter()
+        .filter(|l| l.contains(r#""log.target":"rustls"#) || l.contains("Illegal SNI"))
+        .collect();
+    assert!(
+        from_rustls.is_empty(),
+        "rustls's own lines: {from_rustls:#?}"
+    );
+    assert!(!output.iter().any(|l| l.contains("not a host name")));
 }

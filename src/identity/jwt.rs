@@ -1,7 +1,9 @@
 //! JWT callers (CONTRACT §12): a Bearer token that is a JWT, signed by a key of the configured
 //! JWKS (a file, or a URL), with `iss`, `aud`, `exp` and `nbf` checked. Only asymmetric
 //! algorithms are accepted: `alg: none` and the HMAC algorithms are refused before any key is
-//! looked at, and a JWKS's symmetric (`oct`) keys are never loaded.
+//! looked at, and a JWKS's symmetric (`oct`) keys are never loaded; nor are keys whose `use` or
+//! `key_ops` say they are not for verifying signatures. A token whose header has `crit` is
+//! refused: no JWS extension is understood here (RFC 7515 §4.1.11).
 //!
 //! A verified token is remembered by its SHA-256 until it expires, so a caller repeating the
 //! same token costs one hash, not a signature check. The memory belongs to one key set: a new
@@ -9,13 +11,13 @@
 //!
 //! The token itself is never logged or kept: only its hash, its subject and its expiry.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use arc_swap::{ArcSwap, ArcSwapOption};
 use base64::Engine;
-use jsonwebtoken::jwk::{AlgorithmParameters, Jwk, PublicKeyUse};
+use jsonwebtoken::jwk::{AlgorithmParameters, Jwk, KeyOperations, PublicKeyUse};
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
@@ -32,8 +34,9 @@ pub(crate) const JWKS_REFETCH_EVERY: Duration = Duration::from_secs(600);
 pub(crate) const JWKS_UNKNOWN_KID_EVERY: Duration = Duration::from_secs(30);
 /// The largest JWKS accepted.
 pub(crate) const MAX_JWKS_BYTES: usize = file::MAX_FILE_BYTES;
-/// The longest token looked at; longer ones are refused unread.
-const MAX_TOKEN_BYTES: usize = 16 * 1024;
+/// The longest Bearer value looked at (key or token); longer ones are refused unread. A
+/// Kubernetes service-account token is 1–2 KiB.
+pub(crate) const MAX_TOKEN_BYTES: usize = 8 * 1024;
 
 /// Why a token did not identify a caller: the access log's `auth_error`. Never the token.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -44,6 +47,8 @@ pub(crate) enum JwtFailure {
     AlgorithmNotAllowed,
     NoKeys,
     UnknownKid,
+    KeyNotForSignatures,
+    CriticalHeader,
     KeyAlgorithmMismatch,
     BadSignature,
     Expired,
@@ -63,6 +68,10 @@ impl JwtFailure {
             JwtFailure::AlgorithmNotAllowed => "jwt: algorithm not allowed",
             JwtFailure::NoKeys => "jwt: no signing keys loaded",
             JwtFailure::UnknownKid => "jwt: unknown kid",
+            JwtFailure::KeyNotForSignatures => {
+                "jwt: key not for verifying signatures (its use or key_ops)"
+            }
+            JwtFailure::CriticalHeader => "jwt: crit header names extensions not understood",
             JwtFailure::KeyAlgorithmMismatch => "jwt: key does not fit the algorithm",
             JwtFailure::BadSignature => "jwt: bad signature",
             JwtFailure::Expired => "jwt: expired (exp)",
@@ -108,6 +117,13 @@ struct RawHeader {
     alg: String,
     #[serde(default)]
     kid: Option<String>,
+    /// Present at all (even `null`): extensions the token says must be understood.
+    #[serde(default, deserialize_with = "present")]
+    crit: bool,
+}
+
+fn present<'de, D: serde::Deserializer<'de>>(value: D) -> Result<bool, D::Error> {
+    serde::de::IgnoredAny::deserialize(value).map(|_| true)
 }
 
 #[derive(Deserialize)]
@@ -150,6 +166,8 @@ pub(crate) struct KeySet {
     by_kid: HashMap<String, Key>,
     /// Keys without a `kid` (a token without one may use the only key there is).
     unnamed: Vec<Key>,
+    /// The `kid`s of keys that are not for verifying signatures (`use`, `key_ops`).
+    not_for_signatures: HashSet<String>,
     /// SHA-256 of a verified token → its subject and its `exp` (seconds).
     verified: moka::sync::Cache<[u8; 32], (Arc<str>, f64)>,
 }
@@ -159,6 +177,7 @@ impl KeySet {
         KeySet {
             by_kid: HashMap::new(),
             unnamed: Vec::new(),
+            not_for_signatures: HashSet::new(),
             verified: moka::sync::Cache::new(REMEMBERED_TOKENS),
         }
     }
@@ -185,10 +204,10 @@ impl KeySet {
             let Ok(jwk) = serde_json::from_value::<Jwk>(value) else {
                 continue;
             };
-            if matches!(
-                jwk.common.public_key_use,
-                Some(PublicKeyUse::Encryption | PublicKeyUse::Other(_))
-            ) {
+            if !for_signatures(&jwk) {
+                if let Some(kid) = jwk.common.key_id {
+                    set.not_for_signatures.insert(kid);
+                }
                 continue;
             }
             let family = match &jwk.algorithm {
@@ -218,6 +237,21 @@ impl KeySet {
         }
         Ok(set)
     }
+}
+
+/// Whether a JWK may verify signatures: its `use`, when given, is `sig`, and its `key_ops`,
+/// when given, include `verify`.
+fn for_signatures(jwk: &Jwk) -> bool {
+    let by_use = match &jwk.common.public_key_use {
+        None | Some(PublicKeyUse::Signature) => true,
+        Some(PublicKeyUse::Encryption | PublicKeyUse::Other(_)) => false,
+    };
+    let by_ops = jwk
+        .common
+        .key_operations
+        .as_ref()
+        .is_none_or(|ops| ops.iter().any(|op| matches!(op, KeyOperations::Verify)));
+    by_use && by_ops
 }
 
 /// Verifies JWTs for one `[jwt]` configuration.
@@ -403,11 +437,21 @@ impl Verifier {
         let token = std::str::from_utf8(token).map_err(|_| JwtFailure::Malformed)?;
         let header = header_of(token)?;
         let alg = allowed(&header.alg)?;
+        if header.crit {
+            return Err(JwtFailure::CriticalHeader);
+        }
         if keys.len() == 0 {
             return Err(JwtFailure::NoKeys);
         }
         let key = match &header.kid {
-            Some(kid) => keys.by_kid.get(kid).ok_or(JwtFailure::UnknownKid)?,
+            Some(kid) => keys
+                .by_kid
+                .get(kid)
+                .ok_or(if keys.not_for_signatures.contains(kid) {
+                    JwtFailure::KeyNotForSignatures
+                } else {
+                    JwtFailure::UnknownKid
+                })?,
             // Without a kid, the JWKS's only key, named or not.
             None => match (keys.by_kid.values().next(), keys.unnamed.as_slice()) {
                 (Some(only), []) if keys.by_kid.len() == 1 => only,
@@ -595,6 +639,20 @@ mod tests {
     }
 
     #[test]
+    fn a_crit_header_is_seen_whatever_its_value() {
+        let header = |json: &str| {
+            let token = format!(
+                "{}.e30.c2ln",
+                base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(json)
+            );
+            header_of(&token).map(|h| h.crit)
+        };
+        assert_eq!(header(r#"{"alg":"ES256"}"#), Ok(false));
+        assert_eq!(header(r#"{"alg":"ES256","crit":["exp"]}"#), Ok(true));
+        assert_eq!(header(r#"{"alg":"ES256","crit":null}"#), Ok(true));
+    }
+
+    #[test]
     fn only_asymmetric_algorithms() {
         assert_eq!(allowed("none"), Err(JwtFailure::AlgNone));
         assert_eq!(allowed("HS256"), Err(JwtFailure::Hmac));
@@ -616,6 +674,28 @@ mod tests {
         assert_eq!(set.len(), 1);
         assert!(set.by_kid.contains_key("e"));
         assert!(KeySet::parse(b"not json").is_err());
+        let ec = |extra: &str| {
+            format!(
+                r#"{{"keys":[{{"kty":"EC","crv":"P-256","kid":"e",{extra}
+                "x":"f83OJ3D2xF1Bg8vub9tLe1gHMzV76e8Tus9uPHvRVEU",
+                "y":"x_FEzRu9m36HLN_tue659LNpXW6pCyStikYjKIWI5a0"}}]}}"#
+            )
+        };
+        for not_for_signatures in [
+            r#""use":"enc","#,
+            r#""key_ops":["encrypt"],"#,
+            r#""key_ops":["sign"],"#,
+            r#""use":"sig","key_ops":[],"#,
+        ] {
+            assert!(
+                KeySet::parse(ec(not_for_signatures).as_bytes()).is_err(),
+                "{not_for_signatures}"
+            );
+        }
+        for usable in ["", r#""use":"sig","#, r#""key_ops":["verify","sign"],"#] {
+            let set = KeySet::parse(ec(usable).as_bytes()).expect(usable);
+            assert_eq!(set.len(), 1, "{usable}");
+        }
         assert!(KeySet::parse(br#"{"keys":[]}"#).is_err());
     }
 }
