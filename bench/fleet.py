@@ -31,7 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import run  # noqa: E402  (the helpers of bench/run.py)
 
 from run import (  # noqa: E402
-    CALLER_KEY, PATH, cpu_seconds, free_port, log, metric_sum, metrics, sim_control, sim_stats,
+    CALLER_KEY, PATH, free_port, log, metric_sum, metrics, sim_control, sim_stats,
     start, stop, wait_ready, wrk,
 )
 
@@ -153,22 +153,10 @@ def stampede(work, sim, sim_port, redis_port):
     return runs
 
 
-def paired_rounds(targets, rounds, seconds, keys, prefix):
-    """wrk -c64 against each target in turn, `rounds` times, the order rotating each round;
-    each run's results with the gateway's CPU per request (`cpu_us`)."""
-    samples = {k: [] for k in targets}
-    order = list(targets)
-    for r in range(rounds):
-        for name in order[r % len(order):] + order[:r % len(order)]:
-            g = targets[name]
-            c0 = cpu_seconds([g["proc"].pid])
-            res = wrk(g["url"] + PATH, seconds, 64, keys, prefix=prefix)
-            c1 = cpu_seconds([g["proc"].pid])
-            res["cpu_us"] = (c1 - c0) * 1e6 / max(res["requests"], 1)
-            samples[name].append(res)
-            log(f"  round {r + 1} {name:<18} {res['rps']:>9.0f} req/s  {res['cpu_us']:6.2f} µs CPU/req"
-                f"  p50 {res['p50_us']:.0f} µs  p99 {res['p99_us']:.0f} µs  errors {res['errors']:.0f}")
-    return samples
+def gateway_rounds(gateways, rounds, seconds, keys, prefix):
+    """run.paired_rounds over gateways started by `gateway` (wrk -c64)."""
+    targets = {name: (g["url"] + PATH, lambda g=g: [g["proc"].pid]) for name, g in gateways.items()}
+    return run.paired_rounds(targets, rounds, seconds, 64, keys, prefix)
 
 
 def hit_cost(work, sim_port, redis_port, rounds):
@@ -180,15 +168,14 @@ def hit_cost(work, sim_port, redis_port, rounds):
     for g in (with_redis, without):
         wrk(g["url"] + PATH, 3, 64, 1000, mix="sequential", prefix="HIT")
     targets = {"L1 hit, Redis on": with_redis, "L1 hit, Redis off": without, "L2 hit": l2}
-    samples = paired_rounds(targets, rounds, 6, 1000, "HIT")
+    samples = gateway_rounds(targets, rounds, 6, 1000, "HIT")
     tiers = metrics(l2["admin"])
     l2_hits = metric_sum(tiers, 'gateway_cache_hits_total{tier="l2"}')
     all_hits = metric_sum(tiers, "gateway_cache_hits_total")
     stop_all([with_redis, without, l2])
-    paired = lambda a, b, k: [x[k] / y[k] for x, y in zip(samples[a], samples[b])]
     med = {n: {k: statistics.median(s[k] for s in v) for k in v[0]} for n, v in samples.items()}
     return med, {
-        "l1_on_vs_off": paired("L1 hit, Redis on", "L1 hit, Redis off", "cpu_us"),
+        "l1_on_vs_off": run.paired(samples, "L1 hit, Redis on", "L1 hit, Redis off"),
         "l2_minus_l1_cpu_us": [x["cpu_us"] - y["cpu_us"] for x, y in
                                zip(samples["L2 hit"], samples["L1 hit, Redis on"])],
         "l2_share": l2_hits / max(all_hits, 1),
@@ -365,7 +352,7 @@ def limits(work, sim, sim_port, redis_port, rounds):
               for scope in ("fleet", "replica")}
     for g in scoped.values():
         wrk(g["url"] + PATH, 2, 64, 1, prefix="SCOPE")
-    samples = paired_rounds(scoped, rounds, 5, 1, "SCOPE")
+    samples = gateway_rounds(scoped, rounds, 5, 1, "SCOPE")
     stop_all(scoped.values())
     out["scope_ratio"] = [f["cpu_us"] / r["cpu_us"] for f, r in zip(samples["fleet"], samples["replica"])]
     out["scope_extra_us"] = [f["cpu_us"] - r["cpu_us"] for f, r in zip(samples["fleet"], samples["replica"])]

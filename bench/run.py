@@ -11,6 +11,9 @@ Runs, on one machine and in one go:
     Bill24 calls against the K x ceil(duration/TTL) bound, authorize calls per token lifetime;
   * memory: RSS per cached entry at 100 000 entries.
 Every figure is printed with its ratio to the baselines of the same run.
+
+PHASES=identity runs instead the caller-identity phase: cache hits over TLS (keep-alive) and
+JWT-authenticated hits, against a key-authenticated hit over plain HTTP in the same rounds.
 """
 
 import argparse
@@ -109,14 +112,47 @@ def children(pid):
     return [int(x) for x in out.split()]
 
 
-def wrk(url, seconds, conns, keys, mix="uniform", prefix="BENCH"):
-    env = dict(os.environ, KEYS=str(keys), MIX=mix, KEY=CALLER_KEY, PREFIX=prefix)
+def wrk(url, seconds, conns, keys, mix="uniform", prefix="BENCH", bearer=CALLER_KEY, tokens=None):
+    """wrk -t1 over bench/wrk/balance.lua; `bearer` is the Authorization value of every
+    request, or `tokens` a file of them, one per request in turn."""
+    env = dict(os.environ, KEYS=str(keys), MIX=mix, KEY=bearer, PREFIX=prefix)
+    if tokens:
+        env["TOKENS"] = tokens
     out = subprocess.run(
         ["wrk", "-t1", f"-c{conns}", f"-d{seconds}s", "-s", os.path.join(HERE, "wrk", "balance.lua"), url],
         capture_output=True, text=True, env=env, check=True,
     ).stdout
     line = next(l for l in out.splitlines() if l.startswith("RESULT "))
     return {k: float(v) for k, v in (kv.split("=") for kv in line.split()[1:])}
+
+
+def paired_rounds(targets, rounds, seconds, conns, keys, prefix="BENCH"):
+    """wrk against each target in turn, `rounds` times, the order rotating each round (the
+    machine's load drifts between rounds and moves targets run back to back alike). A target
+    is (url, a function giving its server's pids[, wrk keyword arguments, or a function
+    giving them for each run]). Each run's wrk
+    figures, with the server's CPU microseconds per request (`cpu_us`, user + system from
+    /proc) and its RSS (`rss_kib`)."""
+    samples = {name: [] for name in targets}
+    order = list(targets)
+    for r in range(rounds):
+        for name in order[r % len(order):] + order[:r % len(order)]:
+            url, pids, *more = targets[name]
+            options = (more[0]() if callable(more[0]) else more[0]) if more else {}
+            c0 = cpu_seconds(pids())
+            res = wrk(url, seconds, conns, keys, prefix=prefix, **options)
+            c1 = cpu_seconds(pids())
+            res["cpu_us"] = (c1 - c0) * 1e6 / max(res["requests"], 1)
+            res["rss_kib"] = sum(rss_kib(p) for p in pids())
+            samples[name].append(res)
+            log(f"  round {r + 1} {name:<24} {res['rps']:>9.0f} req/s  {res['cpu_us']:6.2f} µs CPU/req  "
+                f"p50 {fmt_us(res['p50_us'])}  p99 {fmt_us(res['p99_us'])}  errors {res['errors']:.0f}")
+    return samples
+
+
+def paired(samples, name, base, key="cpu_us"):
+    """The per-round ratios of `name`'s figure `key` to `base`'s."""
+    return [x[key] / y[key] for x, y in zip(samples[name], samples[base])]
 
 
 def sim_control(sim, body):
@@ -143,7 +179,7 @@ def metric_sum(values, prefix, needle=""):
     return sum(v for k, v in values.items() if k.startswith(prefix) and needle in k)
 
 
-def gateway_config(path, port, admin_port, sim_port, threads, ttl="1h", extra="", server_extra=""):
+def gateway_config(path, port, admin_port, sim_port, threads, ttl="1h", extra="", server_extra="", tail=""):
     key_hash = subprocess.run(
         [ARGS.bin, "hash-key"], input=CALLER_KEY + "\n", capture_output=True, text=True, check=True
     ).stdout.strip()
@@ -167,13 +203,13 @@ level = "warn"
 [[callers]]
 name = "bench"
 key_sha256 = "{key_hash}"
-""")
+{tail}""")
 
 
-def start_gateway(work, name, sim_port, threads, ttl="1h", extra="", binary=None, server_extra=""):
+def start_gateway(work, name, sim_port, threads, ttl="1h", extra="", binary=None, server_extra="", tail=""):
     port, admin_port = free_port(), free_port()
     config = os.path.join(work, f"{name}.toml")
-    gateway_config(config, port, admin_port, sim_port, threads, ttl, extra, server_extra)
+    gateway_config(config, port, admin_port, sim_port, threads, ttl, extra, server_extra, tail)
     p = start([binary or ARGS.bin, "--config", config], os.path.join(work, f"{name}.log"))
     admin = f"http://127.0.0.1:{admin_port}"
     wait_ready(f"{admin}/readyz")
@@ -230,6 +266,9 @@ def main():
     sim = f"http://127.0.0.1:{sim_port}"
     start([ARGS.bin, "simulate", "--listen", f"127.0.0.1:{sim_port}"], os.path.join(work, "sim.log"))
     wait_ready(f"{sim}/_sim/stats")
+    if os.environ.get("PHASES") == "identity":
+        identity_phase(work, sim_port, threads, rounds, duration, conns, keys)
+        return
     token = json.loads(http(
         "POST", f"{sim}/merchantsecurity/authorize",
         json.dumps({"token": "demo-merchant-token", "clientId": "demo-client", "secret": "demo-client-secret"}),
@@ -276,19 +315,8 @@ def main():
     misses_before = metric_sum(metrics(gw_admin), "gateway_requests_total", 'cache="miss"')
     calls_before = sim_stats(sim)["balance_calls"]
 
-    samples = {name: [] for name in targets}
+    samples = paired_rounds(targets, rounds, duration, conns, keys)
     order = list(targets)
-    for r in range(rounds):
-        for name in order[r % len(order):] + order[:r % len(order)]:
-            url, pids = targets[name]
-            c0 = cpu_seconds(pids())
-            res = wrk(url, duration, conns, keys)
-            c1 = cpu_seconds(pids())
-            res["cpu_us"] = (c1 - c0) * 1e6 / max(res["requests"], 1)
-            res["rss_kib"] = sum(rss_kib(p) for p in pids())
-            samples[name].append(res)
-            log(f"  round {r + 1} {name:<18} {res['rps']:>9.0f} req/s  {res['cpu_us']:6.2f} µs CPU/req  "
-                f"p99 {fmt_us(res['p99_us'])}  errors {res['errors']:.0f}")
     gm = metrics(gw_admin)
     hit_hits = metric_sum(gm, "gateway_requests_total", 'cache="hit"') - hits_before
     hit_misses = metric_sum(gm, "gateway_requests_total", 'cache="miss"') - misses_before
@@ -332,28 +360,28 @@ def main():
 
     # Ratios are taken within each round (the three targets ran back to back under the same
     # conditions) and their median reported: the machine's load drifts between rounds.
-    def paired(key, base):
-        return statistics.median(g_r[key] / b_r[key] for g_r, b_r in zip(samples["bill24-gateway"], samples[base]))
+    def gw_paired(key, base):
+        return statistics.median(paired(samples, "bill24-gateway", base, key))
 
     def paired_range(key, base):
-        ratios = [g_r[key] / b_r[key] for g_r, b_r in zip(samples["bill24-gateway"], samples[base])]
+        ratios = paired(samples, "bill24-gateway", base, key)
         return f"{min(ratios):.2f}-{max(ratios):.2f}"
 
     results = {
         "fixed_cpu_vs_nginx": fixed_paired("nginx proxy_cache"),
         "fixed_cpu_vs_static": fixed_paired("static hyper"),
-        "cpu_vs_nginx": paired("cpu_us", "nginx proxy_cache"),
-        "cpu_vs_static": paired("cpu_us", "static hyper"),
-        "rps_vs_nginx": paired("rps", "nginx proxy_cache"),
-        "rps_vs_static": paired("rps", "static hyper"),
+        "cpu_vs_nginx": gw_paired("cpu_us", "nginx proxy_cache"),
+        "cpu_vs_static": gw_paired("cpu_us", "static hyper"),
+        "rps_vs_nginx": gw_paired("rps", "nginx proxy_cache"),
+        "rps_vs_static": gw_paired("rps", "static hyper"),
     }
     log(f"per-round ratios, gateway CPU/req vs nginx {paired_range('cpu_us', 'nginx proxy_cache')}, "
         f"vs static {paired_range('cpu_us', 'static hyper')}; req/s vs nginx "
         f"{paired_range('rps', 'nginx proxy_cache')}")
     if ARGS.baseline_bin:
         base = "gateway (baseline)"
-        results["cpu_vs_baseline"] = paired("cpu_us", base)
-        results["rps_vs_baseline"] = paired("rps", base)
+        results["cpu_vs_baseline"] = gw_paired("cpu_us", base)
+        results["rps_vs_baseline"] = gw_paired("rps", base)
         results["fixed_cpu_vs_baseline"] = fixed_paired(base)
         log(f"vs the baseline build: CPU/req {results['cpu_vs_baseline']:.3f}x "
             f"(per round {paired_range('cpu_us', base)}), req/s {results['rps_vs_baseline']:.3f}x "
@@ -476,6 +504,120 @@ def main():
                    "stewardship": {k: v[1:] for k, v in stewardship.items()},
                    "per_entry_bytes": per_entry, "authorize_calls": authorizes}, f, indent=2)
     log(f"\nraw figures: {work}/summary.json")
+
+
+JWT_ISSUER = "https://kubernetes.default.svc.cluster.local"
+JWT_SUBJECT = "system:serviceaccount:bench:bench"
+
+
+class Es256Issuer:
+    """An ES256 signing key, its JWKS, and distinct tokens shaped like Kubernetes projected
+    service-account tokens (audience bill24-gateway, an hour to live)."""
+
+    def __init__(self):
+        from cryptography.hazmat.primitives.asymmetric import ec
+
+        self.key = ec.generate_private_key(ec.SECP256R1())
+        self.issued = 0
+        public = self.key.public_key().public_numbers()
+        self.jwks = {"keys": [{"kty": "EC", "crv": "P-256", "kid": "bench", "use": "sig", "alg": "ES256",
+                               "x": b64url(public.x.to_bytes(32, "big")),
+                               "y": b64url(public.y.to_bytes(32, "big"))}]}
+
+    def tokens(self, n):
+        """`n` tokens never issued before."""
+        from cryptography.hazmat.primitives import hashes
+        from cryptography.hazmat.primitives.asymmetric import ec
+        from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
+
+        header = b64url(json.dumps({"alg": "ES256", "kid": "bench", "typ": "JWT"}).encode())
+        now = int(time.time())
+        tokens = []
+        for i in range(self.issued, self.issued + n):
+            claims = {"aud": ["bill24-gateway"], "exp": now + 3600, "iat": now, "nbf": now,
+                      "iss": JWT_ISSUER, "jti": f"bench-{i}", "sub": JWT_SUBJECT,
+                      "kubernetes.io": {"namespace": "bench",
+                                        "serviceaccount": {"name": "bench", "uid": f"{i:032x}"}}}
+            signing_input = f"{header}.{b64url(json.dumps(claims).encode())}"
+            der = self.key.sign(signing_input.encode(), ec.ECDSA(hashes.SHA256()))
+            r, s_ = decode_dss_signature(der)
+            tokens.append(f"{signing_input}.{b64url(r.to_bytes(32, 'big') + s_.to_bytes(32, 'big'))}")
+        self.issued += n
+        return tokens
+
+
+def b64url(data):
+    import base64
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def identity_phase(work, sim_port, threads, rounds, duration, conns, keys):
+    """Cache hits by how the caller is identified and how it connects, in paired rounds
+    against a key-authenticated hit over plain HTTP: over TLS (wrk's connections stay open,
+    so this is the record layer, not handshakes); with a JWT, the same token on every request
+    (verified once, then one hash and a lookup); with a new JWT on every request (a signature
+    check each: every run gets tokens never seen, more than it can send)."""
+    try:
+        issuer = Es256Issuer()
+    except ImportError:
+        sys.exit("bench: PHASES=identity needs python3's cryptography package (to sign tokens)")
+    with open(os.path.join(work, "jwks.json"), "w") as f:
+        json.dump(issuer.jwks, f)
+    token = issuer.tokens(1)[0]
+    tokens_file = os.path.join(work, "tokens.txt")
+    per_run = int(os.environ.get("FRESH_TOKENS", "150000"))
+
+    def fresh_tokens():
+        with open(tokens_file, "w") as f:
+            f.write("\n".join(issuer.tokens(per_run)) + "\n")
+        return {"tokens": tokens_file}
+    cert, key = os.path.join(work, "tls.crt"), os.path.join(work, "tls.key")
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
+                    "-nodes", "-days", "1", "-subj", "/CN=localhost",
+                    "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1",
+                    "-keyout", key, "-out", cert], check=True, capture_output=True)
+    tail = (f'[[callers]]\nname = "bench-jwt"\njwt_subject = "{JWT_SUBJECT}"\n'
+            f'[jwt]\nissuer = "{JWT_ISSUER}"\njwks_file = "{work}/jwks.json"\n')
+    plain, plain_url, _ = start_gateway(work, "identity-plain", sim_port, threads, tail=tail)
+    tls, tls_url, _ = start_gateway(work, "identity-tls", sim_port, threads, tail=tail,
+                                    server_extra=f'tls_cert_file = "{cert}"\ntls_key_file = "{key}"')
+    tls_url = tls_url.replace("http://", "https://")
+    targets = {
+        "plain, key": (plain_url + PATH, lambda: [plain.pid]),
+        "plain, JWT": (plain_url + PATH, lambda: [plain.pid], {"bearer": token}),
+        "plain, a new JWT each": (plain_url + PATH, lambda: [plain.pid], fresh_tokens),
+        "TLS, key": (tls_url + PATH, lambda: [tls.pid]),
+        "TLS, JWT": (tls_url + PATH, lambda: [tls.pid], {"bearer": token}),
+    }
+    log(f"\n== caller identity: {rounds} paired rounds of {duration}s, wrk -t1 -c{conns} over {keys} "
+        f"keys, every answer a cache hit; ES256 tokens of {len(token)} bytes")
+    for url in (plain_url, tls_url):
+        wrk(url + PATH, 3, conns, keys, mix="sequential")
+    samples = paired_rounds(targets, rounds, duration, conns, keys)
+    sent = max(r["requests"] for r in samples["plain, a new JWT each"])
+    if sent > per_run:
+        log(f"  a run sent {sent:.0f} requests with {per_run} fresh tokens: raise FRESH_TOKENS")
+    errors = {name: sum(r["errors"] for r in runs) for name, runs in samples.items()}
+    if any(errors.values()):
+        log(f"  errors (non-2xx included): {errors}")
+    log(f"\n{'':<26}{'req/s':>10}{'p50':>10}{'p99':>10}{'CPU µs/req':>12}{'CPU vs plain, key':>26}")
+    results = {}
+    for name, runs in samples.items():
+        ratios = paired(samples, name, "plain, key")
+        results[name] = {"cpu_us": statistics.median(r["cpu_us"] for r in runs),
+                         "rps": statistics.median(r["rps"] for r in runs),
+                         "cpu_vs_plain_key": statistics.median(ratios),
+                         "cpu_vs_plain_key_range": [min(ratios), max(ratios)]}
+        m = results[name]
+        log(f"{name:<26}{m['rps']:>10.0f}{fmt_us(statistics.median(r['p50_us'] for r in runs)):>10}"
+            f"{fmt_us(statistics.median(r['p99_us'] for r in runs)):>10}{m['cpu_us']:>12.2f}"
+            f"{m['cpu_vs_plain_key']:>11.2f}x ({min(ratios):.2f}-{max(ratios):.2f})")
+    jwt_vs_key = paired(samples, "TLS, JWT", "TLS, key")
+    log(f"TLS, JWT vs TLS, key: {statistics.median(jwt_vs_key):.2f}x "
+        f"({min(jwt_vs_key):.2f}-{max(jwt_vs_key):.2f})")
+    with open(os.path.join(work, "identity.json"), "w") as f:
+        json.dump({"results": results, "samples": samples}, f, indent=2)
+    log(f"\nraw figures: {work}/identity.json")
 
 
 def hit_args(parser):

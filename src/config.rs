@@ -11,6 +11,7 @@ use std::time::Duration;
 use figment::providers::{Env, Format, Serialized, Toml};
 use figment::value::{Dict, Map, Value};
 use figment::{Figment, Metadata, Profile, Provider};
+use rustls::pki_types::CertificateDer;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
@@ -1251,64 +1252,76 @@ fn base_url(key: &str, value: &str) -> Result<String, ConfigError> {
     Ok(trimmed.to_string())
 }
 
-/// `upstream.ca_file`, `upstream.client_cert_file` and `upstream.client_key_file`, read and
-/// checked: a CA file must hold at least one usable certificate, the client certificate and
-/// key come together and must belong together.
-fn upstream_tls(
-    ca_file: &str,
-    client_cert_file: &str,
-    client_key_file: &str,
-) -> Result<bill24::tls::Tls, ConfigError> {
-    let read = |key: &str, path: &str| {
-        std::fs::read(path)
-            .map_err(|e| ConfigError::invalid(key, format!("cannot read {path}: {e}")))
-    };
-    let extra_roots = match ca_file.trim() {
-        "" => Vec::new(),
-        path => {
-            let key = "upstream.ca_file";
-            let certs = bill24::tls::certificates(&read(key, path)?)
-                .map_err(|e| ConfigError::invalid(key, format!("{path} {e}")))?;
-            bill24::tls::check_roots(&certs)
-                .map_err(|e| ConfigError::invalid(key, format!("{path}: {e}")))?;
-            certs
-        }
-    };
-    let client_identity = match (client_cert_file.trim(), client_key_file.trim()) {
-        ("", "") => None,
+fn read_file(key: &str, path: &str) -> Result<Vec<u8>, ConfigError> {
+    std::fs::read(path).map_err(|e| ConfigError::invalid(key, format!("cannot read {path}: {e}")))
+}
+
+/// The CA certificates of the PEM file at `path` (config key `key`): at least one, each usable
+/// as a trust anchor.
+fn ca_file(key: &str, path: &str) -> Result<Vec<CertificateDer<'static>>, ConfigError> {
+    let certs = bill24::tls::certificates(&read_file(key, path)?)
+        .map_err(|e| ConfigError::invalid(key, format!("{path} {e}")))?;
+    bill24::tls::check_roots(&certs)
+        .map_err(|e| ConfigError::invalid(key, format!("{path}: {e}")))?;
+    Ok(certs)
+}
+
+/// A certificate file and its key file, each given as (config key, path): set both or
+/// neither, and the key must belong to the certificate. `None` when neither is set.
+fn cert_and_key<'a>(
+    (cert_key, cert_path): (&str, &'a str),
+    (key_key, key_path): (&str, &'a str),
+) -> Result<Option<(bill24::tls::ClientIdentity, &'a str, &'a str)>, ConfigError> {
+    let (cert_path, key_path) = match (cert_path.trim(), key_path.trim()) {
+        ("", "") => return Ok(None),
         (_, "") => {
             return Err(ConfigError::invalid(
-                "upstream.client_key_file",
-                "is not set while upstream.client_cert_file is; set both or neither",
+                key_key,
+                format!("is not set while {cert_key} is; set both or neither"),
             ));
         }
         ("", _) => {
             return Err(ConfigError::invalid(
-                "upstream.client_cert_file",
-                "is not set while upstream.client_key_file is; set both or neither",
+                cert_key,
+                format!("is not set while {key_key} is; set both or neither"),
             ));
         }
-        (cert_path, key_path) => {
-            let cert = read("upstream.client_cert_file", cert_path)?;
-            let key = read("upstream.client_key_file", key_path)?;
-            Some(
-                bill24::tls::ClientIdentity::from_pem(&cert, &key).map_err(|e| match e {
-                    bill24::tls::IdentityError::Certificate(why) => ConfigError::invalid(
-                        "upstream.client_cert_file",
-                        format!("{cert_path} {why}"),
-                    ),
-                    bill24::tls::IdentityError::Key(why) => ConfigError::invalid(
-                        "upstream.client_key_file",
-                        format!("{key_path} {why}"),
-                    ),
-                    bill24::tls::IdentityError::Mismatch => ConfigError::invalid(
-                        "upstream.client_key_file",
-                        format!("{key_path} does not belong to the certificate in {cert_path}"),
-                    ),
-                })?,
-            )
-        }
+        pair => pair,
     };
+    let cert = read_file(cert_key, cert_path)?;
+    let key = read_file(key_key, key_path)?;
+    let identity = bill24::tls::ClientIdentity::from_pem(&cert, &key).map_err(|e| match e {
+        bill24::tls::IdentityError::Certificate(why) => {
+            ConfigError::invalid(cert_key, format!("{cert_path} {why}"))
+        }
+        bill24::tls::IdentityError::Key(why) => {
+            ConfigError::invalid(key_key, format!("{key_path} {why}"))
+        }
+        bill24::tls::IdentityError::Mismatch => ConfigError::invalid(
+            key_key,
+            format!("{key_path} does not belong to the certificate in {cert_path}"),
+        ),
+    })?;
+    Ok(Some((identity, cert_path, key_path)))
+}
+
+/// `upstream.ca_file`, `upstream.client_cert_file` and `upstream.client_key_file`, read and
+/// checked: a CA file must hold at least one usable certificate, the client certificate and
+/// key come together and must belong together.
+fn upstream_tls(
+    ca_file_path: &str,
+    client_cert_file: &str,
+    client_key_file: &str,
+) -> Result<bill24::tls::Tls, ConfigError> {
+    let extra_roots = match ca_file_path.trim() {
+        "" => Vec::new(),
+        path => ca_file("upstream.ca_file", path)?,
+    };
+    let client_identity = cert_and_key(
+        ("upstream.client_cert_file", client_cert_file),
+        ("upstream.client_key_file", client_key_file),
+    )?
+    .map(|(identity, _, _)| identity);
     Ok(bill24::tls::Tls {
         extra_roots,
         client_identity,
@@ -1322,57 +1335,24 @@ fn listener_tls(
     key_file: &str,
     client_ca_file: &str,
 ) -> Result<Option<ListenerTlsConfig>, ConfigError> {
-    let read = |key: &str, path: &str| {
-        std::fs::read(path)
-            .map_err(|e| ConfigError::invalid(key, format!("cannot read {path}: {e}")))
-    };
-    let (cert_path, key_path) = match (cert_file.trim(), key_file.trim()) {
-        ("", "") => {
-            if !client_ca_file.trim().is_empty() {
-                return Err(ConfigError::invalid(
-                    "server.tls_client_ca_file",
-                    "needs server.tls_cert_file and server.tls_key_file: client certificates \
-                     are only asked for over TLS",
-                ));
-            }
-            return Ok(None);
-        }
-        (_, "") => {
+    let Some((_, cert_path, key_path)) = cert_and_key(
+        ("server.tls_cert_file", cert_file),
+        ("server.tls_key_file", key_file),
+    )?
+    else {
+        if !client_ca_file.trim().is_empty() {
             return Err(ConfigError::invalid(
-                "server.tls_key_file",
-                "is not set while server.tls_cert_file is; set both or neither",
+                "server.tls_client_ca_file",
+                "needs server.tls_cert_file and server.tls_key_file: client certificates \
+                 are only asked for over TLS",
             ));
         }
-        ("", _) => {
-            return Err(ConfigError::invalid(
-                "server.tls_cert_file",
-                "is not set while server.tls_key_file is; set both or neither",
-            ));
-        }
-        pair => pair,
+        return Ok(None);
     };
-    let cert = read("server.tls_cert_file", cert_path)?;
-    let key = read("server.tls_key_file", key_path)?;
-    bill24::tls::ClientIdentity::from_pem(&cert, &key).map_err(|e| match e {
-        bill24::tls::IdentityError::Certificate(why) => {
-            ConfigError::invalid("server.tls_cert_file", format!("{cert_path} {why}"))
-        }
-        bill24::tls::IdentityError::Key(why) => {
-            ConfigError::invalid("server.tls_key_file", format!("{key_path} {why}"))
-        }
-        bill24::tls::IdentityError::Mismatch => ConfigError::invalid(
-            "server.tls_key_file",
-            format!("{key_path} does not belong to the certificate in {cert_path}"),
-        ),
-    })?;
     let client_ca_file = match client_ca_file.trim() {
         "" => None,
         path => {
-            let key = "server.tls_client_ca_file";
-            let certs = bill24::tls::certificates(&read(key, path)?)
-                .map_err(|e| ConfigError::invalid(key, format!("{path} {e}")))?;
-            bill24::tls::check_roots(&certs)
-                .map_err(|e| ConfigError::invalid(key, format!("{path}: {e}")))?;
+            ca_file("server.tls_client_ca_file", path)?;
             Some(PathBuf::from(path))
         }
     };

@@ -5,14 +5,14 @@
 
 use std::io::Read;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 
 use bill24_gateway::config::{self, Loaded};
-use bill24_gateway::{Gateway, LogHandle, Reloader, demo, hash_key, init_logging};
+use bill24_gateway::{Gateway, LogHandle, ReloadReport, Reloader, demo, hash_key, init_logging};
 use bill24_sim::{self as sim, SimConfig, Simulator};
 
 /// mimalloc: measured faster than the system allocator on the hit path (README, Performance).
@@ -173,7 +173,8 @@ fn serve(path: Option<PathBuf>, demo: bool) -> Result<(), String> {
 const CONFIG_READ_LIMIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// On each SIGHUP, re-reads the config (file and environment) and applies it; an invalid one
-/// is rejected with a log line and the running config stays.
+/// is rejected with a log line and the running config stays. Certificate and JWKS files are
+/// read again after that, whatever the config holds, so new file names take effect at once.
 async fn reload_on_sighup(path: Option<PathBuf>, reloader: Reloader, log: LogHandle) {
     use tokio::signal::unix::{SignalKind, signal};
     let mut hangups = match signal(SignalKind::hangup()) {
@@ -184,45 +185,10 @@ async fn reload_on_sighup(path: Option<PathBuf>, reloader: Reloader, log: LogHan
         }
     };
     while hangups.recv().await.is_some() {
-        // Certificate and JWKS files are read again whatever the config file holds.
+        let report = reload_config(path.as_deref(), &reloader).await;
         reloader.reread_files().await;
-        // Off the runtime's threads and within a bound: a config path that blocks on open (a
-        // FIFO, a stuck mount) must not stop the gateway from serving.
-        let read = tokio::task::spawn_blocking({
-            let path = path.clone();
-            move || config::load(path.as_deref())
-        });
-        let loaded = match tokio::time::timeout(CONFIG_READ_LIMIT, read).await {
-            Ok(Ok(Ok(loaded))) => loaded,
-            Ok(Ok(Err(e))) => {
-                tracing::error!(error = %e, "config reload rejected; the running config stays");
-                continue;
-            }
-            Ok(Err(e)) => {
-                tracing::error!(error = %e, "config reload failed; the running config stays");
-                continue;
-            }
-            Err(_) => {
-                tracing::error!(
-                    limit_ms = CONFIG_READ_LIMIT.as_millis() as u64,
-                    "config reload rejected: the file could not be read in time; the running \
-                     config stays"
-                );
-                continue;
-            }
-        };
-        for warning in loaded.warnings.iter().chain(&loaded.config.warnings()) {
-            tracing::warn!("{warning}");
-        }
-        let report = match reloader.apply(loaded.config, loaded.explicit) {
-            Ok(report) => report,
-            Err(refused) => {
-                tracing::error!(
-                    error = %refused,
-                    "config reload rejected; the running config stays"
-                );
-                continue;
-            }
+        let Some(report) = report else {
+            continue;
         };
         for key in &report.needs_restart {
             tracing::warn!(key, "config changed; takes effect after a restart");
@@ -237,6 +203,48 @@ async fn reload_on_sighup(path: Option<PathBuf>, reloader: Reloader, log: LogHan
             && let Err(e) = log.set_level(level)
         {
             tracing::error!(error = %e, "log.level not applied");
+        }
+    }
+}
+
+/// Loads the config and applies it: what changed, or `None` (logged) when it was rejected.
+async fn reload_config(path: Option<&Path>, reloader: &Reloader) -> Option<ReloadReport> {
+    // Off the runtime's threads and within a bound: a config path that blocks on open (a
+    // FIFO, a stuck mount) must not stop the gateway from serving.
+    let read = tokio::task::spawn_blocking({
+        let path = path.map(Path::to_path_buf);
+        move || config::load(path.as_deref())
+    });
+    let loaded = match tokio::time::timeout(CONFIG_READ_LIMIT, read).await {
+        Ok(Ok(Ok(loaded))) => loaded,
+        Ok(Ok(Err(e))) => {
+            tracing::error!(error = %e, "config reload rejected; the running config stays");
+            return None;
+        }
+        Ok(Err(e)) => {
+            tracing::error!(error = %e, "config reload failed; the running config stays");
+            return None;
+        }
+        Err(_) => {
+            tracing::error!(
+                limit_ms = CONFIG_READ_LIMIT.as_millis() as u64,
+                "config reload rejected: the file could not be read in time; the running \
+                 config stays"
+            );
+            return None;
+        }
+    };
+    for warning in loaded.warnings.iter().chain(&loaded.config.warnings()) {
+        tracing::warn!("{warning}");
+    }
+    match reloader.apply(loaded.config, loaded.explicit) {
+        Ok(report) => Some(report),
+        Err(refused) => {
+            tracing::error!(
+                error = %refused,
+                "config reload rejected; the running config stays"
+            );
+            None
         }
     }
 }

@@ -182,12 +182,8 @@ pub(crate) async fn accept_loop<S, F>(
         let builder = builder.clone();
         let watcher = graceful.watcher();
         tokio::spawn(async move {
-            let (stream, peer) = match tls.accept(stream, limits.header_read_timeout).await {
-                Ok(accepted) => accepted,
-                Err(why) => {
-                    tracing::debug!(error = %why, "TLS connection refused");
-                    return;
-                }
+            let Some((stream, peer)) = tls.accept(stream, limits.header_read_timeout).await else {
+                return;
             };
             // Every request on the connection carries what its client certificate said.
             let service = tower::util::MapRequest::new(service, move |mut req: Request<_>| {

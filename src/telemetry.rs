@@ -41,6 +41,22 @@ pub(crate) const ACCESS_FIELDS: &[&str] = &[
     "sampled",
 ];
 
+/// rustls logs a warning for each bad handshake it sees (an illegal SNI name, with the name in
+/// it; an unexpected message): a client could fill the log with them. Its lines are kept to
+/// `error` unless the filter names rustls itself; the gateway logs failed handshakes itself,
+/// one line per reason at most once a minute (`identity::tls`).
+const RUSTLS_DIRECTIVE: &str = "rustls=error";
+
+/// `directives` (`log.level` or `RUST_LOG`) as the filter takes them.
+fn filter(directives: &str) -> Result<EnvFilter, tracing_subscriber::filter::ParseError> {
+    let builder = EnvFilter::builder();
+    if directives.contains("rustls") {
+        builder.parse(directives)
+    } else {
+        builder.parse(format!("{directives},{RUSTLS_DIRECTIVE}"))
+    }
+}
+
 /// Changes the level filter of the running subscriber.
 pub struct LogHandle {
     filter: reload::Handle<EnvFilter, Registry>,
@@ -53,9 +69,7 @@ impl LogHandle {
         if self.rust_log_set {
             return Ok(());
         }
-        let filter = EnvFilter::builder()
-            .parse(level)
-            .map_err(|e| format!("log.level: {e}"))?;
+        let filter = filter(level).map_err(|e| format!("log.level: {e}"))?;
         self.filter.reload(filter).map_err(|e| e.to_string())
     }
 }
@@ -66,12 +80,8 @@ pub fn init(cfg: &LogConfig) -> Result<LogHandle, String> {
         .ok()
         .filter(|v| !v.trim().is_empty());
     let filter = match &rust_log {
-        Some(directives) => EnvFilter::builder()
-            .parse(directives)
-            .map_err(|e| format!("RUST_LOG: {e}"))?,
-        None => EnvFilter::builder()
-            .parse(&cfg.level)
-            .map_err(|e| format!("log.level: {e}"))?,
+        Some(directives) => filter(directives).map_err(|e| format!("RUST_LOG: {e}"))?,
+        None => filter(&cfg.level).map_err(|e| format!("log.level: {e}"))?,
     };
     let (filter, handle) = reload::Layer::new(filter);
     let json = (cfg.format == LogFormat::Json).then(|| {
@@ -282,6 +292,14 @@ mod tests {
         let line: serde_json::Value = serde_json::from_str(&text).expect("JSON");
         assert_eq!(line["value"], odd);
         assert_eq!(line["message"], "x\u{2029}y");
+    }
+
+    #[test]
+    fn rustls_is_kept_to_errors_unless_the_filter_names_it() {
+        let shown = |directives: &str| filter(directives).expect("parses").to_string();
+        assert!(shown("info").contains("rustls=error"), "{}", shown("info"));
+        assert!(shown("debug,bill24_gateway=trace").contains("rustls=error"));
+        assert!(!shown("info,rustls=debug").contains("rustls=error"));
     }
 
     #[test]

@@ -293,7 +293,8 @@ struct Setup {
     pki: Pki,
     _sim: bill24_sim::Simulator,
     gateway: Running,
-    _dir: tempfile::TempDir,
+    /// Holds the config file, `gw.toml`.
+    dir: tempfile::TempDir,
     main: SocketAddr,
 }
 
@@ -332,7 +333,7 @@ async fn start(pki: Pki, mtls: bool, jwt: &str, extra_callers: &str) -> Setup {
         pki,
         _sim: sim,
         gateway,
-        _dir: dir,
+        dir,
         main,
     }
 }
@@ -345,6 +346,27 @@ async fn access_line(gateway: &Running, reply: &Reply) -> serde_json::Value {
         .to_string();
     let line = gateway.wait_for_line(&id).await;
     serde_json::from_str(&line).expect("json line")
+}
+
+/// `reply` is a 200 for `caller`, identified by `auth` as its access line says.
+async fn assert_served(gateway: &Running, reply: &Reply, caller: &str, auth: &str) {
+    assert_eq!(reply.status, 200, "{caller}: {:?}", reply.body);
+    let line = access_line(gateway, reply).await;
+    assert_eq!(line["caller"], caller, "{line}");
+    assert_eq!(line["auth"], auth, "{line}");
+}
+
+/// `reply` is a 401 `unauthorized` for no caller, and its access line's `auth_error` says
+/// `why`.
+async fn assert_refused(gateway: &Running, reply: &Reply, why: &str) {
+    assert_eq!(reply.status, 401, "{why}: {:?}", reply.body);
+    assert_eq!(reply.error_code(), "unauthorized", "{why}");
+    let line = access_line(gateway, reply).await;
+    assert_eq!(line["caller"], serde_json::Value::Null, "{line}");
+    assert!(
+        line["auth_error"].as_str().is_some_and(|e| e.contains(why)),
+        "{why}: {line}"
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -367,16 +389,13 @@ async fn the_listener_speaks_tls_with_h2_and_http1_by_alpn_and_keys_still_work()
                 .balance(Some(ORDERS_KEY), "CUST001")
                 .await
                 .expect("answer");
-            assert_eq!(reply.status, 200, "{:?}", reply.body);
-            let line = access_line(&s.gateway, &reply).await;
-            assert_eq!(line["caller"], "orders");
-            assert_eq!(line["auth"], "key");
+            assert_served(&s.gateway, &reply, "orders", "key").await;
         }
         let reply = conn
             .balance(Some("wrong"), "CUST001")
             .await
             .expect("answer");
-        assert_eq!(reply.status, 401);
+        assert_refused(&s.gateway, &reply, "key: matches no caller").await;
     }
     // Plain HTTP to the TLS port is no way around it.
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -409,10 +428,7 @@ async fn client_certificates_identify_spiffe_callers_and_nothing_else_does() {
         None,
     )
     .await;
-    assert_eq!(reply.status, 200, "{:?}", reply.body);
-    let line = access_line(&s.gateway, &reply).await;
-    assert_eq!(line["caller"], "orders-mesh");
-    assert_eq!(line["auth"], "mtls");
+    assert_served(&s.gateway, &reply, "orders-mesh", "mtls").await;
 
     // Over HTTP/1.1 too, several requests on one connection.
     let mut conn = connect(
@@ -432,37 +448,21 @@ async fn client_certificates_identify_spiffe_callers_and_nothing_else_does() {
     let rogue_ca = Pki::new("rogue CA");
     let rogue = rogue_ca.client_with_uri(ORDERS_SPIFFE);
     let reply = once(s.main, &tls_config(&s.pki.ca_pem, Some(&rogue), &[]), None).await;
-    assert_eq!(reply.status, 401);
-    assert_eq!(reply.error_code(), "unauthorized");
-    let line = access_line(&s.gateway, &reply).await;
-    assert_eq!(line["caller"], serde_json::Value::Null);
-    assert!(
-        line["auth_error"]
-            .as_str()
-            .is_some_and(|e| e.contains("not issued by")),
-        "{line}"
-    );
+    assert_refused(&s.gateway, &reply, "not issued by").await;
 
     // Two URI SANs, one of them the caller's: a certificate is one workload, or none.
     let both = s
         .pki
         .client_with_uris(&["spiffe://cluster.local/ns/other/sa/other", ORDERS_SPIFFE]);
     let reply = once(s.main, &tls_config(&s.pki.ca_pem, Some(&both), &[]), None).await;
-    assert_eq!(reply.status, 401, "two URI SANs identify no one");
-    let line = access_line(&s.gateway, &reply).await;
-    assert!(
-        line["auth_error"]
-            .as_str()
-            .is_some_and(|e| e.contains("exactly one URI SAN")),
-        "{line}"
-    );
+    assert_refused(&s.gateway, &reply, "exactly one URI SAN").await;
 
     // A good certificate for a workload that is no caller.
     let other = s
         .pki
         .client_with_uri("spiffe://cluster.local/ns/other/sa/other");
     let reply = once(s.main, &tls_config(&s.pki.ca_pem, Some(&other), &[]), None).await;
-    assert_eq!(reply.status, 401);
+    assert_refused(&s.gateway, &reply, "no caller's spiffe_id").await;
 
     // A certificate with DNS names only.
     let dns = s.pki.leaf(&["orders.local"], Usage::Client, false);
@@ -490,28 +490,42 @@ fn jwt_section(jwks_file: &str) -> String {
     )
 }
 
+/// [`start`] with `[jwt]` on the JWKS `jwks_text`, in the file `jwks.json` next to the
+/// certificates.
+async fn start_with_jwks(ca: &str, mtls: bool, jwks_text: &str, extra_callers: &str) -> Setup {
+    let pki = Pki::new(ca);
+    let jwks_path = pki.write("jwks.json", jwks_text);
+    let jwt = jwt_section(&jwks_path.display().to_string());
+    start(pki, mtls, &jwt, extra_callers).await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn jwts_identify_callers_and_every_bad_shape_is_refused_saying_which_check() {
     let es = SigningKey::es256("es-1");
     let rs = SigningKey::rs256("rs-1");
-    let pki = Pki::new("listener CA");
-    let jwks_path = pki.write("jwks.json", &jwks(&[&es, &rs]));
-    let s = start(
-        pki,
-        false,
-        &jwt_section(&jwks_path.display().to_string()),
-        "",
-    )
-    .await;
+    // Keys the JWKS says are not for verifying signatures: `use: enc`, and `key_ops` without
+    // `verify`; and one whose `key_ops` does allow it.
+    let enc = SigningKey::es256("enc-1");
+    let sign_only = SigningKey::es256("ops-1");
+    let verify_ops = SigningKey::es256("ops-2");
+    let mut enc_jwk = enc.jwk();
+    enc_jwk["use"] = "enc".into();
+    let with_ops = |key: &SigningKey, ops: &[&str]| {
+        let mut jwk = key.jwk();
+        let fields = jwk.as_object_mut().expect("object");
+        fields.remove("use");
+        fields.insert("key_ops".into(), serde_json::json!(ops));
+        jwk
+    };
+    let set = serde_json::json!({"keys": [es.jwk(), rs.jwk(), enc_jwk,
+        with_ops(&sign_only, &["sign"]), with_ops(&verify_ops, &["verify"])]});
+    let s = start_with_jwks("listener CA", false, &set.to_string(), "").await;
     let config = tls_config(&s.pki.ca_pem, None, &[b"h2"]);
 
-    for key in [&es, &rs] {
+    for key in [&es, &rs, &verify_ops] {
         let token = key.token(ORDERS_SUB);
         let reply = once(s.main, &config, Some(&token)).await;
-        assert_eq!(reply.status, 200, "{}: {:?}", key.alg(), reply.body);
-        let line = access_line(&s.gateway, &reply).await;
-        assert_eq!(line["caller"], "orders-jwt");
-        assert_eq!(line["auth"], "jwt");
+        assert_served(&s.gateway, &reply, "orders-jwt", "jwt").await;
     }
 
     let good = es.token(ORDERS_SUB);
@@ -600,17 +614,32 @@ async fn jwts_identify_callers_and_every_bad_shape_is_refused_saying_which_check
             "key does not fit",
         ),
         ("garbage", "a.b.c".to_string(), "malformed"),
+        (
+            "a key for encryption (use: enc)",
+            enc.token(ORDERS_SUB),
+            "key not for verifying signatures",
+        ),
+        (
+            "a key whose key_ops lack verify",
+            sign_only.token(ORDERS_SUB),
+            "key not for verifying signatures",
+        ),
+        (
+            "a crit header",
+            es.token_with(
+                serde_json::json!({"alg": "ES256", "kid": "es-1", "crit": ["exp"], "exp": 1}),
+                claims(ORDERS_SUB),
+            ),
+            "crit",
+        ),
     ];
     for (what, token, why) in &bad {
         let reply = once(s.main, &config, Some(token)).await;
-        assert_eq!(reply.status, 401, "{what}");
-        assert_eq!(reply.error_code(), "unauthorized", "{what}");
-        assert!(!String::from_utf8_lossy(&reply.body).contains(token.as_str()));
-        let line = access_line(&s.gateway, &reply).await;
         assert!(
-            line["auth_error"].as_str().is_some_and(|e| e.contains(why)),
-            "{what}: {line}"
+            !String::from_utf8_lossy(&reply.body).contains(token.as_str()),
+            "{what}"
         );
+        assert_refused(&s.gateway, &reply, why).await;
     }
     // No token, good or bad, ever reaches the log.
     let output = s.gateway.output().join("\n");
@@ -628,17 +657,9 @@ async fn jwts_identify_callers_and_every_bad_shape_is_refused_saying_which_check
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn jwt_callers_get_the_same_limits_as_key_callers() {
     let es = SigningKey::es256("es-1");
-    let pki = Pki::new("listener CA");
-    let jwks_path = pki.write("jwks.json", &jwks(&[&es]));
     let limited = "[[callers]]\nname = \"limited\"\njwt_subject = \"system:serviceaccount:x:limited\"\n\
                    rate_limit_rps = 1\nburst = 2\n";
-    let s = start(
-        pki,
-        false,
-        &jwt_section(&jwks_path.display().to_string()),
-        limited,
-    )
-    .await;
+    let s = start_with_jwks("listener CA", false, &jwks(&[&es]), limited).await;
     let config = tls_config(&s.pki.ca_pem, None, &[]);
     let token = es.token("system:serviceaccount:x:limited");
     let mut conn = connect(s.main, config).await.expect("connects");
@@ -672,15 +693,8 @@ async fn admin_of(gateway: &Running) -> SocketAddr {
 async fn rotated_certificates_and_jwks_serve_new_connections_while_open_ones_stay() {
     let old_key = SigningKey::es256("old");
     let new_key = SigningKey::es256("new");
-    let pki = Pki::new("rotation CA");
-    let jwks_path = pki.write("jwks.json", &jwks(&[&old_key]));
-    let s = start(
-        pki,
-        true,
-        &jwt_section(&jwks_path.display().to_string()),
-        "",
-    )
-    .await;
+    let s = start_with_jwks("rotation CA", true, &jwks(&[&old_key]), "").await;
+    let jwks_path = s.pki.path("jwks.json");
     let config = tls_config(&s.pki.ca_pem, None, &[b"h2"]);
     let mut open = connect(s.main, config.clone()).await.expect("connects");
     let first_cert = open.peer_cert.clone();
@@ -757,6 +771,27 @@ async fn rotated_certificates_and_jwks_serve_new_connections_while_open_ones_sta
     s.gateway.wait_for_line("config reloaded").await;
     let after = connect(s.main, fresh_config()).await.expect("connects");
     assert_ne!(after.peer_cert, fresh.peer_cert);
+
+    // New file names on SIGHUP: in use by the time the reload is logged, not a poll later.
+    let renamed = s.pki.leaf(&["localhost"], Usage::Server, false);
+    s.pki.write("renamed.pem", &renamed.cert);
+    s.pki.write("renamed.key", &renamed.key);
+    let config_path = s.dir.path().join("gw.toml");
+    let config = std::fs::read_to_string(&config_path).expect("config");
+    let config = config
+        .replace("server.pem", "renamed.pem")
+        .replace("server.key", "renamed.key");
+    std::fs::write(&config_path, config).expect("write config");
+    s.gateway.signal("HUP");
+    s.gateway
+        .wait_for_line(r#"[\"server.tls_cert_file\"]"#)
+        .await;
+    let renamed_conn = connect(s.main, fresh_config()).await.expect("connects");
+    let expected = CertificateDer::from_pem_slice(renamed.cert.as_bytes()).expect("pem");
+    assert!(
+        renamed_conn.peer_cert == expected.as_ref(),
+        "new connections present the certificate of the new file names at once"
+    );
 }
 
 /// A JWKS served over HTTP by the test, counting its fetches.
@@ -829,17 +864,11 @@ async fn a_jwks_url_is_fetched_at_start_and_again_for_an_unknown_kid_at_most_eve
         .balance(Some(&second.token(ORDERS_SUB)), "CUST001")
         .await
         .expect("answer");
-    assert_eq!(reply.status, 401);
+    assert_refused(&s.gateway, &reply, "unknown kid").await;
     assert_eq!(
         fetches.load(Ordering::SeqCst),
         1,
         "at most one fetch per 30 s"
-    );
-    let line = access_line(&s.gateway, &reply).await;
-    assert!(
-        line["auth_error"]
-            .as_str()
-            .is_some_and(|e| e.contains("unknown kid"))
     );
 
     // 30 s after the last fetch, an unknown kid fetches once, and the keys it brought verify
@@ -867,4 +896,127 @@ async fn a_jwks_url_is_fetched_at_start_and_again_for_an_unknown_kid_at_most_eve
         2,
         "again within 30 s: no fetch"
     );
+}
+
+/// A Bearer value over 8 KiB is refused unread with a 401 that says so, over HTTP/1.1 and h2,
+/// as long as the request head fits the 16 KiB header limit; a head beyond that limit is
+/// 431, as for any header.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversized_bearer_token_is_401_within_the_header_limit_and_431_beyond() {
+    let es = SigningKey::es256("es-1");
+    let s = start_with_jwks("listener CA", false, &jwks(&[&es]), "").await;
+    // JWT-shaped, with a claim that makes it 12 KiB, and signed: only its size is wrong.
+    let mut big = claims(ORDERS_SUB);
+    big["padding"] = "x".repeat(9 * 1024).into();
+    let oversized = es.token_with(es.header(), big);
+    assert!((12 * 1024..14 * 1024).contains(&oversized.len()));
+    let too_large_for_the_head = format!("{}.{}.sig", "a".repeat(10 * 1024), "b".repeat(8 * 1024));
+    for alpn in [&b"http/1.1"[..], b"h2"] {
+        let config = tls_config(&s.pki.ca_pem, None, &[alpn]);
+        let mut conn = connect(s.main, config).await.expect("connects");
+        let reply = conn
+            .balance(Some(&oversized), "CUST001")
+            .await
+            .expect("answer");
+        assert_refused(&s.gateway, &reply, "Bearer value over 8192 bytes").await;
+        // The connection goes on.
+        let reply = conn
+            .balance(Some(&es.token(ORDERS_SUB)), "CUST001")
+            .await
+            .expect("answer");
+        assert_served(&s.gateway, &reply, "orders-jwt", "jwt").await;
+
+        let mut conn = connect(s.main, tls_config(&s.pki.ca_pem, None, &[alpn]))
+            .await
+            .expect("connects");
+        let reply = conn
+            .balance(Some(&too_large_for_the_head), "CUST001")
+            .await
+            .expect("answer");
+        assert_eq!(reply.status, 431, "{alpn:?}");
+    }
+}
+
+/// A TLS 1.3 ClientHello naming `host` in its SNI extension, byte by byte (rustls as a client
+/// sends only valid names).
+fn client_hello(host: &[u8]) -> Vec<u8> {
+    fn vec16(body: &[u8]) -> Vec<u8> {
+        let mut v = (body.len() as u16).to_be_bytes().to_vec();
+        v.extend_from_slice(body);
+        v
+    }
+    fn ext(kind: u16, body: &[u8]) -> Vec<u8> {
+        let mut v = kind.to_be_bytes().to_vec();
+        v.extend(vec16(body));
+        v
+    }
+    let mut name = vec![0u8];
+    name.extend(vec16(host));
+    let mut share = vec![0x00, 0x1d];
+    share.extend(vec16(&[7u8; 32]));
+    let extensions = [
+        ext(0x0000, &vec16(&name)),                     // server_name
+        ext(0x002b, &[2, 0x03, 0x04]),                  // supported_versions: TLS 1.3
+        ext(0x000a, &vec16(&[0x00, 0x1d])),             // supported_groups: x25519
+        ext(0x000d, &vec16(&[0x04, 0x03, 0x08, 0x04])), // signature_algorithms
+        ext(0x0033, &vec16(&share)),                    // key_share
+    ]
+    .concat();
+    let mut hello = vec![0x03, 0x03];
+    hello.extend([1u8; 32]); // random
+    hello.push(0); // no session id
+    hello.extend(vec16(&[0x13, 0x01])); // TLS_AES_128_GCM_SHA256
+    hello.extend([1, 0]); // no compression
+    hello.extend(vec16(&extensions));
+    let mut handshake = vec![1u8]; // ClientHello
+    handshake.extend(&(hello.len() as u32).to_be_bytes()[1..]);
+    handshake.extend(hello);
+    let mut record = vec![0x16, 0x03, 0x01];
+    record.extend(vec16(&handshake));
+    record
+}
+
+/// Handshakes that fail on purpose (an illegal SNI name, plain HTTP on the TLS port) cannot
+/// flood the log: rustls's own warnings are not logged, and the gateway logs one line per
+/// reason (then at most one a minute, counting the failures it stands for).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_handshakes_log_one_line_per_reason_not_one_per_attempt() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let s = start(Pki::new("listener CA"), false, "", "").await;
+    let attempt = |bytes: Vec<u8>| async move {
+        let mut tcp = tokio::net::TcpStream::connect(s.main)
+            .await
+            .expect("connect");
+        tcp.write_all(&bytes).await.expect("write");
+        let mut answer = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(5), tcp.read_to_end(&mut answer)).await;
+    };
+    for _ in 0..20 {
+        attempt(client_hello(b"not a host name!")).await;
+        attempt(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n".to_vec()).await;
+    }
+    let line = s.gateway.wait_for_line("illegal SNI").await;
+    let line: serde_json::Value = serde_json::from_str(&line).expect("json");
+    assert_eq!(line["message"], "TLS handshake failed", "{line}");
+    assert_eq!(line["failures"], 1, "{line}");
+    s.gateway.wait_for_line("not TLS").await;
+    // The listener still serves.
+    let config = tls_config(&s.pki.ca_pem, None, &[]);
+    let reply = once(s.main, &config, Some(ORDERS_KEY)).await;
+    assert_served(&s.gateway, &reply, "orders", "key").await;
+    let output = s.gateway.output();
+    let failed: Vec<&String> = output
+        .iter()
+        .filter(|l| l.contains("TLS handshake failed"))
+        .collect();
+    assert_eq!(failed.len(), 2, "one line per reason: {failed:#?}");
+    let from_rustls: Vec<&String> = output
+        .iter()
+        .filter(|l| l.contains(r#""log.target":"rustls"#) || l.contains("Illegal SNI"))
+        .collect();
+    assert!(
+        from_rustls.is_empty(),
+        "rustls's own lines: {from_rustls:#?}"
+    );
+    assert!(!output.iter().any(|l| l.contains("not a host name")));
 }

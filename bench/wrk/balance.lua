@@ -1,10 +1,14 @@
 -- wrk script: POST /instant_payment/get_wallet_balance over a key mix.
 --   KEYS=1000 MIX=uniform|zipf|sequential|single KEY=<caller key> wrk -s bench/wrk/balance.lua URL
+-- TOKENS=<file>: a Bearer value per line, each request taking the next one (instead of KEY).
 -- Prints p50/p90/p99/p99.9 latency and error counts (non-2xx included) as one RESULT line.
 local keys = tonumber(os.getenv("KEYS") or "1000")
 local mix = os.getenv("MIX") or "uniform"
 local caller_key = os.getenv("KEY") or "bench-caller-key"
 local prefix = os.getenv("PREFIX") or "BENCH"
+local tokens_file = os.getenv("TOKENS")
+local tokens = nil
+local next_token = 0
 
 local zipf_cdf = nil
 local function build_zipf(n, s)
@@ -39,6 +43,10 @@ function init(args)
   wrk.headers["Authorization"] = "Bearer " .. caller_key
   wrk.headers["Content-Type"] = "application/json"
   counter = thread_id
+  if tokens_file then
+    tokens = {}
+    for line in io.lines(tokens_file) do tokens[#tokens + 1] = line end
+  end
 end
 
 function request()
@@ -47,7 +55,14 @@ function request()
   elseif mix == "sequential" then k = counter % keys; counter = counter + 1
   elseif mix == "single" then k = 0
   else k = math.random(0, keys - 1) end
-  return wrk.format(nil, nil, nil, '{"customer_sync_code":"' .. prefix .. k .. '"}')
+  local body = '{"customer_sync_code":"' .. prefix .. k .. '"}'
+  if tokens then
+    local token = tokens[next_token % #tokens + 1]
+    next_token = next_token + 1
+    return wrk.format(nil, nil, {["Authorization"] = "Bearer " .. token,
+      ["Content-Type"] = "application/json"}, body)
+  end
+  return wrk.format(nil, nil, nil, body)
 end
 
 function done(summary, latency, requests)

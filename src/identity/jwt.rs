@@ -1,7 +1,9 @@
 //! JWT callers (CONTRACT §12): a Bearer token that is a JWT, signed by a key of the configured
 //! JWKS (a file, or a URL), with `iss`, `aud`, `exp` and `nbf` checked. Only asymmetric
 //! algorithms are accepted: `alg: none` and the HMAC algorithms are refused before any key is
-//! looked at, and a JWKS's symmetric (`oct`) keys are never loaded.
+//! looked at, and a JWKS's symmetric (`oct`) keys are never loaded; nor are keys whose `use` or
+//! `key_ops` say they are not for verifying signatures. A token whose header has `crit` is
+//! refused: no JWS extension is understood here (RFC 7515 §4.1.11).
 //!
 //! A verified token is remembered by its SHA-256 until it expires, so a caller repeating the
 //! same token costs one hash, not a signature check. The memory belongs to one key set: a new
@@ -9,19 +11,20 @@
 //!
 //! The token itself is never logged or kept: only its hash, its subject and its expiry.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use arc_swap::{ArcSwap, ArcSwapOption};
 use base64::Engine;
-use jsonwebtoken::jwk::{AlgorithmParameters, Jwk, PublicKeyUse};
+use jsonwebtoken::jwk::{AlgorithmParameters, Jwk, KeyOperations, PublicKeyUse};
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use tokio::time::Instant;
 
 use crate::config::{JwksSource, JwtConfig};
+use crate::identity::file;
 
 /// The most verified tokens remembered per key set.
 const REMEMBERED_TOKENS: u64 = 10_000;
@@ -30,9 +33,10 @@ pub(crate) const JWKS_REFETCH_EVERY: Duration = Duration::from_secs(600);
 /// At most one fetch for an unknown `kid` (or after a failed fetch) this often.
 pub(crate) const JWKS_UNKNOWN_KID_EVERY: Duration = Duration::from_secs(30);
 /// The largest JWKS accepted.
-pub(crate) const MAX_JWKS_BYTES: usize = 1024 * 1024;
-/// The longest token looked at; longer ones are refused unread.
-const MAX_TOKEN_BYTES: usize = 16 * 1024;
+pub(crate) const MAX_JWKS_BYTES: usize = file::MAX_FILE_BYTES;
+/// The longest Bearer value looked at (key or token); longer ones are refused unread. A
+/// Kubernetes service-account token is 1–2 KiB.
+pub(crate) const MAX_TOKEN_BYTES: usize = 8 * 1024;
 
 /// Why a token did not identify a caller: the access log's `auth_error`. Never the token.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -43,6 +47,8 @@ pub(crate) enum JwtFailure {
     AlgorithmNotAllowed,
     NoKeys,
     UnknownKid,
+    KeyNotForSignatures,
+    CriticalHeader,
     KeyAlgorithmMismatch,
     BadSignature,
     Expired,
@@ -62,6 +68,10 @@ impl JwtFailure {
             JwtFailure::AlgorithmNotAllowed => "jwt: algorithm not allowed",
             JwtFailure::NoKeys => "jwt: no signing keys loaded",
             JwtFailure::UnknownKid => "jwt: unknown kid",
+            JwtFailure::KeyNotForSignatures => {
+                "jwt: key not for verifying signatures (its use or key_ops)"
+            }
+            JwtFailure::CriticalHeader => "jwt: crit header names extensions not understood",
             JwtFailure::KeyAlgorithmMismatch => "jwt: key does not fit the algorithm",
             JwtFailure::BadSignature => "jwt: bad signature",
             JwtFailure::Expired => "jwt: expired (exp)",
@@ -107,6 +117,13 @@ struct RawHeader {
     alg: String,
     #[serde(default)]
     kid: Option<String>,
+    /// Present at all (even `null`): extensions the token says must be understood.
+    #[serde(default, deserialize_with = "present")]
+    crit: bool,
+}
+
+fn present<'de, D: serde::Deserializer<'de>>(value: D) -> Result<bool, D::Error> {
+    serde::de::IgnoredAny::deserialize(value).map(|_| true)
 }
 
 #[derive(Deserialize)]
@@ -149,6 +166,8 @@ pub(crate) struct KeySet {
     by_kid: HashMap<String, Key>,
     /// Keys without a `kid` (a token without one may use the only key there is).
     unnamed: Vec<Key>,
+    /// The `kid`s of keys that are not for verifying signatures (`use`, `key_ops`).
+    not_for_signatures: HashSet<String>,
     /// SHA-256 of a verified token → its subject and its `exp` (seconds).
     verified: moka::sync::Cache<[u8; 32], (Arc<str>, f64)>,
 }
@@ -158,6 +177,7 @@ impl KeySet {
         KeySet {
             by_kid: HashMap::new(),
             unnamed: Vec::new(),
+            not_for_signatures: HashSet::new(),
             verified: moka::sync::Cache::new(REMEMBERED_TOKENS),
         }
     }
@@ -184,10 +204,10 @@ impl KeySet {
             let Ok(jwk) = serde_json::from_value::<Jwk>(value) else {
                 continue;
             };
-            if matches!(
-                jwk.common.public_key_use,
-                Some(PublicKeyUse::Encryption | PublicKeyUse::Other(_))
-            ) {
+            if !for_signatures(&jwk) {
+                if let Some(kid) = jwk.common.key_id {
+                    set.not_for_signatures.insert(kid);
+                }
                 continue;
             }
             let family = match &jwk.algorithm {
@@ -217,6 +237,21 @@ impl KeySet {
         }
         Ok(set)
     }
+}
+
+/// Whether a JWK may verify signatures: its `use`, when given, is `sig`, and its `key_ops`,
+/// when given, include `verify`.
+fn for_signatures(jwk: &Jwk) -> bool {
+    let by_use = match &jwk.common.public_key_use {
+        None | Some(PublicKeyUse::Signature) => true,
+        Some(PublicKeyUse::Encryption | PublicKeyUse::Other(_)) => false,
+    };
+    let by_ops = jwk
+        .common
+        .key_operations
+        .as_ref()
+        .is_none_or(|ops| ops.iter().any(|op| matches!(op, KeyOperations::Verify)));
+    by_use && by_ops
 }
 
 /// Verifies JWTs for one `[jwt]` configuration.
@@ -259,7 +294,7 @@ impl Verifier {
             fetch: tokio::sync::Mutex::new(()),
         };
         if let JwksSource::File(path) = &verifier.config.jwks {
-            let text = std::fs::read(path)
+            let text = file::read(path)
                 .map_err(|e| format!("cannot read jwt.jwks_file {}: {e}", path.display()))?;
             let set = KeySet::parse(&text)
                 .map_err(|e| format!("jwt.jwks_file {} {e}", path.display()))?;
@@ -271,6 +306,12 @@ impl Verifier {
 
     pub(crate) fn config(&self) -> &JwtConfig {
         &self.config
+    }
+
+    /// How many keys are in use.
+    #[cfg(test)]
+    pub(crate) fn key_count(&self) -> usize {
+        self.keys.load().len()
     }
 
     fn seen(&self) -> std::sync::MutexGuard<'_, Seen> {
@@ -313,7 +354,12 @@ impl Verifier {
     /// fetched when `force` or when it is due (every 10 min; 30 s after a failed fetch).
     pub(crate) async fn upkeep(&self, client: &JwksClient, force: bool) -> Loaded {
         match &self.config.jwks {
-            JwksSource::File(path) => match read_bounded(path).await {
+            JwksSource::File(path) => match file::in_time({
+                let path = path.clone();
+                move || file::read(&path)
+            })
+            .await
+            {
                 Ok(text) => self.offer(&text, &path.display().to_string()),
                 Err(why) => {
                     let digest: [u8; 32] = Sha256::digest(why.as_bytes()).into();
@@ -375,27 +421,37 @@ impl Verifier {
         }
     }
 
-    /// Verifies `token` with the keys in hand: its subject, or why not. An unknown `kid` is
-    /// [`JwtFailure::UnknownKid`]; the caller may refresh a URL's keys and ask again.
-    pub(crate) fn verify(&self, token: &[u8]) -> Result<Arc<str>, JwtFailure> {
+    /// Verifies `token`, whose SHA-256 is `digest`, with the keys in hand: its subject, or why
+    /// not. An unknown `kid` is [`JwtFailure::UnknownKid`]; the caller may refresh a URL's keys
+    /// and ask again.
+    pub(crate) fn verify(&self, token: &[u8], digest: &[u8; 32]) -> Result<Arc<str>, JwtFailure> {
         let keys = self.keys.load();
-        let digest: [u8; 32] = Sha256::digest(token).into();
         let leeway = self.config.leeway.as_secs_f64();
-        if let Some((sub, exp)) = keys.verified.get(&digest) {
+        if let Some((sub, exp)) = keys.verified.get(digest) {
             if now_secs() <= exp + leeway {
                 return Ok(sub);
             }
-            keys.verified.invalidate(&digest);
+            keys.verified.invalidate(digest);
             return Err(JwtFailure::Expired);
         }
         let token = std::str::from_utf8(token).map_err(|_| JwtFailure::Malformed)?;
         let header = header_of(token)?;
         let alg = allowed(&header.alg)?;
+        if header.crit {
+            return Err(JwtFailure::CriticalHeader);
+        }
         if keys.len() == 0 {
             return Err(JwtFailure::NoKeys);
         }
         let key = match &header.kid {
-            Some(kid) => keys.by_kid.get(kid).ok_or(JwtFailure::UnknownKid)?,
+            Some(kid) => keys
+                .by_kid
+                .get(kid)
+                .ok_or(if keys.not_for_signatures.contains(kid) {
+                    JwtFailure::KeyNotForSignatures
+                } else {
+                    JwtFailure::UnknownKid
+                })?,
             // Without a kid, the JWKS's only key, named or not.
             None => match (keys.by_kid.values().next(), keys.unnamed.as_slice()) {
                 (Some(only), []) if keys.by_kid.len() == 1 => only,
@@ -420,7 +476,7 @@ impl Verifier {
             return Err(JwtFailure::MissingClaim);
         };
         let sub: Arc<str> = Arc::from(sub);
-        keys.verified.insert(digest, (sub.clone(), exp));
+        keys.verified.insert(*digest, (sub.clone(), exp));
         Ok(sub)
     }
 }
@@ -463,28 +519,6 @@ fn redacted_url(uri: &http::Uri) -> String {
         uri.host().unwrap_or(""),
         uri.path()
     )
-}
-
-/// A file read off the runtime's threads, within a bound (a FIFO or a stuck network mount
-/// must not hold anything up), at most [`MAX_JWKS_BYTES`].
-pub(crate) async fn read_bounded(path: &std::path::Path) -> Result<Vec<u8>, String> {
-    use tokio::io::AsyncReadExt;
-    let read = async {
-        let file = tokio::fs::File::open(path).await?;
-        let mut text = Vec::new();
-        file.take(MAX_JWKS_BYTES as u64 + 1)
-            .read_to_end(&mut text)
-            .await?;
-        Ok::<_, std::io::Error>(text)
-    };
-    match tokio::time::timeout(Duration::from_secs(2), read).await {
-        Ok(Ok(text)) if text.len() > MAX_JWKS_BYTES => {
-            Err(format!("is larger than {MAX_JWKS_BYTES} bytes"))
-        }
-        Ok(Ok(text)) => Ok(text),
-        Ok(Err(e)) => Err(e.to_string()),
-        Err(_) => Err("could not be read within 2 s".into()),
-    }
 }
 
 /// Fetches JWKS documents over HTTP(S) (webpki roots).
@@ -564,22 +598,23 @@ pub(crate) struct Jwt {
 }
 
 impl Jwt {
-    /// Verifies `token`; on an unknown `kid` with a JWKS URL, fetches the keys again (at most
-    /// once per 30 s) and tries once more.
+    /// Verifies `token` (SHA-256 `digest`); on an unknown `kid` with a JWKS URL, fetches the
+    /// keys again (at most once per 30 s) and tries once more.
     pub(crate) async fn verify_fetching(
         &self,
         client: &JwksClient,
         token: &[u8],
+        digest: &[u8; 32],
     ) -> Result<Arc<str>, JwtFailure> {
         let Some(verifier) = self.current.load_full() else {
             return Err(JwtFailure::NoKeys);
         };
-        match verifier.verify(token) {
+        match verifier.verify(token, digest) {
             Err(JwtFailure::UnknownKid | JwtFailure::NoKeys)
                 if matches!(verifier.config.jwks, JwksSource::Url(_)) =>
             {
                 verifier.upkeep(client, true).await;
-                verifier.verify(token)
+                verifier.verify(token, digest)
             }
             other => other,
         }
@@ -604,6 +639,20 @@ mod tests {
     }
 
     #[test]
+    fn a_crit_header_is_seen_whatever_its_value() {
+        let header = |json: &str| {
+            let token = format!(
+                "{}.e30.c2ln",
+                base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(json)
+            );
+            header_of(&token).map(|h| h.crit)
+        };
+        assert_eq!(header(r#"{"alg":"ES256"}"#), Ok(false));
+        assert_eq!(header(r#"{"alg":"ES256","crit":["exp"]}"#), Ok(true));
+        assert_eq!(header(r#"{"alg":"ES256","crit":null}"#), Ok(true));
+    }
+
+    #[test]
     fn only_asymmetric_algorithms() {
         assert_eq!(allowed("none"), Err(JwtFailure::AlgNone));
         assert_eq!(allowed("HS256"), Err(JwtFailure::Hmac));
@@ -625,6 +674,28 @@ mod tests {
         assert_eq!(set.len(), 1);
         assert!(set.by_kid.contains_key("e"));
         assert!(KeySet::parse(b"not json").is_err());
+        let ec = |extra: &str| {
+            format!(
+                r#"{{"keys":[{{"kty":"EC","crv":"P-256","kid":"e",{extra}
+                "x":"f83OJ3D2xF1Bg8vub9tLe1gHMzV76e8Tus9uPHvRVEU",
+                "y":"x_FEzRu9m36HLN_tue659LNpXW6pCyStikYjKIWI5a0"}}]}}"#
+            )
+        };
+        for not_for_signatures in [
+            r#""use":"enc","#,
+            r#""key_ops":["encrypt"],"#,
+            r#""key_ops":["sign"],"#,
+            r#""use":"sig","key_ops":[],"#,
+        ] {
+            assert!(
+                KeySet::parse(ec(not_for_signatures).as_bytes()).is_err(),
+                "{not_for_signatures}"
+            );
+        }
+        for usable in ["", r#""use":"sig","#, r#""key_ops":["verify","sign"],"#] {
+            let set = KeySet::parse(ec(usable).as_bytes()).expect(usable);
+            assert_eq!(set.len(), 1, "{usable}");
+        }
         assert!(KeySet::parse(br#"{"keys":[]}"#).is_err());
     }
 }

@@ -3,6 +3,7 @@
 //! files: looked at every second, and at once on SIGHUP ([`Identity::reload`]); a broken new
 //! file keeps the old one and logs why.
 
+mod file;
 pub(crate) mod jwt;
 pub(crate) mod tls;
 
@@ -39,6 +40,8 @@ pub struct Identity {
     pub(crate) tls: Option<Arc<ListenerTls>>,
     pub(crate) jwt: Arc<Jwt>,
     pub(crate) jwks_client: Arc<JwksClient>,
+    /// Wakes [`Identity::follow`] when a reload brings a `[jwt]` to follow.
+    wake: tokio::sync::Notify,
 }
 
 impl Identity {
@@ -48,6 +51,7 @@ impl Identity {
             tls: None,
             jwt: Arc::new(Jwt::default()),
             jwks_client: Arc::new(JwksClient::new()),
+            wake: tokio::sync::Notify::new(),
         }
     }
 
@@ -67,6 +71,7 @@ impl Identity {
             tls,
             jwt: Arc::new(current),
             jwks_client: Arc::new(JwksClient::new()),
+            wake: tokio::sync::Notify::new(),
         })
     }
 
@@ -78,6 +83,7 @@ impl Identity {
             .transpose()?
             .map(Arc::new);
         self.jwt.current.store(next);
+        self.wake.notify_one();
         Ok(())
     }
 
@@ -98,13 +104,71 @@ impl Identity {
         }
     }
 
-    /// Keeps files and the JWKS URL current until the task is dropped.
+    /// Whether there is a certificate or a JWKS to keep current.
+    fn follows_anything(&self) -> bool {
+        self.tls.is_some() || self.jwt.current.load().is_some()
+    }
+
+    /// Keeps files and the JWKS URL current until the task is dropped. With neither TLS nor
+    /// `[jwt]` it sleeps, without polling, until a reload brings a `[jwt]`.
     pub(crate) async fn follow(self: Arc<Self>) {
         let mut tick = tokio::time::interval(FILE_POLL);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
+            if !self.follows_anything() {
+                self.wake.notified().await;
+                continue;
+            }
             tick.tick().await;
             self.reload().await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::JwksSource;
+
+    const EC_KEY: &str = r#"{"kty":"EC","crv":"P-256","kid":"KID",
+        "x":"f83OJ3D2xF1Bg8vub9tLe1gHMzV76e8Tus9uPHvRVEU",
+        "y":"x_FEzRu9m36HLN_tue659LNpXW6pCyStikYjKIWI5a0"}"#;
+
+    fn jwks(kids: &[&str]) -> String {
+        let keys: Vec<String> = kids.iter().map(|k| EC_KEY.replace("KID", k)).collect();
+        format!(r#"{{"keys":[{}]}}"#, keys.join(","))
+    }
+
+    /// With nothing to follow the task waits without polling; a `[jwt]` brought by a reload
+    /// wakes it, and its JWKS file is followed from then on.
+    #[tokio::test]
+    async fn a_jwt_section_added_by_a_reload_is_followed() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("jwks.json");
+        std::fs::write(&path, jwks(&["a"])).expect("write");
+        let identity = Arc::new(Identity::keys_only());
+        assert!(!identity.follows_anything());
+        let follow = tokio::spawn(identity.clone().follow());
+        // The task runs, and finds nothing to follow, before the reload.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        identity
+            .set_jwt(Some(&JwtConfig {
+                issuer: "https://issuer".into(),
+                audience: "bill24-gateway".into(),
+                jwks: JwksSource::File(path.clone()),
+                leeway: Duration::from_secs(30),
+            }))
+            .expect("usable JWKS");
+        assert!(identity.follows_anything());
+        std::fs::write(&path, jwks(&["a", "b"])).expect("write");
+        let keys = || identity.jwt.current.load_full().map(|v| v.key_count());
+        for _ in 0..100 {
+            if keys() == Some(2) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(keys(), Some(2), "the new JWKS file was read");
+        follow.abort();
     }
 }

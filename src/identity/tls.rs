@@ -7,7 +7,12 @@
 //! rustls's own); whether it chains to the client CA is decided after the handshake, so that a
 //! certificate from another CA gets the same 401 as a missing key rather than a broken
 //! handshake, and never an identity.
+//!
+//! A failed handshake is logged by the gateway, one line per reason at most once a minute
+//! (counting the failures it stands for): a client failing handshakes on purpose cannot flood
+//! the log. rustls's own per-handshake warnings are filtered out (`telemetry`).
 
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -22,10 +27,11 @@ use rustls::sign::CertifiedKey;
 use rustls::{DigitallySignedStruct, DistinguishedName, RootCertStore, SignatureScheme};
 use sha2::{Digest, Sha256};
 use tokio::net::TcpStream;
+use tokio::time::Instant;
 use tokio_rustls::server::TlsStream;
 
 use crate::config::ListenerTlsConfig;
-use crate::identity::jwt::read_bounded;
+use crate::identity::file;
 
 /// What a connection's client certificate says about its peer, for every request on it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -124,6 +130,7 @@ pub(crate) struct ListenerTls {
     certificate: Arc<Certificate>,
     verifier: Arc<AskForCertificate>,
     files: Mutex<Files>,
+    failures: FailureLog,
 }
 
 struct Files {
@@ -202,17 +209,16 @@ fn build(texts: &Texts, provider: &Arc<CryptoProvider>) -> Result<(CertifiedKey,
     Ok((certified, roots))
 }
 
-async fn read_all(config: &ListenerTlsConfig) -> Result<Texts, String> {
-    let read = |path: std::path::PathBuf, key: &'static str| async move {
-        read_bounded(&path)
-            .await
-            .map_err(|e| format!("{key} {}: {e}", path.display()))
+/// Reads the files `config` names (blocking).
+fn read_texts(config: &ListenerTlsConfig) -> Result<Texts, String> {
+    let read = |path: &std::path::Path, key: &str| {
+        file::read(path).map_err(|e| format!("{key} {}: {e}", path.display()))
     };
     Ok(Texts {
-        cert: read(config.cert_file.clone(), "server.tls_cert_file").await?,
-        key: read(config.key_file.clone(), "server.tls_key_file").await?,
+        cert: read(&config.cert_file, "server.tls_cert_file")?,
+        key: read(&config.key_file, "server.tls_key_file")?,
         client_ca: match &config.client_ca_file {
-            Some(path) => Some(read(path.clone(), "server.tls_client_ca_file").await?),
+            Some(path) => Some(read(path, "server.tls_client_ca_file")?),
             None => None,
         },
     })
@@ -221,17 +227,7 @@ async fn read_all(config: &ListenerTlsConfig) -> Result<Texts, String> {
 impl ListenerTls {
     /// TLS from the files `config` names, read now.
     pub(crate) fn new(config: &ListenerTlsConfig) -> Result<Self, String> {
-        let read = |path: &std::path::Path, key: &str| {
-            std::fs::read(path).map_err(|e| format!("{key} {}: {e}", path.display()))
-        };
-        let texts = Texts {
-            cert: read(&config.cert_file, "server.tls_cert_file")?,
-            key: read(&config.key_file, "server.tls_key_file")?,
-            client_ca: match &config.client_ca_file {
-                Some(path) => Some(read(path, "server.tls_client_ca_file")?),
-                None => None,
-            },
-        };
+        let texts = read_texts(config)?;
         let provider = provider();
         let (certified, roots) = build(&texts, &provider)?;
         let certificate = Arc::new(Certificate(ArcSwap::from_pointee(certified)));
@@ -254,6 +250,7 @@ impl ListenerTls {
                 good: Some(texts.digest()),
                 bad: None,
             }),
+            failures: FailureLog::default(),
         })
     }
 
@@ -274,7 +271,12 @@ impl ListenerTls {
     /// handshakes with them. Open connections keep what they negotiated.
     pub(crate) async fn reload(&self) -> Reloaded {
         let config = self.files().config.clone();
-        let texts = match read_all(&config).await {
+        let texts = match file::in_time({
+            let config = config.clone();
+            move || read_texts(&config)
+        })
+        .await
+        {
             Ok(texts) => texts,
             Err(why) => return self.refuse(why.as_bytes(), &why),
         };
@@ -315,19 +317,29 @@ impl ListenerTls {
         Reloaded::Refused
     }
 
-    /// The TLS handshake on an accepted connection, within `deadline`.
+    /// The TLS handshake on an accepted connection, within `deadline`; `None` (logged, at
+    /// most once a minute per reason) when it fails.
     pub(crate) async fn accept(
         &self,
         stream: TcpStream,
         deadline: Duration,
-    ) -> Result<(TlsStream<TcpStream>, PeerCertificate), String> {
+    ) -> Option<(TlsStream<TcpStream>, PeerCertificate)> {
         let acceptor = tokio_rustls::TlsAcceptor::from(self.config.clone());
-        let tls = tokio::time::timeout(deadline, acceptor.accept(stream))
-            .await
-            .map_err(|_| format!("no TLS handshake within {deadline:?}"))?
-            .map_err(|e| format!("TLS handshake failed: {e}"))?;
+        let tls = match tokio::time::timeout(deadline, acceptor.accept(stream)).await {
+            Ok(Ok(tls)) => tls,
+            Ok(Err(e)) => {
+                self.failures.note(reason(&e), &e);
+                return None;
+            }
+            Err(_) => {
+                let why = format!("no TLS handshake within {deadline:?}");
+                self.failures
+                    .note("no handshake within server.header_read_timeout", &why);
+                return None;
+            }
+        };
         let peer = self.peer(tls.get_ref().1.peer_certificates());
-        Ok((tls, peer))
+        Some((tls, peer))
     }
 
     /// What the peer's certificate chain is worth, checked against the client CA in force.
@@ -342,6 +354,60 @@ impl ListenerTls {
             return PeerCertificate::Refused(refusal(&e));
         }
         PeerCertificate::Verified(uri_sans(leaf))
+    }
+}
+
+/// How often a line is logged for one reason of failed handshakes, at most.
+const FAILURE_LOG_EVERY: Duration = Duration::from_secs(60);
+
+/// Failed handshakes, by reason: when each reason was last logged, and how many failed since.
+#[derive(Default)]
+struct FailureLog(Mutex<HashMap<&'static str, (Option<Instant>, u64)>>);
+
+impl FailureLog {
+    /// Counts a failure; logs it when its reason was not logged within the last minute. The
+    /// reasons are a fixed set, so the map stays small. The count logged, if it was.
+    fn note(&self, reason: &'static str, error: &dyn std::fmt::Display) -> Option<u64> {
+        let now = Instant::now();
+        let failures = {
+            let mut seen = self.0.lock().unwrap_or_else(|p| p.into_inner());
+            let (logged, count) = seen.entry(reason).or_default();
+            *count += 1;
+            if logged.is_some_and(|at| now.duration_since(at) < FAILURE_LOG_EVERY) {
+                return None;
+            }
+            *logged = Some(now);
+            std::mem::replace(count, 0)
+        };
+        // `failures`: this one and those not logged since the previous line for the reason.
+        tracing::warn!(reason, failures, error = %error, "TLS handshake failed");
+        Some(failures)
+    }
+}
+
+/// Why a handshake failed, in words, from a fixed set.
+fn reason(e: &std::io::Error) -> &'static str {
+    use rustls::{Error as E, InvalidMessage, PeerMisbehaved};
+    let Some(tls) = e.get_ref().and_then(|inner| inner.downcast_ref::<E>()) else {
+        return "connection closed or failed during the handshake";
+    };
+    match tls {
+        E::InvalidMessage(InvalidMessage::InvalidServerName)
+        | E::PeerMisbehaved(
+            PeerMisbehaved::ServerNameMustContainOneHostName
+            | PeerMisbehaved::ServerNameDifferedOnRetry,
+        ) => "illegal SNI server name",
+        E::InvalidMessage(InvalidMessage::InvalidContentType) => {
+            "not TLS (plain HTTP on the TLS port?)"
+        }
+        E::InvalidMessage(_) | E::InappropriateMessage { .. } => "malformed handshake",
+        E::InappropriateHandshakeMessage { .. } | E::PeerMisbehaved(_) => {
+            "client broke the handshake protocol"
+        }
+        E::PeerIncompatible(_) => "client incompatible (TLS versions, cipher suites or groups)",
+        E::NoApplicationProtocol => "no common ALPN protocol (h2, http/1.1)",
+        E::AlertReceived(_) => "client sent an alert (does it trust the certificate?)",
+        _ => "handshake refused",
     }
 }
 
@@ -382,4 +448,32 @@ fn uri_sans(cert: &CertificateDer<'_>) -> Vec<String> {
             _ => None,
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// One line per reason a minute; the next one counts the failures in between.
+    #[tokio::test(start_paused = true)]
+    async fn failed_handshakes_are_logged_once_a_minute_per_reason_with_a_count() {
+        let log = FailureLog::default();
+        let sni = "illegal SNI server name";
+        assert_eq!(log.note(sni, &"x"), Some(1));
+        assert_eq!(log.note(sni, &"x"), None);
+        assert_eq!(
+            log.note("not TLS", &"y"),
+            Some(1),
+            "another reason: its own line"
+        );
+        tokio::time::advance(FAILURE_LOG_EVERY - Duration::from_millis(1)).await;
+        assert_eq!(log.note(sni, &"x"), None);
+        tokio::time::advance(Duration::from_millis(1)).await;
+        assert_eq!(
+            log.note(sni, &"x"),
+            Some(3),
+            "the two held back, and this one"
+        );
+        assert_eq!(log.note(sni, &"x"), None);
+    }
 }
