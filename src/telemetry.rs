@@ -41,20 +41,26 @@ pub(crate) const ACCESS_FIELDS: &[&str] = &[
     "sampled",
 ];
 
-/// rustls logs a warning for each bad handshake it sees (an illegal SNI name, with the name in
-/// it; an unexpected message): a client could fill the log with them. Its lines are kept to
-/// `error` unless the filter names rustls itself; the gateway logs failed handshakes itself,
-/// one line per reason at most once a minute (`identity::tls`).
-const RUSTLS_DIRECTIVE: &str = "rustls=error";
+/// Libraries whose own lines are kept to `error` unless the filter names them, each because
+/// the gateway says the same once where they say it over and over:
+/// - rustls logs a warning for each bad handshake it sees (an illegal SNI name, with the name
+///   in it; an unexpected message): a client could fill the log with them. The gateway logs
+///   failed handshakes itself, one line per reason at most once a minute (`identity::tls`).
+/// - redis-rs's Cluster client logs a warning for each failed attempt to reach a node, several
+///   a second per replica while a node is down. The gateway logs the tier going down and
+///   coming back once each (`fleet::conn`).
+const QUIET: [(&str, &str); 2] = [("rustls", "rustls=error"), ("redis", "redis=error")];
 
 /// `directives` (`log.level` or `RUST_LOG`) as the filter takes them.
 fn filter(directives: &str) -> Result<EnvFilter, tracing_subscriber::filter::ParseError> {
-    let builder = EnvFilter::builder();
-    if directives.contains("rustls") {
-        builder.parse(directives)
-    } else {
-        builder.parse(format!("{directives},{RUSTLS_DIRECTIVE}"))
+    let mut all = directives.to_string();
+    for (name, directive) in QUIET {
+        if !directives.contains(name) {
+            all.push(',');
+            all.push_str(directive);
+        }
     }
+    EnvFilter::builder().parse(all)
 }
 
 /// Changes the level filter of the running subscriber.
@@ -295,11 +301,14 @@ mod tests {
     }
 
     #[test]
-    fn rustls_is_kept_to_errors_unless_the_filter_names_it() {
+    fn noisy_libraries_are_kept_to_errors_unless_the_filter_names_them() {
         let shown = |directives: &str| filter(directives).expect("parses").to_string();
         assert!(shown("info").contains("rustls=error"), "{}", shown("info"));
         assert!(shown("debug,bill24_gateway=trace").contains("rustls=error"));
         assert!(!shown("info,rustls=debug").contains("rustls=error"));
+        assert!(shown("info").contains("redis=error"));
+        assert!(!shown("warn,redis=warn").contains("redis=error"));
+        assert!(shown("warn,redis=warn").contains("rustls=error"));
     }
 
     #[test]
