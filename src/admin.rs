@@ -7,11 +7,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
-use http::header::{ALLOW, CONTENT_TYPE, WWW_AUTHENTICATE};
+use http::header::{ALLOW, CONTENT_TYPE, RETRY_AFTER, WWW_AUTHENTICATE};
 use http::{HeaderMap, HeaderValue, Method, Request, StatusCode};
 use http_body_util::Full;
 use percent_encoding::percent_decode_str;
 use subtle::ConstantTimeEq;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::auth::{bearer_key, hash_key};
 use crate::balance::code::{InvalidSyncCode, validate_sync_code};
@@ -37,6 +38,10 @@ pub(crate) enum AdminError {
     CodeNotUtf8,
     #[error(transparent)]
     InvalidCode(#[from] InvalidSyncCode),
+    #[error(
+        "too many /metrics pages are being rendered or sent at once (at most {METRICS_PAGES_AT_ONCE}); retry shortly"
+    )]
+    MetricsBusy,
 }
 
 impl ErrorResponse for AdminError {
@@ -47,6 +52,7 @@ impl ErrorResponse for AdminError {
             AdminError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             AdminError::Unauthorized => StatusCode::UNAUTHORIZED,
             AdminError::CodeNotUtf8 | AdminError::InvalidCode(_) => StatusCode::BAD_REQUEST,
+            AdminError::MetricsBusy => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
@@ -57,6 +63,7 @@ impl ErrorResponse for AdminError {
             AdminError::MethodNotAllowed { .. } => "method_not_allowed",
             AdminError::Unauthorized => "unauthorized",
             AdminError::CodeNotUtf8 | AdminError::InvalidCode(_) => "invalid_customer_sync_code",
+            AdminError::MetricsBusy => "metrics_busy",
         }
     }
 
@@ -67,6 +74,9 @@ impl ErrorResponse for AdminError {
             }
             AdminError::Unauthorized => {
                 headers.insert(WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            }
+            AdminError::MetricsBusy => {
+                headers.insert(RETRY_AFTER, HeaderValue::from_static("1"));
             }
             _ => {}
         }
@@ -85,6 +95,26 @@ pub(crate) struct Admin {
     pub fleet: Option<Arc<Fleet>>,
     /// This replica, as `/fleet` lists it.
     pub presence: Arc<Presence>,
+    /// `/metrics` pages alive (being rendered, or sent), [`METRICS_PAGES_AT_ONCE`] at most.
+    pub metrics_pages: Arc<Semaphore>,
+}
+
+/// `/metrics` pages that may be alive at once, across connections. A page is tens of KiB, and
+/// one stays alive until its client has taken it: clients that never take it (an HTTP/2
+/// window of 0) could otherwise make the gateway hold one per stream they open. Past it, 503
+/// `metrics_busy`; a scraper or two never comes near it.
+pub(crate) const METRICS_PAGES_AT_ONCE: usize = 16;
+
+/// A rendered `/metrics` page; its slot is freed when the last of its bytes is dropped.
+struct MetricsPage {
+    text: String,
+    _slot: OwnedSemaphorePermit,
+}
+
+impl AsRef<[u8]> for MetricsPage {
+    fn as_ref(&self) -> &[u8] {
+        self.text.as_bytes()
+    }
 }
 
 impl Admin {
@@ -156,6 +186,9 @@ impl Admin {
     }
 
     async fn metrics_page(&self) -> Response {
+        let Ok(slot) = self.metrics_pages.clone().try_acquire_owned() else {
+            return error(AdminError::MetricsBusy);
+        };
         self.metrics.set_cache_entries(self.balances.cache().len());
         let tokens = self.balances.bill24().tokens();
         self.metrics
@@ -165,7 +198,11 @@ impl Admin {
                 None if tokens.has_valid_token() => f64::NAN,
                 None => 0.0,
             });
-        let mut r = http::Response::new(Full::new(Bytes::from(self.metrics.render())));
+        let page = MetricsPage {
+            text: self.metrics.render(),
+            _slot: slot,
+        };
+        let mut r = http::Response::new(Full::new(Bytes::from_owner(page)));
         r.headers_mut().insert(
             CONTENT_TYPE,
             HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),

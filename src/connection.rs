@@ -2,7 +2,10 @@
 //! - `server.idle_timeout`: a connection with no request in progress is closed after this long
 //!   (HTTP/1.1 keep-alive between requests, HTTP/2 with no open stream);
 //! - `server.header_read_timeout`: once the first byte of an HTTP/1.1 request has arrived, its
-//!   head must be complete within this (slowloris);
+//!   head must be complete within this (slowloris); and a connection's first request must have
+//!   reached the service within this of the connection's start, so that a connection that
+//!   sends nothing, or only the HTTP/2 preface and SETTINGS, does not hold its slot for the
+//!   whole `server.idle_timeout`;
 //! - a write that makes no progress for [`write_stall_limit`] (`server.idle_timeout`, at most
 //!   10 s) ends the connection: a client that sends (pipelined requests, HTTP/2 PINGs) but
 //!   never reads would otherwise hold its connection, and the unsent answers, for ever, since
@@ -13,15 +16,17 @@
 //! bytes, [`Tracked`] tells it when the service has a request; when a deadline passes, the next
 //! read fails with `TimedOut` and hyper closes the connection.
 
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::sync::Notify;
 use tokio::time::{Instant, Sleep};
 use tower::Service;
 
@@ -61,6 +66,16 @@ impl Activity {
 
     fn idle_since(&self) -> Instant {
         self.epoch + Duration::from_nanos(self.idle_since.load(Ordering::Acquire))
+    }
+
+    /// Whether a request is in the service now.
+    fn serving(&self) -> bool {
+        self.in_service.load(Ordering::Acquire) > 0
+    }
+
+    /// Whether the connection has ever had a request.
+    fn ever_asked(&self) -> bool {
+        self.started.load(Ordering::Acquire) > 0
     }
 }
 
@@ -173,9 +188,15 @@ impl<T> TimedIo<T> {
 
     /// The deadline that applies while waiting for bytes, if any.
     fn deadline(&mut self) -> Option<Instant> {
-        if self.activity.in_service.load(Ordering::Acquire) > 0 {
+        if self.activity.serving() {
             // A request is being served: `server.request_timeout` governs it.
             return None;
+        }
+        let idle = self.activity.idle_since() + self.idle_timeout;
+        if !self.activity.ever_asked() {
+            // No request yet: silent, a head still arriving, or an HTTP/2 preface and nothing
+            // more. The first request has `server.header_read_timeout` from the start.
+            return Some(idle.min(self.activity.epoch + self.header_timeout));
         }
         if let Some((since, started)) = self.head_started {
             if self.activity.started.load(Ordering::Acquire) == started {
@@ -184,7 +205,7 @@ impl<T> TimedIo<T> {
             // That head was read and its request served.
             self.head_started = None;
         }
-        Some(self.activity.idle_since() + self.idle_timeout)
+        Some(idle)
     }
 }
 
@@ -305,5 +326,77 @@ where
         self.activity.begin();
         let guard = InService(self.activity.clone());
         Holding::new(self.inner.call(req), Some(guard))
+    }
+}
+
+/// The open connections of a listener that makes room for a new connection rather than make
+/// it wait (the admin listener: a probe must get through however many connections others
+/// hold). Oldest first: the ids grow with each connection.
+#[derive(Default)]
+pub(crate) struct Roster {
+    open: Mutex<RosterState>,
+}
+
+#[derive(Default)]
+struct RosterState {
+    next: u64,
+    members: BTreeMap<u64, (Arc<Activity>, Arc<Notify>)>,
+}
+
+/// A connection's place on a [`Roster`]; leaves it when dropped.
+pub(crate) struct Ticket {
+    id: u64,
+    roster: Arc<Roster>,
+    evict: Arc<Notify>,
+}
+
+impl Ticket {
+    /// Resolves when the roster has picked this connection to make room.
+    pub(crate) async fn evicted(&self) {
+        self.evict.notified().await
+    }
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        self.roster.state().members.remove(&self.id);
+    }
+}
+
+impl Roster {
+    fn state(&self) -> std::sync::MutexGuard<'_, RosterState> {
+        self.open.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    pub(crate) fn join(self: &Arc<Self>, activity: Arc<Activity>) -> Ticket {
+        let evict = Arc::new(Notify::new());
+        let mut state = self.state();
+        let id = state.next;
+        state.next += 1;
+        state.members.insert(id, (activity, evict.clone()));
+        Ticket {
+            id,
+            roster: self.clone(),
+            evict,
+        }
+    }
+
+    /// Tells one connection to close: the oldest that has never had a request, else the
+    /// oldest with no request in service. False when every connection is serving one.
+    pub(crate) fn evict_one(&self) -> bool {
+        let mut state = self.state();
+        let idle = |a: &Activity| !a.serving();
+        let pick = state
+            .members
+            .iter()
+            .find(|(_, (a, _))| idle(a) && !a.ever_asked())
+            .or_else(|| state.members.iter().find(|(_, (a, _))| idle(a)))
+            .map(|(id, _)| *id);
+        let Some((_, evict)) = pick.and_then(|id| state.members.remove(&id)) else {
+            return false;
+        };
+        // Stored if the connection is not waiting yet: it sees it when it next looks.
+        evict.notify_one();
+        true
     }
 }

@@ -166,7 +166,8 @@ pub enum StartError {
 const METRICS_UPKEEP_EVERY: Duration = Duration::from_secs(5);
 /// How long admin connections may finish once the main listener is done.
 const ADMIN_GRACE: Duration = Duration::from_secs(1);
-/// Open connections on the admin listener, at most (probes and scrapes need few).
+/// Open connections on the admin listener, at most (probes and scrapes need few). When they
+/// are all open, the oldest one not serving a request is closed for the newcomer.
 const ADMIN_MAX_CONNECTIONS: usize = 256;
 
 /// A gateway with its sockets bound and its state built, ready to [`run`](Gateway::run).
@@ -363,10 +364,12 @@ impl Gateway {
             admin_key: state.admin_key.clone(),
             fleet: state.fleet.clone(),
             presence: state.presence.clone(),
+            metrics_pages: Arc::new(tokio::sync::Semaphore::new(admin::METRICS_PAGES_AT_ONCE)),
         });
         let admin_service = tower::service_fn(move |req| admin_state.clone().handle(req));
 
         let builder = server::connection_builder();
+        let admin_builder = server::admin_connection_builder();
         let main_graceful = GracefulShutdown::new();
         let admin_graceful = GracefulShutdown::new();
         let (stop_main, main_stopped) = watch::channel(false);
@@ -396,10 +399,11 @@ impl Gateway {
             admin,
             None,
             admin_service,
-            &builder,
+            &admin_builder,
             &admin_graceful,
             server::ConnectionLimits {
                 max_connections: ADMIN_MAX_CONNECTIONS,
+                when_full: server::WhenFull::Evict,
                 ..server::ConnectionLimits::from_config(&config.server)
             },
             admin_stopped,

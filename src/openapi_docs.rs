@@ -48,12 +48,13 @@ const ENDPOINT_ERRORS: [(u16, &str); 22] = [
 ];
 
 /// The same for the admin listener.
-const ADMIN_ERRORS: [(u16, &str); 5] = [
+const ADMIN_ERRORS: [(u16, &str); 6] = [
     (400, "invalid_host"),
     (400, "invalid_customer_sync_code"),
     (401, "unauthorized"),
     (404, "not_found"),
     (405, "method_not_allowed"),
+    (503, "metrics_busy"),
 ];
 
 /// (status, code) of every error the endpoint can answer with.

@@ -15,12 +15,12 @@ use hyper_util::service::TowerToHyperService;
 use std::net::SocketAddr;
 
 use tokio::net::{TcpListener, TcpSocket};
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 
 use bill24::chain::Chain;
 
 use crate::config::ServerConfig;
-use crate::connection::{Activity, TimedIo, Tracked};
+use crate::connection::{Activity, Roster, Ticket, TimedIo, Tracked};
 use crate::error::Response;
 use crate::identity::tls::ListenerTls;
 
@@ -77,6 +77,20 @@ pub(crate) fn connection_builder() -> auto::Builder<TokioExecutor> {
     builder
 }
 
+/// HTTP/2 streams a client may have open on one admin connection: probes and scrapes need one
+/// or two, and each open stream may hold an answer the client does not take (an HTTP/2 window
+/// of 0), so few keep what a connection can make the gateway hold small.
+pub(crate) const ADMIN_MAX_CONCURRENT_STREAMS: u32 = 8;
+
+/// The admin listener's connection builder: [`connection_builder`] with fewer HTTP/2 streams.
+pub(crate) fn admin_connection_builder() -> auto::Builder<TokioExecutor> {
+    let mut builder = connection_builder();
+    builder
+        .http2()
+        .max_concurrent_streams(ADMIN_MAX_CONCURRENT_STREAMS);
+    builder
+}
+
 /// Pending connections the kernel may queue per listener (capped by `net.core.somaxconn`).
 /// The default of 128 drops SYNs when a few hundred clients connect at once, costing each a
 /// one-second retransmit.
@@ -101,10 +115,21 @@ pub(crate) fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
     socket.listen(LISTEN_BACKLOG)
 }
 
+/// What a listener does with a new connection when `max_connections` are open.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum WhenFull {
+    /// It waits in the listen backlog until one closes (the main listener).
+    Wait,
+    /// One without a request in service is closed to make room (the admin listener: probes
+    /// must get through however many connections others hold).
+    Evict,
+}
+
 /// How connections are accepted and timed out.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct ConnectionLimits {
     pub max_connections: usize,
+    pub when_full: WhenFull,
     pub header_read_timeout: Duration,
     pub idle_timeout: Duration,
 }
@@ -113,6 +138,7 @@ impl ConnectionLimits {
     pub(crate) fn from_config(cfg: &ServerConfig) -> Self {
         ConnectionLimits {
             max_connections: cfg.max_connections,
+            when_full: WhenFull::Wait,
             header_read_timeout: cfg.header_read_timeout,
             idle_timeout: cfg.idle_timeout,
         }
@@ -122,8 +148,9 @@ impl ConnectionLimits {
 /// Accepts connections until `stop` turns true, serving each with `service` and registering it
 /// with `graceful`; over TLS when `tls` is given (the handshake within
 /// `limits.header_read_timeout`, in the connection's own task). At most
-/// `limits.max_connections` are open at once; beyond that, new connections wait in the listen
-/// backlog. Returns (dropping the listener) once stopped.
+/// `limits.max_connections` are open at once; beyond that, a new connection waits in the listen
+/// backlog or another is closed for it, as `limits.when_full` says. Returns (dropping the
+/// listener) once stopped.
 pub(crate) async fn accept_loop<S, F>(
     listener: TcpListener,
     tls: Option<Arc<ListenerTls>>,
@@ -140,16 +167,21 @@ pub(crate) async fn accept_loop<S, F>(
     F: Future<Output = Result<Response, Infallible>> + Send + 'static,
 {
     let slots = Arc::new(Semaphore::new(limits.max_connections));
+    let roster = (limits.when_full == WhenFull::Evict).then(|| Arc::new(Roster::default()));
     loop {
         if *stop.borrow() {
             return;
         }
-        let permit = tokio::select! {
-            permit = slots.clone().acquire_owned() => match permit {
-                Ok(p) => p,
-                Err(_) => return,
+        // Waiting for a slot before accepting leaves the newcomers in the backlog.
+        let early = match roster {
+            Some(_) => None,
+            None => tokio::select! {
+                permit = slots.clone().acquire_owned() => match permit {
+                    Ok(p) => Some(p),
+                    Err(_) => return,
+                },
+                _ = stop.changed() => return,
             },
-            _ = stop.changed() => return,
         };
         let stream = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -163,18 +195,34 @@ pub(crate) async fn accept_loop<S, F>(
             },
             _ = stop.changed() => return,
         };
+        let permit = match (early, &roster) {
+            (Some(p), _) => p,
+            (None, Some(roster)) => match slots.clone().try_acquire_owned() {
+                Ok(p) => p,
+                Err(_) => {
+                    // Full: close one that is not serving, and take its slot once it has gone
+                    // (or the next to free up, when every one is serving).
+                    roster.evict_one();
+                    tokio::select! {
+                        permit = slots.clone().acquire_owned() => match permit {
+                            Ok(p) => p,
+                            Err(_) => return,
+                        },
+                        _ = stop.changed() => return,
+                    }
+                }
+            },
+            (None, None) => return,
+        };
         let _ = stream.set_nodelay(true);
+        let activity = Activity::new();
+        let ticket = roster.as_ref().map(|r| r.join(activity.clone()));
         let Some(tls) = &tls else {
-            let conn = serve(stream, service.clone(), builder, limits);
+            let conn = serve(stream, service.clone(), builder, limits, activity);
             // Boxed once here: the connection's state is large (HTTP/1 and HTTP/2 both), and
             // a task's future is otherwise moved several times as the task is set up.
             let conn = Box::pin(graceful.watch(conn));
-            tokio::spawn(async move {
-                if let Err(e) = conn.await {
-                    tracing::debug!(error = %Chain(&*e), "connection ended with an error");
-                }
-                drop(permit);
-            });
+            tokio::spawn(finish(conn, ticket, permit));
             continue;
         };
         let tls = tls.clone();
@@ -190,13 +238,32 @@ pub(crate) async fn accept_loop<S, F>(
                 req.extensions_mut().insert(peer.clone());
                 req
             });
-            let conn = Box::pin(watcher.watch(serve(stream, service, &builder, limits)));
-            if let Err(e) = conn.await {
-                tracing::debug!(error = %Chain(&*e), "connection ended with an error");
-            }
-            drop(permit);
+            let conn = watcher.watch(serve(stream, service, &builder, limits, activity));
+            finish(Box::pin(conn), ticket, permit).await;
         });
     }
+}
+
+/// Runs a connection to its end, or until its roster closes it to make room; then frees its
+/// slot.
+async fn finish<C>(conn: C, ticket: Option<Ticket>, permit: OwnedSemaphorePermit)
+where
+    C: Future<Output = Result<(), Box<dyn std::error::Error + Send + Sync>>> + Unpin,
+{
+    let evicted = async {
+        match &ticket {
+            Some(ticket) => ticket.evicted().await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        ended = conn => if let Err(e) = ended {
+            tracing::debug!(error = %Chain(&*e), "connection ended with an error");
+        },
+        () = evicted => tracing::debug!("connection closed to make room for a new one"),
+    }
+    drop(ticket);
+    drop(permit);
 }
 
 /// One connection, plain or TLS, with the per-connection timers.
@@ -205,6 +272,7 @@ fn serve<I, S, F>(
     service: S,
     builder: &auto::Builder<TokioExecutor>,
     limits: ConnectionLimits,
+    activity: Arc<Activity>,
 ) -> auto::Connection<'static, TokioIo<TimedIo<I>>, TowerToHyperService<Tracked<S>>, TokioExecutor>
 where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
@@ -214,7 +282,6 @@ where
         + 'static,
     F: Future<Output = Result<Response, Infallible>> + Send + 'static,
 {
-    let activity = Activity::new();
     let io = TimedIo::new(
         io,
         activity.clone(),

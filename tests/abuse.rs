@@ -38,6 +38,23 @@ async fn read_all(stream: &mut TcpStream, quiet: Duration) -> (String, bool) {
     }
 }
 
+/// A gateway with `server` settings `extra`, logging its connections' ends (debug lines of
+/// the serving module).
+async fn gateway_with_server_debug(
+    extra: &str,
+) -> (bill24_sim::Simulator, Running, tempfile::TempDir) {
+    gateway_with_sim(
+        |sim| {
+            gateway_toml(sim, extra).replace(
+                "[upstream]",
+                "[log]\nlevel = \"info,bill24_gateway::server=debug\"\n[upstream]",
+            )
+        },
+        &[],
+    )
+    .await
+}
+
 /// A connection with a small receive buffer, so that what the gateway sends and nobody
 /// reads fills up fast.
 async fn tight_connection(addr: SocketAddr) -> TcpStream {
@@ -56,16 +73,8 @@ async fn tight_connection(addr: SocketAddr) -> TcpStream {
 /// clients, an ordinary client waits only until they are cut, then is served.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn clients_that_stop_reading_are_cut_and_others_are_served() {
-    let (_sim, gw, _dir) = gateway_with_sim(
-        |sim| {
-            gateway_toml(sim, "idle_timeout = \"2s\"\nmax_connections = 4").replace(
-                "[upstream]",
-                "[log]\nlevel = \"info,bill24_gateway::server=debug\"\n[upstream]",
-            )
-        },
-        &[],
-    )
-    .await;
+    let (_sim, gw, _dir) =
+        gateway_with_server_debug("idle_timeout = \"2s\"\nmax_connections = 4").await;
     let (main, _) = gw.addresses().await;
     let mut held = Vec::new();
     for i in 0..3 {
@@ -320,15 +329,20 @@ fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
 
 /// A header block for a balance POST: literal fields, no Huffman, no indexing.
 fn header_block(authorization: &str) -> Vec<u8> {
-    let mut block = Vec::new();
-    for (name, value) in [
+    literal_block(&[
         (":method", "POST"),
         (":scheme", "http"),
         (":path", PATH),
         (":authority", "gw"),
         ("authorization", authorization),
         ("content-type", "application/json"),
-    ] {
+    ])
+}
+
+/// A header block of `fields` as literals (no Huffman, no indexing; short names and values).
+fn literal_block(fields: &[(&str, &str)]) -> Vec<u8> {
+    let mut block = Vec::new();
+    for (name, value) in fields {
         block.push(0);
         block.push(name.len() as u8);
         block.extend_from_slice(name.as_bytes());
@@ -508,4 +522,211 @@ async fn smuggling_shapes_never_reach_a_second_request() {
         balance(main, ORDERS_KEY, "AFTER-SMUGGLING").await.status,
         StatusCode::OK
     );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Silent connections, and the admin listener under siege
+// ---------------------------------------------------------------------------------------------
+
+/// Connections that send nothing, or only the HTTP/2 preface and SETTINGS, are closed once
+/// `header_read_timeout` (here 1 s) has passed since they were accepted, well before
+/// `idle_timeout` (30 s): with every connection slot taken by them, a fresh client waits about
+/// that long and is served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_connections_are_cut_at_header_read_timeout() {
+    let (_sim, gw, _dir) = gateway_with_sim(
+        |sim| {
+            gateway_toml(
+                sim,
+                "header_read_timeout = \"1s\"\nidle_timeout = \"30s\"\nmax_connections = 8",
+            )
+        },
+        &[],
+    )
+    .await;
+    let (main, _) = gw.addresses().await;
+    let start = Instant::now();
+    let mut silent = Vec::new();
+    for _ in 0..6 {
+        silent.push(TcpStream::connect(main).await.expect("connect"));
+    }
+    let mut prefaces = Vec::new();
+    for _ in 0..2 {
+        prefaces.push(H2Raw::connect(main).await);
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    // Every slot is taken: this one waits in the backlog until the silent ones are cut.
+    let asked = Instant::now();
+    let r = balance(main, ORDERS_KEY, "AFTER-SILENCE").await;
+    assert_eq!(r.status, StatusCode::OK);
+    let waited = asked.elapsed();
+    assert!(
+        waited < Duration::from_secs(5),
+        "served once the silent ones were cut: {waited:?}"
+    );
+    for mut stream in silent {
+        let (text, closed) = read_all(&mut stream, Duration::from_secs(5)).await;
+        assert!(
+            closed && text.is_empty(),
+            "closed without an answer: {text:?}"
+        );
+    }
+    for mut h2 in prefaces {
+        let (frames, closed) = h2.frames(Duration::from_secs(5)).await;
+        assert!(
+            closed,
+            "an HTTP/2 preface and nothing more is cut: {frames:?}"
+        );
+    }
+    let cut = start.elapsed();
+    assert!(
+        cut >= Duration::from_millis(900) && cut < Duration::from_secs(6),
+        "cut after about header_read_timeout: {cut:?}"
+    );
+    eprintln!("fresh client served after {waited:?}; silent connections cut by {cut:?}");
+}
+
+/// Every connection the admin listener allows (256) held by silent clients, with
+/// `header_read_timeout` long enough not to help: `/healthz` and `/readyz` are still answered
+/// at once, since the oldest connection without a request is closed for each newcomer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn probes_get_through_when_every_admin_connection_is_taken() {
+    let (_sim, gw, _dir) =
+        gateway_with_server_debug("header_read_timeout = \"60s\"\nidle_timeout = \"60s\"").await;
+    let (_, admin) = gw.addresses().await;
+    let mut silent = Vec::new();
+    for _ in 0..300 {
+        silent.push(TcpStream::connect(admin).await.expect("connect"));
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for path in ["/healthz", "/readyz", "/healthz", "/readyz"] {
+        let asked = Instant::now();
+        let r = tokio::time::timeout(Duration::from_secs(10), get(admin, path))
+            .await
+            .unwrap_or_else(|_| panic!("{path} not answered within 10 s"));
+        let took = asked.elapsed();
+        assert_eq!(r.status, StatusCode::OK, "{path}");
+        assert!(took < Duration::from_secs(2), "{path} took {took:?}");
+        eprintln!("{path} answered in {took:?} with every admin connection taken");
+    }
+    let evicted = gw
+        .output()
+        .iter()
+        .filter(|l| l.contains("connection closed to make room"))
+        .count();
+    assert!(evicted >= 4, "{evicted} closed to make room");
+    drop(silent);
+}
+
+/// The resident set of process `pid`, in bytes.
+fn rss(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
+    let kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS");
+    kib * 1024
+}
+
+/// HTTP/2 clients that open a window of 0 and ask for `/metrics` on every stream they can (64
+/// connections of 256 streams each) never get a byte of the pages; each open stream keeps its
+/// page alive. Admin connections take 8 streams and at most 16 pages are alive at once (the
+/// rest get 503 `metrics_busy`), so the gateway holds a few MiB for them, not one page per
+/// stream, and gives it back when they leave.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_zero_window_flood_of_metrics_requests_holds_little_memory() {
+    const CONNECTIONS: usize = 64;
+    const STREAMS: u32 = 256;
+    let (_sim, gw, _dir) = gateway_with_sim(|sim| gateway_toml(sim, ""), &[]).await;
+    let (main, admin) = gw.addresses().await;
+    // Some series, so the page is of a realistic size.
+    for i in 0..20 {
+        balance(main, ORDERS_KEY, &format!("RSS{i}")).await;
+    }
+    let page = get(admin, "/metrics").await.body.len();
+    let pid = gw.child.id();
+    let before = rss(pid);
+
+    let block = literal_block(&[
+        (":method", "GET"),
+        (":scheme", "http"),
+        (":path", "/metrics"),
+        (":authority", "gw"),
+    ]);
+    let mut attackers = Vec::new();
+    for _ in 0..CONNECTIONS {
+        let mut stream = TcpStream::connect(admin).await.expect("connect");
+        let mut hello = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+        // SETTINGS_INITIAL_WINDOW_SIZE = 0: no stream may be sent a byte of DATA.
+        hello.extend(frame(4, 0, 0, &[0, 4, 0, 0, 0, 0]));
+        for i in 0..STREAMS {
+            hello.extend(frame(1, END_STREAM | END_HEADERS, 1 + 2 * i, &block));
+        }
+        stream.write_all(&hello).await.expect("flood");
+        attackers.push(stream);
+    }
+    // Drain what the gateway sends (SETTINGS, heads, resets) so that only the window holds
+    // the pages back.
+    let (stop, _) = tokio::sync::broadcast::channel::<()>(1);
+    let readers: Vec<_> = attackers
+        .into_iter()
+        .map(|stream| {
+            let mut stop = stop.subscribe();
+            tokio::spawn(async move {
+                let mut stream = stream;
+                let mut buf = [0u8; 16384];
+                loop {
+                    tokio::select! {
+                        n = stream.read(&mut buf) => if matches!(n, Ok(0) | Err(_)) { break },
+                        _ = stop.recv() => break,
+                    }
+                }
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let during = rss(pid);
+    let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
+    eprintln!(
+        "page {page} B; RSS before {:.1} MiB, during the flood {:.1} MiB",
+        mib(before),
+        mib(during)
+    );
+    // One page per stream would be CONNECTIONS * STREAMS pages.
+    let per_stream = (CONNECTIONS as u64) * u64::from(STREAMS) * page as u64;
+    assert!(
+        during < before + 48 * 1024 * 1024,
+        "RSS grew from {:.1} to {:.1} MiB (one page per stream would be {:.1} MiB)",
+        mib(before),
+        mib(during),
+        mib(per_stream)
+    );
+
+    let asked = Instant::now();
+    let health = get(admin, "/healthz").await;
+    assert_eq!(health.status, StatusCode::OK);
+    assert!(
+        asked.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        asked.elapsed()
+    );
+
+    let _ = stop.send(());
+    for reader in readers {
+        let _ = reader.await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let after = rss(pid);
+    eprintln!("RSS after the clients left {:.1} MiB", mib(after));
+    assert!(
+        after < before + 32 * 1024 * 1024,
+        "RSS {:.1} MiB after the clients left (before: {:.1})",
+        mib(after),
+        mib(before)
+    );
+    // Scrapes work again once the pages are gone.
+    let scrape = get(admin, "/metrics").await;
+    assert_eq!(scrape.status, StatusCode::OK);
 }
