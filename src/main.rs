@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 
+use bill24_gateway::caller_changes::CallerChanges;
 use bill24_gateway::config::{self, Loaded};
 use bill24_gateway::{Gateway, LogHandle, ReloadReport, Reloader, demo, hash_key, init_logging};
 use bill24_sim::{self as sim, SimConfig, Simulator};
@@ -32,6 +33,11 @@ struct Cli {
     /// Load and validate the config, print it as TOML (secrets redacted) and exit.
     #[arg(long)]
     check_config: bool,
+
+    /// With --check-config: also say what the config would change for the callers against
+    /// the one this file makes (with the same environment), e.g. the file last applied.
+    #[arg(long, value_name = "PATH", requires = "check_config")]
+    against: Option<PathBuf>,
 
     /// Run against an embedded Bill24 simulator with a demo caller key.
     #[arg(long, conflicts_with = "check_config")]
@@ -78,7 +84,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Some(Command::HashKey) => print_key_hash(),
         Some(Command::Simulate(args)) => simulate(args),
-        None if cli.check_config => check_config(cli.config),
+        None if cli.check_config => check_config(cli.config, cli.against),
         None => serve(cli.config, cli.demo),
     };
     match result {
@@ -94,16 +100,47 @@ fn load(path: Option<PathBuf>) -> Result<Loaded, String> {
     config::load(path.as_deref()).map_err(|e| format!("config: {e}"))
 }
 
-fn check_config(path: Option<PathBuf>) -> Result<(), String> {
+fn check_config(path: Option<PathBuf>, against: Option<PathBuf>) -> Result<(), String> {
     let loaded = load(path)?;
     for warning in loaded.warnings.iter().chain(&loaded.config.warnings()) {
         eprintln!("warning: {warning}");
+    }
+    if let Some(against) = against {
+        if !against.exists() {
+            return Err(format!("--against: {} does not exist", against.display()));
+        }
+        let old = config::load(Some(&against)).map_err(|e| format!("--against: config: {e}"))?;
+        eprintln!(
+            "{}",
+            changes_line(
+                &against,
+                &CallerChanges::between(&old.config.callers, &loaded.config.callers)
+            )
+        );
     }
     // The certificate, key, client CA and JWKS file as the gateway would take them at start.
     bill24_gateway::check_identity(&loaded.config)?;
     let text = config::to_redacted_toml(&loaded.raw).map_err(|e| format!("config: {e}"))?;
     print!("{text}");
     Ok(())
+}
+
+/// The callers' changes against `against`, in the fields of the reload's log line; a
+/// `warning:` when a caller is removed or a limit loosened.
+fn changes_line(against: &Path, changes: &CallerChanges) -> String {
+    if changes.is_empty() {
+        return format!("against {}: no change to the callers", against.display());
+    }
+    format!(
+        "{}against {}: callers_added={:?} callers_removed={:?} callers_loosened={:?} \
+         callers_changed={:?}",
+        if changes.weakens() { "warning: " } else { "" },
+        against.display(),
+        changes.added,
+        changes.removed,
+        changes.loosened,
+        changes.changed
+    )
 }
 
 fn print_key_hash() -> Result<(), String> {
@@ -193,12 +230,28 @@ async fn reload_on_sighup(path: Option<PathBuf>, reloader: Reloader, log: LogHan
         for key in &report.needs_restart {
             tracing::warn!(key, "config changed; takes effect after a restart");
         }
-        // Logged before a new level applies, so even a quieter level shows the reload.
-        tracing::info!(
-            applied = ?report.applied,
-            needs_restart = ?report.needs_restart,
-            "config reloaded"
-        );
+        // Logged before a new level applies, so even a quieter level shows the reload; at
+        // WARN when a caller was removed or a limit loosened (what a cut-off file does).
+        let changes = &report.callers;
+        macro_rules! reloaded {
+            ($level:expr) => {
+                tracing::event!(
+                    $level,
+                    applied = ?report.applied,
+                    needs_restart = ?report.needs_restart,
+                    callers_added = ?changes.added,
+                    callers_removed = ?changes.removed,
+                    callers_loosened = ?changes.loosened,
+                    callers_changed = ?changes.changed,
+                    "config reloaded"
+                )
+            };
+        }
+        if changes.weakens() {
+            reloaded!(tracing::Level::WARN);
+        } else {
+            reloaded!(tracing::Level::INFO);
+        }
         if let Some(level) = &report.log_level
             && let Err(e) = log.set_level(level)
         {
