@@ -191,7 +191,8 @@ fn serve(path: Option<PathBuf>, demo: bool) -> Result<(), String> {
     if let Some(file) = &loaded.file {
         tracing::info!(file = %file.display(), "config loaded");
     }
-    runtime(loaded.config.server.worker_threads)?.block_on(async move {
+    let runtime = runtime(loaded.config.server.worker_threads)?;
+    let served = runtime.block_on(async move {
         let shutdown = shutdown_signal()?;
         if demo {
             return demo::run(loaded.config, shutdown)
@@ -203,8 +204,15 @@ fn serve(path: Option<PathBuf>, demo: bool) -> Result<(), String> {
             .map_err(|e| e.to_string())?;
         tokio::spawn(reload_on_sighup(path, gateway.reloader(), log));
         gateway.run(shutdown).await.map_err(|e| e.to_string())
-    })
+    });
+    // Dropping the runtime would wait for every blocking task, a config read parked on a FIFO
+    // included (it may never end): the gateway has shut down, so that one is left behind.
+    runtime.shutdown_timeout(EXIT_WAIT_FOR_BLOCKING);
+    served
 }
+
+/// How long the exit waits for blocking tasks still running after the shutdown.
+const EXIT_WAIT_FOR_BLOCKING: Duration = Duration::from_millis(500);
 
 /// The longest a reload may take to read its files.
 const CONFIG_READ_LIMIT: std::time::Duration = std::time::Duration::from_secs(5);
@@ -221,8 +229,9 @@ async fn reload_on_sighup(path: Option<PathBuf>, reloader: Reloader, log: LogHan
             return;
         }
     };
+    let mut pending = None;
     while hangups.recv().await.is_some() {
-        let report = reload_config(path.as_deref(), &reloader).await;
+        let report = reload_config(path.as_deref(), &reloader, &mut pending).await;
         reloader.reread_files().await;
         let Some(report) = report else {
             continue;
@@ -260,15 +269,39 @@ async fn reload_on_sighup(path: Option<PathBuf>, reloader: Reloader, log: LogHan
     }
 }
 
+/// A config read that outlived its bound: still blocked (a FIFO, a stuck mount) on a
+/// blocking-pool thread, which cannot be cancelled.
+type PendingRead = Option<tokio::task::JoinHandle<Result<Loaded, config::ConfigError>>>;
+
 /// Loads the config and applies it: what changed, or `None` (logged) when it was rejected.
-async fn reload_config(path: Option<&Path>, reloader: &Reloader) -> Option<ReloadReport> {
+///
+/// At most one read is in flight: while one that timed out is still blocked, a SIGHUP is
+/// refused at once, and no second thread is parked on the same file. Once that read ends,
+/// its result is dropped and the next SIGHUP reads afresh.
+async fn reload_config(
+    path: Option<&Path>,
+    reloader: &Reloader,
+    pending: &mut PendingRead,
+) -> Option<ReloadReport> {
+    if pending.as_ref().is_some_and(|read| !read.is_finished()) {
+        tracing::error!(
+            limit_ms = CONFIG_READ_LIMIT.as_millis() as u64,
+            "config reload rejected: the previous read of the config file is still blocked; \
+             the running config stays"
+        );
+        return None;
+    }
     // Off the runtime's threads and within a bound: a config path that blocks on open (a
     // FIFO, a stuck mount) must not stop the gateway from serving.
-    let read = tokio::task::spawn_blocking({
+    let read = pending.insert(tokio::task::spawn_blocking({
         let path = path.map(Path::to_path_buf);
         move || config::load(path.as_deref())
-    });
-    let loaded = match tokio::time::timeout(CONFIG_READ_LIMIT, read).await {
+    }));
+    let joined = tokio::time::timeout(CONFIG_READ_LIMIT, read).await;
+    if joined.is_ok() {
+        *pending = None;
+    }
+    let loaded = match joined {
         Ok(Ok(Ok(loaded))) => loaded,
         Ok(Ok(Err(e))) => {
             tracing::error!(error = %e, "config reload rejected; the running config stays");

@@ -1029,6 +1029,143 @@ async fn check_config_against_a_file_names_removed_and_loosened_callers() {
     assert_one_line_failure(&out, "--against");
 }
 
+/// Threads of `pid` parked in `open()` on a FIFO that has no writer (Linux's `wchan`).
+fn threads_blocked_on_a_fifo(pid: u32) -> usize {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0;
+    };
+    tasks
+        .filter_map(Result::ok)
+        .filter(|task| {
+            std::fs::read_to_string(task.path().join("wchan"))
+                .is_ok_and(|w| w.trim() == "wait_for_partner")
+        })
+        .count()
+}
+
+/// Points `dir/gw.toml` at `target` (a symlink swapped in atomically).
+fn point_config_at(dir: &Path, target: &str) {
+    let tmp = dir.join("gw.toml.swap");
+    let _ = std::fs::remove_file(&tmp);
+    std::os::unix::fs::symlink(target, &tmp).expect("symlink");
+    std::fs::rename(&tmp, dir.join("gw.toml")).expect("rename");
+}
+
+/// `gw.toml` a symlink to a FIFO nobody writes: the reload's read blocks, but off the
+/// runtime's threads — health and balances answer at once — and after 5 s the reload is
+/// refused with a line saying so, the running config staying. A SIGHUP meanwhile is refused at
+/// once instead of parking a second thread on the FIFO. When a writer finally comes, that late
+/// read is dropped and the next SIGHUP reads afresh. SIGTERM with a read still blocked exits
+/// promptly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_on_a_fifo_blocks_no_request_and_parks_one_thread_at_most() {
+    let (sim, mut gw, dir) = gateway_with_sim(|sim| gateway_toml(sim, ""), &[]).await;
+    let (main, admin) = gw.addresses().await;
+    let pid = gw.child.id();
+    let full = gateway_toml(&sim, "");
+    std::fs::write(dir.path().join("full.toml"), &full).expect("write");
+    let fifo = dir.path().join("gw.fifo");
+    let made = Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .expect("mkfifo runs");
+    assert!(made.success());
+    point_config_at(dir.path(), "gw.fifo");
+
+    let hup = Instant::now();
+    gw.signal("HUP");
+    real_sleep(Duration::from_millis(300)).await;
+    assert_eq!(threads_blocked_on_a_fifo(pid), 1, "the read is blocked");
+    for round in 0..3 {
+        let asked = Instant::now();
+        assert_eq!(get(admin, "/healthz").await.status, StatusCode::OK);
+        let code = format!("F{round}");
+        assert_eq!(
+            balance(main, ORDERS_KEY, &code).await.status,
+            StatusCode::OK
+        );
+        assert!(
+            asked.elapsed() < Duration::from_secs(1),
+            "answered in {:?} while the reload is blocked",
+            asked.elapsed()
+        );
+    }
+    let line = gw.wait_for_line("could not be read in time").await;
+    let refused_after = hup.elapsed();
+    assert!(
+        line.contains("config reload rejected") && line.contains("\"limit_ms\":5000"),
+        "{line}"
+    );
+    assert!(
+        refused_after >= Duration::from_millis(4500) && refused_after < Duration::from_secs(8),
+        "refused after {refused_after:?}"
+    );
+    assert_eq!(
+        balance(main, BILLING_KEY, "F9").await.status,
+        StatusCode::OK
+    );
+
+    // More SIGHUPs while the read is still blocked: refused at once, no second thread.
+    for n in 1..=2 {
+        let asked = Instant::now();
+        gw.signal("HUP");
+        let deadline = asked + Duration::from_secs(2);
+        while gw
+            .output()
+            .iter()
+            .filter(|l| l.contains("previous read of the config file is still blocked"))
+            .count()
+            < n
+        {
+            assert!(
+                Instant::now() < deadline,
+                "SIGHUP {n} while blocked not refused at once:\n{}",
+                gw.output().join("\n")
+            );
+            real_sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(threads_blocked_on_a_fifo(pid), 1, "after SIGHUP {n}");
+    }
+    assert_eq!(get(admin, "/healthz").await.status, StatusCode::OK);
+
+    // A writer at last (an empty config): the late read ends and is dropped, not applied.
+    let writer = std::thread::spawn({
+        let fifo = fifo.clone();
+        move || std::fs::write(fifo, "")
+    });
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !writer.is_finished() {
+        assert!(Instant::now() < deadline, "the FIFO found no reader");
+        real_sleep(Duration::from_millis(20)).await;
+    }
+    real_sleep(Duration::from_millis(200)).await;
+    assert_eq!(threads_blocked_on_a_fifo(pid), 0);
+    assert_eq!(balance(main, ORDERS_KEY, "F1").await.status, StatusCode::OK);
+    // The next SIGHUP reads the file as it is now: billing removed.
+    let (no_billing, _) = full.rsplit_once("[[callers]]").expect("two callers");
+    std::fs::write(dir.path().join("full.toml"), no_billing).expect("write");
+    point_config_at(dir.path(), "full.toml");
+    gw.signal("HUP");
+    let line = gw
+        .wait_for_line(r#""callers_removed":"[\"billing\"]""#)
+        .await;
+    assert!(line.contains("\"config reloaded\""), "{line}");
+
+    // Blocked again, then SIGTERM: the parked read does not hold the exit.
+    point_config_at(dir.path(), "gw.fifo");
+    gw.signal("HUP");
+    real_sleep(Duration::from_millis(300)).await;
+    assert_eq!(threads_blocked_on_a_fifo(pid), 1);
+    let term = Instant::now();
+    gw.signal("TERM");
+    assert!(gw.wait_exit(Duration::from_secs(5)).await.success());
+    assert!(
+        term.elapsed() < Duration::from_secs(3),
+        "exit took {:?}",
+        term.elapsed()
+    );
+}
+
 #[test]
 fn check_config_refuses_an_unusable_jwks_and_hides_a_jwks_url_secret() {
     let dir = tempfile::tempdir().expect("tempdir");
