@@ -54,7 +54,8 @@
 //!    trait that each error type implements where it is defined, and the one renderer),
 //!    [`upstream_error`] (that trait for Bill24's failures: their statuses, codes and
 //!    `Retry-After`),
-//!    [`caller`] (who a caller is and its limits), [`correlation::context`] (request id and
+//!    [`caller`] (who a caller is and its limits), [`caller_changes`] (what a new config
+//!    does to the callers, for the reload's log line), [`correlation::context`] (request id and
 //!    trace), [`balance::code`] (`customer_sync_code`), [`balance::cache`], [`holding`],
 //!    [`metrics`], [`telemetry`];
 //! 2. [`request_state`], the one value the layers share about a request;
@@ -74,6 +75,7 @@ pub(crate) mod admin;
 pub(crate) mod auth;
 pub(crate) mod balance;
 pub(crate) mod caller;
+pub mod caller_changes;
 pub mod config;
 pub(crate) mod connection;
 pub(crate) mod correlation;

@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 
+use bill24_gateway::caller_changes::CallerChanges;
 use bill24_gateway::config::{self, Loaded};
 use bill24_gateway::{Gateway, LogHandle, ReloadReport, Reloader, demo, hash_key, init_logging};
 use bill24_sim::{self as sim, SimConfig, Simulator};
@@ -32,6 +33,11 @@ struct Cli {
     /// Load and validate the config, print it as TOML (secrets redacted) and exit.
     #[arg(long)]
     check_config: bool,
+
+    /// With --check-config: also say what the config would change for the callers against
+    /// the one this file makes (with the same environment), e.g. the file last applied.
+    #[arg(long, value_name = "PATH", requires = "check_config")]
+    against: Option<PathBuf>,
 
     /// Run against an embedded Bill24 simulator with a demo caller key.
     #[arg(long, conflicts_with = "check_config")]
@@ -78,7 +84,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Some(Command::HashKey) => print_key_hash(),
         Some(Command::Simulate(args)) => simulate(args),
-        None if cli.check_config => check_config(cli.config),
+        None if cli.check_config => check_config(cli.config, cli.against),
         None => serve(cli.config, cli.demo),
     };
     match result {
@@ -94,16 +100,47 @@ fn load(path: Option<PathBuf>) -> Result<Loaded, String> {
     config::load(path.as_deref()).map_err(|e| format!("config: {e}"))
 }
 
-fn check_config(path: Option<PathBuf>) -> Result<(), String> {
+fn check_config(path: Option<PathBuf>, against: Option<PathBuf>) -> Result<(), String> {
     let loaded = load(path)?;
     for warning in loaded.warnings.iter().chain(&loaded.config.warnings()) {
         eprintln!("warning: {warning}");
+    }
+    if let Some(against) = against {
+        if !against.exists() {
+            return Err(format!("--against: {} does not exist", against.display()));
+        }
+        let old = config::load(Some(&against)).map_err(|e| format!("--against: config: {e}"))?;
+        eprintln!(
+            "{}",
+            changes_line(
+                &against,
+                &CallerChanges::between(&old.config.callers, &loaded.config.callers)
+            )
+        );
     }
     // The certificate, key, client CA and JWKS file as the gateway would take them at start.
     bill24_gateway::check_identity(&loaded.config)?;
     let text = config::to_redacted_toml(&loaded.raw).map_err(|e| format!("config: {e}"))?;
     print!("{text}");
     Ok(())
+}
+
+/// The callers' changes against `against`, in the fields of the reload's log line; a
+/// `warning:` when a caller is removed or a limit loosened.
+fn changes_line(against: &Path, changes: &CallerChanges) -> String {
+    if changes.is_empty() {
+        return format!("against {}: no change to the callers", against.display());
+    }
+    format!(
+        "{}against {}: callers_added={:?} callers_removed={:?} callers_loosened={:?} \
+         callers_changed={:?}",
+        if changes.weakens() { "warning: " } else { "" },
+        against.display(),
+        changes.added,
+        changes.removed,
+        changes.loosened,
+        changes.changed
+    )
 }
 
 fn print_key_hash() -> Result<(), String> {
@@ -154,7 +191,8 @@ fn serve(path: Option<PathBuf>, demo: bool) -> Result<(), String> {
     if let Some(file) = &loaded.file {
         tracing::info!(file = %file.display(), "config loaded");
     }
-    runtime(loaded.config.server.worker_threads)?.block_on(async move {
+    let runtime = runtime(loaded.config.server.worker_threads)?;
+    let served = runtime.block_on(async move {
         let shutdown = shutdown_signal()?;
         if demo {
             return demo::run(loaded.config, shutdown)
@@ -166,8 +204,15 @@ fn serve(path: Option<PathBuf>, demo: bool) -> Result<(), String> {
             .map_err(|e| e.to_string())?;
         tokio::spawn(reload_on_sighup(path, gateway.reloader(), log));
         gateway.run(shutdown).await.map_err(|e| e.to_string())
-    })
+    });
+    // Dropping the runtime would wait for every blocking task, a config read parked on a FIFO
+    // included (it may never end): the gateway has shut down, so that one is left behind.
+    runtime.shutdown_timeout(EXIT_WAIT_FOR_BLOCKING);
+    served
 }
+
+/// How long the exit waits for blocking tasks still running after the shutdown.
+const EXIT_WAIT_FOR_BLOCKING: Duration = Duration::from_millis(500);
 
 /// The longest a reload may take to read its files.
 const CONFIG_READ_LIMIT: std::time::Duration = std::time::Duration::from_secs(5);
@@ -184,8 +229,9 @@ async fn reload_on_sighup(path: Option<PathBuf>, reloader: Reloader, log: LogHan
             return;
         }
     };
+    let mut pending = None;
     while hangups.recv().await.is_some() {
-        let report = reload_config(path.as_deref(), &reloader).await;
+        let report = reload_config(path.as_deref(), &reloader, &mut pending).await;
         reloader.reread_files().await;
         let Some(report) = report else {
             continue;
@@ -193,12 +239,28 @@ async fn reload_on_sighup(path: Option<PathBuf>, reloader: Reloader, log: LogHan
         for key in &report.needs_restart {
             tracing::warn!(key, "config changed; takes effect after a restart");
         }
-        // Logged before a new level applies, so even a quieter level shows the reload.
-        tracing::info!(
-            applied = ?report.applied,
-            needs_restart = ?report.needs_restart,
-            "config reloaded"
-        );
+        // Logged before a new level applies, so even a quieter level shows the reload; at
+        // WARN when a caller was removed or a limit loosened (what a cut-off file does).
+        let changes = &report.callers;
+        macro_rules! reloaded {
+            ($level:expr) => {
+                tracing::event!(
+                    $level,
+                    applied = ?report.applied,
+                    needs_restart = ?report.needs_restart,
+                    callers_added = ?changes.added,
+                    callers_removed = ?changes.removed,
+                    callers_loosened = ?changes.loosened,
+                    callers_changed = ?changes.changed,
+                    "config reloaded"
+                )
+            };
+        }
+        if changes.weakens() {
+            reloaded!(tracing::Level::WARN);
+        } else {
+            reloaded!(tracing::Level::INFO);
+        }
         if let Some(level) = &report.log_level
             && let Err(e) = log.set_level(level)
         {
@@ -207,15 +269,39 @@ async fn reload_on_sighup(path: Option<PathBuf>, reloader: Reloader, log: LogHan
     }
 }
 
+/// A config read that outlived its bound: still blocked (a FIFO, a stuck mount) on a
+/// blocking-pool thread, which cannot be cancelled.
+type PendingRead = Option<tokio::task::JoinHandle<Result<Loaded, config::ConfigError>>>;
+
 /// Loads the config and applies it: what changed, or `None` (logged) when it was rejected.
-async fn reload_config(path: Option<&Path>, reloader: &Reloader) -> Option<ReloadReport> {
+///
+/// At most one read is in flight: while one that timed out is still blocked, a SIGHUP is
+/// refused at once, and no second thread is parked on the same file. Once that read ends,
+/// its result is dropped and the next SIGHUP reads afresh.
+async fn reload_config(
+    path: Option<&Path>,
+    reloader: &Reloader,
+    pending: &mut PendingRead,
+) -> Option<ReloadReport> {
+    if pending.as_ref().is_some_and(|read| !read.is_finished()) {
+        tracing::error!(
+            limit_ms = CONFIG_READ_LIMIT.as_millis() as u64,
+            "config reload rejected: the previous read of the config file is still blocked; \
+             the running config stays"
+        );
+        return None;
+    }
     // Off the runtime's threads and within a bound: a config path that blocks on open (a
     // FIFO, a stuck mount) must not stop the gateway from serving.
-    let read = tokio::task::spawn_blocking({
+    let read = pending.insert(tokio::task::spawn_blocking({
         let path = path.map(Path::to_path_buf);
         move || config::load(path.as_deref())
-    });
-    let loaded = match tokio::time::timeout(CONFIG_READ_LIMIT, read).await {
+    }));
+    let joined = tokio::time::timeout(CONFIG_READ_LIMIT, read).await;
+    if joined.is_ok() {
+        *pending = None;
+    }
+    let loaded = match joined {
         Ok(Ok(Ok(loaded))) => loaded,
         Ok(Ok(Err(e))) => {
             tracing::error!(error = %e, "config reload rejected; the running config stays");

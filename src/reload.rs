@@ -12,6 +12,7 @@ use arc_swap::ArcSwap;
 use crate::access_log::AccessSample;
 use crate::auth::CallerKeys;
 use crate::balance::service::Balances;
+use crate::caller_changes::CallerChanges;
 use crate::config::{
     CacheConfig, Config, Explicit, KeyHash, LogConfig, RedisConfig, ServerConfig, UpstreamConfig,
 };
@@ -26,6 +27,8 @@ pub struct ReloadReport {
     pub needs_restart: Vec<&'static str>,
     /// The new `log.level`, when it changed (for the subscriber's owner to apply).
     pub log_level: Option<String>,
+    /// Who was added, removed, loosened or otherwise changed among the callers.
+    pub callers: CallerChanges,
 }
 
 /// Why a reload was refused: it would have opened the gateway up, most likely by accident (an
@@ -106,6 +109,7 @@ impl Reloader {
             let keys = CallerKeys::replacing(&new.callers, &self.callers.load());
             self.callers.store(Arc::new(keys));
             report.applied.push("callers");
+            report.callers = CallerChanges::between(&current.callers, &new.callers);
         }
         // `cache.max_entries` and `cache.max_bytes` sized the cache when it was built; the
         // running one stays.

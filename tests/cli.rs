@@ -854,6 +854,318 @@ async fn sighup_under_a_swapped_symlink_never_strips_callers_or_the_admin_key() 
     assert!(gw.wait_exit(Duration::from_secs(10)).await.success());
 }
 
+/// A config whose `billing` caller comes first and `orders` second, with limits on `orders`:
+/// cut before `orders`' `rate_limit_rps` it still parses (orders unlimited), cut before the
+/// second `[[callers]]` too (orders gone).
+fn limited_callers_toml(sim: &Simulator) -> String {
+    let base = gateway_toml(sim, "");
+    let head = base.split("[[callers]]").next().unwrap_or_default();
+    format!(
+        "{head}{}{}rate_limit_rps = 50\nmax_concurrent = 4\n",
+        caller_block("billing", BILLING_KEY),
+        caller_block("orders", ORDERS_KEY),
+    )
+}
+
+/// What must never appear in a line about callers: their keys and key hashes.
+fn assert_no_key_material(line: &str) {
+    for key in [ORDERS_KEY, BILLING_KEY, "orders-rotated-key"] {
+        let hash = hex::encode(bill24_gateway::hash_key(key.as_bytes()));
+        assert!(
+            !line.contains(key) && !line.contains(&hash) && !line.contains(&hash[..16]),
+            "key material in {line}"
+        );
+    }
+}
+
+/// A half-written file that still parses is applied, but its `config reloaded` line says what
+/// it did, at WARN: cut before `rate_limit_rps` it names the caller and the loosened limits;
+/// cut before the second `[[callers]]` it names the removed caller. Tightening again and a
+/// key rotation are INFO and say "key changed", never a key or its hash.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_with_a_cut_off_file_says_which_caller_lost_what() {
+    let (sim, mut gw, dir) = gateway_with_sim(limited_callers_toml, &[]).await;
+    let (main, _) = gw.addresses().await;
+    let full = limited_callers_toml(&sim);
+    let gw_toml = dir.path().join("gw.toml");
+    let cut_at = |needle: &str| {
+        let (head, _) = full.rsplit_once(needle).expect("needle in the config");
+        head.to_string()
+    };
+
+    std::fs::write(&gw_toml, cut_at("rate_limit_rps")).expect("write");
+    gw.signal("HUP");
+    let line = gw.wait_for_line("rate_limit_rps 50 -> 0 (unlimited)").await;
+    assert!(
+        line.contains("\"config reloaded\"") && line.contains("WARN"),
+        "{line}"
+    );
+    assert!(
+        line.contains(r#""callers_loosened":"[\"orders: rate_limit_rps 50 -> 0 (unlimited)\", \"orders: max_concurrent 4 -> 0 (unlimited)\"]""#),
+        "{line}"
+    );
+    assert!(line.contains(r#""callers_removed":"[]""#), "{line}");
+    assert_no_key_material(&line);
+
+    std::fs::write(&gw_toml, &full).expect("write");
+    gw.signal("HUP");
+    let line = gw.wait_for_line("rate_limit_rps 0 (unlimited) -> 50").await;
+    assert!(
+        line.contains("INFO") && line.contains("callers_changed"),
+        "{line}"
+    );
+    assert!(line.contains(r#""callers_loosened":"[]""#), "{line}");
+
+    std::fs::write(&gw_toml, cut_at("[[callers]]")).expect("write");
+    gw.signal("HUP");
+    let line = gw
+        .wait_for_line(r#""callers_removed":"[\"orders\"]""#)
+        .await;
+    assert!(
+        line.contains("\"config reloaded\"") && line.contains("WARN"),
+        "{line}"
+    );
+    assert_no_key_material(&line);
+    assert_eq!(
+        balance(main, ORDERS_KEY, "K1").await.status,
+        StatusCode::UNAUTHORIZED,
+        "applied: the file parses and says so"
+    );
+
+    let rotated = format!(
+        "{}{}rate_limit_rps = 50\nmax_concurrent = 4\n",
+        cut_at("[[callers]]"),
+        caller_block("orders", ORDERS_KEY).replace(
+            &format!(
+                "\"{}\"",
+                hex::encode(bill24_gateway::hash_key(ORDERS_KEY.as_bytes()))
+            ),
+            &format!(
+                "[\"{}\", \"{}\"]",
+                hex::encode(bill24_gateway::hash_key(ORDERS_KEY.as_bytes())),
+                hex::encode(bill24_gateway::hash_key(b"orders-rotated-key"))
+            )
+        ),
+    );
+    std::fs::write(&gw_toml, rotated).expect("write");
+    gw.signal("HUP");
+    let line = gw.wait_for_line(r#""callers_added":"[\"orders\"]""#).await;
+    assert!(line.contains("INFO"), "{line}");
+    assert_no_key_material(&line);
+    // Now a key change alone: the second key dropped.
+    std::fs::write(&gw_toml, &full).expect("write");
+    gw.signal("HUP");
+    let line = gw.wait_for_line("orders: key changed (2 -> 1 keys)").await;
+    assert!(line.contains("\"config reloaded\""), "{line}");
+    assert_no_key_material(&line);
+    assert_eq!(balance(main, ORDERS_KEY, "K1").await.status, StatusCode::OK);
+    for line in gw.output() {
+        assert_no_key_material(&line);
+    }
+    gw.signal("TERM");
+    assert!(gw.wait_exit(Duration::from_secs(10)).await.success());
+}
+
+/// `--check-config --against OLD` says what the config would do to the callers against the
+/// one OLD makes, in the reload line's fields, without key material; stdout stays the TOML.
+#[tokio::test]
+async fn check_config_against_a_file_names_removed_and_loosened_callers() {
+    let sim = Simulator::bind("127.0.0.1:0".parse().expect("addr"), Default::default())
+        .await
+        .expect("sim");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let full = limited_callers_toml(&sim);
+    let (cut, _) = full.rsplit_once("rate_limit_rps").expect("cut");
+    std::fs::write(dir.path().join("running.toml"), &full).expect("write");
+    std::fs::write(dir.path().join("cut.toml"), cut).expect("write");
+    let check = |config: &str| {
+        run(
+            &[
+                "--check-config",
+                "--config",
+                config,
+                "--against",
+                "running.toml",
+            ],
+            &[("GATEWAY_UPSTREAM__CLIENT_SECRET", CLIENT_SECRET)],
+            dir.path(),
+        )
+    };
+    let out = check("cut.toml");
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    let stderr = stderr_of(&out);
+    assert!(
+        stderr.contains(
+            r#"warning: against running.toml: callers_added=[] callers_removed=[] callers_loosened=["orders: rate_limit_rps 50 -> 0 (unlimited)", "orders: max_concurrent 4 -> 0 (unlimited)"] callers_changed=[]"#
+        ),
+        "{stderr}"
+    );
+    assert_no_key_material(&stderr);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(toml::from_str::<toml::Table>(&stdout).is_ok(), "{stdout}");
+
+    let out = check("running.toml");
+    assert!(
+        stderr_of(&out).contains("against running.toml: no change to the callers"),
+        "{}",
+        stderr_of(&out)
+    );
+    let (no_orders, _) = full.rsplit_once("[[callers]]").expect("cut");
+    std::fs::write(dir.path().join("cut.toml"), no_orders).expect("write");
+    let stderr = stderr_of(&check("cut.toml"));
+    assert!(stderr.contains(r#"callers_removed=["orders"]"#), "{stderr}");
+    // A broken file to compare against is named as such.
+    let out = run(
+        &[
+            "--check-config",
+            "--config",
+            "running.toml",
+            "--against",
+            "missing.toml",
+        ],
+        &[("GATEWAY_UPSTREAM__CLIENT_SECRET", CLIENT_SECRET)],
+        dir.path(),
+    );
+    assert_one_line_failure(&out, "--against");
+}
+
+/// Threads of `pid` parked in `open()` on a FIFO that has no writer (Linux's `wchan`).
+fn threads_blocked_on_a_fifo(pid: u32) -> usize {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0;
+    };
+    tasks
+        .filter_map(Result::ok)
+        .filter(|task| {
+            std::fs::read_to_string(task.path().join("wchan"))
+                .is_ok_and(|w| w.trim() == "wait_for_partner")
+        })
+        .count()
+}
+
+/// Points `dir/gw.toml` at `target` (a symlink swapped in atomically).
+fn point_config_at(dir: &Path, target: &str) {
+    let tmp = dir.join("gw.toml.swap");
+    let _ = std::fs::remove_file(&tmp);
+    std::os::unix::fs::symlink(target, &tmp).expect("symlink");
+    std::fs::rename(&tmp, dir.join("gw.toml")).expect("rename");
+}
+
+/// `gw.toml` a symlink to a FIFO nobody writes: the reload's read blocks, but off the
+/// runtime's threads — health and balances answer at once — and after 5 s the reload is
+/// refused with a line saying so, the running config staying. A SIGHUP meanwhile is refused at
+/// once instead of parking a second thread on the FIFO. When a writer finally comes, that late
+/// read is dropped and the next SIGHUP reads afresh. SIGTERM with a read still blocked exits
+/// promptly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_on_a_fifo_blocks_no_request_and_parks_one_thread_at_most() {
+    let (sim, mut gw, dir) = gateway_with_sim(|sim| gateway_toml(sim, ""), &[]).await;
+    let (main, admin) = gw.addresses().await;
+    let pid = gw.child.id();
+    let full = gateway_toml(&sim, "");
+    std::fs::write(dir.path().join("full.toml"), &full).expect("write");
+    let fifo = dir.path().join("gw.fifo");
+    let made = Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .expect("mkfifo runs");
+    assert!(made.success());
+    point_config_at(dir.path(), "gw.fifo");
+
+    let hup = Instant::now();
+    gw.signal("HUP");
+    real_sleep(Duration::from_millis(300)).await;
+    assert_eq!(threads_blocked_on_a_fifo(pid), 1, "the read is blocked");
+    for round in 0..3 {
+        let asked = Instant::now();
+        assert_eq!(get(admin, "/healthz").await.status, StatusCode::OK);
+        let code = format!("F{round}");
+        assert_eq!(
+            balance(main, ORDERS_KEY, &code).await.status,
+            StatusCode::OK
+        );
+        assert!(
+            asked.elapsed() < Duration::from_secs(1),
+            "answered in {:?} while the reload is blocked",
+            asked.elapsed()
+        );
+    }
+    let line = gw.wait_for_line("could not be read in time").await;
+    let refused_after = hup.elapsed();
+    assert!(
+        line.contains("config reload rejected") && line.contains("\"limit_ms\":5000"),
+        "{line}"
+    );
+    assert!(
+        refused_after >= Duration::from_millis(4500) && refused_after < Duration::from_secs(8),
+        "refused after {refused_after:?}"
+    );
+    assert_eq!(
+        balance(main, BILLING_KEY, "F9").await.status,
+        StatusCode::OK
+    );
+
+    // More SIGHUPs while the read is still blocked: refused at once, no second thread.
+    for n in 1..=2 {
+        let asked = Instant::now();
+        gw.signal("HUP");
+        let deadline = asked + Duration::from_secs(2);
+        while gw
+            .output()
+            .iter()
+            .filter(|l| l.contains("previous read of the config file is still blocked"))
+            .count()
+            < n
+        {
+            assert!(
+                Instant::now() < deadline,
+                "SIGHUP {n} while blocked not refused at once:\n{}",
+                gw.output().join("\n")
+            );
+            real_sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(threads_blocked_on_a_fifo(pid), 1, "after SIGHUP {n}");
+    }
+    assert_eq!(get(admin, "/healthz").await.status, StatusCode::OK);
+
+    // A writer at last (an empty config): the late read ends and is dropped, not applied.
+    let writer = std::thread::spawn({
+        let fifo = fifo.clone();
+        move || std::fs::write(fifo, "")
+    });
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !writer.is_finished() {
+        assert!(Instant::now() < deadline, "the FIFO found no reader");
+        real_sleep(Duration::from_millis(20)).await;
+    }
+    real_sleep(Duration::from_millis(200)).await;
+    assert_eq!(threads_blocked_on_a_fifo(pid), 0);
+    assert_eq!(balance(main, ORDERS_KEY, "F1").await.status, StatusCode::OK);
+    // The next SIGHUP reads the file as it is now: billing removed.
+    let (no_billing, _) = full.rsplit_once("[[callers]]").expect("two callers");
+    std::fs::write(dir.path().join("full.toml"), no_billing).expect("write");
+    point_config_at(dir.path(), "full.toml");
+    gw.signal("HUP");
+    let line = gw
+        .wait_for_line(r#""callers_removed":"[\"billing\"]""#)
+        .await;
+    assert!(line.contains("\"config reloaded\""), "{line}");
+
+    // Blocked again, then SIGTERM: the parked read does not hold the exit.
+    point_config_at(dir.path(), "gw.fifo");
+    gw.signal("HUP");
+    real_sleep(Duration::from_millis(300)).await;
+    assert_eq!(threads_blocked_on_a_fifo(pid), 1);
+    let term = Instant::now();
+    gw.signal("TERM");
+    assert!(gw.wait_exit(Duration::from_secs(5)).await.success());
+    assert!(
+        term.elapsed() < Duration::from_secs(3),
+        "exit took {:?}",
+        term.elapsed()
+    );
+}
+
 #[test]
 fn check_config_refuses_an_unusable_jwks_and_hides_a_jwks_url_secret() {
     let dir = tempfile::tempdir().expect("tempdir");
