@@ -60,6 +60,10 @@ const GCRA: &str = "local t = redis.call('TIME') \
                     if wait > max_wait then return -1 - (wait - max_wait) end \
                     return wait";
 
+/// How long a replica back on the shared bucket also keeps to its own share: the other
+/// replicas' probes find Redis again within their backoff.
+const RETURN_GRACE: Duration = super::conn::MAX_BACKOFF.saturating_mul(2);
+
 /// Counts a failure for the fleet: the count within a cool-down.
 const COUNT_FAILURE: &str = "local n = redis.call('INCR', KEYS[1]) \
                              if n == 1 then redis.call('PEXPIRE', KEYS[1], ARGV[1]) end \
@@ -97,6 +101,8 @@ struct LocalGcra {
     shared_line: Mutex<Option<(Instant, Duration)>>,
     /// This bucket stands in for the shared one now.
     alone: AtomicBool,
+    /// When this bucket last handed back to the shared one.
+    back_at: Mutex<Option<Instant>>,
 }
 
 impl LocalGcra {
@@ -246,22 +252,38 @@ impl Fleet {
         } else {
             Duration::ZERO
         };
+        let share = |n: usize| {
+            let burst = (burst as usize).div_ceil(n) as u32;
+            bucket(rps / n as f64, burst)
+        };
         match self.gcra(op, key, shared, max_wait, floor).await {
             Ok(step) => {
                 alone.set(false, setting, 1);
-                local.alone.store(false, Ordering::Release);
+                if local.alone.swap(false, Ordering::AcqRel) {
+                    *lock(&local.back_at) = Some(Instant::now());
+                }
                 // Where the shared line ends, as Redis said: this place, or past the longest
                 // wait accepted.
                 local.placed(match step {
                     Step::Wait(wait) => wait,
                     Step::Refused(more) => max_wait + more,
                 });
+                // The other replicas come back within a probe's backoff of this one; until
+                // then some may still be alone at their share, so this one keeps to its share
+                // too (the stricter of the two places).
+                if lock(&local.back_at).is_some_and(|at| at.elapsed() < RETURN_GRACE) {
+                    let (interval, tolerance) = share(self.size());
+                    return match (step, local.step(interval, tolerance, max_wait)) {
+                        (Step::Wait(a), Step::Wait(b)) => Step::Wait(a.max(b)),
+                        (Step::Refused(a), Step::Refused(b)) => Step::Refused(a.max(b)),
+                        (Step::Refused(more), _) | (_, Step::Refused(more)) => Step::Refused(more),
+                    };
+                }
                 step
             }
             Err(_) => {
                 let n = self.size();
-                let burst = (burst as usize).div_ceil(n) as u32;
-                let (interval, tolerance) = bucket(rps / n as f64, burst);
+                let (interval, tolerance) = share(n);
                 alone.set(true, setting, n);
                 local.go_alone((interval, tolerance));
                 local.step(interval, tolerance, max_wait)
