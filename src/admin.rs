@@ -105,10 +105,26 @@ pub(crate) struct Admin {
 /// `metrics_busy`; a scraper or two never comes near it.
 pub(crate) const METRICS_PAGES_AT_ONCE: usize = 16;
 
-/// A rendered `/metrics` page; its slot is freed when the last of its bytes is dropped.
+/// How long a page counts against [`METRICS_PAGES_AT_ONCE`] at most: a page its client does
+/// not take (a window of 0) stops keeping real scrapes out after this, though its bytes stay
+/// until the connection goes (8 streams per connection, 256 connections bound them).
+const PAGE_COUNTS_FOR: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// A rendered `/metrics` page; its slot is freed when the last of its bytes is dropped, or
+/// after [`PAGE_COUNTS_FOR`].
 struct MetricsPage {
     text: String,
-    _slot: OwnedSemaphorePermit,
+    _gone: tokio::sync::oneshot::Sender<()>,
+}
+
+/// Holds `slot` until the page is dropped, [`PAGE_COUNTS_FOR`] at most.
+fn hold_for_page(slot: OwnedSemaphorePermit) -> tokio::sync::oneshot::Sender<()> {
+    let (gone, page_gone) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(async move {
+        let _ = tokio::time::timeout(PAGE_COUNTS_FOR, page_gone).await;
+        drop(slot);
+    });
+    gone
 }
 
 impl AsRef<[u8]> for MetricsPage {
@@ -200,7 +216,7 @@ impl Admin {
             });
         let page = MetricsPage {
             text: self.metrics.render(),
-            _slot: slot,
+            _gone: hold_for_page(slot),
         };
         let mut r = http::Response::new(Full::new(Bytes::from_owner(page)));
         r.headers_mut().insert(

@@ -634,7 +634,8 @@ fn rss(pid: u32) -> u64 {
 /// connections of 256 streams each) never get a byte of the pages; each open stream keeps its
 /// page alive. Admin connections take 8 streams and at most 16 pages are alive at once (the
 /// rest get 503 `metrics_busy`), so the gateway holds a few MiB for them, not one page per
-/// stream, and gives it back when they leave.
+/// stream, and gives it back when they leave; a page not taken stops counting after 10 s, so
+/// real scrapes are kept out that long at most.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_zero_window_flood_of_metrics_requests_holds_little_memory() {
     const CONNECTIONS: usize = 64;
@@ -711,6 +712,19 @@ async fn a_zero_window_flood_of_metrics_requests_holds_little_memory() {
         asked.elapsed() < Duration::from_secs(2),
         "{:?}",
         asked.elapsed()
+    );
+    // The pages nobody takes keep real scrapes out for 10 s at most, not for the whole
+    // idle timeout (60 s) while their connections stay open.
+    assert_eq!(
+        get(admin, "/metrics").await.status,
+        StatusCode::SERVICE_UNAVAILABLE
+    );
+    tokio::time::sleep(Duration::from_millis(10_500)).await;
+    let scrape = get(admin, "/metrics").await;
+    assert_eq!(
+        scrape.status,
+        StatusCode::OK,
+        "with the stalled pages still open"
     );
 
     let _ = stop.send(());
