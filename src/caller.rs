@@ -154,11 +154,7 @@ fn quota(rps: f64, burst: u32) -> Option<Quota> {
         return None;
     }
     let period = Duration::from_secs_f64(1.0 / rps).max(Duration::from_nanos(1));
-    let burst = if burst == 0 {
-        (rps.ceil().min(u32::MAX as f64) as u32).max(1)
-    } else {
-        burst
-    };
+    let burst = crate::config::burst_at(rps, burst);
     Some(Quota::with_period(period)?.allow_burst(NonZeroU32::new(burst)?))
 }
 

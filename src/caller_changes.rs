@@ -75,11 +75,10 @@ impl CallerChanges {
             );
         }
         if was.burst != now.burst {
-            // 0 means one second's worth of the rate; without a rate there is no bucket.
-            let effective = |c: &CallerConfig| match (c.rate_limit_rps, c.burst) {
-                (rps, _) if rps <= 0.0 => 0.0,
-                (rps, 0) => rps.ceil().max(1.0),
-                (_, burst) => f64::from(burst),
+            // Compared as the buckets they make; without a rate there is no bucket.
+            let effective = |c: &CallerConfig| match c.rate_limit_rps {
+                rps if rps <= 0.0 => 0.0,
+                rps => f64::from(crate::config::burst_at(rps, c.burst)),
             };
             note(
                 looser(effective(was), effective(now)),

@@ -334,6 +334,15 @@ pub struct RawCaller {
     pub limit_scope: LimitScope,
 }
 
+/// The burst a `burst` setting means at `rps` per second: 0 is one second's worth, at least 1.
+pub(crate) fn burst_at(rps: f64, burst: u32) -> u32 {
+    if burst == 0 {
+        rps.ceil().clamp(1.0, f64::from(u32::MAX)) as u32
+    } else {
+        burst
+    }
+}
+
 /// Where a caller's `rate_limit_rps` / `burst` are counted.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]

@@ -82,11 +82,7 @@ enum Step {
 /// emission interval and the tolerance.
 fn bucket(rps: f64, burst: u32) -> (Duration, Duration) {
     let interval = Duration::from_secs_f64(1.0 / rps.max(1e-6)).max(Duration::from_nanos(1));
-    let burst = if burst == 0 {
-        rps.ceil().clamp(1.0, f64::from(u32::MAX)) as u32
-    } else {
-        burst
-    };
+    let burst = crate::config::burst_at(rps, burst);
     (interval, interval * burst.saturating_sub(1))
 }
 
