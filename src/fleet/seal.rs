@@ -23,6 +23,14 @@ const ENTRY_MAGIC: &[u8; 4] = b"B24E";
 /// 2: the epoch is a value compared for equality, the age read from Redis's clock.
 /// 3: encrypted (XChaCha20-Poly1305) instead of only authenticated (HMAC-SHA256).
 const ENTRY_VERSION: u8 = 3;
+/// What every entry starts with: the magic, then the version.
+const ENTRY_PREFIX: [u8; 5] = [
+    ENTRY_MAGIC[0],
+    ENTRY_MAGIC[1],
+    ENTRY_MAGIC[2],
+    ENTRY_MAGIC[3],
+    ENTRY_VERSION,
+];
 const TOKEN_VERSION: u8 = 1;
 const NONCE_LEN: usize = 24;
 
@@ -87,8 +95,7 @@ pub struct StoredEntry {
 /// An entry's associated data: the format, its key name and its customer.
 fn entry_aad(key_name: &str, customer: &str) -> Vec<u8> {
     let mut aad = Vec::with_capacity(5 + 16 + key_name.len() + customer.len());
-    aad.extend_from_slice(ENTRY_MAGIC);
-    aad.push(ENTRY_VERSION);
+    aad.extend_from_slice(&ENTRY_PREFIX);
     for part in [key_name.as_bytes(), customer.as_bytes()] {
         aad.extend_from_slice(&(part.len() as u64).to_be_bytes());
         aad.extend_from_slice(part);
@@ -149,9 +156,12 @@ pub fn seal_entry(keys: &Keys, key_name: &str, customer: &str, entry: &StoredEnt
     let body = &entry.body[..entry.body.len().min(u32::MAX as usize)];
     plain.extend_from_slice(&(body.len() as u32).to_be_bytes());
     plain.extend_from_slice(body);
-    let mut prefix = ENTRY_MAGIC.to_vec();
-    prefix.push(ENTRY_VERSION);
-    encrypt(&keys.entry, &prefix, &plain, &entry_aad(key_name, customer))
+    encrypt(
+        &keys.entry,
+        &ENTRY_PREFIX,
+        &plain,
+        &entry_aad(key_name, customer),
+    )
 }
 
 /// Reads bytes in order, refusing anything short.
@@ -181,9 +191,12 @@ pub fn open_entry(
     customer: &str,
     bytes: &[u8],
 ) -> Result<StoredEntry, Rejected> {
-    let mut prefix = ENTRY_MAGIC.to_vec();
-    prefix.push(ENTRY_VERSION);
-    let plain = decrypt(&keys.entry, &prefix, bytes, &entry_aad(key_name, customer))?;
+    let plain = decrypt(
+        &keys.entry,
+        &ENTRY_PREFIX,
+        bytes,
+        &entry_aad(key_name, customer),
+    )?;
     let mut r = Reader(&plain);
     let stored_at_ms = r.u64()?;
     let fresh_for_ms = r.u64()?;
