@@ -390,7 +390,7 @@ def limits_phase(work, sim, sim_port, redis_port):
 
 def main():
     work = tempfile.mkdtemp(prefix="bill24-fleet-")
-    log(f"fleet bench: {os.cpu_count()} CPUs, 3 replicas (1 runtime thread each), one redis-server, "
+    log(f"fleet bench: {run.machine()}; 3 replicas (1 runtime thread each), one redis-server, "
         f"work dir {work}")
     sim_port = free_port()
     sim = f"http://127.0.0.1:{sim_port}"

@@ -228,6 +228,12 @@ def oha_stampede(url, key):
     return result["summary"]["slowest"], codes
 
 
+def machine():
+    """The machine a run's figures come from: CPUs, CPU model, kernel."""
+    model = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
+    return f"{os.cpu_count()} CPUs, {model}, kernel {os.uname().release}"
+
+
 def fmt_us(v):
     return f"{v / 1000:.2f} ms" if v >= 1000 else f"{v:.0f} µs"
 
@@ -258,9 +264,8 @@ def main():
     # nginx workers run as another user when started as root: they must reach the cache dir.
     os.chmod(work, 0o755)
     nproc = os.cpu_count()
-    cpu_model = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
-    log(f"bench: {nproc} CPUs ({cpu_model}), runtime threads {threads}, wrk -t1 -c{conns}, "
-        f"{keys} keys, {rounds} rounds of {duration}s; work dir {work}")
+    log(f"bench: {machine()}; runtime threads {threads or f'{nproc} (0: one per CPU)'}, "
+        f"wrk -t1 -c{conns}, {keys} keys, {rounds} rounds of {duration}s; work dir {work}")
 
     sim_port = free_port()
     sim = f"http://127.0.0.1:{sim_port}"
@@ -288,7 +293,7 @@ def main():
     template = open(os.path.join(HERE, "nginx", "proxy_cache.conf.template")).read()
     conf = (template.replace("@WORK@", nginx_dir).replace("@SIM_PORT@", str(sim_port))
             .replace("@PORT@", str(nginx_port)).replace("@TOKEN@", token).replace("@TTL@", "1h")
-            .replace("worker_processes auto;", f"worker_processes {threads};"))
+            .replace("worker_processes auto;", f"worker_processes {threads or 'auto'};"))
     with open(os.path.join(nginx_dir, "nginx.conf"), "w") as f:
         f.write(conf)
     nginx = start(["nginx", "-c", os.path.join(nginx_dir, "nginx.conf"), "-p", nginx_dir],

@@ -6,8 +6,8 @@
 #   bench/run.sh            full run (about 6 minutes)
 #   QUICK=1 bench/run.sh    shorter phases, for a smoke test
 #
-# Settings (environment): THREADS (runtime threads of the gateway and the static server,
-# default 1), CONNS (wrk connections, 64), KEYS (1000), ROUNDS (5), DURATION (6s),
+# Settings (environment): THREADS (serving threads of the gateway and the static server, and
+# nginx's workers; 0 for one per CPU; default 1), CONNS (wrk connections, 64), KEYS (1000), ROUNDS (5), DURATION (6s),
 # PHASES=hits (only the cache-hit phases), PHASES=identity (only hits over TLS and with JWTs,
 # against a key-authenticated plain hit; needs python3's cryptography to sign the tokens).
 # Extra arguments go to bench/run.py, e.g.

@@ -14,8 +14,8 @@ use bill24_gateway::config::{CallerConfig, RawConfig};
 use bill24_gateway::hash_key;
 use bill24_gateway::internals::{
     AccessSample, BalanceCache, Balances, CacheDirectives, CacheStatus, CallerKeys, Entry,
-    Identity, InFlight, Metrics, StackParts, bearer_key, build_stack, cached_response,
-    is_json_content_type, parse_body, seal,
+    Identity, InFlight, Metrics, StackParts, UnauthorizedLines, bearer_key, build_stack,
+    cached_response, is_json_content_type, parse_body, seal,
 };
 use bytes::Bytes;
 use criterion::{Criterion, criterion_group, criterion_main};
@@ -122,6 +122,7 @@ fn full_hit(c: &mut Criterion) {
             metrics,
             in_flight: InFlight::default(),
             access_sample: AccessSample::new(1.0),
+            unauthorized_lines: UnauthorizedLines::new(),
             callers: Arc::new(ArcSwap::from_pointee(CallerKeys::new(&callers(10)))),
             balances,
             request_timeout: Duration::from_secs(10),

@@ -33,12 +33,12 @@ const CLIENT_CLOSED: u16 = 499;
 /// Access lines written for 401s, at most, per second (and in a burst).
 pub(crate) const UNAUTHORIZED_LINES_PER_SEC: u32 = 20;
 
-/// The limit on 401 lines, shared by every request of a gateway.
+/// The limit on 401 lines, shared by every request of a gateway (on every serving thread).
 #[derive(Clone)]
-pub(crate) struct UnauthorizedLines(Arc<(Bucket, AtomicU64)>);
+pub struct UnauthorizedLines(Arc<(Bucket, AtomicU64)>);
 
 impl UnauthorizedLines {
-    pub(crate) fn new() -> Self {
+    pub fn new() -> Self {
         let per_sec = NonZeroU32::new(UNAUTHORIZED_LINES_PER_SEC).unwrap_or(NonZeroU32::MIN);
         let bucket = RateLimiter::direct_with_clock(Quota::per_second(per_sec), TokioClock::new());
         UnauthorizedLines(Arc::new((bucket, AtomicU64::new(0))))
@@ -108,12 +108,17 @@ pub(crate) struct AccessLogLayer {
 }
 
 impl AccessLogLayer {
-    pub(crate) fn new(metrics: Arc<Metrics>, in_flight: InFlight, sample: AccessSample) -> Self {
+    pub(crate) fn new(
+        metrics: Arc<Metrics>,
+        in_flight: InFlight,
+        sample: AccessSample,
+        unauthorized: UnauthorizedLines,
+    ) -> Self {
         AccessLogLayer {
             metrics,
             in_flight,
             sample,
-            unauthorized: UnauthorizedLines::new(),
+            unauthorized,
         }
     }
 }

@@ -105,7 +105,7 @@ pub use telemetry::{LogHandle, init as init_logging};
 /// Internals the benchmarks and fuzz targets reach into; not an interface.
 #[doc(hidden)]
 pub mod internals {
-    pub use crate::access_log::{AccessSample, InFlight};
+    pub use crate::access_log::{AccessSample, InFlight, UnauthorizedLines};
     pub use crate::auth::{CallerKeys, bearer_key};
     pub use crate::balance::cache::{BalanceCache, CacheStatus, Entry};
     pub use crate::balance::code::validate_sync_code;
@@ -130,9 +130,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
+use futures_util::future::Either;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
-use tokio::sync::watch;
+use tokio::sync::{Semaphore, watch};
 
 use bill24::Bill24;
 
@@ -175,9 +176,30 @@ const ADMIN_MAX_CONNECTIONS: usize = 256;
 /// A gateway with its sockets bound and its state built, ready to [`run`](Gateway::run).
 pub struct Gateway {
     config: Config,
-    main: TcpListener,
+    main: Main,
     admin: TcpListener,
     state: State,
+}
+
+/// Where the main listener's connections are served.
+enum Main {
+    /// On the runtime that runs the gateway.
+    Here(TcpListener),
+    /// On threads of their own, one per listener (all on one port, `SO_REUSEPORT`), each a
+    /// current-thread runtime: a connection and its requests never leave the thread that
+    /// accepted it, with no work stealing and no wake-up crossing threads on a hit. The
+    /// runtime that runs the gateway keeps what all share: Bill24 calls and the fills that
+    /// make them, the token, Redis, the admin listener.
+    Threads(Vec<std::net::TcpListener>),
+}
+
+impl Main {
+    fn local_addr(&self) -> Option<SocketAddr> {
+        match self {
+            Main::Here(l) => l.local_addr().ok(),
+            Main::Threads(ls) => ls.first().and_then(|l| l.local_addr().ok()),
+        }
+    }
 }
 
 /// What the request path and the admin listener share; the reloadable parts sit behind
@@ -213,11 +235,38 @@ impl Gateway {
         Self::from_listeners(config, main, admin)
     }
 
+    /// Like [`Gateway::bind`], serving the main listener on `threads` threads of its own when
+    /// `threads` is 2 or more (see [`serving_threads`]): `threads` listeners share the port
+    /// (`SO_REUSEPORT`, where the platform has it), each served by a current-thread runtime;
+    /// the runtime that runs the gateway keeps the rest. With 0 or 1, the same as `bind`.
+    pub async fn bind_threads(config: Config, threads: usize) -> Result<Self, StartError> {
+        #[cfg(unix)]
+        if threads > 1 {
+            let addr = config.server.listen;
+            let main = server::listen_group(addr, threads).map_err(|source| StartError::Bind {
+                addr,
+                key: "server.listen",
+                source,
+            })?;
+            let admin = bind(config.server.admin_listen, "server.admin_listen")?;
+            return Self::from_listeners_inner(config, Main::Threads(main), admin);
+        }
+        Self::bind(config).await
+    }
+
     /// Like [`Gateway::bind`], with listeners bound by the caller (the config's addresses
     /// are ignored).
     pub fn from_listeners(
         config: Config,
         main: TcpListener,
+        admin: TcpListener,
+    ) -> Result<Self, StartError> {
+        Self::from_listeners_inner(config, Main::Here(main), admin)
+    }
+
+    fn from_listeners_inner(
+        config: Config,
+        main: Main,
         admin: TcpListener,
     ) -> Result<Self, StartError> {
         let identity = Arc::new(
@@ -334,7 +383,7 @@ impl Gateway {
             admin,
             state,
         } = self;
-        let main_addr = main.local_addr().ok();
+        let main_addr = main.local_addr();
         let admin_addr = admin.local_addr().ok();
         let upkeep = tokio::spawn({
             let metrics = state.metrics.clone();
@@ -350,6 +399,7 @@ impl Gateway {
             metrics: state.metrics.clone(),
             in_flight: state.in_flight.clone(),
             access_sample: state.access_sample.clone(),
+            unauthorized_lines: access_log::UnauthorizedLines::new(),
             callers: state.callers.clone(),
             balances: state.balances.clone(),
             request_timeout: config.server.request_timeout,
@@ -408,30 +458,51 @@ impl Gateway {
                 when_full: server::WhenFull::Evict,
                 ..server::ConnectionLimits::from_config(&config.server)
             },
+            Arc::new(Semaphore::new(ADMIN_MAX_CONNECTIONS)),
             admin_stopped,
         );
         let in_flight = state.in_flight.clone();
+        // Kept until the gateway is done with Redis and Bill24: what a serving thread started
+        // there (a reconnect, say) lives on its runtime.
+        let (release_threads, threads_released) = watch::channel(false);
         let finish = async {
-            tokio::join!(
-                server::accept_loop(
-                    main,
-                    state.identity.tls.clone(),
-                    stack::build(&parts),
-                    &builder,
-                    &main_graceful,
-                    server::ConnectionLimits::from_config(&config.server),
-                    main_stopped,
-                ),
-                sequence
-            );
-            let grace = config.server.shutdown_grace;
-            if tokio::time::timeout(grace, main_graceful.shutdown())
-                .await
-                .is_err()
-            {
+            let limits = server::ConnectionLimits::from_config(&config.server);
+            let slots = Arc::new(Semaphore::new(limits.max_connections));
+            let serving = match main {
+                Main::Here(listener) => Either::Left(async {
+                    server::accept_loop(
+                        listener,
+                        state.identity.tls.clone(),
+                        stack::build(&parts),
+                        &builder,
+                        &main_graceful,
+                        limits,
+                        slots,
+                        main_stopped,
+                    )
+                    .await;
+                    tokio::time::timeout(config.server.shutdown_grace, main_graceful.shutdown())
+                        .await
+                        .is_ok()
+                }),
+                Main::Threads(listeners) => Either::Right(serve_on_threads(
+                    listeners,
+                    ThreadServing {
+                        tls: state.identity.tls.clone(),
+                        parts: parts.clone(),
+                        limits,
+                        slots,
+                        grace: config.server.shutdown_grace,
+                        stop: main_stopped,
+                        release: threads_released,
+                    },
+                )),
+            };
+            let (drained, ()) = tokio::join!(serving, sequence);
+            if !drained {
                 tracing::warn!(
                     requests_cut = in_flight.get(),
-                    shutdown_grace_ms = grace.as_millis() as u64,
+                    shutdown_grace_ms = config.server.shutdown_grace.as_millis() as u64,
                     "shutdown grace ran out; cutting the requests still in flight"
                 );
             }
@@ -446,6 +517,7 @@ impl Gateway {
         }
         upkeep.abort();
         follow.abort();
+        let _ = release_threads.send(true);
         tracing::info!("gateway stopped");
         Ok(())
     }
@@ -455,6 +527,100 @@ impl Gateway {
 /// would use them at start (`--check-config`).
 pub fn check_identity(config: &Config) -> Result<(), String> {
     identity::Identity::new(config.server.tls.as_ref(), config.jwt.as_ref()).map(|_| ())
+}
+
+/// The serving threads for `server.worker_threads`: that many, or one per CPU for 0.
+pub fn serving_threads(worker_threads: usize) -> usize {
+    match worker_threads {
+        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        n => n,
+    }
+}
+
+/// What each serving thread of [`Main::Threads`] is given.
+#[derive(Clone)]
+struct ThreadServing {
+    tls: Option<Arc<identity::tls::ListenerTls>>,
+    parts: stack::StackParts,
+    limits: server::ConnectionLimits,
+    /// The connection cap, shared by every thread's listener.
+    slots: Arc<Semaphore>,
+    grace: Duration,
+    stop: watch::Receiver<bool>,
+    /// Turns true once the gateway is done; the thread then drops its runtime (and with it
+    /// any connection the grace cut).
+    release: watch::Receiver<bool>,
+}
+
+/// Serves each listener on a thread of its own with a current-thread runtime, until `stop`;
+/// then lets each drain for `grace`. True when every connection finished within it.
+async fn serve_on_threads(listeners: Vec<std::net::TcpListener>, serving: ThreadServing) -> bool {
+    let mut drained = Vec::with_capacity(listeners.len());
+    for (i, listener) in listeners.into_iter().enumerate() {
+        let (done, finished) = tokio::sync::oneshot::channel::<bool>();
+        drained.push(finished);
+        let ThreadServing {
+            tls,
+            parts,
+            limits,
+            slots,
+            grace,
+            stop,
+            mut release,
+        } = serving.clone();
+        let started = std::thread::Builder::new()
+            .name(format!("bill24-serve-{i}"))
+            .spawn(move || {
+                let runtime = match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(rt) => rt,
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot start a serving thread's runtime");
+                        let _ = done.send(true);
+                        return;
+                    }
+                };
+                runtime.block_on(async move {
+                    let listener = match TcpListener::from_std(listener) {
+                        Ok(l) => l,
+                        Err(e) => {
+                            tracing::error!(error = %e, "cannot serve a listener");
+                            let _ = done.send(true);
+                            return;
+                        }
+                    };
+                    let builder = server::connection_builder();
+                    let graceful = GracefulShutdown::new();
+                    server::accept_loop(
+                        listener,
+                        tls,
+                        stack::build(&parts),
+                        &builder,
+                        &graceful,
+                        limits,
+                        slots,
+                        stop,
+                    )
+                    .await;
+                    let ok = tokio::time::timeout(grace, graceful.shutdown())
+                        .await
+                        .is_ok();
+                    let _ = done.send(ok);
+                    let _ = release.wait_for(|done| *done).await;
+                });
+            });
+        if let Err(e) = started {
+            tracing::error!(error = %e, "cannot start a serving thread");
+        }
+    }
+    let mut all = true;
+    for finished in drained {
+        // A thread that could not start has dropped its sender: nothing of it to drain.
+        all &= finished.await.unwrap_or(true);
+    }
+    all
 }
 
 fn bind(addr: SocketAddr, key: &'static str) -> Result<TcpListener, StartError> {

@@ -199,7 +199,8 @@ fn serve(path: Option<PathBuf>, demo: bool) -> Result<(), String> {
                 .await
                 .map_err(|e| e.to_string());
         }
-        let gateway = Gateway::bind(loaded.config)
+        let threads = bill24_gateway::serving_threads(loaded.config.server.worker_threads);
+        let gateway = Gateway::bind_threads(loaded.config, threads)
             .await
             .map_err(|e| e.to_string())?;
         tokio::spawn(reload_on_sighup(path, gateway.reloader(), log));

@@ -105,14 +105,47 @@ pub(crate) const SEND_BUFFER: u32 = 64 * 1024;
 /// A listener on `addr` with [`LISTEN_BACKLOG`], [`SEND_BUFFER`] and `SO_REUSEADDR` (so a
 /// restart does not wait for old connections in TIME_WAIT).
 pub(crate) fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = socket_for(addr)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
+}
+
+fn socket_for(addr: SocketAddr) -> std::io::Result<TcpSocket> {
     let socket = match addr {
         SocketAddr::V4(_) => TcpSocket::new_v4()?,
         SocketAddr::V6(_) => TcpSocket::new_v6()?,
     };
     socket.set_reuseaddr(true)?;
     socket.set_send_buffer_size(SEND_BUFFER)?;
-    socket.bind(addr)?;
-    socket.listen(LISTEN_BACKLOG)
+    Ok(socket)
+}
+
+/// `count` listeners on one port (`addr`'s, or one the kernel picks for port 0), sharing it
+/// with `SO_REUSEPORT`: the kernel spreads new connections over them, one per serving thread,
+/// as nginx's workers do. Returned unregistered, for each thread's runtime to take.
+///
+/// A port in use fails as with [`listen`], also when its holder shares it the same way (a
+/// second gateway on the same port would otherwise quietly take half the connections): a
+/// socket without `SO_REUSEPORT` is bound to the port first, which only a free port allows,
+/// and closed before the group binds.
+#[cfg(unix)]
+pub(crate) fn listen_group(
+    addr: SocketAddr,
+    count: usize,
+) -> std::io::Result<Vec<std::net::TcpListener>> {
+    let addr = {
+        let probe = socket_for(addr)?;
+        probe.bind(addr)?;
+        probe.local_addr()?
+    };
+    (0..count.max(1))
+        .map(|_| {
+            let socket = socket_for(addr)?;
+            socket.set_reuseport(true)?;
+            socket.bind(addr)?;
+            socket.listen(LISTEN_BACKLOG)?.into_std()
+        })
+        .collect()
 }
 
 /// What a listener does with a new connection when `max_connections` are open.
@@ -147,10 +180,13 @@ impl ConnectionLimits {
 
 /// Accepts connections until `stop` turns true, serving each with `service` and registering it
 /// with `graceful`; over TLS when `tls` is given (the handshake within
-/// `limits.header_read_timeout`, in the connection's own task). At most
-/// `limits.max_connections` are open at once; beyond that, a new connection waits in the listen
-/// backlog or another is closed for it, as `limits.when_full` says. Returns (dropping the
-/// listener) once stopped.
+/// `limits.header_read_timeout`, in the connection's own task). At most as many connections as
+/// `slots` has permits are open at once (several listeners may share them, one per serving
+/// thread); beyond that, new connections wait in the listen backlog (this listener holds at
+/// most one accepted connection until a slot frees, so a slot never waits idle behind a
+/// listener the kernel did not pick) or another is closed for them, as `limits.when_full`
+/// says. Returns (dropping the listener) once stopped.
+#[allow(clippy::too_many_arguments)]
 pub(crate) async fn accept_loop<S, F>(
     listener: TcpListener,
     tls: Option<Arc<ListenerTls>>,
@@ -158,6 +194,7 @@ pub(crate) async fn accept_loop<S, F>(
     builder: &auto::Builder<TokioExecutor>,
     graceful: &GracefulShutdown,
     limits: ConnectionLimits,
+    slots: Arc<Semaphore>,
     mut stop: watch::Receiver<bool>,
 ) where
     S: tower::Service<Request<Incoming>, Response = Response, Error = Infallible, Future = F>
@@ -166,23 +203,11 @@ pub(crate) async fn accept_loop<S, F>(
         + 'static,
     F: Future<Output = Result<Response, Infallible>> + Send + 'static,
 {
-    let slots = Arc::new(Semaphore::new(limits.max_connections));
     let roster = (limits.when_full == WhenFull::Evict).then(|| Arc::new(Roster::default()));
     loop {
         if *stop.borrow() {
             return;
         }
-        // Waiting for a slot before accepting leaves the newcomers in the backlog.
-        let early = match roster {
-            Some(_) => None,
-            None => tokio::select! {
-                permit = slots.clone().acquire_owned() => match permit {
-                    Ok(p) => Some(p),
-                    Err(_) => return,
-                },
-                _ = stop.changed() => return,
-            },
-        };
         let stream = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => stream,
@@ -195,24 +220,23 @@ pub(crate) async fn accept_loop<S, F>(
             },
             _ = stop.changed() => return,
         };
-        let permit = match (early, &roster) {
-            (Some(p), _) => p,
-            (None, Some(roster)) => match slots.clone().try_acquire_owned() {
-                Ok(p) => p,
-                Err(_) => {
-                    // Full: close one that is not serving, and take its slot once it has gone
-                    // (or the next to free up, when every one is serving).
+        let permit = match slots.clone().try_acquire_owned() {
+            Ok(p) => p,
+            Err(_) => {
+                // Full. The admin listener closes one that is not serving; either way this
+                // connection takes the next slot to free up, and the listener accepts no
+                // other meanwhile.
+                if let Some(roster) = &roster {
                     roster.evict_one();
-                    tokio::select! {
-                        permit = slots.clone().acquire_owned() => match permit {
-                            Ok(p) => p,
-                            Err(_) => return,
-                        },
-                        _ = stop.changed() => return,
-                    }
                 }
-            },
-            (None, None) => return,
+                tokio::select! {
+                    permit = slots.clone().acquire_owned() => match permit {
+                        Ok(p) => p,
+                        Err(_) => return,
+                    },
+                    _ = stop.changed() => return,
+                }
+            }
         };
         let _ = stream.set_nodelay(true);
         let activity = Activity::new();

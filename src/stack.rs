@@ -15,7 +15,7 @@ use pin_project_lite::pin_project;
 use tokio::time::Instant;
 use tower::{BoxError, Layer, Service, ServiceBuilder};
 
-use crate::access_log::{AccessLogLayer, AccessSample, InFlight};
+use crate::access_log::{AccessLogLayer, AccessSample, InFlight, UnauthorizedLines};
 use crate::auth::{AuthLayer, CallerKeys};
 use crate::balance::request::ParseLayer;
 use crate::balance::service::{BalanceService, Balances};
@@ -36,6 +36,8 @@ pub struct StackParts {
     pub metrics: Arc<Metrics>,
     pub in_flight: InFlight,
     pub access_sample: AccessSample,
+    /// The limit on 401 access lines, one for the gateway.
+    pub unauthorized_lines: UnauthorizedLines,
     pub callers: Arc<ArcSwap<CallerKeys>>,
     pub balances: Arc<Balances>,
     pub request_timeout: Duration,
@@ -73,6 +75,7 @@ where
             parts.metrics.clone(),
             parts.in_flight.clone(),
             parts.access_sample.clone(),
+            parts.unauthorized_lines.clone(),
         ))
         // 404 / 405.
         .layer(RouteLayer)

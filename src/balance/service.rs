@@ -80,6 +80,10 @@ pub struct Balances {
     metrics: Arc<Metrics>,
     /// Purges the tier could not be told of yet: sent again until it can.
     unsent: std::sync::Mutex<Unsent>,
+    /// Where fills, refreshes and purge resends run: the runtime these balances were made on,
+    /// also when a request is served on a thread of its own (the serving thread then only
+    /// waits for the answer).
+    background: Option<tokio::runtime::Handle>,
 }
 
 /// Purges waiting to reach the fleet.
@@ -135,7 +139,19 @@ impl Balances {
             fills: Flights::new(SHARDS),
             metrics,
             unsent: Default::default(),
+            background: tokio::runtime::Handle::try_current().ok(),
         })
+    }
+
+    /// Runs `task` on [`Balances::background`] (the current runtime when there is none).
+    fn spawn<F>(&self, task: F)
+    where
+        F: Future<Output = ()> + Send + 'static,
+    {
+        match &self.background {
+            Some(runtime) => drop(runtime.spawn(task)),
+            None => drop(tokio::spawn(task)),
+        }
     }
 
     pub fn cache(&self) -> &BalanceCache {
@@ -188,7 +204,7 @@ impl Balances {
             !std::mem::replace(&mut unsent.sending, true)
         };
         if start {
-            tokio::spawn(self.clone().send_unsent());
+            self.spawn(self.clone().send_unsent());
         }
     }
 
@@ -256,7 +272,7 @@ impl Balances {
             Usable::Yes => {}
         }
         if entry.claim_refresh(now, self.cache_config.load().refresh_ahead) {
-            tokio::spawn(self.clone().refresh_ahead(q.clone(), entry.clone()));
+            self.spawn(self.clone().refresh_ahead(q.clone(), entry.clone()));
         }
         FromCache::Answered(cached(&entry, CacheStatus::Hit, CacheTier::L1, now, q))
     }
@@ -348,7 +364,8 @@ impl Balances {
         // The guard is moved in with the future: even a fill dropped before it first runs
         // finishes its flight.
         let guard = Guard::new(flight.clone(), abandoned);
-        tokio::spawn(self.fill(q.clone(), fill, guard));
+        let fill = self.clone().fill(q.clone(), fill, guard);
+        self.spawn(fill);
         flight
     }
 

@@ -170,6 +170,17 @@ pub async fn spawn_app_full(
     prepare: impl FnOnce(&SimHandle),
     configure: impl FnOnce(&mut Config),
 ) -> TestApp {
+    spawn_app_on(1, sim_config, prepare, configure).await
+}
+
+/// [`spawn_app_full`] with the main listener served on `threads` threads of its own
+/// ([`Gateway::bind_threads`]) when `threads` is 2 or more.
+pub async fn spawn_app_on(
+    threads: usize,
+    sim_config: SimConfig,
+    prepare: impl FnOnce(&SimHandle),
+    configure: impl FnOnce(&mut Config),
+) -> TestApp {
     init_test_log();
     let simulator = Simulator::bind("127.0.0.1:0".parse().expect("addr"), sim_config)
         .await
@@ -177,7 +188,9 @@ pub async fn spawn_app_full(
     prepare(&simulator.handle());
     let mut config = config(&simulator.base_url());
     configure(&mut config);
-    let gateway = Gateway::bind(config.clone()).await.expect("gateway binds");
+    let gateway = Gateway::bind_threads(config.clone(), threads)
+        .await
+        .expect("gateway binds");
     let reloader = gateway.reloader();
     let addr = gateway.main_addr();
     let admin_addr = gateway.admin_addr();

@@ -25,21 +25,58 @@ async fn answer(req: http::Request<Incoming>) -> Result<Response<Full<Bytes>>, I
     Ok(response)
 }
 
-/// The gateway's runtime for the same thread count (`TOKIO_WORKER_THREADS`, else one per
-/// CPU): with 1, a current-thread runtime, as `server.worker_threads = 1`.
+/// The gateway's serving for the same thread count (`TOKIO_WORKER_THREADS`, else one per
+/// CPU): with 1, one current-thread runtime, as `server.worker_threads = 1`; with more, as
+/// many threads, each a current-thread runtime with a listener of its own on the one port
+/// (`SO_REUSEPORT`), as the gateway serves its main listener.
 fn main() -> std::io::Result<()> {
     let threads = std::env::var("TOKIO_WORKER_THREADS")
         .ok()
         .and_then(|v| v.trim().parse().ok())
         .unwrap_or(0);
-    bill24_gateway::runtime(threads)?.block_on(serve())
+    let threads = bill24_gateway::serving_threads(threads);
+    let addr: std::net::SocketAddr = std::env::args()
+        .nth(1)
+        .unwrap_or_else(|| "127.0.0.1:18400".into())
+        .parse()
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+    if threads <= 1 {
+        let listener = std::net::TcpListener::bind(addr)?;
+        listener.set_nonblocking(true)?;
+        return bill24_gateway::runtime(1)?.block_on(serve(listener));
+    }
+    let listeners = (0..threads)
+        .map(|_| {
+            let socket = match addr {
+                std::net::SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+                std::net::SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+            };
+            socket.set_reuseaddr(true)?;
+            socket.set_reuseport(true)?;
+            socket.bind(addr)?;
+            Ok(socket)
+        })
+        .collect::<std::io::Result<Vec<_>>>()?;
+    let threads: Vec<_> = listeners
+        .into_iter()
+        .map(|socket| {
+            std::thread::spawn(move || {
+                let runtime = bill24_gateway::runtime(1)?;
+                let listener = runtime.block_on(async { socket.listen(4096)?.into_std() })?;
+                runtime.block_on(serve(listener))
+            })
+        })
+        .collect();
+    for thread in threads {
+        thread
+            .join()
+            .map_err(|_| std::io::Error::other("a serving thread panicked"))??;
+    }
+    Ok(())
 }
 
-async fn serve() -> std::io::Result<()> {
-    let addr = std::env::args()
-        .nth(1)
-        .unwrap_or_else(|| "127.0.0.1:18400".into());
-    let listener = tokio::net::TcpListener::bind(&addr).await?;
+async fn serve(listener: std::net::TcpListener) -> std::io::Result<()> {
+    let listener = tokio::net::TcpListener::from_std(listener)?;
     loop {
         let (stream, _) = listener.accept().await?;
         let _ = stream.set_nodelay(true);
