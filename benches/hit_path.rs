@@ -90,7 +90,15 @@ fn pieces(c: &mut Criterion) {
     });
     let metrics = Metrics::new();
     c.bench_function("metrics: count and time one request", |b| {
-        b.iter(|| metrics.request("caller-7", 200, "hit", Duration::from_micros(30)))
+        b.iter(|| {
+            metrics.request(
+                "caller-7",
+                200,
+                "hit",
+                Duration::from_micros(30),
+                Some(false),
+            )
+        })
     });
 }
 

@@ -9,7 +9,7 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicIsize, AtomicU64, Ordering};
 use std::task::{Context, Poll, ready};
 
 use std::num::NonZeroU32;
@@ -23,7 +23,7 @@ use crate::balance::cache::{CacheStatus, Tier};
 use crate::caller::{Bucket, TokioClock};
 use crate::error::Response;
 use crate::identity::Method;
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, SHARDS, thread_slot};
 use crate::request_state::{RequestState, millis};
 use crate::telemetry::ACCESS_TARGET;
 
@@ -89,22 +89,57 @@ impl AccessSample {
     }
 }
 
-/// Requests in flight on the main listener (for the shutdown report).
-#[derive(Clone, Default, Debug)]
-pub struct InFlight(Arc<AtomicUsize>);
+/// Requests in flight on the main listener (for the shutdown report), counted per thread
+/// ([`thread_slot`]): a request counts up and down in the slot of the thread it began on.
+#[derive(Clone, Debug)]
+pub struct InFlight(Arc<[Slot]>);
 
-impl InFlight {
-    pub fn get(&self) -> usize {
-        self.0.load(Ordering::Acquire)
+/// One thread's count, on a cache line of its own.
+#[repr(align(128))]
+#[derive(Debug, Default)]
+struct Slot(AtomicIsize);
+
+impl Default for InFlight {
+    fn default() -> Self {
+        InFlight((0..SHARDS).map(|_| Slot::default()).collect())
     }
 }
 
-#[derive(Clone)]
-pub(crate) struct AccessLogLayer {
+impl InFlight {
+    pub fn get(&self) -> usize {
+        let total: isize = self.0.iter().map(|s| s.0.load(Ordering::Acquire)).sum();
+        usize::try_from(total).unwrap_or(0)
+    }
+
+    /// A request began on this thread: the slot it is counted in.
+    fn begin(&self) -> usize {
+        let slot = thread_slot();
+        if let Some(s) = self.0.get(slot) {
+            s.0.fetch_add(1, Ordering::AcqRel);
+        }
+        slot
+    }
+
+    /// The request counted in `slot` ended (on whichever thread).
+    fn end(&self, slot: usize) {
+        if let Some(s) = self.0.get(slot) {
+            s.0.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+}
+
+/// What every request's line needs, behind one reference per stack. A stack is built for each
+/// serving thread, so the reference counts a request moves are its own thread's.
+struct Shared {
     metrics: Arc<Metrics>,
     in_flight: InFlight,
     sample: AccessSample,
     unauthorized: UnauthorizedLines,
+}
+
+#[derive(Clone)]
+pub(crate) struct AccessLogLayer {
+    shared: Arc<Shared>,
 }
 
 impl AccessLogLayer {
@@ -115,10 +150,12 @@ impl AccessLogLayer {
         unauthorized: UnauthorizedLines,
     ) -> Self {
         AccessLogLayer {
-            metrics,
-            in_flight,
-            sample,
-            unauthorized,
+            shared: Arc::new(Shared {
+                metrics,
+                in_flight,
+                sample,
+                unauthorized,
+            }),
         }
     }
 }
@@ -129,10 +166,7 @@ impl<S> Layer<S> for AccessLogLayer {
     fn layer(&self, inner: S) -> Self::Service {
         AccessLog {
             inner,
-            metrics: self.metrics.clone(),
-            in_flight: self.in_flight.clone(),
-            sample: self.sample.clone(),
-            unauthorized: self.unauthorized.clone(),
+            shared: self.shared.clone(),
         }
     }
 }
@@ -140,10 +174,7 @@ impl<S> Layer<S> for AccessLogLayer {
 #[derive(Clone)]
 pub(crate) struct AccessLog<S> {
     inner: S,
-    metrics: Arc<Metrics>,
-    in_flight: InFlight,
-    sample: AccessSample,
-    unauthorized: UnauthorizedLines,
+    shared: Arc<Shared>,
 }
 
 impl<S, B> Service<Request<B>> for AccessLog<S>
@@ -160,14 +191,12 @@ where
 
     fn call(&mut self, mut req: Request<B>) -> Self::Future {
         let state = RequestState::of(&mut req);
-        self.in_flight.0.fetch_add(1, Ordering::AcqRel);
+        let slot = self.shared.in_flight.begin();
         let record = Record {
             state,
             status: None,
-            metrics: self.metrics.clone(),
-            in_flight: self.in_flight.clone(),
-            sample: self.sample.clone(),
-            unauthorized: self.unauthorized.clone(),
+            slot,
+            shared: self.shared.clone(),
         };
         AccessLogFuture {
             inner: self.inner.call(req),
@@ -203,30 +232,34 @@ where
 pub(crate) struct Record {
     state: RequestState,
     status: Option<u16>,
-    metrics: Arc<Metrics>,
-    in_flight: InFlight,
-    sample: AccessSample,
-    unauthorized: UnauthorizedLines,
+    /// Where the request was counted in flight.
+    slot: usize,
+    shared: Arc<Shared>,
 }
 
 impl Drop for Record {
     fn drop(&mut self) {
-        self.in_flight.0.fetch_sub(1, Ordering::AcqRel);
+        let shared = &*self.shared;
+        shared.in_flight.end(self.slot);
         let elapsed = self.state.start().elapsed();
         let status = self.status.unwrap_or(CLIENT_CLOSED);
         let notes = self.state.take_notes();
         let caller = self.state.caller().map(|c| &*c.name);
         let cache = notes.cache.map(CacheStatus::label);
-        self.metrics
-            .request(caller.unwrap_or("-"), status, cache.unwrap_or("-"), elapsed);
-        if notes.cache == Some(CacheStatus::Hit) {
-            self.metrics.cache_hit(notes.cache_tier == Some(Tier::L2));
-        }
-        if !self.sample.keeps(status) {
+        let hit =
+            (notes.cache == Some(CacheStatus::Hit)).then(|| notes.cache_tier == Some(Tier::L2));
+        shared.metrics.request(
+            caller.unwrap_or("-"),
+            status,
+            cache.unwrap_or("-"),
+            elapsed,
+            hit,
+        );
+        if !shared.sample.keeps(status) {
             return;
         }
         let sampled = if status == 401 {
-            match self.unauthorized.admit() {
+            match shared.unauthorized.admit() {
                 // `null` when none was left out since the line before, as on other lines.
                 Some(skipped) => (skipped > 0).then_some(skipped),
                 None => return,

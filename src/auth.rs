@@ -76,11 +76,7 @@ impl CallerKeys {
                 .find(|p| p.name == c.name && p.limits.same_settings(c))
                 .map(|p| p.limits.clone())
                 .unwrap_or_else(|| Arc::new(CallerLimits::new(c)));
-            out.callers.push(Caller {
-                name: c.name.clone(),
-                index,
-                limits,
-            });
+            out.callers.push(Caller::new(c.name.clone(), index, limits));
             for hash in &c.key_sha256 {
                 out.keys.push((words(hash), index));
             }
@@ -137,8 +133,12 @@ pub fn bearer_key(headers: &HeaderMap) -> Option<&[u8]> {
 
 /// Answers 401 unless the request identifies a caller (by key, JWT or client certificate);
 /// records the [`Caller`] and how it was identified in the request's [`RequestState`].
+/// (What it judges by is behind one reference per stack: a stack is built for each serving
+/// thread, so the reference count a request moves is its own thread's.)
 #[derive(Clone)]
-pub(crate) struct AuthLayer {
+pub(crate) struct AuthLayer(Arc<Judge>);
+
+struct Judge {
     keys: Arc<ArcSwap<CallerKeys>>,
     jwt: Arc<Jwt>,
     jwks_client: Arc<JwksClient>,
@@ -147,11 +147,11 @@ pub(crate) struct AuthLayer {
 impl AuthLayer {
     /// `keys` may be swapped at run time (config reload), and so may the JWT verifier.
     pub(crate) fn new(keys: Arc<ArcSwap<CallerKeys>>, identity: &Identity) -> Self {
-        AuthLayer {
+        AuthLayer(Arc::new(Judge {
             keys,
             jwt: identity.jwt.clone(),
             jwks_client: identity.jwks_client.clone(),
-        }
+        }))
     }
 }
 
@@ -191,7 +191,7 @@ enum Judged {
     FetchKeys(KeyHash),
 }
 
-impl AuthLayer {
+impl Judge {
     fn judge(&self, headers: &HeaderMap, peer: Option<&PeerCertificate>) -> Judged {
         let keys = self.keys.load();
         if let Some(token) = bearer_key(headers) {
@@ -266,7 +266,7 @@ fn by_subject(keys: &CallerKeys, verified: Result<Arc<str>, JwtFailure>) -> Deci
 fn admit(decision: Decision, state: &RequestState) -> bool {
     match decision {
         Decision::Caller(caller, method) => {
-            state.set_caller(&caller, method);
+            state.set_caller(caller, method);
             true
         }
         Decision::Refused(why) => {
@@ -299,6 +299,7 @@ where
     fn call(&mut self, mut req: Request<B>) -> Self::Future {
         let judged = self
             .layer
+            .0
             .judge(req.headers(), req.extensions().get::<PeerCertificate>());
         let state = RequestState::of(&mut req);
         match judged {
@@ -313,7 +314,7 @@ where
                 // The service was made ready for this request: take it, leave a clone.
                 let clone = self.inner.clone();
                 let mut inner = std::mem::replace(&mut self.inner, clone);
-                let layer = self.layer.clone();
+                let layer = self.layer.0.clone();
                 Either::Right(Box::pin(async move {
                     let decision = layer.judge_fetching(req.headers(), &digest).await;
                     if admit(decision, &state) {

@@ -31,13 +31,34 @@ pub trait FleetRate: Send + Sync {
     ) -> BoxFuture<'a, Result<(), Duration>>;
 }
 
-/// An authenticated caller.
+/// An authenticated caller: one reference, so a request that carries it moves one count.
 #[derive(Clone, Debug)]
-pub struct Caller {
+pub struct Caller(Arc<CallerData>);
+
+#[derive(Debug)]
+pub struct CallerData {
     pub name: Arc<str>,
     /// Position in `[[callers]]`.
     pub index: usize,
     pub limits: Arc<CallerLimits>,
+}
+
+impl Caller {
+    pub fn new(name: Arc<str>, index: usize, limits: Arc<CallerLimits>) -> Self {
+        Caller(Arc::new(CallerData {
+            name,
+            index,
+            limits,
+        }))
+    }
+}
+
+impl std::ops::Deref for Caller {
+    type Target = CallerData;
+
+    fn deref(&self) -> &CallerData {
+        &self.0
+    }
 }
 
 /// governor's clock over tokio's: one clock in the process, so a test on paused time sees

@@ -20,13 +20,16 @@ use crate::request_state::RequestState;
 
 #[derive(Clone, Default)]
 pub(crate) struct CallerLimitLayer {
-    fleet: Option<Arc<dyn FleetRate>>,
+    /// Behind a reference of this stack's own (one stack per serving thread).
+    fleet: Arc<Option<Arc<dyn FleetRate>>>,
 }
 
 impl CallerLimitLayer {
     /// Fleet-scoped callers' rates counted by `fleet` (without one, on this replica alone).
     pub(crate) fn new(fleet: Option<Arc<dyn FleetRate>>) -> Self {
-        CallerLimitLayer { fleet }
+        CallerLimitLayer {
+            fleet: Arc::new(fleet),
+        }
     }
 }
 
@@ -44,7 +47,7 @@ impl<S> Layer<S> for CallerLimitLayer {
 #[derive(Clone)]
 pub(crate) struct CallerLimit<S> {
     inner: S,
-    fleet: Option<Arc<dyn FleetRate>>,
+    fleet: Arc<Option<Arc<dyn FleetRate>>>,
 }
 
 fn refused(over: OverLimit) -> GatewayError {
@@ -79,7 +82,7 @@ where
             .extensions()
             .get::<RequestState>()
             .and_then(|s| s.caller());
-        let fleet_scoped = match (&self.fleet, caller) {
+        let fleet_scoped = match (&*self.fleet, caller) {
             (Some(fleet), Some(caller)) => caller
                 .limits
                 .fleet_rate()

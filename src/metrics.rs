@@ -2,7 +2,8 @@
 //! listener. Names and labels are listed in README.md.
 
 use std::collections::HashMap;
-use std::sync::RwLock;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Mutex, PoisonError, RwLock};
 use std::time::Duration;
 
 use bill24::circuit::CircuitState;
@@ -55,11 +56,51 @@ type RequestSeries =
 /// The `cache` label values, whose duration histograms are registered up front.
 const CACHE_LABELS: [&str; 5] = ["hit", "miss", "stale", "bypass", "-"];
 
+/// Request metrics are counted per thread, each thread in a shard of its own, and folded into
+/// the registry when it is read ([`Metrics::render`]) or tidied ([`Metrics::upkeep`]): a
+/// request touches no cache line another serving thread writes (the registry's counters,
+/// histogram buffers and reference counts are all shared). More threads than shards share.
+pub(crate) const SHARDS: usize = 64;
+/// Duration samples a shard keeps before its own thread folds them.
+const FOLD_AT: usize = 1024;
+
+/// One thread's counts since the last fold, on cache lines of its own.
+#[repr(align(128))]
+#[derive(Default)]
+struct Shard(Mutex<Local>);
+
+#[derive(Default)]
+struct Local {
+    requests: Vec<Pending>,
+    /// Samples of `gateway_request_duration_seconds` by [`CACHE_LABELS`] index.
+    durations: [Vec<f64>; CACHE_LABELS.len()],
+    /// `gateway_cache_hits_total`: L1, L2.
+    hits: [u64; 2],
+}
+
+/// Requests of one `gateway_requests_total` series not folded yet.
+struct Pending {
+    status: u16,
+    cache: &'static str,
+    caller: Box<str>,
+    count: u64,
+}
+
+/// This thread's shard, of [`SHARDS`] (per-thread counts elsewhere use the same).
+pub(crate) fn thread_slot() -> usize {
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    thread_local! {
+        static INDEX: usize = NEXT.fetch_add(1, Ordering::Relaxed) % SHARDS;
+    }
+    INDEX.with(|i| *i)
+}
+
 pub struct Metrics {
     recorder: PrometheusRecorder,
     handle: PrometheusHandle,
     request_series: RwLock<RequestSeries>,
     request_durations: [Histogram; 5],
+    shards: Box<[Shard]>,
     coalesced: Counter,
     cache_entries: Gauge,
     token_expires_in: Gauge,
@@ -230,6 +271,7 @@ impl Metrics {
             cache_hits,
             request_series: RwLock::new(HashMap::default()),
             request_durations,
+            shards: (0..SHARDS).map(|_| Shard::default()).collect(),
             recorder,
             handle,
             coalesced,
@@ -243,17 +285,81 @@ impl Metrics {
         }
     }
 
-    /// One answered request on the in-house endpoint.
-    pub fn request(&self, caller: &str, status: u16, cache: &'static str, elapsed: Duration) {
-        self.request_counter(caller, status, cache).increment(1);
-        let histogram = match CACHE_LABELS.iter().position(|l| *l == cache) {
-            Some(i) => self.request_durations[i].clone(),
-            None => self.recorder.register_histogram(
-                &Key::from_parts(REQUEST_DURATION, vec![Label::new("cache", cache)]),
-                &metadata(),
-            ),
+    /// One answered request on the in-house endpoint; `hit`: answered HIT, from this
+    /// replica's cache (`Some(false)`) or the shared tier (`Some(true)`). Counted in this
+    /// thread's shard.
+    pub fn request(
+        &self,
+        caller: &str,
+        status: u16,
+        cache: &'static str,
+        elapsed: Duration,
+        hit: Option<bool>,
+    ) {
+        let Some(label) = CACHE_LABELS.iter().position(|l| *l == cache) else {
+            // No such label today; counted at once rather than kept.
+            self.request_counter(caller, status, cache).increment(1);
+            self.recorder
+                .register_histogram(
+                    &Key::from_parts(REQUEST_DURATION, vec![Label::new("cache", cache)]),
+                    &metadata(),
+                )
+                .record(elapsed.as_secs_f64());
+            return;
         };
-        histogram.record(elapsed.as_secs_f64());
+        let Some(shard) = self.shards.get(thread_slot()) else {
+            return;
+        };
+        let mut local = shard.0.lock().unwrap_or_else(PoisonError::into_inner);
+        match local
+            .requests
+            .iter_mut()
+            .find(|p| p.status == status && p.cache == cache && *p.caller == *caller)
+        {
+            Some(pending) => pending.count += 1,
+            None => local.requests.push(Pending {
+                status,
+                cache,
+                caller: caller.into(),
+                count: 1,
+            }),
+        }
+        if let Some(l2) = hit {
+            local.hits[usize::from(l2)] += 1;
+        }
+        let samples = &mut local.durations[label];
+        samples.push(elapsed.as_secs_f64());
+        if samples.len() >= FOLD_AT {
+            for sample in samples.drain(..) {
+                self.request_durations[label].record(sample);
+            }
+        }
+    }
+
+    /// Moves every shard's counts into the registry.
+    fn fold(&self) {
+        for shard in &self.shards {
+            let mut local = shard.0.lock().unwrap_or_else(PoisonError::into_inner);
+            let Local {
+                requests,
+                durations,
+                hits,
+            } = &mut *local;
+            for pending in requests.iter_mut().filter(|p| p.count > 0) {
+                self.request_counter(&pending.caller, pending.status, pending.cache)
+                    .increment(std::mem::take(&mut pending.count));
+            }
+            for (histogram, samples) in self.request_durations.iter().zip(durations) {
+                for sample in samples.drain(..) {
+                    histogram.record(sample);
+                }
+            }
+            for (counter, count) in self.cache_hits.iter().zip(hits) {
+                if *count > 0 {
+                    counter.increment(std::mem::take(count));
+                }
+            }
+        }
     }
 
     /// The counter for one (caller, status, cache) series, registered once: the hit path
@@ -295,11 +401,6 @@ impl Metrics {
 
     pub fn refresh_ahead(&self) {
         self.refresh_ahead.increment(1);
-    }
-
-    /// A request answered HIT, from this replica's cache (`l2` = false) or Redis.
-    pub fn cache_hit(&self, l2: bool) {
-        self.cache_hits[usize::from(l2)].increment(1);
     }
 
     pub fn set_redis_up(&self, up: bool) {
@@ -362,12 +463,14 @@ impl Metrics {
 
     /// The Prometheus text exposition of every metric.
     pub fn render(&self) -> String {
+        self.fold();
         self.handle.render()
     }
 
     /// Folds recorded histogram samples into their buckets; run periodically so memory stays
     /// bounded between scrapes.
     pub fn upkeep(&self) {
+        self.fold();
         self.handle.run_upkeep();
     }
 }
@@ -437,9 +540,9 @@ mod tests {
     #[test]
     fn renders_contract_names_and_labels() {
         let m = Metrics::new();
-        m.request("orders", 200, "hit", Duration::from_micros(40));
-        m.request("orders", 200, "hit", Duration::from_micros(40));
-        m.request("-", 401, "-", Duration::from_micros(10));
+        m.request("orders", 200, "hit", Duration::from_micros(40), Some(false));
+        m.request("orders", 200, "hit", Duration::from_micros(40), Some(true));
+        m.request("-", 401, "-", Duration::from_micros(10), None);
         m.upstream(Endpoint::Balance, "200", "000", Duration::from_millis(12));
         m.upstream(Endpoint::Authorize, "200", "200", Duration::from_millis(3));
         m.coalesced();
@@ -450,6 +553,8 @@ mod tests {
             r#"gateway_requests_total{caller="orders",status="200",cache="hit"} 2"#,
             r#"gateway_requests_total{caller="-",status="401",cache="-"} 1"#,
             r#"gateway_request_duration_seconds_bucket{cache="hit",le="0.00005"} 2"#,
+            r#"gateway_cache_hits_total{tier="l1"} 1"#,
+            r#"gateway_cache_hits_total{tier="l2"} 1"#,
             r#"gateway_upstream_requests_total{endpoint="balance",status="200",bill24_code="000"} 1"#,
             r#"gateway_upstream_duration_seconds_count{endpoint="authorize"} 1"#,
             "gateway_coalesced_requests_total 1",
@@ -462,6 +567,48 @@ mod tests {
             "# HELP gateway_requests_total",
         ] {
             assert!(text.contains(needle), "missing {needle} in\n{text}");
+        }
+    }
+
+    /// Requests counted on many threads at once, more threads than shards, are all there
+    /// when the metrics are read, also read while they are being counted.
+    #[test]
+    fn requests_counted_on_many_threads_all_show() {
+        let m = std::sync::Arc::new(Metrics::new());
+        let threads = SHARDS + 8;
+        let per_thread = FOLD_AT + 7;
+        let workers: Vec<_> = (0..threads)
+            .map(|i| {
+                let m = m.clone();
+                std::thread::spawn(move || {
+                    let caller = if i % 2 == 0 { "orders" } else { "billing" };
+                    for _ in 0..per_thread {
+                        m.request(caller, 200, "hit", Duration::from_micros(30), Some(false));
+                    }
+                })
+            })
+            .collect();
+        let _ = m.render();
+        for worker in workers {
+            worker.join().expect("worker");
+        }
+        let text = m.render();
+        let half = threads / 2 * per_thread;
+        for needle in [
+            format!(r#"gateway_requests_total{{caller="orders",status="200",cache="hit"}} {half}"#),
+            format!(
+                r#"gateway_requests_total{{caller="billing",status="200",cache="hit"}} {half}"#
+            ),
+            format!(
+                r#"gateway_cache_hits_total{{tier="l1"}} {}"#,
+                threads * per_thread
+            ),
+            format!(
+                r#"gateway_request_duration_seconds_count{{cache="hit"}} {}"#,
+                threads * per_thread
+            ),
+        ] {
+            assert!(text.contains(&needle), "missing {needle} in\n{text}");
         }
     }
 

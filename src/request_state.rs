@@ -115,8 +115,8 @@ impl RequestState {
 
     /// Records the authenticated caller and how it was identified (once; a later call is
     /// ignored).
-    pub fn set_caller(&self, caller: &Caller, method: Method) {
-        let _ = self.0.caller.set((caller.clone(), method));
+    pub fn set_caller(&self, caller: Caller, method: Method) {
+        let _ = self.0.caller.set((caller, method));
     }
 
     pub fn caller(&self) -> Option<&Caller> {

@@ -613,15 +613,22 @@ fn fetched(answer: &Answer, status: CacheStatus, q: &BalanceQuery) -> Response {
     response
 }
 
-/// The innermost service of the stack.
+/// The innermost service of the stack. The balances are behind a reference of this stack's
+/// own: a stack is built for each serving thread, and the stack is cloned for every request,
+/// so the count that clone moves is this thread's rather than one every thread writes.
 #[derive(Clone)]
 pub(crate) struct BalanceService {
-    balances: Arc<Balances>,
+    balances: Arc<ThisStack>,
 }
+
+/// The shared balances, as one stack holds them.
+struct ThisStack(Arc<Balances>);
 
 impl BalanceService {
     pub(crate) fn new(balances: Arc<Balances>) -> Self {
-        BalanceService { balances }
+        BalanceService {
+            balances: Arc::new(ThisStack(balances)),
+        }
     }
 }
 
@@ -641,12 +648,12 @@ impl Service<BalanceQuery> for BalanceService {
     }
 
     fn call(&mut self, q: BalanceQuery) -> Self::Future {
-        let skipped_fresh = match self.balances.answer_from_cache(&q) {
+        let skipped_fresh = match self.balances.0.answer_from_cache(&q) {
             FromCache::Answered(response) => return Either::Left(ready(Ok(response))),
             FromCache::Missed => false,
             FromCache::Skipped => true,
         };
-        let balances = self.balances.clone();
+        let balances = self.balances.0.clone();
         Either::Right(Box::pin(async move {
             Ok(balances.answer_from_upstream(q, skipped_fresh).await)
         }))
@@ -871,9 +878,9 @@ mod tests {
     async fn purges_reach_the_tier() {
         let (tier, service) = setup(Mode::Found, held(0), "ttl = \"10s\"");
         ask(&service, "C1").await;
-        assert!(service.balances.purge("C1").await);
-        assert!(service.balances.cache().get("C1").is_none());
-        assert!(service.balances.purge_all().await);
+        assert!(service.balances.0.purge("C1").await);
+        assert!(service.balances.0.cache().get("C1").is_none());
+        assert!(service.balances.0.purge_all().await);
         assert_eq!(*tier.purged.lock().expect("purged"), ["C1", "*"]);
     }
 }
